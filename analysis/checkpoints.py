@@ -111,7 +111,8 @@ class DictSource(TensorSource):
 class SafetensorsSource(TensorSource):
     """One or several (sharded) safetensors files, memory-mapped, one tensor per read."""
 
-    def __init__(self, files: Iterable[Path], origin: str | None = None, prefix: str = ""):
+    def __init__(self, files: Iterable[Path], origin: str | None = None, prefix: str = "",
+                 order: Iterable[str] | None = None):
         files = [Path(f) for f in files]
         super().__init__(origin or str(files[0] if len(files) == 1 else files[0].parent))
         self._handles = {}
@@ -135,6 +136,9 @@ class SafetensorsSource(TensorSource):
                 key = name[len(prefix):]
                 self._file_of[key] = f
                 self._meta[key] = (tuple(sl.get_shape()), dtype)
+        if order is not None:  # safetensors stores keys sorted; restore the model's own order
+            order = [k for k in order if k in self._meta]
+            self._meta = {k: self._meta[k] for k in order + [k for k in self._meta if k not in set(order)]}
         self._prefix = prefix
 
     @classmethod

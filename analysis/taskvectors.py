@@ -338,6 +338,7 @@ class TaskVectorSet:
                 tensors[f"delta::{task}::{n}"] = self.delta(task, n).contiguous()
         meta = {"format": "mergescope.taskvectorset", "version": FORMAT_VERSION, "tasks": self.tasks,
                 "sources": self.sources, "exclude": [p.pattern for p in self.exclude],
+                "order": list(self.base.keys()),
                 "kinds": {n: self.kind(n) for n in self.param_names}}
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_save_safetensors(tensors, path, {"mergescope": json.dumps(meta)})
@@ -350,7 +351,7 @@ class TaskVectorSet:
         if not meta:
             raise CheckpointError(f"{path}: not a saved task-vector set (no 'mergescope' metadata in its header)")
         meta = json.loads(meta)
-        base = SafetensorsSource([path], origin=str(path), prefix="base::")
+        base = SafetensorsSource([path], origin=str(path), prefix="base::", order=meta.get("order"))
         tasks = {t: _StoredDeltas(SafetensorsSource([path], origin=str(path), prefix=f"delta::{t}::"), str(path))
                  for t in meta["tasks"]}
         return cls(base, tasks, meta.get("exclude", []), meta.get("sources"))
