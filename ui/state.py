@@ -53,3 +53,40 @@ def spectral_cache(_ws: Workspace, key: str, include_embeddings: bool = False) -
         cache.factors(name)
         break
     return cache
+
+
+# ---------------------------------------------------------------- shared page furniture
+def cache_root() -> "Path":
+    """Where every disk cache lives: $MERGESCOPE_CACHE, else ~/.cache/mergescope."""
+    import os
+    from pathlib import Path
+    return Path(os.environ.get("MERGESCOPE_CACHE") or Path.home() / ".cache" / "mergescope").expanduser()
+
+
+@st.cache_resource(show_spinner=False)
+def device_summary() -> dict:
+    from analysis.device import device_info
+    try:
+        return device_info()
+    except Exception as exc:  # a bad MERGESCOPE_DEVICE must not break every page
+        return {"device": "?", "type": "?", "name": f"unavailable: {exc}", "memory_gib": None}
+
+
+def device_label(info: dict | None = None) -> str:
+    info = info or device_summary()
+    if info.get("type") == "cuda":
+        return f"GPU · {info['name']} · {info['memory_gib']} GiB"
+    if info.get("type") == "mps":
+        return "Apple GPU (MPS)"
+    threads = info.get("cpu_threads")
+    return f"CPU{f' · {threads} threads' if threads else ''} (no GPU found)"
+
+
+def sidebar_status() -> None:
+    """Device, cache folder and the loaded set, in the sidebar of any page that calls it."""
+    ws = get_workspace()
+    with st.sidebar:
+        st.caption(f"**Device:** {device_label()}")
+        st.caption(f"**Caches:** `{cache_root()}`")
+        if ws is not None:
+            st.caption(f"**Loaded:** {ws.name} · {len(ws.tvs.tasks)} tasks")

@@ -1,0 +1,313 @@
+"""Tables, exports and the shareable report.
+
+- `set_summary`: what a loaded task-vector set holds (kinds, per-task norms, per-layer counts).
+- `comparison_table`: every configuration tried on the Merge page, with reference
+  rows, as absolute / normalised accuracy and NAI (tidy).
+- `figure_bytes`: PNG / SVG through kaleido driving a local Chrome/Chromium
+  (never downloads one; Debian's /usr/bin/chromium is used when present).
+- `html_report`: one self-contained HTML file (plotly.js inline, the tables, and
+  the configuration JSON that reproduces them).
+- `write_hf_model`: a merged backbone as a Hugging Face folder (config.json +
+  model.safetensors + heads.safetensors) that `AutoModel.from_pretrained` loads.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import html
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+from typing import Callable, Mapping, Sequence
+
+import pandas as pd
+import torch
+from safetensors.torch import save_file
+
+from analysis.errors import MergescopeError, ValidationError
+
+Progress = Callable[[float, str], None] | None
+DEBIAN_CHROMIUM = "/usr/bin/chromium"
+METRIC_TITLES = {"accuracy": "accuracy (%)", "normalized_accuracy": "normalised accuracy (% of fine-tuned)",
+                 "normalized_accuracy_improvement": "NAI (% of the gap zero-shot → fine-tuned closed)"}
+REFERENCE_LABELS = {"zero_shot": "zero-shot", "fine_tuned": "fine-tuned"}
+
+
+class ExportUnavailable(MergescopeError):
+    """A figure cannot be rendered to an image here (no browser for kaleido)."""
+
+
+# ---------------------------------------------------------------- set summary
+def set_summary(tvs, progress: Progress = None) -> dict[str, pd.DataFrame]:
+    """Summary tables of a TaskVectorSet; reads every delta once (one tensor at a time).
+
+    Returns {"kinds": kind, tensors, parameters; "tasks": task, l2_norm,
+    relative_norm (‖τ‖ / ‖θ0‖), source; "layers": depth, tensors, parameters}.
+    """
+    names = list(tvs.param_names)
+    sq = {t: 0.0 for t in tvs.tasks}
+    base_sq = 0.0
+    kinds: dict[str, list[int]] = {}
+    layers: dict[object, list[int]] = {}
+    for i, name in enumerate(names):
+        if progress:
+            progress(i / max(1, len(names)), f"reading {name} ({i + 1}/{len(names)})")
+        numel = math.prod(tvs.shape(name))
+        k = kinds.setdefault(tvs.kind(name), [0, 0])
+        k[0] += 1
+        k[1] += numel
+        d = tvs.depth(name)
+        lay = layers.setdefault(-1 if d is None else d, [0, 0])
+        lay[0] += 1
+        lay[1] += numel
+        base_sq += float((tvs.base_tensor(name).double() ** 2).sum())
+        stacked = tvs.deltas(name)
+        for t, task in enumerate(tvs.tasks):
+            sq[task] += float((stacked[t].double() ** 2).sum())
+    if progress:
+        progress(1.0, "done")
+    kinds_df = pd.DataFrame([{"kind": k, "tensors": v[0], "parameters": v[1]} for k, v in kinds.items()],
+                            columns=["kind", "tensors", "parameters"])
+    base_norm = math.sqrt(base_sq)
+    tasks_df = pd.DataFrame([{"task": t, "l2_norm": math.sqrt(s),
+                              "relative_norm": math.sqrt(s) / base_norm if base_norm > 0 else float("nan"),
+                              "source": tvs.sources.get(t, "")} for t, s in sq.items()])
+    layers_df = pd.DataFrame([{"depth": "outside blocks" if d == -1 else str(d), "tensors": v[0], "parameters": v[1]}
+                              for d, v in sorted(layers.items())], columns=["depth", "tensors", "parameters"])
+    return {"kinds": kinds_df, "tasks": tasks_df, "layers": layers_df}
+
+
+# ---------------------------------------------------------------- configurations
+def knobs_text(knobs: Mapping | None) -> str:
+    if not knobs:
+        return ""
+    return ", ".join(f"{k}={_fmt(v)}" for k, v in knobs.items())
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _per_task(entry: Mapping) -> dict[str, float]:
+    for key in ("per_task", "accuracy", "per_task_accuracy", "accuracies"):
+        v = entry.get(key)
+        if isinstance(v, Mapping):
+            return {str(t): float(a) for t, a in v.items()}
+        if isinstance(v, pd.DataFrame):
+            acc = v[v["metric"] == "accuracy"] if "metric" in v else v
+            return {str(t): float(a) for t, a in acc.groupby("task", sort=False)["value"].mean().items()}
+    raise ValidationError(f"a merge_history entry has no per-task accuracy (expected a 'per_task' or 'accuracy' "
+                          f"mapping task -> accuracy); its keys are {sorted(entry)}")
+
+
+def history_frame(history: Sequence[Mapping]) -> pd.DataFrame:
+    """Tidy: config, method, knobs, split, task, accuracy — one row per task per configuration tried."""
+    rows = []
+    for i, entry in enumerate(history, start=1):
+        if "method" not in entry:
+            raise ValidationError(f"merge_history entry {i} has no 'method'; its keys are {sorted(entry)}")
+        knobs = dict(entry.get("knobs") or entry.get("hyperparams") or {})
+        label = f"#{i} {entry['method']}" + (f" ({knobs_text(knobs)})" if knobs else "")
+        for task, acc in _per_task(entry).items():
+            rows.append({"config": label, "method": entry["method"], "knobs": json.dumps(knobs, sort_keys=True),
+                         "split": entry.get("split", ""), "task": task, "accuracy": acc})
+    return pd.DataFrame(rows, columns=["config", "method", "knobs", "split", "task", "accuracy"])
+
+
+def _scores():
+    """The evaluation helpers when present; the same definitions otherwise."""
+    try:
+        from analysis.evaluation import normalized_accuracy, normalized_accuracy_improvement
+        return normalized_accuracy, normalized_accuracy_improvement
+    except ImportError:  # pragma: no cover - the evaluation module ships with the zoo
+        return (lambda m, f: m / f), (lambda m, z, f: (m - z) / (f - z))
+
+
+def comparison_table(history: Sequence[Mapping], reference: pd.DataFrame | None = None,
+                     split: str | None = None, include_reference: bool = True) -> pd.DataFrame:
+    """Tidy: config, method, knobs, split, task, metric, value.
+
+    metric: accuracy; and, when the reference (zero-shot and fine-tuned, same
+    split) is known, normalized_accuracy = acc / fine-tuned and
+    normalized_accuracy_improvement = (acc − zero-shot) / (fine-tuned − zero-shot).
+    Reference rows ("zero-shot", "fine-tuned") are added as configurations.
+    """
+    hist = history_frame(history)
+    if split is None:
+        split = hist["split"].iloc[0] if len(hist) and hist["split"].iloc[0] else "validation"
+    hist = hist[(hist["split"] == split) | (hist["split"] == "")]
+    frames = []
+    ref_acc = {}
+    if reference is not None and len(reference):
+        r = reference[(reference["metric"] == "accuracy") & (reference["split"] == split)]
+        for model in ("zero_shot", "fine_tuned"):
+            ref_acc[model] = r[r["model"] == model].groupby("task", sort=False)["value"].mean()
+        if include_reference:
+            for model, acc in ref_acc.items():
+                if len(acc):
+                    frames.append(pd.DataFrame({"config": REFERENCE_LABELS[model], "method": model, "knobs": "{}",
+                                                "split": split, "task": acc.index, "accuracy": acc.values}))
+    frames.append(hist)
+    table = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else hist
+    out = [table.assign(metric="accuracy", value=table["accuracy"])]
+    zs, ft = ref_acc.get("zero_shot"), ref_acc.get("fine_tuned")
+    if ft is not None and len(ft):
+        na, nai = _scores()
+        for config, g in table.groupby("config", sort=False):
+            acc = dict(zip(g["task"], g["accuracy"]))
+            tasks = [t for t in acc if t in ft.index]
+            if not tasks:
+                continue
+            sub = {t: acc[t] for t in tasks}
+            v = _series(na(sub, {t: float(ft[t]) for t in tasks}))
+            out.append(g[g["task"].isin(tasks)].assign(metric="normalized_accuracy", value=g["task"].map(v)))
+            if zs is not None and all(t in zs.index for t in tasks):
+                v = _series(nai(sub, {t: float(zs[t]) for t in tasks}, {t: float(ft[t]) for t in tasks}))
+                out.append(g[g["task"].isin(tasks)].assign(metric="normalized_accuracy_improvement",
+                                                           value=g["task"].map(v)))
+    res = pd.concat(out, ignore_index=True).drop(columns="accuracy")
+    return res[["config", "method", "knobs", "split", "task", "metric", "value"]]
+
+
+def _series(x) -> pd.Series:
+    if isinstance(x, pd.DataFrame):
+        return x.set_index("task")["value"]
+    return pd.Series(x)
+
+
+def wide_table(comparison: pd.DataFrame, metric: str = "accuracy", tasks: Sequence[str] | None = None) -> pd.DataFrame:
+    """Display form: one row per configuration, one column per task, plus the mean over tasks."""
+    sub = comparison[comparison["metric"] == metric]
+    if sub.empty:
+        return pd.DataFrame(columns=["config", "method", "knobs", "mean"])
+    wide = sub.pivot_table(index=["config", "method", "knobs"], columns="task", values="value", sort=False)
+    cols = [t for t in (tasks or []) if t in wide.columns] + [t for t in wide.columns if t not in (tasks or [])]
+    wide = wide[cols]
+    wide["mean"] = wide.mean(axis=1)
+    order = list(dict.fromkeys(sub["config"]))
+    wide = wide.reset_index().set_index("config").loc[order].reset_index()
+    return wide
+
+
+# ---------------------------------------------------------------- images
+def find_browser() -> str | None:
+    """The Chrome/Chromium kaleido will drive: $BROWSER_PATH, else Debian's chromium, else one on PATH."""
+    env = os.environ.get("BROWSER_PATH")
+    if env:
+        return env if os.access(env, os.X_OK) else None
+    if os.access(DEBIAN_CHROMIUM, os.X_OK):
+        return DEBIAN_CHROMIUM
+    for exe in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "chrome"):
+        found = shutil.which(exe)
+        if found:
+            return found
+    return None
+
+
+def export_status() -> tuple[bool, str]:
+    """(can figures be exported as PNG/SVG here, a sentence saying why or why not)."""
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return False, "PNG/SVG export needs the 'kaleido' package (pip install 'kaleido>=1'); it is not installed."
+    browser = find_browser()
+    if browser is None:
+        return False, ("PNG/SVG export needs a local Chrome or Chromium for kaleido, and none was found "
+                       "(on Debian/Ubuntu: apt-get install chromium, or set BROWSER_PATH). "
+                       "The HTML report and CSV tables still work.")
+    return True, f"figures are rendered by kaleido with {browser}"
+
+
+def figure_bytes(fig, fmt: str = "png", width: int = 1400, height: int | None = None, scale: float = 1.0) -> bytes:
+    """Render a plotly figure to PNG or SVG bytes with kaleido and a local browser."""
+    if fmt not in ("png", "svg"):
+        raise ValidationError(f"image format must be 'png' or 'svg', got {fmt!r}")
+    ok, why = export_status()
+    if not ok:
+        raise ExportUnavailable(why)
+    os.environ.setdefault("BROWSER_PATH", find_browser())  # kaleido/choreographer read it
+    height = height or fig.layout.height or 560
+    try:
+        return fig.to_image(format=fmt, width=width, height=height, scale=scale)
+    except Exception as exc:  # kaleido raises several types; the page needs one readable message
+        raise ExportUnavailable(f"kaleido could not render the figure as {fmt.upper()} with "
+                                f"{os.environ.get('BROWSER_PATH')}: {type(exc).__name__}: {exc}") from exc
+
+
+# ---------------------------------------------------------------- HTML report
+_CSS = """body{font-family:Inter,Helvetica,Arial,sans-serif;max-width:1400px;margin:2em auto;padding:0 1em;color:#222}
+h1{margin-bottom:0.2em} .meta{color:#666} table{border-collapse:collapse;margin:1em 0;font-size:14px}
+th,td{border:1px solid #ddd;padding:4px 8px;text-align:right} th{background:#f4f6fb}
+td:first-child,th:first-child{text-align:left} pre{background:#f7f7f7;padding:1em;overflow:auto}"""
+
+
+def html_report(title: str, figures: Mapping[str, object], tables: Mapping[str, pd.DataFrame],
+                config: Mapping, notes: str = "") -> str:
+    """A single self-contained HTML page: figures (plotly.js embedded once), tables, configuration JSON."""
+    parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
+             f"<style>{_CSS}</style></head><body>", f"<h1>{html.escape(title)}</h1>",
+             f"<p class='meta'>generated by mergescope on {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC</p>"]
+    if notes:
+        parts.append(f"<p>{html.escape(notes)}</p>")
+    first = True
+    for name, fig in figures.items():
+        parts.append(f"<h2>{html.escape(name)}</h2>")
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=True if first else False,
+                                 config={"displaylogo": False, "toImageButtonOptions": {"format": "svg"}}))
+        first = False
+    for name, df in tables.items():
+        parts.append(f"<h2>{html.escape(name)}</h2>")
+        parts.append(df.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0))
+    cfg = json.dumps(config, indent=2, sort_keys=True, default=str)
+    parts.append("<h2>Configuration (reproduces the numbers above)</h2>")
+    parts.append(f"<pre id='mergescope-config'>{html.escape(cfg)}</pre>")
+    safe = cfg.replace("</", "<\\/")  # a JSON string may not close the script element
+    parts.append(f"<script type='application/json' id='mergescope-config-json'>{safe}</script>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- merged model
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json", ".msgpack", ".h5")
+
+
+def write_hf_model(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], config_from: str | Path | Mapping,
+                   heads: Mapping[str, object] | None = None, metadata: Mapping | None = None) -> Path:
+    """Write a merged backbone as a Hugging Face model folder.
+
+    `config_from`: the base model folder (config.json and tokenizer files are
+    copied; its weights are not) or a config dict. `heads`: {task: object with
+    .weight, .bias (and optional .labels)} saved to heads.safetensors as
+    `<task>.weight` / `<task>.bias`. `metadata` (method, knobs, sources) goes to
+    mergescope.json. Refuses to write into the folder the config comes from.
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if isinstance(config_from, (str, Path)):
+        src = Path(config_from).expanduser().resolve()
+        src_dir = src if src.is_dir() else src.parent
+        if out == src_dir or src_dir in out.parents:
+            raise ValidationError(f"refusing to write the merged model into the base model's folder {src_dir}; "
+                                  "choose another output folder")
+        if not (src_dir / "config.json").is_file():
+            raise ValidationError(f"{src_dir}: no config.json to copy; the base must be a Hugging Face model folder "
+                                  "for a loadable export")
+    out.mkdir(parents=True, exist_ok=True)
+    if isinstance(config_from, Mapping):
+        (out / "config.json").write_text(json.dumps(dict(config_from), indent=2))
+    else:
+        for f in sorted(src_dir.iterdir()):
+            if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES):
+                shutil.copy2(f, out / f.name)
+    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    if heads:
+        head_tensors, labels = {}, {}
+        for task, h in heads.items():
+            head_tensors[f"{task}.weight"] = h.weight.detach().float().cpu().contiguous()
+            head_tensors[f"{task}.bias"] = h.bias.detach().float().cpu().contiguous()
+            labels[task] = [str(x) for x in getattr(h, "labels", ())]
+        save_file(head_tensors, str(out / "heads.safetensors"),
+                  metadata={"labels": json.dumps(labels), "usage": "logits = mean_pool(last_hidden_state) @ W.T + b"})
+    (out / "mergescope.json").write_text(json.dumps(dict(metadata or {}), indent=2, default=str))
+    return out

@@ -1,0 +1,255 @@
+"""mergescope — home: choose a workspace (built-in demo or your own checkpoints).
+
+Shows the device in use, where caches live, and a summary of the loaded set.
+The loaded set is kept in st.session_state (ui.state), so it survives page
+switches; heavy objects (task-vector sets, the demo) live in st.cache_resource.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from analysis.errors import MergescopeError, ValidationError
+from analysis.report import set_summary
+from analysis.taskvectors import TaskVectorSet
+from ui.jobs import BackgroundJob
+from ui.state import Workspace, cache_root, device_label, device_summary, get_workspace, set_workspace, sidebar_status
+
+ASSETS = Path(__file__).parent / "assets"
+DEMO, OWN = "Built-in demo", "Your checkpoints"
+# Measured on this project's 2-core CPU build machine (see docs/results_app.md); shown to users before they start.
+QUICK_BUILD_NOTE = ("The quick CPU build fine-tunes the 6-layer MiniLM on 8 text tasks with short sequences and "
+                    "trains 5 MNIST MLPs; expect several minutes on a laptop CPU, much less on a GPU.")
+
+st.set_page_config(page_title="mergescope", page_icon=str(ASSETS / "logo.svg"), layout="wide")
+if (ASSETS / "logo.svg").is_file():
+    st.logo(str(ASSETS / "logo.svg"))
+sidebar_status()
+
+
+# ---------------------------------------------------------------- loaders (cached, process-wide)
+def _stamp(paths) -> tuple:
+    """Modification times, so an edited checkpoint is re-read instead of served from the cache."""
+    out = []
+    for p in paths:
+        p = Path(p).expanduser()
+        try:
+            out.append(p.stat().st_mtime_ns if p.is_file() else max((f.stat().st_mtime_ns for f in p.iterdir()), default=0))
+        except OSError:
+            out.append(None)
+    return tuple(out)
+
+
+@st.cache_resource(show_spinner=False, max_entries=4)
+def load_checkpoint_set(base: str, tasks: tuple, exclude: tuple, trust_pickle: bool, stamp: tuple) -> TaskVectorSet:
+    return TaskVectorSet.from_checkpoints(base, dict(tasks), exclude=list(exclude), trust_pickle=trust_pickle)
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def open_demo_folder(folder: str):
+    from analysis.zoo import open_demo
+    return open_demo(folder)
+
+
+@st.cache_resource(show_spinner=False)
+def build_jobs() -> dict:
+    """cache folder -> BackgroundJob; process-wide so a build runs once."""
+    return {}
+
+
+def parse_task_lines(text: str) -> list[tuple[str, str]]:
+    """'name = path' per line; blank lines and lines starting with # are skipped."""
+    pairs = []
+    for i, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "=" not in line:
+            raise ValidationError(f"task line {i} {line!r} is not of the form 'name = path'")
+        name, path = (s.strip() for s in line.split("=", 1))
+        if not name or not path:
+            raise ValidationError(f"task line {i} {line!r} needs both a name and a path ('name = path')")
+        pairs.append((name, path))
+    if not pairs:
+        raise ValidationError("no tasks given: add at least one line 'name = path' (a fine-tuned checkpoint "
+                              "or a LoRA adapter folder)")
+    return pairs
+
+
+def summarise(ws: Workspace) -> dict:
+    """Summary tables, computed once per workspace (reads each tensor once) with a progress bar."""
+    if "summary" not in ws.extras:
+        bar = st.progress(0.0, text="Reading task vectors…")
+        ws.extras["summary"] = set_summary(ws.tvs, progress=lambda f, m: bar.progress(f, text=m))
+        bar.empty()
+    return ws.extras["summary"]
+
+
+# ---------------------------------------------------------------- sections
+def demo_section() -> None:
+    try:
+        from analysis.zoo import DemoNotBuilt, build, find_build
+    except ImportError:
+        st.info("The built-in demo is not part of this installation yet. Use **Your checkpoints** instead.")
+        return
+    root = cache_root()
+    job = build_jobs().get(str(root))
+    if job is not None and job.running:
+        show_build_progress(str(root))
+        return
+    if job is not None and job.error is not None:
+        st.error(f"The demo build stopped: {job.error}")
+        with st.expander("Details"):
+            st.code(job.details)
+    try:
+        folder = find_build(root)
+    except DemoNotBuilt:
+        st.warning(f"The built-in demo is not built yet (looked in `{root}`).")
+        st.write(QUICK_BUILD_NOTE + " It runs in the background: you can leave this page, and an interrupted "
+                 "build never leaves a half-written model. From a terminal: `python -m analysis.zoo build --quick`.")
+        if st.button("Build the quick demo now", type="primary", key="home_build"):
+            build_jobs()[str(root)] = BackgroundJob(lambda report: build("quick", root, progress=report), "build-demo")
+            st.rerun()
+        return
+    ws = get_workspace()
+    if ws is not None and ws.name == "demo" and ws.extras.get("folder") == str(folder):
+        st.success(f"Demo loaded from `{folder}`.")
+        return
+    if ws is not None and ws.name != "demo":
+        st.info(f"Your own set **{ws.name}** is loaded.")
+        if not st.button("Switch to the demo", key="home_switch_demo"):
+            return
+    try:
+        with st.spinner("Opening the demo (backbone, heads, encoded data)…"):
+            demo = open_demo_folder(str(folder))
+    except MergescopeError as exc:
+        st.error(f"The demo in `{folder}` could not be opened: {exc}")
+        return
+    set_workspace(Workspace(name="demo", tvs=demo.tvs, evaluator=demo.evaluator, reference=demo.reference,
+                            extras={"demo": demo, "folder": str(folder), "heads": demo.evaluator.heads,
+                                    "hf_base": str(demo.base_path), "cards": demo.cards}))
+    st.success(f"Demo loaded from `{folder}`.")
+
+
+def show_build_progress(root: str) -> None:
+    @st.fragment(run_every=1.0)
+    def poll():
+        job = build_jobs().get(root)
+        if job is None:
+            return
+        fraction, message = job.state()
+        st.progress(fraction, text=f"{message} · {job.elapsed:.0f} s")
+        if not job.running:
+            st.rerun()
+    st.info("Building the quick demo in the background; this page updates by itself.")
+    poll()
+
+
+def checkpoints_section() -> None:
+    ws = get_workspace()
+    prev = ws.extras.get("form", {}) if ws is not None and ws.name != "demo" else {}
+    with st.form("load_checkpoints"):
+        base = st.text_input("Base (pretrained) model: a .safetensors / .bin / .pt file or a Hugging Face folder",
+                             value=prev.get("base", ""), key="home_base", placeholder="/models/base")
+        lines = st.text_area("Tasks, one per line as `name = path` (a full fine-tuned checkpoint or a PEFT LoRA "
+                             "adapter folder)", value=prev.get("lines", ""), key="home_tasks", height=140,
+                             placeholder="sst2 = /models/sst2\nmnli = /models/mnli-lora")
+        exclude = st.text_input("Exclude parameters matching (regex; e.g. per-task heads that differ in shape)",
+                                value=prev.get("exclude", ""), key="home_exclude", placeholder=r"^classifier\.")
+        trust = st.checkbox("Trust pickled checkpoints (whole-module pickles run code when loaded: only for files "
+                            "you made or trust)", value=prev.get("trust", False), key="home_trust")
+        submitted = st.form_submit_button("Load", type="primary")
+    if not submitted:
+        return
+    try:
+        if not base.strip():
+            raise ValidationError("no base model given: enter the path of the pretrained checkpoint")
+        pairs = parse_task_lines(lines)
+        patterns = (exclude.strip(),) if exclude.strip() else ()
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValidationError(f"the exclude pattern {p!r} is not a valid regular expression: {exc}") from exc
+        with st.spinner("Opening checkpoints and checking keys, shapes and dtypes…"):
+            tvs = load_checkpoint_set(base.strip(), tuple(pairs), patterns, bool(trust),
+                                      _stamp([base.strip()] + [p for _, p in pairs]))
+        label = Path(base.strip()).stem or "checkpoints"
+        new = Workspace(name=label, tvs=tvs, extras={"form": {"base": base, "lines": lines, "exclude": exclude,
+                                                              "trust": trust}})
+        summarise(new)  # reads every tensor once: NaN/Inf and truncated data show up here, not on a later page
+    except MergescopeError as exc:
+        st.error(f"Could not load the checkpoints: {exc}")
+        return
+    except Exception as exc:  # never a traceback in the page
+        st.error(f"Could not load the checkpoints ({type(exc).__name__}): {exc}")
+        return
+    set_workspace(new)
+    st.success(f"Loaded {len(tvs.tasks)} task vectors over `{base.strip()}`.")
+
+
+def summary_section(ws: Workspace) -> None:
+    st.subheader(f"Loaded set: {ws.name}")
+    try:
+        tables = summarise(ws)
+    except MergescopeError as exc:
+        st.error(f"Could not read the set: {exc}")
+        return
+    kinds, tasks, layers = tables["kinds"], tables["tasks"], tables["layers"]
+    c = st.columns(4)
+    c[0].metric("tasks", len(ws.tvs.tasks))
+    c[1].metric("parameter tensors", int(kinds["tensors"].sum()))
+    c[2].metric("parameters (per model)", f"{int(kinds['parameters'].sum()):,}")
+    c[3].metric("blocks", int(sum(d != "outside blocks" for d in layers["depth"])))
+    left, right = st.columns([3, 2])
+    with left:
+        st.markdown("**Tasks** — L2 norm of each task vector ‖τ‖ and relative to the base ‖τ‖/‖θ₀‖")
+        st.dataframe(tasks, hide_index=True, key="summary_tasks",
+                     column_config={"l2_norm": st.column_config.NumberColumn("‖τ‖₂", format="%.4g"),
+                                    "relative_norm": st.column_config.NumberColumn("‖τ‖/‖θ₀‖", format="%.3g")})
+        st.markdown("**Parameters by kind**")
+        st.dataframe(kinds, hide_index=True, key="summary_kinds")
+    with right:
+        st.markdown("**Tensors per layer (block index parsed from names)**")
+        st.dataframe(layers, hide_index=True, key="summary_layers", height=min(420, 38 + 35 * len(layers)))
+    if ws.reference is not None and len(ws.reference):
+        ref = ws.reference[ws.reference["metric"] == "accuracy"]
+        split = "test" if "test" in set(ref["split"]) else ref["split"].iloc[0]
+        st.markdown(f"**Reference accuracy ({split} split)** — frozen per-task heads on the pretrained "
+                    "(zero-shot) and fine-tuned backbones")
+        table = ref[ref["split"] == split].pivot_table(index="task", columns="model", values="value", sort=False)
+        st.dataframe((table * 100).round(1), key="summary_reference")
+    if "cards" in ws.extras:
+        with st.expander("Data cards of the demo tasks"):
+            demo = ws.extras.get("demo")
+            st.dataframe(demo.cards_table() if demo is not None else pd.DataFrame(ws.extras["cards"]).T,
+                         hide_index=True)
+
+
+# ---------------------------------------------------------------- page
+st.title("mergescope")
+st.caption("Explore interference, tune merges interactively, and present the results — on the built-in "
+           "benchmark or on your own checkpoints.")
+
+info = device_summary()
+c1, c2 = st.columns(2)
+c1.markdown(f"**Device:** {device_label(info)} · torch {info.get('torch', '?')}")
+c2.markdown(f"**Caches:** `{cache_root()}` (set `MERGESCOPE_CACHE` to move them)")
+
+ws = get_workspace()
+default = 1 if (ws is not None and ws.name != "demo") else 0
+source = st.radio("Workspace", [DEMO, OWN], index=default, horizontal=True, key="home_source")
+if source == DEMO:
+    demo_section()
+else:
+    checkpoints_section()
+
+ws = get_workspace()
+if ws is not None:
+    st.divider()
+    summary_section(ws)
+    st.caption("Next: **Spectra** and **Interference** to see where tasks fight, **Merge** to tune a method live, "
+               "**Loss Landscape** for barriers, **Report** to export.")
