@@ -1,0 +1,128 @@
+"""Isotropic merging (Marczak et al., ICML 2025, "No task left behind").
+
+Iso-C, per matrix parameter: M = Σ_t τ_t = U S Vᵀ; delta = α · mean(S) · U Vᵀ
+(the sum's singular directions, with a flat spectrum).
+
+Iso-CTS, per matrix parameter (r = min(m, n)):
+  common size: ⌊c·r⌋, then adjusted up so the rest divides by T:
+  s = ⌊(r − ⌊c·r⌋)/T⌋ directions per task, common = r − T·s;
+  common subspace: the sum's top `common` triplets (U_c, S_c, V_c);
+  task t: the top s triplets of (I − U_c U_cᵀ) τ_t (common subspace projected out);
+  concatenate U* = [U_c, X_1 … X_T], V* likewise (m × r, n × r), replace them
+  by their polar factors, set every singular value to the mean of the
+  concatenated ones (S_c and each task's s values): delta = α · mean · U⊥ V⊥ᵀ.
+  With c = 1, s = 0 and this is Iso-C exactly.
+
+Vector parameters, and embeddings unless `include_embeddings`: α × mean.
+
+Speed: the sum's SVD is memoised per SpectralCache; a change of c only needs
+the top-s triplets of the projected task matrices, computed from the cached
+per-task factors τ_t = U_t S_t V_tᵀ: (I − P_c) τ_t = B_t V_tᵀ with
+B_t = (I − P_c) U_t S_t. For m ≤ n the sum's U is square and I − P_c = U_⊥U_⊥ᵀ,
+so only the small (r − common) × r matrix U_⊥ᵀ B_t needs an SVD; for m > n the
+top eigenpairs of the r × r Gram matrix B_tᵀB_t are taken in float64 (so
+squaring the condition number costs no accuracy at float32 output).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from analysis.merging.base import Hyperparameter, MergeMethod, alpha, include_embeddings
+from analysis.merging.common import (forget, shape_groups, sum_factors, svd_names, task_factors,
+                                     vector_rule)
+from analysis.merging.polar import polar
+
+
+def _iso_c(tvs, params, ctx):
+    a = params["alpha"]
+    names = set(svd_names(tvs, params["include_embeddings"]))
+    out = {}
+    for name in tvs.param_names:
+        if name in names:
+            u, s, vh = sum_factors(tvs, ctx, name)
+            out[name] = (a * s.mean()) * (u @ vh).reshape(tvs.shape(name))
+        else:
+            out[name] = vector_rule(tvs, name, a, ctx.device)
+    return out
+
+
+def split_rank(rank: int, n_tasks: int, common_fraction: float) -> tuple[int, int]:
+    """(common, per_task) with common + n_tasks·per_task = rank."""
+    per_task = (rank - int(math.floor(common_fraction * rank + 1e-9))) // n_tasks
+    return rank - n_tasks * per_task, per_task
+
+
+def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int):
+    """Top-k SVD triplets of (I − U_c U_cᵀ) τ_t for every task, from τ_t's factors.
+
+    u_t (T,m,r), s_t (T,r), vh_t (T,r,n); u_sum (m, r_sum) the sum's left vectors.
+    Returns X (T,m,k), σ (T,k), Yh (T,k,n)."""
+    m, r = u_t.shape[1], u_t.shape[2]
+    us = u_t * s_t[:, None, :]                       # U_t S_t  (T, m, r)
+    u_c = u_sum[:, :common]
+    if u_sum.shape[1] == m:                          # square U: I − P_c = U_⊥ U_⊥ᵀ
+        u_perp = u_sum[:, common:]                   # (m, m − common)
+        small = u_perp.mT @ us                       # (T, m − common, r)
+        x, sig, y_h = torch.linalg.svd(small, full_matrices=False)
+        x, sig, y_h = u_perp @ x[:, :, :k], sig[:, :k], y_h[:, :k, :]
+    else:                                            # tall: Gram route in float64
+        b = us - u_c @ (u_c.mT @ us)                 # (T, m, r)
+        gram = (b.mT @ b).double()
+        evals, evecs = torch.linalg.eigh(gram)       # ascending
+        evals, evecs = evals.flip(-1)[:, :k], evecs.flip(-1)[:, :, :k]
+        sig = evals.clamp_min(0).sqrt()
+        x = (b.double() @ evecs) / sig.clamp_min(torch.finfo(torch.float64).tiny)[:, None, :]
+        x, sig, y_h = x.float(), sig.float(), evecs.mT.float()
+    return x, sig, y_h @ vh_t                        # right vectors: (V_t Y)ᵀ = Yᵀ V_tᵀ
+
+
+def _iso_cts(tvs, params, ctx):
+    c, a = params["common_fraction"], params["alpha"]
+    names = svd_names(tvs, params["include_embeddings"])
+    key = ("iso_cts", c, params["include_embeddings"], ctx.polar, str(ctx.device))
+    unscaled = ctx.memo.get(key)
+    if unscaled is None:
+        unscaled = {}
+        n_tasks = len(tvs.tasks)
+        for (m, n), group in shape_groups(tvs, names).items():
+            r = min(m, n)
+            common, per_task = split_rank(r, n_tasks, c)
+            us, vhs, svals = [], [], []
+            for name in group:
+                u_sum, s_sum, vh_sum = sum_factors(tvs, ctx, name)
+                u_parts, vh_parts, s_parts = [u_sum[:, :common]], [vh_sum[:common]], [s_sum[:common]]
+                if per_task > 0:
+                    x, sig, y_h = projected_top(*task_factors(tvs, ctx, name), u_sum, common, per_task)
+                    u_parts += list(x.unbind(0))
+                    vh_parts += list(y_h.unbind(0))
+                    s_parts += list(sig.unbind(0))
+                us.append(torch.cat(u_parts, dim=1))
+                vhs.append(torch.cat(vh_parts, dim=0))
+                svals.append(torch.cat(s_parts).mean())
+            u, vh = torch.stack(us), torch.stack(vhs)
+            if per_task > 0:       # with c = 1 the sum's own U, V are already orthonormal
+                u, vh = polar(u, ctx.polar), polar(vh, ctx.polar)
+            merged = torch.stack(svals)[:, None, None] * (u @ vh)
+            for i, name in enumerate(group):
+                unscaled[name] = merged[i].reshape(tvs.shape(name))
+        forget(ctx.memo, "iso_cts")
+        ctx.memo[key] = unscaled
+    out = {}
+    for name in tvs.param_names:
+        out[name] = a * unscaled[name] if name in unscaled else vector_rule(tvs, name, a, ctx.device)
+    return out
+
+
+ISO_C = MergeMethod(
+    "iso_c", "the summed task vector's singular directions with a flat (isotropic) spectrum", _iso_c,
+    (alpha(1.0), include_embeddings()),
+    uses_spectra=True, reference="Marczak et al., No task left behind: isotropic model merging, ICML 2025")
+
+ISO_CTS = MergeMethod(
+    "iso_cts", "common subspace of the sum + each task's own directions, orthogonalised, flat spectrum", _iso_cts,
+    (Hyperparameter("common_fraction", "float", 0.8, 0.0, 1.0, 0.01,
+                    "c: fraction of each layer's rank given to the common subspace of the summed task vector"),
+     alpha(1.0), include_embeddings()),
+    uses_spectra=True, reference="Marczak et al., No task left behind: isotropic model merging, ICML 2025")

@@ -1,0 +1,101 @@
+"""Task Singular Vectors (Gargiulo et al., CVPR 2025, arXiv 2412.00081).
+
+TSV-M, per matrix parameter (conv kernels as out × in·k):
+  each task keeps its top q = ⌊f·r⌋ singular triplets (r = min(m, n));
+  U = [U_1 … U_T] (m × Tq), Σ = blockdiag(Σ_1 … Σ_T), V = [V_1 … V_T] (n × Tq);
+  U, V are replaced by their polar factors U⊥, V⊥ (nearest orthonormal
+  matrices, `analysis.merging.polar`); delta = α · U⊥ Σ V⊥ᵀ.
+
+When T·q > r (f > 1/T) at least one of U, V is wider than tall and has no
+nearest matrix with orthonormal *columns*: at most r directions can be
+mutually orthogonal. The `overflow` knob says what happens then:
+  "cap"   (default) q is lowered to ⌊r/T⌋ (at least 1), so T·q ≤ r and the
+          merged delta's SVD is exactly U⊥ Σ V⊥ᵀ: the TSV-M guarantee
+          (no interference between the tasks' kept subspaces) holds; raising
+          f above 1/T then changes nothing.
+  "polar" keep q = ⌊f·r⌋ and use the polar factor of the wide matrix, which
+          has orthonormal *rows* (a partial isometry of rank m or n, the
+          nearest such matrix); the singular directions overlap, so the
+          result is no longer an SVD and Σ is mixed.
+(If T > r even q = 1 overflows; the polar rule is then used in both modes.)
+
+Vector parameters, and embeddings unless `include_embeddings`: α × mean.
+
+TSV-C: each task's own rank-⌊f·r⌋ reconstruction (the compression view).
+It returns one delta per task: {task: {param: delta}}; parameters that are
+not decomposed keep the task's full delta.
+"""
+from __future__ import annotations
+
+import torch
+
+from analysis.merging.base import Hyperparameter, MergeMethod, alpha, include_embeddings, rank_fraction
+from analysis.merging.common import forget, kept_rank, shape_groups, stacked, svd_names, task_factors, vector_rule
+from analysis.merging.polar import polar
+
+
+def tsv_rank(fraction: float, rank: int, n_tasks: int, overflow: str) -> int:
+    q = kept_rank(fraction, rank)
+    if overflow == "cap" and n_tasks * q > rank:
+        q = max(1, rank // n_tasks)
+    return q
+
+
+def _tsv_m(tvs, params, ctx):
+    f, a, overflow = params["rank_fraction"], params["alpha"], params["overflow"]
+    names = svd_names(tvs, params["include_embeddings"])
+    key = ("tsv_m", f, overflow, params["include_embeddings"], ctx.polar, str(ctx.device))
+    unscaled = ctx.memo.get(key)
+    if unscaled is None:
+        unscaled = {}
+        n_tasks = len(tvs.tasks)
+        for (m, n), group in shape_groups(tvs, names).items():
+            factors = [task_factors(tvs, ctx, name) for name in group]
+            r = factors[0][1].shape[-1]
+            q = tsv_rank(f, r, n_tasks, overflow)
+            # (B, m, T·q): task-major column blocks [U_1 … U_T]
+            u = torch.stack([fu[:, :, :q].permute(1, 0, 2).reshape(m, n_tasks * q) for fu, _, _ in factors])
+            s = torch.stack([fs[:, :q].reshape(n_tasks * q) for _, fs, _ in factors])
+            vh = torch.stack([fv[:, :q, :].reshape(n_tasks * q, n) for _, _, fv in factors])
+            u_perp = polar(u, ctx.polar)
+            vh_perp = polar(vh, ctx.polar)   # polar(Vᵀ) = polar(V)ᵀ
+            merged = (u_perp * s[:, None, :]) @ vh_perp
+            for i, name in enumerate(group):
+                unscaled[name] = merged[i].reshape(tvs.shape(name))
+        forget(ctx.memo, "tsv_m")   # keep one unscaled merge: an α change is then a scalar multiply
+        ctx.memo[key] = unscaled
+    out = {}
+    for name in tvs.param_names:
+        out[name] = a * unscaled[name] if name in unscaled else vector_rule(tvs, name, a, ctx.device)
+    return out
+
+
+def _tsv_c(tvs, params, ctx):
+    f = params["rank_fraction"]
+    names = set(svd_names(tvs, params["include_embeddings"]))
+    out = {task: {} for task in tvs.tasks}
+    for name in tvs.param_names:
+        if name in names:
+            u, s, vh = task_factors(tvs, ctx, name)
+            q = kept_rank(f, s.shape[-1])
+            recon = (u[:, :, :q] * s[:, None, :q]) @ vh[:, :q, :]
+        else:
+            recon = stacked(tvs, name, ctx.device)
+        for t, task in enumerate(tvs.tasks):
+            out[task][name] = recon[t].reshape(tvs.shape(name))
+    return out
+
+
+TSV_M = MergeMethod(
+    "tsv_m", "keep each task's top singular triplets, orthogonalise U and V across tasks (polar factor)", _tsv_m,
+    (rank_fraction(), alpha(1.0),
+     Hyperparameter("overflow", "choice", "cap", help="when T·⌊f·r⌋ > r: cap the rank at ⌊r/T⌋, or keep it and "
+                    "use the wide polar factor (orthonormal rows)", choices=("cap", "polar")),
+     include_embeddings()),
+    uses_spectra=True, reference="Gargiulo et al., Task Singular Vectors, CVPR 2025 (arXiv 2412.00081)")
+
+TSV_C = MergeMethod(
+    "tsv_c", "each task's own low-rank reconstruction (compression; one delta per task)", _tsv_c,
+    (rank_fraction(), include_embeddings()),
+    uses_spectra=True, per_task=True,
+    reference="Gargiulo et al., Task Singular Vectors, CVPR 2025 (arXiv 2412.00081)")
