@@ -1,0 +1,166 @@
+"""Loss Landscape: loss and accuracy along straight paths, with both barrier definitions.
+
+Paths: between any two parameter sets (pretrained, each fine-tuned model, a
+merge), or the scaling path θ0 + α·δ of a merge. Live on a validation
+subsample; on the full split on request. Choices live in the URL (ll_* query
+parameters), so a link reopens the same view.
+"""
+from __future__ import annotations
+
+import functools
+import time
+
+import numpy as np
+import streamlit as st
+
+from analysis.errors import MergescopeError
+from analysis.landscape import BARRIER_DEFINITIONS, barrier_table, barriers, delta_path, lambda_grid, scaling_path
+from analysis.plots.landscape import path_figure
+from ui.endpoints import PRETRAINED, delta_of, endpoint_options, spec_key
+from ui.state import require_workspace, sidebar_status, spectral_cache
+
+st.set_page_config(page_title="mergescope · Loss Landscape", layout="wide")
+sidebar_status()
+st.title("Loss landscape")
+ws = require_workspace()
+if ws.evaluator is None:
+    st.info("Loss and accuracy need labelled data and task heads: this page works on the built-in demo "
+            "(or any workspace that comes with an evaluator). Your own checkpoints have none.")
+    st.stop()
+
+tvs = ws.tvs
+tasks_all = list(ws.evaluator.tasks)
+history = st.session_state.get("merge_history", [])
+LINE, SCALE = "Between two models", "Scaling path θ₀ + α·δ"
+QP = st.query_params
+
+
+def from_query(key: str, options=None, cast=str, default=None):
+    """Widget default: session value, else the URL's query parameter, else `default`."""
+    if key in st.session_state:
+        return st.session_state[key]
+    if key in QP:
+        try:
+            v = cast(QP[key])
+            if options is None or v in options:
+                return v
+        except (TypeError, ValueError):
+            pass
+    return default
+
+
+def remember(**values) -> None:
+    for k, v in values.items():
+        QP[k] = str(v)
+
+
+path_kind = st.radio("Path", [LINE, SCALE], horizontal=True, key="ll_path",
+                     index=[LINE, SCALE].index(from_query("ll_path", [LINE, SCALE], default=LINE)))
+c1, c2, c3 = st.columns([2, 2, 1])
+if path_kind == LINE:
+    options = endpoint_options(tvs, history)
+    labels = list(options)
+    start = c1.selectbox("Start (λ = 0)", labels, key="ll_start",
+                         index=labels.index(from_query("ll_start", labels, default=PRETRAINED)))
+    default_end = next((l for l in labels if l.startswith("fine-tuned")), labels[-1])
+    end = c2.selectbox("End (λ = 1)", labels, key="ll_end",
+                       index=labels.index(from_query("ll_end", labels, default=default_end)))
+    points = c3.slider("λ points", 3, 21, int(from_query("ll_points", cast=int, default=7)), step=1, key="ll_points",
+                       help="evenly spaced from 0 to 1, both ends included (barriers need them)")
+    remember(ll_path=path_kind, ll_start=start, ll_end=end, ll_points=points)
+else:
+    options = endpoint_options(tvs, history, include_sum=True)
+    labels = [l for l in options if options[l]["kind"] != "pretrained"]
+    default_delta = next((l for l in labels if l.startswith("merge")), labels[0])
+    delta_label = c1.selectbox("Delta δ", labels, key="ll_delta",
+                               index=labels.index(from_query("ll_delta", labels, default=default_delta)))
+    lo, hi = c2.slider("α range", 0.0, 3.0, (0.0, 1.5), step=0.05, key="ll_alpha")
+    points = c3.slider("α points", 3, 21, int(from_query("ll_points", cast=int, default=7)), step=1, key="ll_points")
+    remember(ll_path=path_kind, ll_delta=delta_label, ll_points=points)
+
+d1, d2, d3 = st.columns([1, 1, 2])
+split = d1.selectbox("Split", ["validation", "test"], key="ll_split",
+                     index=["validation", "test"].index(from_query("ll_split", ["validation", "test"], default="validation")))
+subsample = d2.select_slider("Live subsample (examples per task)", [16, 32, 64, 128, 256], key="ll_sub",
+                             value=int(from_query("ll_sub", cast=int, default=32)))
+tasks = d3.multiselect("Tasks", tasks_all, default=tasks_all, key="ll_tasks")
+remember(ll_split=split, ll_sub=subsample)
+full = st.toggle("Full split (slower: every example of the split)", key="ll_full", value=False)
+if not tasks:
+    st.info("Pick at least one task.")
+    st.stop()
+
+
+def run_path(progress):
+    """Curves for the current choices (memoised per workspace, keyed by every choice)."""
+    memo = ws.extras.setdefault("landscape_curves", {})
+    n = None if full else int(subsample)
+    cache_factory = lambda: spectral_cache(ws, ws.key)  # noqa: E731 - only SVD merges call it
+    if path_kind == LINE:
+        sa, sb = options[start], options[end]
+        key = ("line", spec_key(sa), spec_key(sb), points, split, n, tuple(tasks))
+        if key not in memo:
+            evaluate = functools.partial(ws.evaluator.evaluate, split=split, subsample=n, tasks=tasks)
+            base = tvs.apply({})
+            memo[key] = delta_path(evaluate, base, delta_of(ws, sa, cache_factory), delta_of(ws, sb, cache_factory),
+                                   lambda_grid(points), progress=progress)
+    else:
+        sd = options[delta_label]
+        alphas = np.linspace(lo, hi, points)
+        key = ("scale", spec_key(sd), float(lo), float(hi), points, split, n, tuple(tasks))
+        if key not in memo:
+            evaluate = functools.partial(ws.evaluator.evaluate, split=split, subsample=n, tasks=tasks)
+            memo[key] = scaling_path(evaluate, tvs.apply({}), delta_of(ws, sd, cache_factory), alphas,
+                                     progress=progress)
+    return memo[key]
+
+
+bar = st.progress(0.0, text="evaluating…")
+t0 = time.perf_counter()
+try:
+    curves = run_path(lambda f, m: bar.progress(f, text=f"evaluating {m}"))
+except MergescopeError as exc:
+    bar.empty()
+    st.error(str(exc))
+    st.stop()
+bar.empty()
+elapsed = time.perf_counter() - t0
+st.session_state["ll_last_seconds"] = elapsed
+
+n_used = int(curves["n"].max()) if "n" in curves else None
+scope = "full split" if full else f"subsample of {subsample} per task"
+st.caption(f"{split} split, {scope}{f' (n ≤ {n_used})' if n_used else ''} · computed in {elapsed:.2f} s "
+           f"({len(curves) // max(1, 2 * len(tasks))} points × {len(tasks)} tasks)")
+
+if path_kind == LINE:
+    title = f"{start} → {end}"
+    fig = path_figure(curves, tasks_all, "lam", title=title, start_label="start", end_label="end")
+    st.plotly_chart(fig, key="ll_figure", config={"displaylogo": False})
+    bar_df = barriers(curves)
+    st.subheader("Barriers")
+    st.markdown(f"- **midpoint**: {BARRIER_DEFINITIONS['midpoint']}  \n- **linear**: {BARRIER_DEFINITIONS['linear']}  \n"
+                "For accuracy the same is applied to the accuracy drop, so a positive barrier is always "
+                "*worse than the ends*; accuracy in percentage points.")
+    t_loss, t_acc = st.tabs(["loss (nats)", "accuracy (points)"])
+    with t_loss:
+        st.dataframe(barrier_table(bar_df, "loss").round(4), hide_index=True)
+    with t_acc:
+        acc = barrier_table(bar_df, "accuracy")
+        for c in acc.columns:
+            if c.startswith(("midpoint", "linear")):
+                acc[c] = acc[c] * 100
+        st.dataframe(acc.round(3), hide_index=True)
+    ws.extras["landscape_last"] = {"title": title, "curves": curves, "barriers": bar_df}
+else:
+    fig = path_figure(curves, tasks_all, "alpha", title=f"θ₀ + α·δ, δ = {delta_label}")
+    st.plotly_chart(fig, key="ll_figure", config={"displaylogo": False})
+    acc = curves[curves["metric"] == "accuracy"].groupby("alpha")["value"].mean()
+    best = float(acc.idxmax())
+    st.markdown(f"Best mean accuracy over the chosen tasks: **{acc.max() * 100:.1f}%** at **α = {best:.3g}** "
+                f"({split}, {scope}).")
+    ws.extras["landscape_last"] = {"title": f"scaling path of {delta_label}", "curves": curves}
+
+with st.expander("Data (tidy table)"):
+    st.dataframe(curves, hide_index=True)
+    st.download_button("Download the curves (CSV)", curves.to_csv(index=False).encode(), "landscape_curves.csv",
+                       "text/csv", key="ll_csv")

@@ -1,0 +1,75 @@
+"""AppTest of pages/4_Loss_Landscape.py on the tiny workspace."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "4_Loss_Landscape.py")
+
+
+def _page(ws, query=None):
+    at = AppTest.from_file(PAGE, default_timeout=60)
+    at.session_state["workspace"] = ws
+    for k, v in (query or {}).items():
+        at.query_params[k] = v
+    return at.run()
+
+
+def test_renders_curves_and_barriers(tiny_workspace):
+    at = _page(tiny_workspace)
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    curves = tiny_workspace.extras["landscape_last"]["curves"]
+    assert set(curves["task"]) == {"alpha", "beta", "gamma"}
+    assert sorted(curves["lam"].unique()) == pytest.approx(list(__import__("numpy").linspace(0, 1, 7)))
+    # the start is the pretrained model, the end fine-tuned on 'alpha': the ends match the reference (validation)
+    ref = tiny_workspace.reference
+    ref = ref[(ref.split == "validation") & (ref.metric == "accuracy")]
+    at0 = curves[(curves.lam == 0) & (curves.metric == "accuracy")].set_index("task")["value"]
+    at1 = curves[(curves.lam == 1) & (curves.metric == "accuracy") & (curves.task == "alpha")]["value"].iloc[0]
+    # subsample 32 of 48: compare on the same subsample through the evaluator
+    ev = tiny_workspace.evaluator
+    zs = ev.evaluate(None, split="validation", subsample=32).query("metric == 'accuracy'").set_index("task")["value"]
+    assert at0.loc[zs.index].tolist() == pytest.approx(zs.tolist())
+    ft = ev.evaluate_delta(tiny_workspace.tvs.task_vector("alpha"), split="validation", subsample=32, tasks=["alpha"])
+    assert at1 == pytest.approx(ft.query("metric == 'accuracy'")["value"].iloc[0])
+    # both barrier definitions are shown and labelled
+    tables = [d.value for d in at.dataframe]
+    assert any(any("½(L(0)+L(1))" in c for c in t.columns) for t in tables)
+    assert any(any("((1−λ)L(0)+λL(1))" in c for c in t.columns) for t in tables)
+    assert at.query_params["ll_start"] == ["pretrained"] or at.query_params["ll_start"] == "pretrained"
+
+
+def test_slider_change_recomputes_and_query_params_restore(tiny_workspace):
+    at = _page(tiny_workspace)
+    at.slider(key="ll_points").set_value(5).run()
+    assert not at.exception
+    assert tiny_workspace.extras["landscape_last"]["curves"]["lam"].nunique() == 5
+    # a fresh session opened with the URL's parameters restores the choices
+    at2 = _page(tiny_workspace, {"ll_start": "fine-tuned: beta", "ll_end": "fine-tuned: gamma", "ll_points": "3"})
+    assert not at2.exception
+    assert at2.selectbox(key="ll_start").value == "fine-tuned: beta"
+    assert at2.selectbox(key="ll_end").value == "fine-tuned: gamma"
+    assert at2.slider(key="ll_points").value == 3
+    last = tiny_workspace.extras["landscape_last"]
+    assert last["title"] == "fine-tuned: beta → fine-tuned: gamma" and last["curves"]["lam"].nunique() == 3
+
+
+def test_scaling_path_and_full_split(tiny_workspace):
+    at = _page(tiny_workspace)
+    at.radio(key="ll_path").set_value("Scaling path θ₀ + α·δ").run()
+    at.selectbox(key="ll_delta").set_value("sum of task vectors").run()
+    at.toggle(key="ll_full").set_value(True).run()
+    assert not at.exception, at.exception
+    curves = tiny_workspace.extras["landscape_last"]["curves"]
+    assert "alpha" in curves.columns and curves["alpha"].min() == 0.0
+    assert curves["n"].max() == 48  # the whole validation split of the toy tasks
+    assert any("Best mean accuracy" in m.value for m in at.markdown)
+
+
+def test_without_workspace_points_home():
+    at = AppTest.from_file(PAGE, default_timeout=30).run()
+    assert not at.exception
+    assert any("Home" in i.value for i in at.info)

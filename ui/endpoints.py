@@ -1,0 +1,93 @@
+"""Named parameter sets a page can pick as path endpoints: pretrained, each
+fine-tuned model, and merges (configurations tried on the Merge page, or a
+registry method at its defaults). Each is a delta on the base, cached per
+workspace so switching endpoints back and forth never recomputes a merge.
+"""
+from __future__ import annotations
+
+import json
+from typing import Mapping
+
+import torch
+
+PRETRAINED = "pretrained"
+FT_PREFIX = "fine-tuned: "
+MERGE_PREFIX = "merge: "
+SUM = "sum of task vectors"
+DEFAULT_METHODS = ("task_arithmetic", "ties", "tsv_m", "iso_c")
+
+
+def registry():
+    """(METHODS, merge) from analysis.merging, or (None, None) while it is not installed."""
+    try:
+        from analysis.merging import METHODS, merge
+        return METHODS, merge
+    except ImportError:
+        return None, None
+
+
+def history_configs(history) -> dict[str, dict]:
+    """label -> {"method", "knobs"} for each configuration tried on the Merge page."""
+    out = {}
+    for i, entry in enumerate(history or [], start=1):
+        if not isinstance(entry, Mapping) or "method" not in entry:
+            continue
+        knobs = dict(entry.get("knobs") or {})
+        text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in knobs.items())
+        out[f"{MERGE_PREFIX}#{i} {entry['method']}" + (f" ({text})" if text else "")] = {"method": entry["method"],
+                                                                                      "knobs": knobs}
+    return out
+
+
+def endpoint_options(tvs, history=None, include_sum: bool = False) -> dict[str, dict]:
+    """label -> spec ({"kind": "pretrained" | "fine_tuned" | "merge" | "sum", ...})."""
+    opts = {PRETRAINED: {"kind": "pretrained"}}
+    for t in tvs.tasks:
+        opts[f"{FT_PREFIX}{t}"] = {"kind": "fine_tuned", "task": t}
+    if include_sum:
+        opts[SUM] = {"kind": "sum"}
+    for label, cfg in history_configs(history).items():
+        opts[label] = {"kind": "merge", **cfg}
+    methods, _ = registry()
+    if methods:
+        for name in DEFAULT_METHODS:
+            m = methods.get(name)
+            if m is None or (m.n_tasks is not None and m.n_tasks != len(tvs.tasks)):
+                continue
+            opts[f"{MERGE_PREFIX}{name} (defaults)"] = {"kind": "merge", "method": name, "knobs": {}}
+    return opts
+
+
+def spec_key(spec: Mapping) -> str:
+    return json.dumps(spec, sort_keys=True, default=str)
+
+
+def delta_of(ws, spec: Mapping, cache_factory=None) -> dict[str, torch.Tensor]:
+    """The delta on the base for an endpoint spec (memoised in ws.extras)."""
+    memo = ws.extras.setdefault("endpoint_deltas", {})
+    key = spec_key(spec)
+    if key in memo:
+        return memo[key]
+    tvs = ws.tvs
+    kind = spec["kind"]
+    if kind == "pretrained":
+        delta = {}
+    elif kind == "fine_tuned":
+        delta = dict(tvs.task_vector(spec["task"]))
+    elif kind == "sum":
+        delta = dict(tvs.sum())
+    elif kind == "merge":
+        methods, merge = registry()
+        if merge is None:
+            from analysis.errors import MergescopeError
+            raise MergescopeError("merging methods are not available in this installation (analysis.merging)")
+        kwargs = dict(spec.get("knobs") or {})
+        if cache_factory is not None and getattr(methods[spec["method"]], "uses_spectra", False):
+            kwargs["cache"] = cache_factory()
+        delta = {k: v.detach().to("cpu", torch.float32) for k, v in merge(tvs, spec["method"], **kwargs).items()}
+    else:
+        raise ValueError(f"unknown endpoint kind {kind!r}")
+    if len(memo) > 12:  # keep memory bounded on a large backbone
+        memo.pop(next(iter(memo)))
+    memo[key] = delta
+    return delta
