@@ -1,0 +1,41 @@
+"""`python -m analysis.zoo build [--quick] [--cache-dir D]`"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from analysis.errors import MergescopeError
+from analysis.zoo.build import build, default_cache_dir, preset
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.zoo", description="Build mergescope's built-in benchmark.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("build", help="fine-tune the text backbone on every task and train the MNIST MLPs")
+    b.add_argument("--quick", action="store_true", help="the CPU-friendly preset (short sequences, few steps)")
+    b.add_argument("--tiny", action="store_true", help="the seconds-long toy preset used by tests")
+    b.add_argument("--cache-dir", default=None, help=f"cache folder (default $MERGESCOPE_CACHE or {default_cache_dir()})")
+    b.add_argument("--device", default=None, help="cuda | mps | cpu (default: the best available)")
+    args = parser.parse_args(argv)
+
+    import dataclasses
+    config = preset("tiny" if args.tiny else "quick" if args.quick else "full")
+    if args.device:
+        config = dataclasses.replace(config, device=args.device)
+    t0 = time.time()
+
+    def progress(fraction: float, message: str) -> None:
+        print(f"[{time.time() - t0:7.1f} s {100 * fraction:5.1f}%] {message}", flush=True)
+
+    try:
+        folder = build(config, args.cache_dir, progress=progress)
+    except MergescopeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(folder)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
