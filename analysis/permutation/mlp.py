@@ -1,0 +1,73 @@
+"""A ReLU MLP as a pure function of its state dict (any chain of Linear layers,
+e.g. the MNIST models' `layers.{i}.weight/bias`), so aligned, interpolated and
+merged parameter sets can be scored without building modules."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from analysis.device import get_device
+from analysis.permutation.specs import StateDict, linear_chain_names
+
+Tensor = torch.Tensor
+
+
+def mlp_forward(sd: StateDict, x: Tensor, return_preacts: bool = False):
+    """Logits of the MLP; with `return_preacts`, also the hidden layers'
+    pre-activations (what REPAIR renormalises)."""
+    names = linear_chain_names(sd)
+    h = x.flatten(1)
+    pre = []
+    for l, n in enumerate(names):
+        h = F.linear(h, sd[f"{n}.weight"], sd.get(f"{n}.bias"))
+        if l < len(names) - 1:
+            pre.append(h)
+            h = torch.relu(h)
+    return (h, pre) if return_preacts else h
+
+
+def mlp_preactivations(sd: StateDict, x: Tensor) -> list[Tensor]:
+    return mlp_forward(sd, x, return_preacts=True)[1]
+
+
+def mlp_repair_layers(sd: StateDict) -> list[tuple[str, str]]:
+    """(weight, bias) names of the hidden Linear layers, in forward order."""
+    names = linear_chain_names(sd)[:-1]
+    return [(f"{n}.weight", f"{n}.bias") for n in names]
+
+
+@torch.no_grad()
+def evaluate_mlp(sd: StateDict, x: Tensor, y: Tensor, batch_size: int = 8192,
+                 device: str | torch.device | None = None) -> dict[str, float]:
+    """Mean cross-entropy and accuracy of the MLP on (x, y)."""
+    device = get_device(device)
+    params = {k: v.to(device=device, dtype=torch.float32) for k, v in sd.items()}
+    loss, correct = 0.0, 0
+    for s in range(0, len(x), batch_size):
+        xb, yb = x[s:s + batch_size].to(device), y[s:s + batch_size].to(device)
+        out = mlp_forward(params, xb)
+        loss += float(F.cross_entropy(out, yb, reduction="sum"))
+        correct += int((out.argmax(1) == yb).sum())
+    return {"loss": loss / len(x), "accuracy": correct / len(x)}
+
+
+def train_small_mlp(x: Tensor, y: Tensor, widths: Sequence[int], seed: int, epochs: int = 20,
+                    batch_size: int = 64, lr: float = 2e-3) -> dict[str, Tensor]:
+    """A small MLP trained with Adam on (x, y), named `layers.{i}.*` (for tests
+    and demos; the built-in benchmark trains its own MNIST models)."""
+    torch.manual_seed(seed)
+    layers = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+    opt = torch.optim.Adam(layers.parameters(), lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(x), generator=g)
+        for s in range(0, len(x), batch_size):
+            b = order[s:s + batch_size]
+            sd = {f"layers.{i}.{k}": v for i, m in enumerate(layers) for k, v in m.named_parameters()}
+            loss = F.cross_entropy(mlp_forward(sd, x[b]), y[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return {f"layers.{i}.{k}": v.detach().clone() for i, m in enumerate(layers) for k, v in m.named_parameters()}
