@@ -95,7 +95,7 @@ def run_path(progress):
     """Curves for the current choices (memoised per workspace, keyed by every choice)."""
     memo = ws.extras.setdefault("landscape_curves", {})
     n = None if full else int(subsample)
-    cache_factory = lambda: spectral_cache(ws, ws.key)  # noqa: E731 - only SVD merges call it
+    cache_factory = lambda emb: spectral_cache(ws, ws.key, emb)  # noqa: E731 - only SVD merges call it
     if path_kind == LINE:
         sa, sb = options[start], options[end]
         key = ("line", spec_key(sa), spec_key(sb), points, split, n, tuple(tasks))

@@ -83,7 +83,7 @@ def delta_of(ws, spec: Mapping, cache_factory=None) -> dict[str, torch.Tensor]:
             raise MergescopeError("merging methods are not available in this installation (analysis.merging)")
         kwargs = dict(spec.get("knobs") or {})
         if cache_factory is not None and getattr(methods[spec["method"]], "uses_spectra", False):
-            kwargs["cache"] = cache_factory()
+            kwargs["cache"] = cache_factory(bool(kwargs.get("include_embeddings", False)))
         delta = {k: v.detach().to("cpu", torch.float32) for k, v in merge(tvs, spec["method"], **kwargs).items()}
     else:
         raise ValueError(f"unknown endpoint kind {kind!r}")
