@@ -1,7 +1,11 @@
 """Isotropic merging (Marczak et al., ICML 2025, "No task left behind").
 
 Iso-C, per matrix parameter: M = Σ_t τ_t = U S Vᵀ; delta = α · mean(S) · U Vᵀ
-(the sum's singular directions, with a flat spectrum).
+(the sum's singular directions, with a flat spectrum). U, S, V are the
+thin SVD restricted to the sum's numerical rank (σ > σ_1·max(m, n)·ε_float32,
+numpy's matrix_rank rule): on a full-rank sum (every real case) that is the
+whole thin SVD, and on a rank-deficient one the output keeps the sum's span
+instead of inventing directions for zero singular values.
 
 Iso-CTS, per matrix parameter (r = min(m, n)):
   common size: ⌊c·r⌋, then adjusted up so the rest divides by T:
@@ -11,7 +15,8 @@ Iso-CTS, per matrix parameter (r = min(m, n)):
   concatenate U* = [U_c, X_1 … X_T], V* likewise (m × r, n × r), replace them
   by their polar factors, set every singular value to the mean of the
   concatenated ones (S_c and each task's s values): delta = α · mean · U⊥ V⊥ᵀ.
-  With c = 1, s = 0 and this is Iso-C exactly.
+  With c = 1, s = 0 and this is Iso-C exactly (the common block is cut to the
+  sum's numerical rank as in Iso-C).
 
 Vector parameters, and embeddings unless `include_embeddings`: α × mean.
 
@@ -42,10 +47,19 @@ def _iso_c(tvs, params, ctx):
     for name in tvs.param_names:
         if name in names:
             u, s, vh = sum_factors(tvs, ctx, name)
-            out[name] = (a * s.mean()) * (u @ vh).reshape(tvs.shape(name))
+            k = numerical_rank(s, u.shape[0], vh.shape[1])
+            out[name] = (a * s[:k].mean()) * (u[:, :k] @ vh[:k]).reshape(tvs.shape(name))
         else:
             out[name] = vector_rule(tvs, name, a, ctx.device)
     return out
+
+
+def numerical_rank(s: torch.Tensor, m: int, n: int) -> int:
+    """Number of singular values above σ_1·max(m, n)·ε (float32); at least 1."""
+    if s.numel() == 0:
+        return 0
+    tol = float(s[0]) * max(m, n) * torch.finfo(torch.float32).eps
+    return max(1, int((s > tol).sum()))
 
 
 def split_rank(rank: int, n_tasks: int, common_fraction: float) -> tuple[int, int]:
@@ -92,7 +106,8 @@ def _iso_cts(tvs, params, ctx):
             us, vhs, svals = [], [], []
             for name in group:
                 u_sum, s_sum, vh_sum = sum_factors(tvs, ctx, name)
-                u_parts, vh_parts, s_parts = [u_sum[:, :common]], [vh_sum[:common]], [s_sum[:common]]
+                kc = min(common, numerical_rank(s_sum, m, n))
+                u_parts, vh_parts, s_parts = [u_sum[:, :kc]], [vh_sum[:kc]], [s_sum[:kc]]
                 if per_task > 0:
                     x, sig, y_h = projected_top(*task_factors(tvs, ctx, name), u_sum, common, per_task)
                     u_parts += list(x.unbind(0))

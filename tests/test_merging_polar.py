@@ -1,0 +1,69 @@
+"""The polar factor: exact definition, the Newton–Schulz fast path against it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from analysis.merging.polar import polar, polar_exact, polar_newton_schulz
+
+
+def rel(a, b):
+    return float((a - b).norm() / b.norm())
+
+
+@pytest.mark.parametrize("shape", [(40, 40), (60, 24), (24, 60), (3, 50, 20)])
+def test_exact_polar_is_orthonormal_and_nearest(shape):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    w = polar_exact(x)
+    m, p = shape[-2:]
+    eye = torch.eye(min(m, p))
+    gram = w.mT @ w if m >= p else w @ w.mT       # orthonormal columns (tall) or rows (wide)
+    torch.testing.assert_close(gram, eye.expand_as(gram), rtol=0, atol=1e-5)
+    # nearest: no other orthonormal matrix we try is closer (random orthonormal perturbations)
+    best = (x - w).norm()
+    for seed in range(5):
+        q = polar_exact(w + 0.1 * torch.randn(w.shape, generator=torch.Generator().manual_seed(seed)))
+        assert float((x - q).norm()) >= float(best) - 1e-5
+
+
+def test_polar_of_an_orthonormal_matrix_is_itself():
+    q, _ = torch.linalg.qr(torch.randn(30, 12))
+    torch.testing.assert_close(polar_exact(q), q, rtol=0, atol=1e-5)
+    torch.testing.assert_close(polar_newton_schulz(q), q, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(64, 64), (96, 32), (32, 96), (4, 48, 40)])
+def test_newton_schulz_matches_exact_within_1e_4(shape):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=g)
+    fast, info = polar_newton_schulz(x, return_info=True)
+    assert info["fallback"] == 0
+    assert rel(fast, polar_exact(x)) <= 1e-4
+
+
+def test_newton_schulz_on_concatenated_task_bases():
+    # the TSV-M case: T blocks of orthonormal columns, overlapping subspaces
+    g = torch.Generator().manual_seed(2)
+    blocks = [torch.linalg.qr(torch.randn(64, 8, generator=g))[0] for _ in range(6)]
+    u = torch.cat(blocks, dim=1)                   # 64 × 48, singular values in (0, √6)
+    fast, info = polar_newton_schulz(u, return_info=True)
+    assert info["fallback"] == 0
+    assert rel(fast, polar_exact(u)) <= 1e-4
+
+
+def test_newton_schulz_falls_back_when_rank_deficient():
+    # duplicated columns: a zero singular value, the iteration cannot converge there
+    q, _ = torch.linalg.qr(torch.randn(20, 5))
+    x = torch.stack([torch.cat([q, q], 1), torch.randn(20, 10)])
+    out, info = polar_newton_schulz(x, return_info=True)
+    assert info["fallback"] == 1
+    torch.testing.assert_close(out[0], polar_exact(x[0]))
+    assert rel(out[1], polar_exact(x[1])) <= 1e-4
+
+
+def test_auto_solver_and_errors():
+    x = torch.randn(10, 6)
+    torch.testing.assert_close(polar(x, "auto"), polar_exact(x))     # CPU: exact
+    with pytest.raises(ValueError, match="bogus"):
+        polar(x, "bogus")
