@@ -1,0 +1,176 @@
+"""Report: every configuration tried on the Merge page, compared and exported.
+
+Reads st.session_state["merge_history"] (written by pages/3_Merge.py) and the
+workspace's reference (zero-shot / fine-tuned). Exports: CSV tables, each
+figure as PNG / SVG (kaleido + a local Chromium), one self-contained HTML
+report with the configuration that reproduces it, and a merged backbone as a
+Hugging Face folder (config.json + model.safetensors + heads.safetensors).
+Choices live in the URL (rp_* query parameters).
+"""
+from __future__ import annotations
+
+import io
+import json
+import tempfile
+import zipfile
+from pathlib import Path
+
+import streamlit as st
+
+from analysis.errors import MergescopeError
+from analysis.plots.report import grouped_bars, radar
+from analysis.report import (METRIC_TITLES, comparison_table, export_status, figure_bytes, html_report, wide_table,
+                             write_hf_model)
+from ui.endpoints import history_configs, registry
+from ui.state import require_workspace, sidebar_status, spectral_cache
+
+st.set_page_config(page_title="mergescope · Report", layout="wide")
+sidebar_status()
+st.title("Report")
+ws = require_workspace()
+tvs = ws.tvs
+history = list(st.session_state.get("merge_history", []))
+QP = st.query_params
+
+if not history and (ws.reference is None or not len(ws.reference)):
+    st.info("Nothing to compare yet: try configurations on the **Merge** page; each one tried appears here.")
+    st.stop()
+if not history:
+    st.info("No merge configuration tried yet in this session: the **Merge** page adds each one it evaluates. "
+            "Meanwhile the reference models are shown.")
+
+splits = list(dict.fromkeys(str(e.get("split", "validation")) for e in history)) or ["validation"]
+if ws.reference is not None and len(ws.reference):
+    splits += [s for s in dict.fromkeys(ws.reference["split"]) if s not in splits]
+has_ref = ws.reference is not None and len(ws.reference) > 0
+metric_labels = {"absolute accuracy": "accuracy", "normalised (÷ fine-tuned)": "normalized_accuracy",
+                 "NAI ((m − zero-shot) ÷ (fine-tuned − zero-shot))": "normalized_accuracy_improvement"}
+if not has_ref:
+    metric_labels = {"absolute accuracy": "accuracy"}
+
+
+def qp_index(key, options, default=0):
+    v = QP.get(key)
+    return options.index(v) if v in options else default
+
+
+c1, c2, c3 = st.columns([1, 2, 1])
+split = c1.selectbox("Split", splits, index=qp_index("rp_split", splits), key="rp_split")
+metric_label = c2.radio("Score", list(metric_labels), horizontal=True, key="rp_metric",
+                        index=qp_index("rp_metric", list(metric_labels)))
+chart = c3.radio("View", ["grouped bars", "radar"], horizontal=True, key="rp_chart",
+                 index=qp_index("rp_chart", ["grouped bars", "radar"]))
+QP["rp_split"], QP["rp_metric"], QP["rp_chart"] = split, metric_label, chart
+metric = metric_labels[metric_label]
+
+try:
+    comp = comparison_table(history, ws.reference, split=split)
+except MergescopeError as exc:
+    st.error(f"The configurations could not be compared: {exc}")
+    st.stop()
+tasks = list(ws.evaluator.tasks) if ws.evaluator is not None else list(tvs.tasks)
+wide = wide_table(comp, metric, tasks)
+if wide.empty:
+    st.warning(f"No {METRIC_TITLES.get(metric, metric)} on the {split} split for these configurations.")
+    st.stop()
+
+fig = grouped_bars(comp, metric, tasks) if chart == "grouped bars" else radar(comp, metric, tasks)
+fig.update_layout(title=f"{METRIC_TITLES.get(metric, metric)} per task · {split} split")
+st.plotly_chart(fig, key="rp_figure", config={"displaylogo": False})
+
+shown = wide.copy()
+num = [c for c in shown.columns if c not in ("config", "method", "knobs")]
+shown[num] = shown[num] * 100
+st.dataframe(shown.round(1), hide_index=True, key="rp_table",
+             column_config={"knobs": st.column_config.TextColumn("knobs (JSON)")})
+st.caption(f"{METRIC_TITLES.get(metric, metric)}; 'mean' is the unweighted mean over tasks.")
+
+# ---------------------------------------------------------------- exports
+st.subheader("Export")
+config = {"workspace": {"name": ws.name, "tasks": list(tvs.tasks), "sources": dict(tvs.sources)},
+          "split": split, "score": metric, "view": chart, "configurations": [
+              {"method": e.get("method"), "knobs": e.get("knobs", {}), "split": e.get("split")} for e in history],
+          "query": {"rp_split": split, "rp_metric": metric_label, "rp_chart": chart}}
+
+e1, e2, e3 = st.columns(3)
+e1.download_button("Table (CSV, tidy)", comp.to_csv(index=False).encode(), "mergescope_comparison.csv", "text/csv",
+                   key="rp_csv_tidy", on_click="ignore")
+e1.download_button("Table (CSV, as shown)", wide.to_csv(index=False).encode(), f"mergescope_{metric}.csv",
+                   "text/csv", key="rp_csv_wide", on_click="ignore")
+
+ok, why = export_status()
+if ok:
+    e2.download_button("Figure (PNG)", lambda: figure_bytes(fig, "png", scale=2), f"mergescope_{metric}.png",
+                       "image/png", key="rp_png", on_click="ignore")
+    e2.download_button("Figure (SVG)", lambda: figure_bytes(fig, "svg"), f"mergescope_{metric}.svg",
+                       "image/svg+xml", key="rp_svg", on_click="ignore")
+    e2.caption(why)
+else:
+    e2.warning(f"PNG/SVG export is not possible here: {why}")
+
+
+def report_html() -> bytes:
+    figures = {f"{METRIC_TITLES.get(metric, metric)} (grouped bars)": grouped_bars(comp, metric, tasks),
+               f"{METRIC_TITLES.get(metric, metric)} (radar)": radar(comp, metric, tasks)}
+    tables = {f"{METRIC_TITLES.get(m, m)}": wide_table(comp, m, tasks) for m in dict.fromkeys(comp["metric"])}
+    last = ws.extras.get("landscape_last")
+    if last is not None:
+        from analysis.landscape import barrier_table
+        from analysis.plots.landscape import path_figure
+        coord = "lam" if "lam" in last["curves"] else "alpha"
+        figures[f"Loss landscape: {last['title']}"] = path_figure(last["curves"], tasks, coord, title=last["title"])
+        if "barriers" in last:
+            tables["Loss barriers (nats)"] = barrier_table(last["barriers"], "loss")
+    return html_report(f"mergescope report · {ws.name}", figures, tables, config).encode()
+
+
+e3.download_button("Report (self-contained HTML)", report_html, "mergescope_report.html", "text/html",
+                   key="rp_html", type="primary", on_click="ignore")
+e3.caption("Figures are interactive and work offline; the configuration JSON at the end reproduces them.")
+
+# ---------------------------------------------------------------- merged model
+st.subheader("Merged model for transformers")
+configs = history_configs(history)
+base_folder = ws.extras.get("hf_base") or tvs.sources.get("base", "")
+base_dir = Path(base_folder) if base_folder and not str(base_folder).startswith("<") else None
+if base_dir is not None and base_dir.is_file():
+    base_dir = base_dir.parent
+if not configs:
+    st.info("Try a configuration on the **Merge** page to export its merged backbone.")
+elif base_dir is None or not (base_dir / "config.json").is_file():
+    st.info("The merged backbone can be written as a Hugging Face folder when the base model is one "
+            "(a folder with config.json); this set's base is not.")
+else:
+    label = st.selectbox("Configuration", list(configs), index=len(configs) - 1, key="rp_export_config")
+    out = st.text_input("Output folder (on the machine running the app)",
+                        value=str(Path(tempfile.gettempdir()) / "mergescope-merged"), key="rp_export_dir")
+    if st.button("Write merged model", key="rp_export"):
+        cfg = configs[label]
+        methods, merge = registry()
+        try:
+            if merge is None:
+                raise MergescopeError("merging methods are not available in this installation")
+            kwargs = dict(cfg["knobs"])
+            if getattr(methods.get(cfg["method"]), "uses_spectra", False):
+                kwargs["cache"] = spectral_cache(ws, ws.key, bool(kwargs.get("include_embeddings", False)))
+            with st.spinner(f"Merging with {cfg['method']} and writing {out}…"):
+                delta = merge(tvs, cfg["method"], **kwargs)
+                folder = write_hf_model(out, tvs.apply(delta), base_dir, heads=ws.extras.get("heads"),
+                                        metadata={**cfg, "workspace": config["workspace"]})
+        except MergescopeError as exc:
+            st.error(f"Could not write the merged model: {exc}")
+        except OSError as exc:
+            st.error(f"Could not write the merged model to {out}: {exc}")
+        else:
+            st.success(f"Wrote `{folder}`: config.json, model.safetensors, heads.safetensors, mergescope.json.")
+            st.code(f"from transformers import AutoModel\nmodel = AutoModel.from_pretrained({str(folder)!r})",
+                    language="python")
+            buf = io.BytesIO()
+            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+                for f in sorted(folder.iterdir()):
+                    z.write(f, f"{folder.name}/{f.name}")
+            st.download_button("Download the folder (zip)", buf.getvalue(), f"{folder.name}.zip", "application/zip",
+                               key="rp_zip", on_click="ignore")
+
+with st.expander("Configuration (JSON)"):
+    st.code(json.dumps(config, indent=2, default=str), language="json")
