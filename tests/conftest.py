@@ -166,3 +166,27 @@ def tiny_checkpoints(_toy, tmp_path) -> dict:
                   str(path))
         tasks[task] = path
     return {"base": folder / "base.safetensors", "tasks": tasks, "dir": folder}
+
+
+@pytest.fixture(scope="session")
+def tiny_demo_dir(tmp_path_factory) -> Path:
+    """A cache folder holding the zoo's tiny demo build (built once per test session).
+
+    Point MERGESCOPE_CACHE at it and `analysis.zoo.load_demo()` finds it.
+    Skips when the zoo is not installed.
+    """
+    zoo = pytest.importorskip("analysis.zoo")
+    root = tmp_path_factory.mktemp("tiny-demo-cache")
+    zoo.build_tiny_demo(root)
+    return root
+
+
+@pytest.fixture
+def tiny_demo_workspace(tiny_demo_dir):
+    """A Workspace over the zoo's tiny demo (real BERT-like backbone, Evaluator, heads)."""
+    from analysis.zoo import load_demo
+    from ui.state import Workspace
+    demo = load_demo(tiny_demo_dir)
+    return Workspace(name="demo", tvs=demo.tvs, evaluator=demo.evaluator, reference=demo.reference,
+                     extras={"demo": demo, "folder": str(demo.root), "heads": demo.evaluator.heads,
+                             "hf_base": str(demo.base_path), "cards": demo.cards})
