@@ -1,0 +1,204 @@
+"""SpectralCache and spectra tables against answers known by construction."""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+
+from analysis.errors import ValidationError
+from analysis.spectra import (SpectralCache, effective_rank, effective_rank_table, energy_table, exact_svd,
+                              factor_errors, singular_values_table, svd_gram, truncation_rank, tsvc_accuracy_table,
+                              tsvc_delta, tsvc_error_table)
+from analysis.taskvectors import TaskVectorSet
+
+
+def _set(deltas: dict[str, dict[str, torch.Tensor]], base: dict[str, torch.Tensor] | None = None) -> TaskVectorSet:
+    first = next(iter(deltas.values()))
+    base = base or {k: torch.zeros_like(v) for k, v in first.items()}
+    return TaskVectorSet.from_state_dicts(base, {t: {k: base[k] + d[k] for k in base} for t, d in deltas.items()})
+
+
+def _random_set(seed=0, tasks=("a", "b", "c")):
+    g = torch.Generator().manual_seed(seed)
+    return _set({t: {"blocks.0.attn.weight": torch.randn(12, 8, generator=g),
+                     "blocks.0.mlp.weight": torch.randn(6, 10, generator=g),
+                     "blocks.1.attn.weight": torch.randn(12, 8, generator=g),
+                     "blocks.1.conv.weight": torch.randn(4, 3, 2, 2, generator=g),
+                     "blocks.1.norm.bias": torch.randn(8, generator=g)} for t in tasks})
+
+
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40), (20, 20)])
+@pytest.mark.parametrize("kind", ["random", "ill", "rank2"])
+def test_gram_svd_is_exact(shape, kind):
+    g = torch.Generator().manual_seed(1)
+    m, n = shape
+    k = min(m, n)
+    if kind == "random":
+        a = torch.randn(3, m, n, generator=g)
+    elif kind == "ill":  # singular values over 7 decades: float32 Gram would lose the tail
+        u, _ = torch.linalg.qr(torch.randn(3, m, k, generator=g, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(3, n, k, generator=g, dtype=torch.float64))
+        a = ((u * torch.logspace(0, -7, k, dtype=torch.float64)) @ v.mT).float()
+    else:
+        a = torch.randn(3, m, 2, generator=g) @ torch.randn(3, 2, n, generator=g)
+    u, s, vh = svd_gram(a)
+    assert u.shape == (3, m, k) and s.shape == (3, k) and vh.shape == (3, k, n)
+    rec, orth = factor_errors(a, u, s, vh)
+    assert float(rec.max()) < 1e-5 and float(orth.max()) < 1e-5
+    ref = torch.linalg.svdvals(a.double())
+    assert torch.allclose(s.double(), ref, atol=1e-5 * float(ref.max()))
+    assert bool((s[:, :-1] >= s[:, 1:]).all())
+
+
+def test_exact_svd_falls_back_when_the_check_fails():
+    a = torch.randn(2, 10, 6)
+    (_, _, _), info = exact_svd(a, "gram", tol=0.0)  # nothing passes a zero tolerance
+    assert info["fallbacks"] == 2
+    (u, s, vh), info = exact_svd(a, "gram")
+    assert info["fallbacks"] == 0
+    with pytest.raises(ValidationError, match="method"):
+        exact_svd(a, "qr")
+
+
+@pytest.mark.parametrize("method", ["gram", "svd"])
+def test_cache_factors_reconstruct_each_task(tmp_path, method):
+    tvs = _random_set()
+    cache = SpectralCache(tvs, device="cpu", cache_dir=tmp_path, method=method)
+    assert cache.names == ["blocks.0.attn.weight", "blocks.0.mlp.weight", "blocks.1.attn.weight",
+                           "blocks.1.conv.weight"]
+    for name in cache.names:
+        u, s, vh = cache.factors(name)
+        for ti, task in enumerate(tvs.tasks):
+            d = tvs.delta(task, name)
+            rec = ((u[ti] * s[ti]) @ vh[ti]).reshape(d.shape)
+            assert torch.allclose(rec, d, atol=1e-5)
+    with pytest.raises(ValidationError, match="no cached spectrum"):
+        cache.factors("blocks.1.norm.bias")
+
+
+def test_cache_counts_calls_reuses_disk_and_is_invalidated(tmp_path):
+    tvs = _random_set()
+    progress = []
+    cache = SpectralCache(tvs, device="cpu", cache_dir=tmp_path, progress=lambda d, t, n: progress.append((d, t)))
+    first = cache.factors("blocks.0.attn.weight")
+    assert cache.compute_count == len(cache.names) and progress[-1] == (4, 4)
+    again = cache.factors("blocks.0.attn.weight")
+    assert cache.compute_count == len(cache.names)       # no recompute on a second call
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+    assert cache.path.is_file()
+
+    fresh = SpectralCache(tvs, device="cpu", cache_dir=tmp_path)
+    from_disk = fresh.factors("blocks.0.attn.weight")
+    assert fresh.compute_count == 0                       # read from disk, not recomputed
+    assert all(torch.equal(x, y) for x, y in zip(first, from_disk))
+
+    # change one task vector: new key, recomputed, different factors
+    changed = {t: {n: tvs.delta(t, n).clone() for n in tvs.param_names} for t in tvs.tasks}
+    changed["b"]["blocks.1.attn.weight"][0, 0] += 1.0
+    tvs2 = _set(changed)
+    cache2 = SpectralCache(tvs2, device="cpu", cache_dir=tmp_path)
+    assert cache2.key != cache.key
+    s2 = cache2.factors("blocks.1.attn.weight")[1]
+    assert cache2.compute_count == len(cache2.names)
+    assert not torch.allclose(s2[1], cache.factors("blocks.1.attn.weight")[1][1])
+    assert torch.allclose(s2[0], cache.factors("blocks.1.attn.weight")[1][0])  # task a unchanged
+
+
+def test_no_persist_writes_nothing(tmp_path):
+    cache = SpectralCache(_random_set(), device="cpu", cache_dir=tmp_path, persist=False)
+    cache.compute()
+    assert cache.compute_count == 4 and not list(tmp_path.iterdir())
+
+
+def test_streaming_small_budget_gives_same_factors(tmp_path):
+    tvs = _random_set()
+    whole = SpectralCache(tvs, device="cpu", persist=False).compute()
+    streamed = SpectralCache(tvs, device="cpu", persist=False, max_batch_bytes=1).compute()
+    assert len(streamed.report) == 4 and len(whole.report) == 3   # one batch per parameter vs per shape
+    for name in tvs.names_of_kind("matrix", "conv"):
+        assert torch.allclose(whole.factors(name)[1], streamed.factors(name)[1])
+
+
+def test_sum_factors_decompose_the_task_sum(tmp_path):
+    tvs = _random_set()
+    cache = SpectralCache(tvs, device="cpu", cache_dir=tmp_path)
+    u, s, vh = cache.sum_factors("blocks.0.mlp.weight")
+    assert torch.allclose((u * s) @ vh, tvs.sum()["blocks.0.mlp.weight"], atol=1e-5)
+    assert cache.sum_compute_count == 1 and cache.compute_count == 0
+    again = SpectralCache(tvs, device="cpu", cache_dir=tmp_path)
+    assert torch.equal(again.sum_factors("blocks.0.mlp.weight")[1], s) and again.sum_compute_count == 0
+
+
+def test_rank_r_matrix_keeps_all_energy_at_rank_r(tmp_path):
+    g = torch.Generator().manual_seed(3)
+    r, m, n = 3, 30, 20
+    lowrank = {t: {"layers.0.w.weight": torch.randn(m, r, generator=g) @ torch.randn(r, n, generator=g)}
+               for t in ("a", "b")}
+    cache = SpectralCache(_set(lowrank), device="cpu", cache_dir=tmp_path)
+    fr = r / n  # rank fraction giving exactly rank r (k = 20)
+    df = energy_table(cache, [fr, (r - 1) / n, 1.0])
+    at_r = df[df["rank_fraction"] == fr]
+    assert (at_r["rank"] == r).all() and (at_r["energy"] > 1 - 1e-6).all() and (at_r["rel_error"] < 2e-3).all()
+    below = df[df["rank"] == r - 1]
+    assert (below["energy"] < 0.999).all()
+    full = df[df["rank_fraction"] == 1.0]
+    assert (full["energy"] == 1.0).all()
+    assert list(df.columns[:4]) == ["param", "depth", "kind", "module"] and (df["depth"] == 0).all()
+
+
+def test_tsvc_error_matches_explicit_reconstruction(tmp_path):
+    tvs = _random_set()
+    cache = SpectralCache(tvs, device="cpu", cache_dir=tmp_path)
+    df = tsvc_error_table(cache, 0.25)
+    compressed = tsvc_delta(cache, "b", 0.25)
+    for name in cache.names:
+        d = tvs.delta("b", name)
+        explicit = float(torch.linalg.norm(d - compressed[name]) / torch.linalg.norm(d))
+        row = df[(df["param"] == name) & (df["task"] == "b")].iloc[0]
+        assert row["rel_error"] == pytest.approx(explicit, rel=1e-3, abs=1e-6)
+        assert torch.linalg.matrix_rank(compressed[name].reshape(d.shape[0], -1)) == row["rank"]
+    # vectors are kept whole
+    assert torch.equal(compressed["blocks.1.norm.bias"], tvs.delta("b", "blocks.1.norm.bias"))
+
+
+def test_truncation_rank_and_singular_values_table(tmp_path):
+    assert truncation_rank(768, 1 / 8) == 96 and truncation_rank(768, 0.001) == 1 and truncation_rank(10, 1.0) == 10
+    with pytest.raises(ValidationError, match="rank fraction"):
+        truncation_rank(10, 0.0)
+    tvs = _random_set()
+    cache = SpectralCache(tvs, device="cpu", cache_dir=tmp_path)
+    sv = singular_values_table(cache)
+    assert len(sv) == 3 * (8 + 6 + 8 + 4)
+    one = sv[(sv["param"] == "blocks.0.mlp.weight") & (sv["task"] == "c")]["sigma"].to_numpy()
+    ref = torch.linalg.svdvals(tvs.delta("c", "blocks.0.mlp.weight").double()).numpy()
+    assert one == pytest.approx(ref, rel=1e-5)
+    assert set(sv["module"]) == {"attn.weight", "mlp.weight", "conv.weight"}
+
+
+def test_effective_rank_known_values(tmp_path):
+    assert float(effective_rank(torch.tensor([2.0, 2.0, 2.0, 2.0]))) == pytest.approx(4.0)
+    assert float(effective_rank(torch.tensor([5.0, 0.0, 0.0]))) == pytest.approx(1.0)
+    assert float(effective_rank(torch.tensor([3.0, 1.0]))) == pytest.approx(math.exp(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25))))
+    flat = {t: {"h.0.w.weight": torch.eye(6) * (i + 1)} for i, t in enumerate(("a", "b"))}
+    df = effective_rank_table(SpectralCache(_set(flat), device="cpu", cache_dir=tmp_path))
+    assert df["effective_rank"].to_numpy() == pytest.approx([6.0, 6.0])
+
+
+def test_tsvc_accuracy_table_with_an_evaluator(tiny_workspace, tmp_path):
+    ws = tiny_workspace
+    cache = SpectralCache(ws.tvs, device="cpu", cache_dir=tmp_path)
+    df = tsvc_accuracy_table(cache, ws.evaluator, [0.5, 1 / 16], split="test", tasks=["alpha", "beta"])
+    assert set(df.columns) >= {"task", "rank_fraction", "metric", "value", "split", "n"}
+    assert set(df["rank_fraction"]) == {1.0, 0.5, 1 / 16}
+    acc = df[df["metric"] == "accuracy"].set_index(["task", "rank_fraction"])["value"]
+    # rank fraction 1.0 is the fine-tuned model itself
+    ref = ws.reference
+    for task in ("alpha", "beta"):
+        ft = ref[(ref.task == task) & (ref.model == "fine_tuned") & (ref.split == "test") & (ref.metric == "accuracy")]
+        assert acc[(task, 1.0)] == pytest.approx(float(ft["value"].iloc[0]))
+    # full-rank TSV-C equals the task vector: same score as the uncompressed model
+    full = tsvc_accuracy_table(cache, ws.evaluator, [0.999999], tasks=["alpha"], include_full=True)
+    a = full[full.metric == "accuracy"].set_index("rank_fraction")["value"]
+    assert a.iloc[0] == pytest.approx(a.iloc[1])
