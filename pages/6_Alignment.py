@@ -1,0 +1,161 @@
+"""Alignment: models trained from different seeds, aligned by permuting their
+hidden units (weight matching, C2M3), optionally REPAIRed; the interpolation
+barrier they remove, the loss plane through three models, and N-model merges.
+
+Models: the built-in demo's MNIST MLPs, or whatever a caller put in
+st.session_state["alignment_models"] = {"models": {name: state_dict},
+"train_x": Tensor, "test": (x, y), "label": str} (tests inject tiny ones).
+"""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from analysis.errors import MergescopeError
+from analysis.permutation import mlp_spec_from_state_dict
+from analysis.permutation.mlp import evaluate_mlp
+from analysis.permutation.pipeline import aligned_planes, compare_paths, cycle_errors, merge_models
+from analysis.plots.alignment import interpolation_figure, plane_figure
+from ui.state import sidebar_status
+
+st.set_page_config(page_title="mergescope · Alignment", layout="wide")
+sidebar_status()
+st.title("Permutation alignment")
+st.caption("Models from different random seeds differ by a permutation of their hidden units. Align them "
+           "(weight matching / C2M3), optionally renormalise (REPAIR), and watch the loss barrier between them "
+           "shrink. Linear assignments run on the CPU (scipy); everything else on the app's device.")
+
+METHODS = {"none": "none (naive)", "weight_matching": "weight matching (Git Re-Basin)", "c2m3": "C2M3"}
+
+
+@st.cache_resource(show_spinner="Loading the demo's MLPs…")
+def demo_models(paths: tuple[str, ...]) -> dict:
+    from safetensors.torch import load_file
+
+    from analysis.zoo.mnist import load_dataset
+    models = {f"seed {p.split('_')[-1].split('.')[0]}": load_file(p) for p in paths}
+    first = next(iter(models.values()))
+    dataset = "mnist" if first["layers.0.weight"].shape[1] == 784 else "digits"
+    x_train, _ = load_dataset(dataset, "train")
+    return {"models": models, "train_x": x_train, "test": load_dataset(dataset, "test"),
+            "label": f"built-in demo ({dataset} MLPs)"}
+
+
+def load_source() -> tuple[dict, str]:
+    injected = st.session_state.get("alignment_models")
+    if injected:
+        return injected, f"injected:{id(injected)}"
+    try:
+        from analysis.zoo import DemoNotBuilt, mnist_model_paths
+        paths = tuple(str(p) for p in mnist_model_paths())
+    except ImportError:
+        st.info("The built-in benchmark package is not available in this install.")
+        st.stop()
+    except DemoNotBuilt:
+        st.info("**Build the demo first.** This page aligns the built-in benchmark's MNIST MLPs, and no build was "
+                "found. Open **Home** and build the demo (or run `python -m analysis.zoo build --quick`).")
+        st.stop()
+    if len(paths) < 2:
+        st.info("The built demo has fewer than two MLPs; rebuild it to get models from several seeds.")
+        st.stop()
+    return demo_models(paths), "demo:" + ",".join(paths)
+
+
+src, src_key = load_source()
+names = list(src["models"])
+st.caption(f"Models: {src.get('label', 'injected')} — {len(names)} seeds.")
+
+
+def eval_fn_for(n_eval: int):
+    x, y = src["test"]
+    return lambda sd: evaluate_mlp(sd, x[:n_eval], y[:n_eval])
+
+
+@st.cache_data(show_spinner="Interpolating…", max_entries=32)
+def paths_table(key: str, a: str, b: str, method: str, use_repair: bool, n_lam: int, n_eval: int, n_rep: int):
+    m = src["models"]
+    lams = [i / (n_lam - 1) for i in range(n_lam)]
+    return compare_paths(m[a], m[b], mlp_spec_from_state_dict(m[a]), eval_fn_for(n_eval), lams, method,
+                         repair_x=src["train_x"][:n_rep] if use_repair else None)
+
+
+@st.cache_data(show_spinner="Evaluating the loss plane…", max_entries=16)
+def planes(key: str, trio: tuple[str, str, str], method: str, resolution: int, n_eval: int):
+    m = src["models"]
+    sds = [m[k] for k in trio]
+    return aligned_planes(sds, mlp_spec_from_state_dict(sds[0]), method, eval_fn_for(n_eval), resolution,
+                          names=("A", "B", "C"))
+
+
+@st.cache_data(show_spinner="Merging…", max_entries=32)
+def merges(key: str, chosen: tuple[str, ...], method: str, use_repair: bool, n_eval: int, n_rep: int):
+    m = src["models"]
+    sds = [m[k] for k in chosen]
+    spec = mlp_spec_from_state_dict(sds[0])
+    ev = eval_fn_for(n_eval)
+    rows = [{"model": k, **ev(m[k])} for k in chosen]
+    merged = merge_models(sds, spec, method, repair_x=src["train_x"][:n_rep] if use_repair else None)
+    rows.append({"model": f"merge of {len(sds)}: {METHODS[method]}{' + REPAIR' if use_repair else ''}",
+                 **ev(merged)})
+    cyc = cycle_errors(sds, spec) if len(sds) >= 3 else None
+    return pd.DataFrame(rows), cyc
+
+
+with st.sidebar:
+    st.subheader("Alignment")
+    method = st.radio("Method", list(METHODS), format_func=METHODS.get, index=1, key="al_method")
+    use_repair = st.checkbox("REPAIR (renormalise hidden units)", value=False, key="al_repair")
+    n_test = len(src["test"][1])
+    n_eval = st.slider("Test examples evaluated", min(100, n_test), n_test, min(2000, n_test), step=50,
+                       key="al_n_eval")
+    n_rep = min(2000, len(src["train_x"]))
+
+path_tab, plane_tab, merge_tab = st.tabs(["Path between two models", "Plane through three models",
+                                          "Merge N models"])
+try:
+    with path_tab:
+        c1, c2, c3 = st.columns(3)
+        a = c1.selectbox("Model A", names, index=0, key="al_a")
+        b = c2.selectbox("Model B", names, index=min(1, len(names) - 1), key="al_b")
+        n_lam = c3.slider("Points on the path", 3, 21, 11, step=2, key="al_lam")
+        if a == b:
+            st.warning("Pick two different models.")
+        else:
+            curves, bars = paths_table(src_key, a, b, method, use_repair, n_lam, n_eval, n_rep)
+            f1, f2 = st.columns(2)
+            f1.plotly_chart(interpolation_figure(curves, "loss"), use_container_width=True)
+            f2.plotly_chart(interpolation_figure(curves, "accuracy", title="Test accuracy along the path A → B"),
+                            use_container_width=True)
+            st.markdown("**Barriers** — *mean*: max_λ L(λ) − ½(L(0)+L(1)); *linear*: max_λ L(λ) − "
+                        "((1−λ)L(0)+λL(1)); for accuracy, the dip below the endpoints' interpolation.")
+            st.dataframe(bars.rename(columns={"barrier_mean": "barrier (mean)", "barrier_linear": "barrier (linear)"}),
+                         hide_index=True, use_container_width=True)
+
+    with plane_tab:
+        if len(names) < 3:
+            st.info("The plane needs three models.")
+        else:
+            c1, c2, c3, c4 = st.columns(4)
+            trio = (c1.selectbox("A", names, index=0, key="al_pa"), c2.selectbox("B", names, index=1, key="al_pb"),
+                    c3.selectbox("C", names, index=2, key="al_pc"))
+            resolution = c4.slider("Grid points per side", 5, 21, 7, step=2, key="al_res")
+            if len(set(trio)) < 3:
+                st.warning("Pick three different models.")
+            elif st.toggle("Compute the plane", value=False, key="al_plane_on",
+                           help=f"{resolution}² evaluations per panel"):
+                pl = planes(src_key, trio, method, resolution, n_eval)
+                st.plotly_chart(plane_figure(pl, "loss"), use_container_width=True)
+
+    with merge_tab:
+        chosen = st.multiselect("Models to merge", names, default=names[: min(3, len(names))], key="al_merge")
+        if len(chosen) < 2:
+            st.info("Choose at least two models.")
+        else:
+            table, cyc = merges(src_key, tuple(chosen), method, use_repair, n_eval, n_rep)
+            st.dataframe(table, hide_index=True, use_container_width=True)
+            if cyc is not None:
+                st.markdown(f"**Cycle error** around {' → '.join(chosen)} → {chosen[0]}: fraction of hidden units "
+                            "that do not come back to themselves (0 = cycle-consistent).")
+                st.dataframe(cyc.pivot(index="method", columns="group", values="value"), use_container_width=True)
+except MergescopeError as e:
+    st.error(str(e))

@@ -1,0 +1,62 @@
+"""AppTest of pages/6_Alignment.py on tiny digits MLPs injected through
+st.session_state["alignment_models"]."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from sklearn.datasets import load_digits
+from streamlit.testing.v1 import AppTest
+
+from analysis.permutation.mlp import train_small_mlp
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "6_Alignment.py")
+
+
+@pytest.fixture(scope="module")
+def injected():
+    d = load_digits()
+    x = torch.tensor(d.data / 16.0, dtype=torch.float32)
+    y = torch.tensor(d.target)
+    models = {f"seed {s}": train_small_mlp(x[:1200], y[:1200], (64, 16, 16, 10), seed=s, epochs=15, batch_size=128)
+              for s in range(3)}
+    return {"models": models, "train_x": x[:1200], "test": (x[1200:1500], y[1200:1500]), "label": "tiny digits"}
+
+
+def _page(models, **state):
+    at = AppTest.from_file(PAGE, default_timeout=120)
+    at.session_state["alignment_models"] = models
+    for k, v in state.items():
+        at.session_state[k] = v
+    return at.run()
+
+
+def test_page_shows_paths_barriers_merge_and_cycle_error(injected):
+    at = _page(injected)
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    tables = [t.value for t in at.dataframe]
+    bars = next(t for t in tables if "barrier (mean)" in t.columns)
+    assert set(bars["method"]) == {"naive", "weight matching"}
+    loss = bars[bars.metric == "loss"].set_index("method")
+    assert loss.loc["weight matching", "barrier (mean)"] < loss.loc["naive", "barrier (mean)"]
+    merged = next(t for t in tables if "model" in t.columns)
+    assert len(merged) == 4 and merged["model"].iloc[-1].startswith("merge of 3")
+    cyc = next(t for t in tables if "h0" in t.columns)
+    assert (cyc.loc["C2M3"] == 0.0).all()
+
+
+def test_switching_method_and_repair_changes_the_curves(injected):
+    at = _page(injected, al_method="c2m3", al_repair=True, al_plane_on=True, al_res=5)
+    assert not at.exception, at.exception
+    bars = next(t.value for t in at.dataframe if "barrier (mean)" in t.value.columns)
+    assert set(bars["method"]) == {"naive", "C2M3", "C2M3 + REPAIR"}
+    assert len(at.get("plotly_chart")) == 3  # loss and accuracy paths, and the plane
+
+
+def test_page_without_models_asks_to_build_the_demo(tmp_path, monkeypatch):
+    monkeypatch.setenv("MERGESCOPE_CACHE", str(tmp_path))
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    assert not at.exception, at.exception
+    assert any("Build the demo first" in i.value for i in at.info)
