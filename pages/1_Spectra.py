@@ -1,0 +1,115 @@
+"""Spectra: each layer's singular spectrum per task, energy kept at a rank
+fraction, effective rank, and TSV-C compression (error and accuracy).
+
+Every view reads the cached per-task SVD factors; moving the rank-fraction
+slider only re-slices them (derived tables are cached per rank fraction).
+"""
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis.plots.spectra import (effective_rank_figure, energy_figure, spectrum_figure,
+                                    tsvc_accuracy_figure)
+from analysis.spectra import (effective_rank_table, energy_table, singular_values_table, truncation_rank,
+                              tsvc_accuracy_table, tsvc_error_table)
+from ui.state import require_workspace, sidebar_status, spectral_cache
+
+ENERGY_GRID = [i / 100 for i in range(1, 101)]
+
+st.set_page_config(page_title="mergescope · Spectra", layout="wide")
+sidebar_status()
+st.title("Spectra")
+ws = require_workspace()
+cache = spectral_cache(ws, ws.key)
+tasks = cache.tasks
+if not cache.names:
+    st.info("This set has no matrix or conv parameters, so there is no spectrum to show.")
+    st.stop()
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _singular_values(_cache, key: str):
+    return singular_values_table(_cache)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _energy(_cache, key: str):
+    return energy_table(_cache, ENERGY_GRID)
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _effective_rank(_cache, key: str):
+    return effective_rank_table(_cache)
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _tsvc_errors(_cache, key: str, rank_fraction: float):
+    return tsvc_error_table(_cache, rank_fraction)
+
+
+methods = sorted({r["method"] for r in cache.report})
+st.caption(f"{ws.name}: {len(tasks)} tasks, {len(cache.names)} matrices decomposed once "
+           f"({'read from the disk cache' if not cache.report else 'computed with ' + ', '.join(methods)}); "
+           "moving the slider re-slices the cached factors, no SVD is recomputed.")
+
+default_f = round(1.0 / max(len(tasks), 1), 2)
+f = st.slider("Rank fraction kept per task (of min(m, n))", min_value=0.01, max_value=1.0, value=default_f,
+              step=0.01, key="spectra_rank_fraction",
+              help="TSV keeps ⌊f·min(m, n)⌋ singular triplets of each task matrix; 1/T is the TSV-M default.")
+
+sv = _singular_values(cache, ws.key)
+layer = st.selectbox("Layer", cache.names, key="spectra_layer")
+c1, c2 = st.columns(2)
+with c1:
+    st.plotly_chart(spectrum_figure(sv, layer, tasks), width="stretch", key="spectra_spectrum")
+with c2:
+    scope = st.radio("Energy curve of", ["this layer", "mean over layers"], horizontal=True, key="spectra_scope")
+    energy = _energy(cache, ws.key)
+    st.plotly_chart(energy_figure(energy, layer if scope == "this layer" else None, tasks, rank_fraction=f),
+                    width="stretch", key="spectra_energy")
+
+st.subheader(f"TSV-C at rank fraction {f:.2f}")
+st.caption("Each task matrix truncated to its top ⌊f·k⌋ singular triplets: relative Frobenius error "
+           "‖Δ − Δ_r‖_F / ‖Δ‖_F (= √(1 − energy kept), Eckart–Young) and the share of numbers stored, r(m+n+1)/(mn).")
+errors = _tsvc_errors(cache, ws.key, float(f))
+summary = (errors.groupby("task", sort=False)[["rel_error", "storage"]].mean()
+           .reindex(tasks).reset_index().rename(columns={"rel_error": "mean rel. error", "storage": "mean storage"}))
+st.dataframe(summary, hide_index=True, key="spectra_tsvc_summary")
+with st.expander("Per layer"):
+    st.dataframe(errors, hide_index=True, key="spectra_tsvc_layers")
+    st.download_button("Download CSV", errors.to_csv(index=False), file_name="tsvc_errors.csv", key="spectra_dl_tsvc")
+
+st.subheader("Effective rank")
+st.caption("exp of the Shannon entropy of p_i = σ_i / Σσ_j (Roy & Vetterli 2007), as a share of min(m, n).")
+er = _effective_rank(cache, ws.key)
+if er["depth"].notna().any():
+    st.plotly_chart(effective_rank_figure(er, tasks), width="stretch", key="spectra_erank")
+with st.expander("Table"):
+    st.dataframe(er, hide_index=True, key="spectra_erank_table")
+
+st.subheader("TSV-C accuracy")
+if ws.evaluator is None:
+    st.info("Accuracy needs labelled data and task heads (the built-in demo has them; your own checkpoints do not).")
+else:
+    eval_tasks = [t for t in tasks if t in set(ws.evaluator.tasks)]
+    presets = sorted({round(1.0 / len(tasks), 4), 0.1, 0.05, 0.01}, reverse=True)
+    cols = st.columns(3)
+    fractions = cols[0].multiselect("Rank fractions", presets, default=presets, key="spectra_tsvc_fracs")
+    split = cols[1].selectbox("Split", ["validation", "test"], index=1, key="spectra_tsvc_split")
+    subsample = cols[2].number_input("Subsample (0 = full split)", 0, 100_000, 256, step=64, key="spectra_tsvc_sub")
+    if st.button("Evaluate compressed task models", key="spectra_tsvc_run"):
+        bar = st.progress(0.0, text="evaluating…")
+        acc = tsvc_accuracy_table(cache, ws.evaluator, fractions, split=split, subsample=int(subsample) or None,
+                                  tasks=eval_tasks,
+                                  progress=lambda d, t, what: bar.progress(d / t, text=f"evaluated {what}"))
+        bar.empty()
+        st.session_state["spectra_tsvc_acc"] = (ws.key, acc)
+    stored = st.session_state.get("spectra_tsvc_acc")
+    if stored and stored[0] == ws.key:
+        acc = stored[1]
+        st.plotly_chart(tsvc_accuracy_figure(acc, tasks), width="stretch", key="spectra_tsvc_fig")
+        wide = acc[acc.metric == "accuracy"].pivot_table(index="task", columns="rank_fraction", values="value")
+        st.dataframe(wide.reindex([t for t in tasks if t in wide.index]), key="spectra_tsvc_acc_table")
+
+r_example = truncation_rank(cache.singular_values(layer).shape[-1], float(f))
+st.caption(f"At f = {f:.2f}, layer {layer} keeps rank {r_example} per task.")

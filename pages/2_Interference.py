@@ -1,0 +1,119 @@
+"""Interference: where tasks fight, by layer and by task pair.
+
+Singular Task Interference (from the cached per-task SVD factors, re-sliced at
+the slider's rank fraction), cosine similarity, sign conflicts and the
+subspace alignment ratio. No SVD is recomputed when the slider moves.
+"""
+from __future__ import annotations
+
+import streamlit as st
+
+from analysis.interference import (cosine_table, pairwise_sti_table, sar_by, sign_conflict_table, sti_table,
+                                   subspace_alignment_table, task_pair_stats)
+from analysis.plots.spectra import layer_pair_heatmap, sar_depth_figure, sti_depth_figure, task_heatmap
+from ui.state import require_workspace, sidebar_status, spectral_cache
+
+st.set_page_config(page_title="mergescope · Interference", layout="wide")
+sidebar_status()
+st.title("Interference")
+ws = require_workspace()
+cache = spectral_cache(ws, ws.key)
+tvs = ws.tvs
+tasks = cache.tasks
+WHOLE = "whole model"
+
+
+@st.cache_data(show_spinner="Singular Task Interference from cached factors…", max_entries=64)
+def _sti(_cache, key: str, rank_fraction: float):
+    return sti_table(_cache.tvs, rank_fraction, cache=_cache), pairwise_sti_table(_cache.tvs, rank_fraction, cache=_cache)
+
+
+@st.cache_data(show_spinner="Reading task vectors once for cosine and sign statistics…", max_entries=16)
+def _pair_stats(_ws, key: str, density: float):
+    return task_pair_stats(_ws.tvs, density=density)
+
+
+@st.cache_data(show_spinner="Subspace alignment (one SVD of each layer's task sum, cached)…", max_entries=16)
+def _sar(_cache, key: str, energy: float):
+    return subspace_alignment_table(_cache.tvs, cache=_cache, energy=energy)
+
+
+if len(tasks) < 2:
+    st.info("Interference needs at least two tasks; this set has one.")
+    st.stop()
+
+st.caption(f"{ws.name}: {len(tasks)} tasks, {len(cache.names)} matrices. STI reads the cached SVD factors: "
+           "moving the slider never recomputes an SVD.")
+default_f = round(1.0 / len(tasks), 2)
+f = st.slider("Rank fraction kept per task (of min(m, n))", min_value=0.01, max_value=1.0, value=default_f,
+              step=0.01, key="interference_rank_fraction",
+              help="Each task's SVD is truncated to ⌊f·min(m, n)⌋ triplets before the concatenation.")
+
+# ------------------------------------------------------------------ STI
+st.header("Singular Task Interference")
+st.caption("STI = ‖(UᵀU − I) Σ (VᵀV − I)‖₁ over U = [U₁…U_T], Σ = blockdiag(Σ₁…Σ_T), V = [V₁…V_T] "
+           "(TSV, arXiv 2412.00081). 0 when the tasks' singular subspaces are mutually orthogonal.")
+sti, pairs = _sti(cache, ws.key, float(f))
+if cache.names:
+    c1, c2 = st.columns(2)
+    with c1:
+        if sti["depth"].notna().any():
+            st.plotly_chart(sti_depth_figure(sti), width="stretch", key="interference_sti_depth")
+        st.dataframe(sti, hide_index=True, key="interference_sti_table")
+        st.download_button("Download STI (CSV)", sti.to_csv(index=False), file_name="sti.csv", key="interference_dl_sti")
+    with c2:
+        whole = pairs.groupby(["task", "task_b"], sort=False)["sti"].sum().reset_index()
+        st.plotly_chart(task_heatmap(whole, "sti", tasks, title="Pairwise STI, summed over layers"),
+                        width="stretch", key="interference_sti_pairs")
+    st.plotly_chart(layer_pair_heatmap(pairs, "sti", tasks), width="stretch", key="interference_sti_layers")
+else:
+    st.info("No matrix parameters: STI needs matrices.")
+
+# ------------------------------------------------------------------ cosine and sign conflicts
+st.header("Cosine similarity and sign conflicts")
+c1, c2 = st.columns(2)
+density = c1.select_slider("Sign conflicts after keeping each task's top entries (TIES trim)",
+                           options=[0.05, 0.1, 0.2, 0.5, 1.0], value=1.0, key="interference_density",
+                           help="1.0 counts every entry; 0.2 keeps each task's top 20 % by magnitude first, as TIES does.")
+scope_options = [WHOLE] + [f"block {int(d)}" for d in sorted({d for d in (tvs.depth(n) for n in tvs.param_names)
+                                                                 if d is not None})] + list(tvs.param_names)
+scope = c2.selectbox("Scope", scope_options, key="interference_scope")
+stats = _pair_stats(ws, ws.key, float(density))
+if scope == WHOLE:
+    cos, conf = cosine_table(stats, "model"), sign_conflict_table(stats, "model")
+elif scope.startswith("block "):
+    d = int(scope.split()[1])
+    cos, conf = cosine_table(stats, "depth"), sign_conflict_table(stats, "depth")
+    cos, conf = cos[cos["depth"] == d], conf[conf["depth"] == d]
+else:
+    cos, conf = cosine_table(stats, "param"), sign_conflict_table(stats, "param")
+    cos, conf = cos[cos["param"] == scope], conf[conf["param"] == scope]
+c1, c2 = st.columns(2)
+c1.plotly_chart(task_heatmap(cos, "cosine", tasks, title=f"Cosine similarity — {scope}"),
+                width="stretch", key="interference_cos")
+c2.plotly_chart(task_heatmap(conf, "conflict_rate", tasks, title=f"Sign-conflict rate — {scope}"),
+                width="stretch", key="interference_conf")
+by_layer = st.radio("By layer", ["cosine similarity", "sign-conflict rate"], horizontal=True, key="interference_by_layer")
+if by_layer == "cosine similarity":
+    st.plotly_chart(layer_pair_heatmap(cosine_table(stats, "param"), "cosine", tasks), width="stretch",
+                    key="interference_cos_layers")
+else:
+    st.plotly_chart(layer_pair_heatmap(sign_conflict_table(stats, "param"), "conflict_rate", tasks),
+                    width="stretch", key="interference_conf_layers")
+
+# ------------------------------------------------------------------ SAR
+st.header("Subspace alignment ratio")
+st.caption("SAR_t = ‖Π τ_t‖_F / ‖τ_t‖_F, Π the projection onto the top left singular vectors of the summed matrix "
+           "Σ_t τ_t that hold the chosen share of its energy (Iso-C / Iso-CTS paper). 1: the task lives inside the "
+           "merged subspace; 0: it is left out.")
+energy = st.select_slider("Energy held by the summed matrix's subspace", options=[0.8, 0.9, 0.95, 0.99],
+                          value=0.95, key="interference_sar_energy")
+if cache.names:
+    sar = _sar(cache, ws.key, float(energy))
+    c1, c2 = st.columns(2)
+    depth_sar = sar_by(sar, "depth")
+    if len(depth_sar):
+        c1.plotly_chart(sar_depth_figure(depth_sar, tasks), width="stretch", key="interference_sar_depth")
+    c2.dataframe(sar_by(sar, "model")[["task", "sar"]], hide_index=True, key="interference_sar_model")
+    with st.expander("Per layer"):
+        st.dataframe(sar, hide_index=True, key="interference_sar_table")
