@@ -234,7 +234,7 @@ def normalized_accuracy(merged, fine_tuned):
     m, f = _by_task(merged), _by_task(fine_tuned)
     if isinstance(m, pd.Series) or isinstance(f, pd.Series):
         m, f = _align(m, f)
-    return _tidy(m / f, "normalized_accuracy")
+    return _tidy(_ratio(m, f), "normalized_accuracy")
 
 
 def normalized_accuracy_improvement(merged, zero_shot, fine_tuned):
@@ -244,7 +244,14 @@ def normalized_accuracy_improvement(merged, zero_shot, fine_tuned):
         m, z = _align(m, z)
         m, f = _align(m, f)
         z = z.reindex(m.index)
-    return _tidy((m - z) / (f - z), "normalized_accuracy_improvement")
+    return _tidy(_ratio(m - z, f - z), "normalized_accuracy_improvement")
+
+
+def _ratio(num, den):
+    """num / den; NaN where den is 0 (the score is undefined there)."""
+    if isinstance(num, pd.Series) or isinstance(den, pd.Series):
+        return num / den.where(den != 0)
+    return float("nan") if den == 0 else num / den
 
 
 def _align(a, b):

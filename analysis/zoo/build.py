@@ -54,7 +54,7 @@ class BuildConfig:
     train_cap: int = 3000
     val_cap: int = 500
     test_cap: int = 1000
-    ft_steps: int = 600
+    ft_steps: int = 500
     ft_lr: float = 5e-5
     ft_batch: int = 32
     weight_decay: float = 0.01
@@ -62,7 +62,7 @@ class BuildConfig:
     mnist_dataset: str | None = "mnist"  # mnist | digits | None
     mnist_widths: tuple[int, ...] = (784, 512, 512, 512, 10)
     mnist_seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    mnist_epochs: float = 5.0
+    mnist_epochs: float = 10.0
     device: str | None = field(default=None, compare=False)  # where to train; not part of the key
 
     def to_dict(self) -> dict:
@@ -89,8 +89,8 @@ def preset(name: str) -> BuildConfig:
     if name == "full":
         return BuildConfig()
     if name == "quick":
-        return BuildConfig(kind="quick", max_length=64, train_cap=400, val_cap=200, test_cap=400,
-                           ft_steps=60, ft_lr=1e-4, ft_batch=16, mnist_epochs=1.0)
+        return BuildConfig(kind="quick", max_length=64, train_cap=400, val_cap=150, test_cap=300,
+                           ft_steps=40, ft_lr=1e-4, ft_batch=16, mnist_epochs=2.0)
     if name == "tiny":
         return BuildConfig(kind="tiny", backbone="tiny", tasks=("toy_sentiment", "toy_topic", "toy_animal"),
                            max_length=16, train_cap=None, val_cap=None, test_cap=None, ft_steps=40, ft_lr=3e-3,
@@ -247,10 +247,9 @@ def _build_task(name: str, config: BuildConfig, work: Path, tokenizer, device, r
     report(0.05, f"{name}: {len(data['train'])} train / {len(data['validation'])} val / {len(data['test'])} test examples")
 
     pretrained = load_backbone(work / "pretrained").to(device)
-    xtr = extract_features(pretrained, data["train"], device)
-    xva = extract_features(pretrained, data["validation"], device)
-    head, probe_info = train_probe(xtr, data["train"].labels, xva, data["validation"].labels,
-                                   len(task.label_names), task.label_names, seed=config.seed)
+    feats = {split: extract_features(pretrained, d, device) for split, d in data.items()}
+    head, probe_info = train_probe(feats["train"], data["train"].labels, feats["validation"],
+                                   data["validation"].labels, len(task.label_names), task.label_names, seed=config.seed)
     save_head(head, tmp / "head.safetensors")
     report(0.15, f"{name}: linear probe (C={probe_info['probe_C']}) val acc {probe_info['probe_val_accuracy']:.3f}")
 
@@ -260,15 +259,23 @@ def _build_task(name: str, config: BuildConfig, work: Path, tokenizer, device, r
                     progress=lambda f, m: report(0.15 + 0.7 * f, f"{name}: fine-tuning {m}"))
     backbone.cpu().save_pretrained(str(tmp / "finetuned"))
     tokenizer.save_pretrained(str(tmp / "finetuned"))
+    report(0.9, f"{name}: evaluating")
 
-    ev = Evaluator(load_backbone(work / "pretrained"), {name: data}, {name: head}, device=device)
-    ft_params = backbone.state_dict()
+    # zero-shot = probe on the pretrained features already computed (the same
+    # computation the Evaluator does); fine-tuned through the Evaluator
+    ev = Evaluator(pretrained, {name: data}, {name: head}, device=device)
     rows = []
     for split in ("validation", "test"):
-        for model, params in (("zero_shot", None), ("fine_tuned", ft_params)):
-            df = ev.evaluate(params, split=split)
-            for r in df.itertuples():
-                rows.append({"task": name, "model": model, "split": split, "metric": r.metric, "value": r.value, "n": r.n})
+        logits = feats[split] @ head.weight.T + head.bias
+        labels = data[split].labels
+        zs = {"accuracy": float((logits.argmax(1) == labels).float().mean()),
+              "loss": float(torch.nn.functional.cross_entropy(logits, labels))}
+        for metric, value in zs.items():
+            rows.append({"task": name, "model": "zero_shot", "split": split, "metric": metric, "value": value,
+                         "n": len(labels)})
+        for r in ev.evaluate(backbone.state_dict(), split=split).itertuples():
+            rows.append({"task": name, "model": "fine_tuned", "split": split, "metric": r.metric, "value": r.value,
+                         "n": r.n})
     card = dict(task.card)
     card.update({"probe": probe_info, "fine_tune": {"steps": config.ft_steps, "lr": config.ft_lr,
                                                      "batch": config.ft_batch, "max_length": config.max_length,
