@@ -1,0 +1,202 @@
+"""The app in real headless Chromium (Debian's /usr/bin/chromium; never `playwright install`).
+
+Starts `streamlit run app.py` on a free local port with MERGESCOPE_CACHE
+pointing at a folder that holds the zoo's tiny demo, opens every page through
+the sidebar (one browser session, so the loaded workspace is kept), moves a
+slider on the Loss Landscape page and times slider -> re-rendered figure,
+screenshots every page, fails on any Streamlit exception box, and opens the
+exported HTML report in the browser.
+
+Also a script, for the screenshots and timings in docs/results_app.md:
+    python tests/test_browser.py --cache ~/.cache/mergescope --out docs/screenshots
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+EXCEPTION = '[data-testid="stException"]'
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(cache: Path, port: int, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "MERGESCOPE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
+           "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
+           "--server.fileWatcherType", "none"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}: {log.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.terminate()
+    raise RuntimeError(f"streamlit did not answer on port {port} within 60 s: {log.read_text()[-2000:]}")
+
+
+def wait_idle(page, timeout: float = 90.0) -> None:
+    """Until the script run is over: no 'running' status widget for a moment, and the page has content."""
+    page.wait_for_selector('[data-testid="stMain"] h1', timeout=timeout * 1000)
+    deadline, quiet = time.time() + timeout, 0
+    while time.time() < deadline:
+        running = page.locator('[data-testid="stStatusWidget"]').count() > 0 and \
+            page.locator('[data-testid="stStatusWidget"]').first.is_visible()
+        busy = page.locator('[data-testid="stSpinner"], [data-testid="stProgress"]').count() > 0
+        quiet = 0 if (running or busy) else quiet + 1
+        if quiet >= 3:
+            return
+        time.sleep(0.25)
+    raise AssertionError("the page kept running for more than %.0f s" % timeout)
+
+
+def check_no_exception(page, where: str) -> None:
+    boxes = page.locator(EXCEPTION)
+    if boxes.count():
+        raise AssertionError(f"Streamlit exception on {where}: {boxes.first.inner_text()[:2000]}")
+
+
+def full_screenshot(page, path: Path, width: int = 1400, max_height: int = 6000) -> None:
+    """The whole page: Streamlit scrolls inside its main container, so grow the viewport to its height."""
+    height = page.evaluate("() => { const m = document.querySelector('[data-testid=\"stMain\"]');"
+                           " return m ? m.scrollHeight : document.body.scrollHeight; }")
+    page.set_viewport_size({"width": width, "height": int(min(max(900, height), max_height))})
+    time.sleep(0.5)  # let plotly settle at the new size
+    page.screenshot(path=str(path), full_page=True)
+    page.set_viewport_size({"width": width, "height": 900})
+
+
+def page_links(page) -> list[tuple[str, str]]:
+    """(label, href) of the sidebar's page links, in order."""
+    links = page.locator('[data-testid="stSidebarNav"] a')
+    return [(links.nth(i).inner_text().strip(), links.nth(i).get_attribute("href")) for i in range(links.count())]
+
+
+def drive(cache: Path, out: Path, log: Path) -> dict:
+    """Run the whole tour; returns timings and the screenshots written."""
+    from playwright.sync_api import sync_playwright
+    out.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    proc = start_app(cache, port, log)
+    results = {"screenshots": [], "pages": [], "slider_to_figure_s": []}
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            ctx = browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
+            page = ctx.new_page()
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+            wait_idle(page)
+            page.wait_for_selector("text=Loaded set", timeout=60_000)
+            wait_idle(page)
+            check_no_exception(page, "Home")
+            shot = out / "0_Home.png"
+            full_screenshot(page, shot)
+            results["screenshots"].append(str(shot))
+            for label, href in page_links(page)[1:]:
+                page.locator(f'[data-testid="stSidebarNav"] a[href="{href}"]').click()
+                page.wait_for_url(re.compile(re.escape(href) + r"(\?.*)?$"), timeout=30_000)
+                wait_idle(page)
+                check_no_exception(page, label)
+                name = href.rstrip("/").rsplit("/", 1)[-1]
+                if name == "Loss_Landscape":
+                    results["slider_to_figure_s"] = move_points_slider(page)
+                    check_no_exception(page, f"{label} after a slider move")
+                if name == "Report":
+                    results["html_report"] = open_exported_report(page, ctx, out)
+                    check_no_exception(page, f"{label} after the export")
+                idx = len(results["pages"]) + 1
+                shot = out / f"{idx}_{name}.png"
+                full_screenshot(page, shot)
+                results["screenshots"].append(str(shot))
+                results["pages"].append(name)
+            browser.close()
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return results
+
+
+def move_points_slider(page, moves: int = 3) -> list[float]:
+    """Press → on the 'λ points' slider; time each keypress until the figure holds the new number of points."""
+    times = []
+    slider = page.locator('[data-testid="stSlider"]', has_text="λ points").locator('input[type="range"]')
+    for _ in range(moves):
+        n = int(slider.get_attribute("aria-valuetext") or slider.input_value())
+        t0 = time.perf_counter()
+        slider.focus()
+        slider.press("ArrowRight")
+        page.wait_for_function(
+            "n => { const el = document.querySelector('.js-plotly-plot');"
+            " return el && el._fullData && el._fullData.length && el._fullData[0]._length === n; }", arg=n + 1, timeout=120_000)
+        times.append(time.perf_counter() - t0)
+        wait_idle(page)
+    return times
+
+
+def open_exported_report(page, ctx, out: Path) -> dict:
+    """Download the HTML report through its button and open the file in the browser."""
+    with page.expect_download(timeout=60_000) as dl:
+        page.get_by_role("button", name="Report (self-contained HTML)").click()
+    path = out / "report.html"
+    dl.value.save_as(str(path))
+    report = ctx.new_page()
+    errors = []
+    report.on("pageerror", lambda e: errors.append(str(e)))
+    report.goto(path.as_uri())
+    report.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
+    plots = report.locator(".js-plotly-plot").count()
+    config = json.loads(report.locator("#mergescope-config").inner_text())
+    report.screenshot(path=str(out / "report_html.png"), full_page=False)
+    report.close()
+    assert not errors, errors
+    return {"path": str(path), "bytes": path.stat().st_size, "plots": plots, "config_keys": sorted(config)}
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(600)
+def test_every_page_in_chromium(tiny_demo_dir, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is absent (Debian: apt-get install chromium)")
+    res = drive(tiny_demo_dir, tmp_path / "shots", tmp_path / "streamlit.log")
+    print(json.dumps(res, indent=1))
+    assert "Loss_Landscape" in res["pages"] and "Report" in res["pages"]
+    assert len(res["screenshots"]) == len(res["pages"]) + 1
+    for shot in res["screenshots"]:
+        assert Path(shot).stat().st_size > 10_000  # a rendered page, not a blank one
+    assert len(res["slider_to_figure_s"]) == 3
+    assert res["html_report"]["plots"] >= 2 and "configurations" in res["html_report"]["config_keys"]
+
+
+if __name__ == "__main__":
+    import argparse
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--cache", type=Path, required=True, help="MERGESCOPE_CACHE holding a demo build")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the screenshots")
+    args = ap.parse_args()
+    res = drive(args.cache.expanduser(), args.out, args.out / "streamlit.log")
+    print(json.dumps(res, indent=1))
