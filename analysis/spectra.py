@@ -4,17 +4,20 @@ spectra tables (singular values, energy, effective rank, TSV-C) read from it.
 Decomposition ("method"):
 - "svd":  torch.linalg.svd on each shape group (float32 LAPACK / cuSOLVER).
 - "gram": exact thin SVD through the smaller Gram matrix in float64:
-          G = XᵀX (k×k), G = V Λ Vᵀ (eigh), Y = X V, then a Householder QR
-          Y = Q R gives U = Q (orthonormal to float64 rounding even where
-          σ is tiny or zero) and S = |diag R|. Squaring the condition number
-          is harmless in float64 for float32 inputs (κ² · 1e-16 stays below
-          float32 resolution up to κ ≈ 1e4; beyond that the QR keeps U
-          orthonormal and the residual R_offdiag is ~1e-16 · κ · ‖X‖).
-          Every batch is verified (relative reconstruction error and
-          orthogonality of U and V, in float32); anything over `tol` is
-          recomputed with torch.linalg.svd, so the result is exact either way.
-- "auto": "gram" (faster than LAPACK/cuSOLVER SVD on the shapes measured in
-          benchmarks/spectra.py, see docs/results_spectra.md).
+          G = XᵀX (k×k), G = V Λ Vᵀ (eigh), Y = X V, σ_i = ‖Y_i‖, U = Y / σ.
+          Squaring the condition number is harmless in float64 for float32
+          inputs: U's loss of orthogonality is ~1e-16·κ_i·κ_j, below float32
+          resolution while κ ≤ 1e4; matrices with smaller (or zero) singular
+          values take U from a Householder QR of Y (orthonormal whatever the
+          spectrum, S = |diag R|). Every batch is verified (relative
+          reconstruction error and orthogonality of U and V, in float32);
+          anything over `tol` is recomputed with torch.linalg.svd, so the
+          result is exact either way. The matmuls are float64 (no TF32).
+- "auto": "gram" on CUDA (cuSOLVER's SVD is latency-bound at these sizes,
+          eigh of the Gram is several times faster per the issue's H100
+          figures; our own GPU timing: not measured, no GPU was lent), "svd"
+          elsewhere (on CPU LAPACK's divide-and-conquer SVD measured faster
+          than the float64 Gram path, docs/results_spectra.md).
 
 Factors are stored float32, U (T,m,k), S (T,k), Vh (T,k,n), k = min(m,n),
 S descending. Parameters of one shape are decomposed together in chunks that
@@ -65,8 +68,16 @@ def svd_lapack(a: torch.Tensor) -> Factors:
     return torch.linalg.svd(a.float(), full_matrices=False)
 
 
+QR_BELOW = 1e-4   # columns with σ_i < QR_BELOW·σ_1 get their U from a QR (see svd_gram)
+
+
 def svd_gram(a: torch.Tensor) -> Factors:
-    """Thin SVD of a batch (B,m,n) through float64 Gram + eigh + QR (see module doc)."""
+    """Thin SVD of a batch (B,m,n) through float64 Gram + eigh (see module doc).
+
+    U = X V / σ is orthonormal to ~1e-16·κ_i·κ_j, fine while every σ_i ≥
+    QR_BELOW·σ_1; matrices with smaller (or zero) singular values, e.g. LoRA
+    deltas, take U from a Householder QR of X V instead, which is orthonormal
+    whatever the spectrum."""
     b, m, n = a.shape
     x = (a.mT if m < n else a).double()            # (B, p, k), p >= k
     with _exact_matmul():
@@ -74,19 +85,22 @@ def svd_gram(a: torch.Tensor) -> Factors:
         _, v = torch.linalg.eigh(gram)             # ascending
         v = v.flip(-1)
         y = x @ v                                  # = U S (columns nearly orthogonal)
-        q, r = torch.linalg.qr(y)
-    d = torch.diagonal(r, dim1=-2, dim2=-1)
-    sign = torch.where(d < 0, -1.0, 1.0).to(d.dtype)
-    s = d.abs()
-    q = q * sign.unsqueeze(-2)
-    # QR keeps column order; near-degenerate values can swap by rounding
+    s = torch.linalg.vector_norm(y, dim=-2)
+    u = y / torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-2)
+    need_qr = (s.amin(-1) < QR_BELOW * s.amax(-1)).nonzero().flatten()
+    if len(need_qr):
+        q, r = torch.linalg.qr(y[need_qr])
+        d = torch.diagonal(r, dim1=-2, dim2=-1)
+        u[need_qr] = q * torch.where(d < 0, -1.0, 1.0).to(d.dtype).unsqueeze(-2)
+        s[need_qr] = d.abs()
+    # near-degenerate values can swap by rounding: keep S descending
     s, order = s.sort(dim=-1, descending=True)
-    q = torch.gather(q, -1, order.unsqueeze(-2).expand_as(q))
+    u = torch.gather(u, -1, order.unsqueeze(-2).expand_as(u))
     v = torch.gather(v, -1, order.unsqueeze(-2).expand_as(v))
-    q, s, v = q.float(), s.float(), v.float()
-    if m < n:                                      # Aᵀ = Q S Vᵀ  =>  A = V S Qᵀ
-        return v, s, q.mT
-    return q, s, v.mT
+    u, s, v = u.float(), s.float(), v.float()
+    if m < n:                                      # Aᵀ = U S Vᵀ  =>  A = V S Uᵀ
+        return v, s, u.mT
+    return u, s, v.mT
 
 
 def factor_errors(a: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +123,8 @@ def exact_svd(a: torch.Tensor, method: str = "auto", tol: float = 1e-5) -> tuple
     with torch.linalg.svd. Returns the factors and a small report."""
     if method not in METHODS:
         raise ValidationError(f"SVD method must be one of {METHODS}, got {method!r}")
+    if method == "auto":
+        method = "gram" if a.device.type == "cuda" else "svd"
     if method == "svd":
         u, s, vh = svd_lapack(a)
         return (u, s, vh), {"method": "svd", "fallbacks": 0}
