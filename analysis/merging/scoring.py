@@ -1,0 +1,92 @@
+"""Scoring merged deltas: per-task accuracy tables against the references,
+and delta statistics when there is no labelled data (a user's own set)."""
+from __future__ import annotations
+
+import math
+from typing import Mapping
+
+import pandas as pd
+import torch
+
+from analysis.taskvectors import TaskVectorSet
+
+REFERENCE_MODELS = ("zero_shot", "fine_tuned")
+
+
+def merged_accuracy(evaluator, delta, split: str = "validation", subsample: int | None = None,
+                    per_task: bool = False) -> dict[str, float]:
+    """{task: accuracy} of base + delta on every task the evaluator scores.
+
+    With `per_task` (TSV-C), `delta` is {task: {param: delta}} and each task is
+    scored with its own delta."""
+    if per_task:
+        out = {}
+        for task, d in delta.items():
+            if task in evaluator.tasks:
+                df = evaluator.evaluate_delta(d, split=split, subsample=subsample, tasks=[task])
+                out[task] = float(df[df["metric"] == "accuracy"]["value"].iloc[0])
+        return out
+    df = evaluator.evaluate_delta(delta, split=split, subsample=subsample)
+    acc = df[df["metric"] == "accuracy"]
+    return {str(t): float(v) for t, v in zip(acc["task"], acc["value"])}
+
+
+def reference_accuracy(reference: pd.DataFrame | None, split: str) -> pd.DataFrame:
+    """task × (zero_shot, fine_tuned) accuracy on `split` (empty when unknown)."""
+    if reference is None or not len(reference):
+        return pd.DataFrame(columns=list(REFERENCE_MODELS))
+    r = reference[(reference["split"] == split) & (reference["metric"] == "accuracy")]
+    table = r.pivot_table(index="task", columns="model", values="value", aggfunc="mean")
+    return table.reindex(columns=[m for m in REFERENCE_MODELS if m in table.columns])
+
+
+def comparison_table(merged: Mapping[str, float], reference: pd.DataFrame | None, split: str) -> pd.DataFrame:
+    """Tidy: task, model (zero_shot | fine_tuned | merged), accuracy, normalized (÷ fine-tuned, NaN if unknown).
+
+    Ends with an "average" task row per model (mean over the tasks)."""
+    ref = reference_accuracy(reference, split)
+    rows = []
+    for task, acc in merged.items():
+        ft = float(ref.loc[task, "fine_tuned"]) if task in ref.index and "fine_tuned" in ref.columns else math.nan
+        for model in REFERENCE_MODELS:
+            if task in ref.index and model in ref.columns and not pd.isna(ref.loc[task, model]):
+                value = float(ref.loc[task, model])
+                rows.append({"task": task, "model": model, "accuracy": value, "normalized": value / ft if ft else math.nan})
+        rows.append({"task": task, "model": "merged", "accuracy": float(acc), "normalized": acc / ft if ft else math.nan})
+    df = pd.DataFrame(rows, columns=["task", "model", "accuracy", "normalized"])
+    if len(df):
+        avg = df.groupby("model", sort=False)[["accuracy", "normalized"]].mean().reset_index()
+        avg.insert(0, "task", "average")
+        df = pd.concat([df, avg], ignore_index=True)
+    return df
+
+
+def wide(table: pd.DataFrame, column: str = "accuracy") -> pd.DataFrame:
+    """task rows × model columns, for display."""
+    w = table.pivot_table(index="task", columns="model", values=column, aggfunc="mean", sort=False)
+    order = [m for m in (*REFERENCE_MODELS, "merged") if m in w.columns]
+    tasks = list(dict.fromkeys(table["task"]))
+    return w.reindex(index=tasks, columns=order)
+
+
+def delta_stats(tvs: TaskVectorSet, delta, per_task: bool = False) -> pd.DataFrame:
+    """Per parameter: param, kind, depth, merged_norm, sum_norm (‖Σ_t τ_t‖), ratio.
+
+    For per-task deltas (TSV-C): param, kind, depth, task, norm, relative_error
+    (‖recon − τ_t‖ / ‖τ_t‖)."""
+    rows = []
+    for name in tvs.param_names:
+        base = {"param": name, "kind": tvs.kind(name), "depth": tvs.depth(name)}
+        if per_task:
+            for task in tvs.tasks:
+                tau = tvs.delta(task, name)
+                d = delta[task][name].detach().to("cpu", torch.float32)
+                ref = float(tau.norm())
+                rows.append({**base, "task": task, "norm": float(d.norm()),
+                             "relative_error": float((d - tau).norm()) / ref if ref else 0.0})
+        else:
+            d = delta[name].detach().to("cpu", torch.float32)
+            s = float(tvs.deltas(name).sum(0).norm())
+            rows.append({**base, "merged_norm": float(d.norm()), "sum_norm": s,
+                         "ratio": float(d.norm()) / s if s else math.nan})
+    return pd.DataFrame(rows)

@@ -1,0 +1,180 @@
+"""Re-merge time after a rank-fraction change: cached factors vs from scratch.
+
+Synthetic set shaped like CLIP ViT-B/32's vision tower: T tasks, `--blocks`
+blocks of 2304×768 (qkv), 768×768 (out proj), 3072×768 (fc1), 768×3072 (fc2)
+matrices plus their biases (12 blocks = the real model). Deltas are random
+with a decaying spectrum (σ_i ∝ 1/(1+i/32)), like fine-tuning deltas.
+
+For `tsv_m` and `iso_cts` it times:
+  scratch   the naive reference route: per-task, per-layer torch.linalg.svd,
+            polar factors by SVD (what the papers' code does), no cache;
+  cached    `analysis.merging.merge` with a warm SpectralCache (and, for Iso,
+            the memoised SVD of the task sum), after a rank-fraction change;
+and checks both give the same merged delta (relative Frobenius error). For
+tsv_m it also compares the polar solvers (exact SVD vs Newton–Schulz).
+
+    python benchmarks/merge.py --blocks 2            # what ran is printed first
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from analysis.device import device_info, get_device  # noqa: E402
+from analysis.merging import merge  # noqa: E402
+from analysis.merging.iso import split_rank  # noqa: E402
+from analysis.merging.tsv import tsv_rank  # noqa: E402
+from analysis.spectra import SpectralCache  # noqa: E402
+from analysis.taskvectors import TaskVectorSet  # noqa: E402
+
+SHAPES = {"attn.in_proj_weight": (2304, 768), "attn.out_proj.weight": (768, 768),
+          "mlp.c_fc.weight": (3072, 768), "mlp.c_proj.weight": (768, 3072)}
+
+
+def synthetic_set(n_tasks: int, blocks: int, seed: int = 0) -> TaskVectorSet:
+    g = torch.Generator().manual_seed(seed)
+    base, tasks = {}, {f"task{t}": {} for t in range(n_tasks)}
+    for b in range(blocks):
+        for suffix, (m, n) in SHAPES.items():
+            name = f"visual.transformer.resblocks.{b}.{suffix}"
+            base[name] = torch.zeros(m, n)
+            base[name.replace("weight", "bias")] = torch.zeros(m)
+            r = min(m, n)
+            decay = 1.0 / (1.0 + torch.arange(r) / 32.0)
+            for t in range(n_tasks):
+                a = torch.randn(m, r, generator=g) / math.sqrt(m)
+                c = torch.randn(r, n, generator=g) / math.sqrt(n)
+                tasks[f"task{t}"][name] = 1e-3 * (a * decay) @ c
+                tasks[f"task{t}"][name.replace("weight", "bias")] = 1e-3 * torch.randn(m, generator=g)
+    return TaskVectorSet.from_state_dicts(base, tasks)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, repeat=1):
+    times, out = [], None
+    for _ in range(repeat):
+        sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return out, times
+
+
+def _polar_svd(x):
+    p, _, qh = torch.linalg.svd(x, full_matrices=False)
+    return p @ qh
+
+
+def naive_tsv_m(tvs, f, alpha, device):
+    """Reference route: SVD of every task matrix, every time."""
+    out, T = {}, len(tvs.tasks)
+    for name in tvs.names_of_kind("matrix"):
+        us, ss, vhs = [], [], []
+        for task in tvs.tasks:
+            u, s, vh = torch.linalg.svd(tvs.delta(task, name).to(device), full_matrices=False)
+            q = tsv_rank(f, s.shape[0], T, "cap")
+            us.append(u[:, :q]); ss.append(s[:q]); vhs.append(vh[:q])
+        u, s, vh = torch.cat(us, 1), torch.cat(ss), torch.cat(vhs, 0)
+        out[name] = alpha * (_polar_svd(u) * s) @ _polar_svd(vh)
+    return out
+
+
+def naive_iso_cts(tvs, c, alpha, device):
+    out, T = {}, len(tvs.tasks)
+    for name in tvs.names_of_kind("matrix"):
+        taus = tvs.deltas(name).to(device)
+        u, s, vh = torch.linalg.svd(taus.sum(0), full_matrices=False)
+        common, k = split_rank(s.shape[0], T, c)
+        us, ss, vhs = [u[:, :common]], [s[:common]], [vh[:common]]
+        for t in range(T):
+            resid = taus[t] - u[:, :common] @ (u[:, :common].T @ taus[t])
+            ru, rs, rvh = torch.linalg.svd(resid, full_matrices=False)
+            us.append(ru[:, :k]); ss.append(rs[:k]); vhs.append(rvh[:k])
+        uu, vv = _polar_svd(torch.cat(us, 1)), _polar_svd(torch.cat(vhs, 0))
+        out[name] = alpha * torch.cat(ss).mean() * (uu @ vv)
+    return out
+
+
+def rel_err(a: dict, b: dict) -> float:
+    num = sum(float((a[k].double().cpu() - b[k].double().cpu()).norm() ** 2) for k in b)
+    den = sum(float(b[k].double().cpu().norm() ** 2) for k in b)
+    return math.sqrt(num / den)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--blocks", type=int, default=12, help="number of transformer blocks (12 = ViT-B/32)")
+    ap.add_argument("--tasks", type=int, default=8)
+    ap.add_argument("--device", default=None, help="cpu / cuda (default: analysis.device.get_device())")
+    ap.add_argument("--repeat", type=int, default=3, help="cached re-merges timed per method")
+    ap.add_argument("--skip-naive", action="store_true", help="skip the from-scratch reference timing")
+    args = ap.parse_args(argv)
+    device = get_device(args.device)
+    info = device_info(device)
+    print(f"device: {info['name']} ({device}), torch {info['torch']}, threads {info['cpu_threads']}")
+    print(f"set: T={args.tasks}, blocks={args.blocks} x {list(SHAPES.values())} (+ biases)")
+    t0 = time.perf_counter()
+    tvs = synthetic_set(args.tasks, args.blocks)
+    print(f"built synthetic set in {time.perf_counter() - t0:.1f} s")
+
+    cache = SpectralCache(tvs, device=device, persist=False)
+    _, t_fac = timed(lambda: [cache.factors(n) for n in cache.names], device)
+    print(f"SpectralCache: all per-task factors in {t_fac[0]:.2f} s (once per set; compute_count={cache.compute_count})")
+    T = args.tasks
+    rows = []
+    # ---- tsv_m: warm at f = 1/T, then change the rank fraction
+    merge(tvs, "tsv_m", rank_fraction=1 / T, cache=cache, polar="exact")
+    fractions = [0.05, 0.08, 0.1, 0.03, 0.06][: args.repeat]
+    for solver in ("exact", "newton_schulz"):
+        times = []
+        for f in fractions:
+            _, t = timed(lambda: merge(tvs, "tsv_m", rank_fraction=f, alpha=1.0, cache=cache, polar=solver), device)
+            times.append(t[0])
+        rows.append(("tsv_m", f"cached, polar={solver}", statistics.median(times), len(times)))
+    f = fractions[0]
+    exact = merge(tvs, "tsv_m", rank_fraction=f, cache=cache, polar="exact")
+    fast = merge(tvs, "tsv_m", rank_fraction=f, cache=cache, polar="newton_schulz")
+    names = tvs.names_of_kind("matrix")
+    print(f"tsv_m f={f}: Newton–Schulz vs exact polar, relative error over all matrices: "
+          f"{rel_err({k: fast[k] for k in names}, {k: exact[k] for k in names}):.2e}")
+    # ---- iso_cts: warm (sum SVDs memoised), then change the common fraction
+    merge(tvs, "iso_cts", common_fraction=0.8, cache=cache, polar="exact")
+    times = []
+    for c in [0.7, 0.9, 0.6, 0.75, 0.85][: args.repeat]:
+        _, t = timed(lambda: merge(tvs, "iso_cts", common_fraction=c, cache=cache, polar="exact"), device)
+        times.append(t[0])
+    rows.append(("iso_cts", "cached, polar=exact", statistics.median(times), len(times)))
+    count = cache.compute_count
+    if not args.skip_naive:
+        naive, t = timed(lambda: naive_tsv_m(tvs, f, 1.0, device), device)
+        rows.append(("tsv_m", "from scratch (naive SVD loop)", t[0], 1))
+        print(f"tsv_m f={f}: cached (exact polar) vs naive relative error: "
+              f"{rel_err({k: exact[k] for k in names}, naive):.2e}")
+        naive, t = timed(lambda: naive_iso_cts(tvs, 0.7, 1.0, device), device)
+        rows.append(("iso_cts", "from scratch (naive SVD loop)", t[0], 1))
+        ours = merge(tvs, "iso_cts", common_fraction=0.7, cache=cache, polar="exact")
+        print(f"iso_cts c=0.7: cached vs naive relative error: {rel_err({k: ours[k] for k in names}, naive):.2e}")
+    assert cache.compute_count == count, "a rank change recomputed an SVD"
+    print()
+    print("| method | route | seconds (median) | runs |")
+    print("|---|---|---|---|")
+    for method, route, sec, n in rows:
+        print(f"| {method} | {route} | {sec:.3f} | {n} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,106 @@
+"""AppTest of pages/3_Merge.py on the tiny workspace (toy backbone, real evaluator)."""
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+from streamlit.testing.v1 import AppTest
+
+from analysis.merging import METHODS
+
+PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "3_Merge.py")
+
+
+def _page(ws, query=None, history=None):
+    at = AppTest.from_file(PAGE, default_timeout=120)
+    at.session_state["workspace"] = ws
+    if history is not None:
+        at.session_state["merge_history"] = history
+    for k, v in (query or {}).items():
+        at.query_params[k] = v
+    return at.run()
+
+
+def _accuracy_table(at):
+    frames = [d.value for d in at.dataframe]
+    tables = [f for f in frames if "merged" in getattr(f, "columns", [])]
+    if not tables:   # a Styler
+        tables = [f.data for f in frames if hasattr(f, "data") and "merged" in f.data.columns]
+    assert tables, "no accuracy table on the page"
+    return tables[0]
+
+
+def test_renders_and_slider_changes_the_accuracy_table(tiny_workspace):
+    at = _page(tiny_workspace)
+    assert not at.exception, at.exception
+    assert at.selectbox(key="merge_method").value == "task_arithmetic"
+    before = _accuracy_table(at).copy()
+    assert {"zero_shot", "fine_tuned", "merged"} <= set(before.columns)
+    # α = 0 is the base model: the merged column must equal zero-shot
+    at.slider(key="merge_task_arithmetic_alpha").set_value(0.0).run()
+    assert not at.exception, at.exception
+    zero = _accuracy_table(at)
+    # (the toy validation split has 48 examples, fewer than the subsample of 64: the full split is scored)
+    assert (zero["merged"] - zero["zero_shot"]).abs().max() < 1e-9
+    at.slider(key="merge_task_arithmetic_alpha").set_value(1.5).run()
+    after = _accuracy_table(at)
+    assert not after["merged"].equals(zero["merged"])
+    hist = at.session_state["merge_history"]
+    assert len(hist) == 3
+    entry = hist[-1]
+    assert entry["method"] == "task_arithmetic" and entry["knobs"] == {"alpha": 1.5}
+    assert entry["split"] == "validation" and entry["subsample"] == 64
+    assert set(entry["per_task"]) == set(tiny_workspace.tvs.tasks)
+    assert abs(entry["mean"] - sum(entry["per_task"].values()) / 3) < 1e-12
+
+
+def test_query_params_round_trip(tiny_workspace):
+    at = _page(tiny_workspace, {"method": "tsv_m", "rank_fraction": "0.25", "alpha": "0.7"})
+    assert not at.exception, at.exception
+    assert at.selectbox(key="merge_method").value == "tsv_m"
+    assert at.slider(key="merge_tsv_m_rank_fraction").value == 0.25
+    assert at.slider(key="merge_tsv_m_alpha").value == 0.7
+    assert at.query_params["method"] == ["tsv_m"] or at.query_params["method"] == "tsv_m"
+    # moving a slider writes the URL; opening that URL restores the same state
+    at.slider(key="merge_tsv_m_alpha").set_value(1.2).run()
+    url = {k: (v[0] if isinstance(v, list) else v) for k, v in at.query_params.items()}
+    assert url["method"] == "tsv_m" and float(url["alpha"]) == 1.2 and float(url["rank_fraction"]) == 0.25
+    again = _page(tiny_workspace, url)
+    assert not again.exception, again.exception
+    assert again.slider(key="merge_tsv_m_alpha").value == 1.2
+    assert again.slider(key="merge_tsv_m_rank_fraction").value == 0.25
+    # switching method drops the other method's knobs from the URL
+    again.selectbox(key="merge_method").set_value("ties").run()
+    url = {k: (v[0] if isinstance(v, list) else v) for k, v in again.query_params.items()}
+    assert url["method"] == "ties" and "rank_fraction" not in url and "density" in url
+
+
+def test_bad_url_values_are_reported_not_crashing(tiny_workspace):
+    at = _page(tiny_workspace, {"method": "tsv_m", "alpha": "99"})
+    assert not at.exception, at.exception
+    assert any("alpha" in w.value for w in at.warning)
+    at = _page(tiny_workspace, {"method": "slerp"})      # 3 tasks: slerp is not offered
+    assert not at.exception, at.exception
+    assert at.selectbox(key="merge_method").value == "task_arithmetic"
+    assert "slerp" not in at.selectbox(key="merge_method").options
+
+
+def test_every_method_renders_with_its_declared_widgets(tiny_workspace):
+    at = _page(tiny_workspace)
+    for name, method in METHODS.items():
+        if method.n_tasks not in (None, 3):
+            continue
+        at.selectbox(key="merge_method").set_value(name).run()
+        assert not at.exception, (name, at.exception)
+        keys = {w.key for w in [*at.slider, *at.checkbox, *at.selectbox, *at.number_input]}
+        for hp in method.hyperparameters:
+            assert f"merge_{name}_{hp.name}" in keys, (name, hp.name)
+
+
+def test_without_labelled_data_shows_delta_statistics(tiny_workspace):
+    ws = replace(tiny_workspace, evaluator=None, reference=None)
+    at = _page(ws, {"method": "iso_c"})
+    assert not at.exception, at.exception
+    assert any("No labelled data" in i.value for i in at.info)
+    stats = [d.value for d in at.dataframe if "merged_norm" in getattr(d.value, "columns", [])]
+    assert stats and len(stats[0]) == len(ws.tvs.param_names)
