@@ -5,7 +5,7 @@ MNIST MLPs from several seeds, and the frozen per-task heads that score them.
     demo = load_demo()                 # DemoNotBuilt until `python -m analysis.zoo build [--quick]`
     demo.tvs, demo.evaluator, demo.reference, demo.cards, demo.mnist_paths
 """
-from analysis.zoo.build import (REAL_TASKS, BuildConfig, DemoNotBuilt, build, default_cache_dir, find_build,
+from analysis.zoo.builder import (REAL_TASKS, BuildConfig, DemoNotBuilt, build, default_cache_dir, find_build,
                                 preset)
 from analysis.zoo.demo import Demo, build_tiny_demo, load_demo, open_demo
 from analysis.zoo.mnist import MLP, load_mnist, mnist_model_paths

@@ -6,7 +6,7 @@ import sys
 import time
 
 from analysis.errors import MergescopeError
-from analysis.zoo.build import build, default_cache_dir, preset
+from analysis.zoo.builder import build, default_cache_dir, preset
 
 
 def main(argv=None) -> int:

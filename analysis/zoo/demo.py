@@ -9,7 +9,7 @@ import pandas as pd
 
 from analysis.evaluation import Evaluator
 from analysis.taskvectors import TaskVectorSet
-from analysis.zoo.build import build, find_build, load_backbone, load_encoded, load_head, preset
+from analysis.zoo.builder import build, find_build, load_backbone, load_encoded, load_head, preset
 from analysis.zoo.data import cards_table
 
 

@@ -158,6 +158,6 @@ def mlp_metadata(path: str | Path) -> dict:
 
 def mnist_model_paths(cache_dir: str | Path | None = None, quick: bool | None = None) -> list[Path]:
     """The MLP checkpoints of the built demo (raises DemoNotBuilt if none)."""
-    from analysis.zoo.build import find_build
+    from analysis.zoo.builder import find_build
     root = find_build(cache_dir, quick)
     return sorted((root / "mnist").glob("seed_*.safetensors"), key=lambda p: int(p.stem.split("_")[1]))
