@@ -48,16 +48,50 @@ def _sti_blocks(cache: SpectralCache, name: str, rank_fraction: float):
     return pu, s, pv, r
 
 
-def layer_sti(cache: SpectralCache, name: str, rank_fraction: float) -> tuple[float, int]:
+def layer_sti(cache: SpectralCache, name: str, rank_fraction: float, pairs: bool = False):
     """STI of one parameter: ‖(UᵀU − I) Σ (VᵀV − I)‖₁ (entry-wise L1) over the
     concatenated per-task truncated SVDs (TSV paper, arXiv 2412.00081).
-    Returns (sti, r). float32 products, float64 sum."""
+    Returns (sti, r), or (sti, r, pair) with `pairs=True`, pair (T, T) the
+    two-task STI of every pair (diagonal NaN). float32 products, float64 sums.
+
+    Pair values: with zero diagonal blocks the two-task STI is
+    ‖P_ab Σ_b Q_abᵀ‖₁ + ‖P_abᵀ Σ_a Q_ab‖₁, P_ab = U_aᵀU_b, Q_ab = V_aᵀV_b
+    (symmetric in a, b), read off the same cross-Gram blocks."""
     pu, s, pv, r = _sti_blocks(cache, name, rank_fraction)
     t = s.shape[0]
     a = pu.reshape(t * r, t * r) * s.reshape(1, t * r)
     with _exact_matmul():
         prod = a @ pv.reshape(t * r, t * r)
-    return float(prod.abs().sum(dtype=torch.float64)), r
+    sti = float(prod.abs().sum(dtype=torch.float64))
+    if not pairs:
+        return sti, r
+    pair = torch.full((t, t), float("nan"), dtype=torch.float64)
+    with _exact_matmul():
+        for i, j in itertools.combinations(range(t), 2):
+            p, q = pu[i, :, j, :], pv[i, :, j, :]
+            pair[i, j] = pair[j, i] = float(((p * s[j]) @ q.mT).abs().sum(dtype=torch.float64)
+                                            + ((p.mT * s[i]) @ q).abs().sum(dtype=torch.float64))
+    return sti, r, pair
+
+
+STI_COLUMNS = ["param", "depth", "kind", "module", "rank", "sti"]
+PAIR_COLUMNS = ["param", "depth", "kind", "module", "rank", "task", "task_b", "sti"]
+
+
+def sti_tables(tvs: TaskVectorSet, rank_fraction: float, cache: SpectralCache | None = None,
+               names: Iterable[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """`sti_table` and `pairwise_sti_table` in one pass over the cached factors."""
+    cache = cache if cache is not None else SpectralCache(tvs)
+    _check_cache(tvs, cache)
+    tasks = cache.tasks
+    rows, pair_rows = [], []
+    for name in (cache.names if names is None else names):
+        sti, r, pair = layer_sti(cache, name, rank_fraction, pairs=True)
+        meta = _meta(tvs, name)
+        rows.append({**meta, "rank": r, "sti": sti})
+        for i, j in itertools.permutations(range(len(tasks)), 2):
+            pair_rows.append({**meta, "rank": r, "task": tasks[i], "task_b": tasks[j], "sti": float(pair[i, j])})
+    return pd.DataFrame(rows, columns=STI_COLUMNS), pd.DataFrame(pair_rows, columns=PAIR_COLUMNS)
 
 
 def sti_table(tvs: TaskVectorSet, rank_fraction: float, cache: SpectralCache | None = None,
@@ -70,31 +104,15 @@ def sti_table(tvs: TaskVectorSet, rank_fraction: float, cache: SpectralCache | N
     for name in (cache.names if names is None else names):
         sti, r = layer_sti(cache, name, rank_fraction)
         rows.append({**_meta(tvs, name), "rank": r, "sti": sti})
-    return pd.DataFrame(rows, columns=["param", "depth", "kind", "module", "rank", "sti"])
+    return pd.DataFrame(rows, columns=STI_COLUMNS)
 
 
 def pairwise_sti_table(tvs: TaskVectorSet, rank_fraction: float, cache: SpectralCache | None = None,
                        names: Iterable[str] | None = None) -> pd.DataFrame:
-    """STI of every task pair per layer: the STI of the two-task concatenation.
-    With zero diagonal blocks this is ‖P_ab Σ_b Q_abᵀ‖₁ + ‖P_abᵀ Σ_a Q_ab‖₁,
-    P_ab = U_aᵀU_b, Q_ab = V_aᵀV_b (symmetric in a, b). Both orders are listed,
-    the diagonal (a task with itself) is not. Columns: param, depth, kind,
-    module, rank, task, task_b, sti."""
-    cache = cache if cache is not None else SpectralCache(tvs)
-    _check_cache(tvs, cache)
-    tasks = cache.tasks
-    rows = []
-    for name in (cache.names if names is None else names):
-        pu, s, pv, r = _sti_blocks(cache, name, rank_fraction)
-        meta = _meta(tvs, name)
-        for a, b in itertools.combinations(range(len(tasks)), 2):
-            p, q = pu[a, :, b, :], pv[a, :, b, :]
-            with _exact_matmul():
-                val = float(((p * s[b]) @ q.mT).abs().sum(dtype=torch.float64)
-                            + ((p.mT * s[a]) @ q).abs().sum(dtype=torch.float64))
-            rows.append({**meta, "rank": r, "task": tasks[a], "task_b": tasks[b], "sti": val})
-            rows.append({**meta, "rank": r, "task": tasks[b], "task_b": tasks[a], "sti": val})
-    return pd.DataFrame(rows, columns=["param", "depth", "kind", "module", "rank", "task", "task_b", "sti"])
+    """STI of every task pair per layer: the STI of the two-task concatenation
+    (see `layer_sti`). Both orders are listed, the diagonal (a task with
+    itself) is not. Columns: param, depth, kind, module, rank, task, task_b, sti."""
+    return sti_tables(tvs, rank_fraction, cache, names)[1]
 
 
 def _check_cache(tvs: TaskVectorSet, cache: SpectralCache) -> None:
@@ -257,6 +275,6 @@ def unordered_pairs(df: pd.DataFrame, tasks: Sequence[str]) -> pd.DataFrame:
     return keep
 
 
-__all__ = ["sti_table", "pairwise_sti_table", "layer_sti", "task_pair_stats", "cosine_table", "sign_conflict_table",
+__all__ = ["sti_table", "sti_tables", "pairwise_sti_table", "layer_sti", "task_pair_stats", "cosine_table", "sign_conflict_table",
            "cosine_similarity_table", "subspace_alignment_table", "sar_by", "energy_rank", "unordered_pairs",
            "pair_label", "as_matrix_batch", "truncation_rank"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from analysis.interference import (cosine_table, pairwise_sti_table, sar_by, sign_conflict_table, sti_table,
-                                   subspace_alignment_table, task_pair_stats)
+from analysis.interference import (cosine_table, sar_by, sign_conflict_table, sti_tables, subspace_alignment_table,
+                                   task_pair_stats)
 from analysis.plots.spectra import layer_pair_heatmap, sar_depth_figure, sti_depth_figure, task_heatmap
 from ui.state import require_workspace, sidebar_status, spectral_cache
 
@@ -25,7 +25,7 @@ WHOLE = "whole model"
 
 @st.cache_data(show_spinner="Singular Task Interference from cached factors…", max_entries=64)
 def _sti(_cache, key: str, rank_fraction: float):
-    return sti_table(_cache.tvs, rank_fraction, cache=_cache), pairwise_sti_table(_cache.tvs, rank_fraction, cache=_cache)
+    return sti_tables(_cache.tvs, rank_fraction, cache=_cache)
 
 
 @st.cache_data(show_spinner="Reading task vectors once for cosine and sign statistics…", max_entries=16)

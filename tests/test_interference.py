@@ -6,7 +6,7 @@ import torch
 
 from analysis.errors import ValidationError
 from analysis.interference import (cosine_table, energy_rank, layer_sti, pairwise_sti_table, sar_by,
-                                   sign_conflict_table, sti_table, subspace_alignment_table, task_pair_stats,
+                                   sign_conflict_table, sti_table, sti_tables, subspace_alignment_table, task_pair_stats,
                                    unordered_pairs)
 from analysis.spectra import SpectralCache
 from analysis.taskvectors import TaskVectorSet
@@ -81,6 +81,8 @@ def test_identical_tasks_give_the_largest_pairwise_sti(tmp_path):
         top = layer.sort_values("sti", ascending=False).iloc[0]
         assert {top.task, top.task_b} == {"a", "b"}
     assert set(pairs["depth"]) == {0, 1}
+    layer, pairs_again = sti_tables(tvs, 0.25, cache=cache)
+    assert pairs_again.equals(pairs) and layer.equals(sti_table(tvs, 0.25, cache=cache))
     labelled = unordered_pairs(pairs, tvs.tasks)
     assert len(labelled) == 2 * 6 and "a × b" in set(labelled["pair"])
 
