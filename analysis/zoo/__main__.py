@@ -17,12 +17,17 @@ def main(argv=None) -> int:
     b.add_argument("--tiny", action="store_true", help="the seconds-long toy preset used by tests")
     b.add_argument("--cache-dir", default=None, help=f"cache folder (default $MERGESCOPE_CACHE or {default_cache_dir()})")
     b.add_argument("--device", default=None, help="cuda | mps | cpu (default: the best available)")
+    b.add_argument("--csv", action="append", default=[], metavar="PATH",
+                   help="add your own task: a CSV with text,label columns (repeatable; task name = file stem)")
     args = parser.parse_args(argv)
 
     import dataclasses
     config = preset("tiny" if args.tiny else "quick" if args.quick else "full")
     if args.device:
         config = dataclasses.replace(config, device=args.device)
+    if args.csv:
+        from pathlib import Path
+        config = dataclasses.replace(config, user_csvs=tuple(str(Path(p).expanduser().resolve()) for p in args.csv))
     t0 = time.time()
 
     def progress(fraction: float, message: str) -> None:
