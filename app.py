@@ -27,7 +27,6 @@ QUICK_BUILD_NOTE = ("The quick CPU build fine-tunes the 6-layer MiniLM on 8 text
 st.set_page_config(page_title="mergescope", page_icon=str(ASSETS / "logo.svg"), layout="wide")
 if (ASSETS / "logo.svg").is_file():
     st.logo(str(ASSETS / "logo.svg"))
-sidebar_status()
 
 
 # ---------------------------------------------------------------- loaders (cached, process-wide)
@@ -253,3 +252,4 @@ if ws is not None:
     summary_section(ws)
     st.caption("Next: **Spectra** and **Interference** to see where tasks fight, **Merge** to tune a method live, "
                "**Loss Landscape** for barriers, **Report** to export.")
+sidebar_status()  # last, so it shows the set loaded in this run

@@ -143,8 +143,9 @@ def barriers(curves: pd.DataFrame, coord: str = "lam") -> pd.DataFrame:
 def barrier_table(barrier_df: pd.DataFrame, metric: str = "loss") -> pd.DataFrame:
     """Display form: one row per task, one column per definition (labelled with its formula)."""
     sub = barrier_df[barrier_df["metric"] == metric]
-    wide = sub.pivot(index="task", columns="definition", values="value")
-    at = sub.pivot(index="task", columns="definition", values="at")
+    order = list(dict.fromkeys(sub["task"]))  # the path table's task order, not alphabetical
+    wide = sub.pivot(index="task", columns="definition", values="value").reindex(order)
+    at = sub.pivot(index="task", columns="definition", values="at").reindex(order)
     out = pd.DataFrame(index=wide.index)
     for d in ("midpoint", "linear"):
         if d in wide:

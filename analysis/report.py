@@ -109,6 +109,8 @@ def history_frame(history: Sequence[Mapping]) -> pd.DataFrame:
             raise ValidationError(f"merge_history entry {i} has no 'method'; its keys are {sorted(entry)}")
         knobs = dict(entry.get("knobs") or entry.get("hyperparams") or {})
         label = f"#{i} {entry['method']}" + (f" ({knobs_text(knobs)})" if knobs else "")
+        if entry.get("subsample"):
+            label += f" [subsample {entry['subsample']}]"  # scored on a subsample, not the whole split
         for task, acc in _per_task(entry).items():
             rows.append({"config": label, "method": entry["method"], "knobs": json.dumps(knobs, sort_keys=True),
                          "split": entry.get("split", ""), "task": task, "accuracy": acc})
