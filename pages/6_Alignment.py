@@ -12,7 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.errors import MergescopeError
-from analysis.permutation import mlp_spec_from_state_dict
+from analysis.permutation import c2m3, mlp_spec_from_state_dict
 from analysis.permutation.mlp import evaluate_mlp
 from analysis.permutation.pipeline import aligned_planes, compare_paths, cycle_errors, merge_models
 from analysis.plots.alignment import interpolation_figure, plane_figure
@@ -94,10 +94,12 @@ def merges(key: str, chosen: tuple[str, ...], method: str, use_repair: bool, n_e
     spec = mlp_spec_from_state_dict(sds[0])
     ev = eval_fn_for(n_eval)
     rows = [{"model": k, **ev(m[k])} for k in chosen]
-    merged = merge_models(sds, spec, method, repair_x=src["train_x"][:n_rep] if use_repair else None)
+    # one C2M3 run serves the merge and the cycle error
+    res = c2m3(sds, spec) if method == "c2m3" or len(sds) >= 3 else None
+    merged = merge_models(sds, spec, method, repair_x=src["train_x"][:n_rep] if use_repair else None, c2m3_result=res)
     rows.append({"model": f"merge of {len(sds)}: {METHODS[method]}{' + REPAIR' if use_repair else ''}",
                  **ev(merged)})
-    cyc = cycle_errors(sds, spec) if len(sds) >= 3 else None
+    cyc = cycle_errors(sds, spec, c2m3_result=res) if len(sds) >= 3 else None
     return pd.DataFrame(rows), cyc
 
 

@@ -17,8 +17,9 @@ P_i the vertex (permutation) maximising <grad, .> is a linear assignment
 (scipy, CPU); step along (vertex - P). Step size: exact line search. Along a
 direction, every M_i is a polynomial in the step t of degree (number of
 permuted axes of that parameter), so f is a polynomial of degree at most
-2 x that number (4 for MLP and conv weights); we evaluate f at degree+1 step
-sizes, interpolate the polynomial exactly and take its maximum on [0, 1].
+2 x that number (4 for MLP and conv weights); we compute its coefficients
+exactly (inner products of the coefficient tensors) and take its maximum on
+[0, 1] (endpoints and real roots of the derivative).
 At the end each P_i is projected to the nearest permutation (a linear
 assignment maximising <P_i, Pi>).
 
@@ -31,6 +32,8 @@ model i in the universe.
 """
 from __future__ import annotations
 
+import itertools
+import math
 from dataclasses import dataclass, field
 from typing import Literal, Mapping, Sequence
 
@@ -58,50 +61,100 @@ class C2M3Result:
         return {g: self.perms[j][g][invert(self.perms[i][g])] for g in self.perms[i]}
 
 
-def _times_axis(t: Tensor, p: Tensor, axis: int) -> Tensor:
-    """p (n x n) applied to axis `axis` of t: out[.., u, ..] = sum_k p[u, k] t[.., k, ..]."""
-    return torch.tensordot(p, t, dims=([1], [axis])).movedim(0, axis)
+def _subsets(axes: tuple[int, ...]) -> list[frozenset]:
+    return [frozenset(c) for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
-def _to_universe(w: Tensor, groups: tuple[str | None, ...], P: Mapping[str, Tensor], skip_axis: int | None = None) -> Tensor:
-    for axis, g in enumerate(groups):
-        if g is not None and axis != skip_axis:
-            w = _times_axis(w, P[g], axis)
-    return w
+class _Tracks:
+    """For one model and one parameter W with permuted axes F, the partial
+    transforms T_S = W with P applied on the axes in S, for every S within F.
+
+    T_F is the model in the universe; T_{F minus a} is what the gradient for
+    axis a needs. After a Frank-Wolfe step P <- (1 - t) P + t V towards a
+    permutation V, every T_S is an exact combination of gathers (V is a
+    permutation, so V applied to an axis is an index_select, not a matmul):
+        T_S' = sum over R within S of (1 - t)^|S - R| t^|R| V_R(T_{S - R}).
+    This keeps the line search and the update free of dense matmuls; only the
+    gradient needs them."""
+
+    def __init__(self, w: Tensor, groups: tuple[str | None, ...], perms: Mapping[str, Tensor]):
+        # Frank-Wolfe starts at a vertex (a permutation), so T_S is a gather
+        self.groups = groups
+        self.full = tuple(a for a, g in enumerate(groups) if g is not None)
+        self.T = {}
+        for S in _subsets(self.full):
+            t = w
+            for a in sorted(S):
+                t = torch.index_select(t, a, perms[groups[a]])
+            self.T[S] = t
+
+    def terms(self, V: Mapping[str, Tensor]) -> dict[frozenset, list[tuple[int, int, Tensor]]]:
+        """For every S: [(|S - R|, |R|, V_R(T_{S - R})) for every R within S]
+        (computed once per step, used by the line search and the update)."""
+        out = {}
+        for S in self.T:
+            lst = []
+            for R in _subsets(tuple(sorted(S))):
+                t = self.T[S - R]
+                for a in sorted(R):
+                    t = torch.index_select(t, a, V[self.groups[a]])
+                lst.append((len(S) - len(R), len(R), t))
+            out[S] = lst
+        return out
+
+    def poly(self, terms) -> list[Tensor]:
+        """T_F along the step as polynomial coefficients in t (constant first):
+        (1 - t)^k t^r expanded binomially."""
+        coef: list[Tensor | None] = [None] * (len(self.full) + 1)
+        for k, r, g in terms[frozenset(self.full)]:
+            for j in range(k + 1):
+                c = math.comb(k, j) * (-1) ** j
+                coef[r + j] = c * g if coef[r + j] is None else coef[r + j] + c * g
+        return coef
+
+    def step(self, t: float, terms) -> None:
+        self.T = {S: sum(((1 - t) ** k) * (t ** r) * g for k, r, g in lst) for S, lst in terms.items()}
 
 
-def _objective(models, spec, P) -> float:
+def _line_search_poly(coefs: Sequence[Sequence[Tensor]]) -> np.ndarray:
+    """f along the step as polynomial coefficients (constant first), exactly,
+    from the models' coefficient tensors: f = 1/2 (||sum_i M_i||^2 - sum_i ||M_i||^2)."""
+    deg = max(len(c) for c in coefs) - 1
+    S = [sum(c[d] for c in coefs if d < len(c)) for d in range(deg + 1)]
+    out = np.zeros(2 * deg + 1)
+    for d in range(deg + 1):
+        for e in range(d, deg + 1):  # symmetric: off-diagonal pairs count twice
+            v = float(torch.vdot(S[d].flatten(), S[e].flatten()))
+            v -= sum(float(torch.vdot(c[d].flatten(), c[e].flatten())) for c in coefs if e < len(c))
+            out[d + e] += (0.5 if d == e else 1.0) * v
+    return out
+
+
+def _pair_objective(ms: Sequence[Tensor]) -> float:
+    """sum_{i<j} <M_i, M_j> = 1/2 (||sum M_i||^2 - sum ||M_i||^2), in float64."""
+    s = torch.stack(ms).sum(0).double()
+    return 0.5 * (float(s.pow(2).sum()) - sum(float(m.double().pow(2).sum()) for m in ms))
+
+
+def _objective_from_perms(models, spec, perms) -> float:
     total = 0.0
     for name, groups in spec.axes.items():
-        ms = [_to_universe(m[name], groups, P[i]) for i, m in enumerate(models)]
-        s = torch.stack(ms).sum(0)
-        total += 0.5 * (float(s.double().pow(2).sum()) - sum(float(m.double().pow(2).sum()) for m in ms))
+        ms = []
+        for i, m in enumerate(models):
+            w = m[name]
+            for a, g in enumerate(groups):
+                if g is not None:
+                    w = torch.index_select(w, a, perms[i][g])
+            ms.append(w)
+        total += _pair_objective(ms)
     return total
 
 
-def _gradients(models, spec, P) -> list[dict[str, Tensor]]:
-    grads = [{g: torch.zeros_like(p) for g, p in Pi.items()} for Pi in P]
-    for name, groups in spec.axes.items():
-        ms = [_to_universe(m[name], groups, P[i]) for i, m in enumerate(models)]
-        s = torch.stack(ms).sum(0)
-        for i, m in enumerate(models):
-            rest = s - ms[i]  # d f / d M_i = sum of the other models in the universe
-            for axis, g in enumerate(groups):
-                if g is None:
-                    continue
-                partial = _to_universe(m[name], groups, P[i], skip_axis=axis)
-                grads[i][g] += unit_rows(rest, axis) @ unit_rows(partial, axis).T
-    return grads
-
-
-def _best_step(f_at, degree: int, f0: float) -> tuple[float, float]:
-    """Exact maximiser on [0, 1] of the degree-`degree` polynomial f(t)."""
-    ts = np.linspace(0.0, 1.0, degree + 1)
-    fs = np.array([f0] + [f_at(t) for t in ts[1:]])
-    coef = np.polyfit(ts, fs, degree)
-    cands = [0.0, 1.0] + [float(r.real) for r in np.roots(np.polyder(coef))
-                          if abs(r.imag) < 1e-9 and 0.0 < r.real < 1.0]
-    vals = [f0 if t == 0.0 else float(np.polyval(coef, t)) for t in cands]
+def _best_step(poly: np.ndarray) -> tuple[float, float]:
+    """Exact maximiser on [0, 1] of the polynomial sum_k poly[k] t^k."""
+    P = np.polynomial.Polynomial(poly)
+    cands = [0.0, 1.0] + [float(r.real) for r in P.deriv().roots() if abs(r.imag) < 1e-9 and 0.0 < r.real < 1.0]
+    vals = [float(P(t)) for t in cands]
     k = int(np.argmax(vals))
     return cands[k], vals[k]
 
@@ -129,47 +182,72 @@ def c2m3(state_dicts: Sequence[StateDict], spec: PermutationSpec, *, max_iter: i
         raise HyperparameterError(f"init must be 'identity' or 'weight_matching', got {init!r}")
     device = get_device(device)
     models, sizes = _prepare(list(state_dicts), spec, device)
+    N = len(models)
     eye = {g: torch.eye(n, device=device) for g, n in sizes.items()}
-    P = [dict(eye) for _ in models]
+    ident = {g: torch.arange(n, device=device) for g, n in sizes.items()}
+    start = [dict(ident) for _ in models]
     if init == "weight_matching":
-        for i in range(1, len(models)):
+        for i in range(1, N):
             p = weight_matching(models[0], models[i], spec, seed=seed + i, device=device)
-            P[i] = {g: eye[g][p[g].to(device)] for g in sizes}  # row u has its 1 at p[u]
-    degree = 2 * max((sum(g is not None for g in groups) for groups in spec.axes.values()), default=1)
+            start[i] = {g: p[g].to(device) for g in sizes}
+    P = [{g: eye[g][p] for g, p in st.items()} for st in start]  # row u has its 1 at p[u]
+    names = list(spec.axes)
+    tracks = [{n: _Tracks(m[n], spec.axes[n], start[i]) for n in names} for i, m in enumerate(models)]
+    degree = 2 * max((len(tracks[0][n].full) for n in names), default=1)
 
-    f = _objective(models, spec, P)
+    def objective(tr) -> float:
+        return sum(_pair_objective([tr[i][n].T[frozenset(tr[i][n].full)] for i in range(N)]) for n in names)
+
+    f = objective(tracks)
     result = C2M3Result(perms=[], objective=[f])
     for it in range(max_iter):
-        grads = _gradients(models, spec, P)
-        D, gap = [], 0.0
-        for i in range(1, len(models)):  # P_0 stays the identity (gauge, see c2m3's docstring)
-            Di = {}
+        # gradient of f w.r.t. each P_i (i >= 1; P_0 stays the identity)
+        grads = [{g: torch.zeros_like(eye[g]) for g in sizes} for _ in range(N)]
+        for n in names:
+            full = frozenset(tracks[0][n].full)
+            ms = [tracks[i][n].T[full] for i in range(N)]
+            total = torch.stack(ms).sum(0)
+            for i in range(1, N):
+                rest = total - ms[i]  # d f / d M_i = sum of the other models in the universe
+                for a in full:
+                    partial = tracks[i][n].T[full - {a}]
+                    grads[i][spec.axes[n][a]] += unit_rows(rest, a) @ unit_rows(partial, a).T
+        V, gap = [ident], 0.0
+        for i in range(1, N):
+            Vi = {}
             for g, grad in grads[i].items():
-                vertex = eye[g][linear_assignment(grad).to(device)]  # permutation matrix, row u -> col p[u]
-                Di[g] = vertex - P[i][g]
-                gap += float((grad.double() * Di[g].double()).sum())
-            D.append(Di)
-        D.insert(0, {g: torch.zeros_like(p) for g, p in P[0].items()})
+                Vi[g] = linear_assignment(grad).to(device)  # vertex: the permutation maximising <grad, .>
+                gap += float(grad[ident[g], Vi[g]].sum()) - float(torch.vdot(grad.flatten(), P[i][g].flatten()))
+            V.append(Vi)
         result.iterations = it + 1
         if gap <= tol * max(1.0, abs(f)):
             result.converged = True
             break
 
-        def f_at(t: float) -> float:
-            return _objective(models, spec, [{g: P[i][g] + t * D[i][g] for g in P[i]} for i in range(len(P))])
-
-        t, f_new = _best_step(f_at, degree, f)
+        terms = [None] + [{n: tracks[i][n].terms(V[i]) for n in names} for i in range(1, N)]
+        poly = np.zeros(degree + 1)
+        for n in names:
+            full = frozenset(tracks[0][n].full)
+            coefs = [[tracks[0][n].T[full]]] + [tracks[i][n].poly(terms[i][n]) for i in range(1, N)]
+            p = _line_search_poly(coefs)
+            poly[: len(p)] += p
+        t, f_new = _best_step(poly)
         if t <= 0.0 or f_new <= f + tol * max(1.0, abs(f)) * 1e-3:
             result.converged = True
             break
-        P = [{g: P[i][g] + t * D[i][g] for g in P[i]} for i in range(len(P))]
-        f = _objective(models, spec, P)  # recomputed, not the interpolated value
+        for i in range(1, N):
+            for n in names:
+                tracks[i][n].step(t, terms[i][n])
+            for g in sizes:
+                P[i][g] = (1 - t) * P[i][g]
+                P[i][g][ident[g], V[i][g]] += t
+        f = f_new
         result.objective.append(f)
 
     # projection: the permutation with the largest overlap <P_i, Pi>
     result.perms = [{g: linear_assignment(Pi[g]) for g in sizes} for Pi in P]
-    hard = [{g: eye[g][p.to(device)] for g, p in perms.items()} for perms in result.perms]
-    result.final_objective = _objective(models, spec, hard)
+    result.final_objective = _objective_from_perms(models, spec, [{g: p.to(device) for g, p in q.items()}
+                                                                  for q in result.perms])
     return result
 
 

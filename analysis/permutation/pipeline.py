@@ -37,14 +37,15 @@ def align_to_first(sds: Sequence[StateDict], spec: PermutationSpec, method: Meth
 
 
 def merge_models(sds: Sequence[StateDict], spec: PermutationSpec, method: Method, *, repair_x: torch.Tensor | None = None,
-                 seed: int = 0, device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+                 seed: int = 0, device: str | torch.device | None = None, c2m3_result=None) -> dict[str, torch.Tensor]:
     """Uniform average of N models after alignment (C2M3: in the universe,
     mapped back to model 0's basis; weight matching: every model matched to
     model 0). With `repair_x` (training inputs), REPAIR the hidden layers of
-    the average (MLP state dicts)."""
+    the average (MLP state dicts). `c2m3_result` reuses a finished C2M3 run
+    on the same models."""
     _check(method)
     if method == "c2m3":
-        res = c2m3(sds, spec, seed=seed, device=device)
+        res = c2m3_result or c2m3(sds, spec, seed=seed, device=device)
         merged = merge_in_universe(sds, spec, res.perms, basis=0)
         aligned = [apply_permutation(sd, spec, res.pairwise(0, j)) for j, sd in enumerate(sds)]
     else:
@@ -102,7 +103,7 @@ def aligned_planes(sds: Sequence[StateDict], spec: PermutationSpec, method: Meth
 
 
 def cycle_errors(sds: Sequence[StateDict], spec: PermutationSpec, seed: int = 0,
-                 device: str | torch.device | None = None):
+                 device: str | torch.device | None = None, c2m3_result=None):
     """Cycle error around 0 -> 1 -> ... -> N-1 -> 0 for independent pairwise
     weight matching and for C2M3: tidy table method, group, value."""
     import pandas as pd
@@ -111,7 +112,7 @@ def cycle_errors(sds: Sequence[StateDict], spec: PermutationSpec, seed: int = 0,
     n = len(sds)
     cyc = [(k, (k + 1) % n) for k in range(n)]
     wm = cycle_error([weight_matching(sds[i], sds[j], spec, seed=seed, device=device) for i, j in cyc])
-    res = c2m3(sds, spec, seed=seed, device=device)
+    res = c2m3_result or c2m3(sds, spec, seed=seed, device=device)
     c2 = cycle_error([res.pairwise(i, j) for i, j in cyc])
     return pd.DataFrame([{"method": m, "group": g, "value": v}
                          for m, e in (("pairwise weight matching", wm), ("C2M3", c2)) for g, v in e.items()])
