@@ -105,3 +105,14 @@ def test_demo_option_says_plainly_when_not_built(tmp_path, monkeypatch):
     assert "not built yet" in text or "not part of this installation" in text
     if "not built yet" in text:
         assert at.button(key="home_build").label.startswith("Build the quick demo")
+
+
+def test_demo_option_opens_a_built_demo(tiny_demo_dir, monkeypatch):
+    monkeypatch.setenv("MERGESCOPE_CACHE", str(tiny_demo_dir))
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    ws = at.session_state["workspace"]
+    assert ws.name == "demo" and ws.evaluator is not None and len(ws.tvs.tasks) == 3
+    assert any("Demo loaded" in s.value for s in at.success)
+    assert list(_table(at, "l2_norm")["task"]) == ws.tvs.tasks
