@@ -1,0 +1,162 @@
+"""The merging results table on the built-in demo -> docs/results_merge.md.
+
+Per task and on average, absolute and normalised (÷ fine-tuned) accuracy on
+the test split for: zero-shot (linear probe), fine-tuned (each task's own
+model), every merging method at its declared defaults, and Task Arithmetic,
+TIES, TSV-M and Iso-C with α chosen on the validation split (grid below;
+mean validation accuracy, ties broken by the smaller α). TSV-C is a
+compression view: each task is scored with its own rank-⌊r/T⌋ model.
+slerp is listed only when the demo has exactly two tasks.
+
+    python benchmarks/demo_table.py [--quick | --full] [--val-subsample N]
+
+Needs a finished demo build (`python -m analysis.zoo build [--quick]`).
+Every α is applied as evaluate_delta(merge(..., alpha=1), alpha=a): all four
+methods are linear in α (vector parameters included).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from analysis.device import device_info  # noqa: E402
+from analysis.merging import METHODS, merge  # noqa: E402
+from analysis.merging.scoring import merged_accuracy, reference_accuracy  # noqa: E402
+from analysis.spectra import SpectralCache  # noqa: E402
+
+ALPHA_GRIDS = {
+    "task_arithmetic": [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 1.0],
+    "ties": [0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0],
+    "tsv_m": [0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0],
+    "iso_c": [0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0],
+}
+OUT = Path(__file__).resolve().parents[1] / "docs" / "results_merge.md"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def markdown(df: pd.DataFrame, digits: int = 2) -> str:
+    """A DataFrame as a GitHub markdown table (index as the first column)."""
+    head = "| " + " | ".join([str(df.index.name or "")] + [str(c) for c in df.columns]) + " |"
+    rule = "|" + "---|" * (len(df.columns) + 1)
+    body = ["| " + " | ".join([str(i)] + ["–" if pd.isna(v) else f"{v:.{digits}f}" for v in row]) + " |"
+            for i, row in zip(df.index, df.itertuples(index=False))]
+    return "\n".join([head, rule, *body])
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = ap.add_mutually_exclusive_group()
+    g.add_argument("--quick", action="store_true", help="use the --quick build")
+    g.add_argument("--full", action="store_true", help="use the full build")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--val-subsample", type=int, default=None,
+                    help="examples per task for the α search on validation (default: the full split)")
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args(argv)
+
+    from analysis.zoo import load_demo
+    t_start = time.perf_counter()
+    demo = load_demo(args.cache_dir, quick=True if args.quick else False if args.full else None)
+    tvs, ev = demo.tvs, demo.evaluator
+    tasks = [t for t in tvs.tasks if t in ev.tasks]
+    log(f"demo: {demo.root} ({demo.kind}), tasks {tasks}")
+    ref_test = reference_accuracy(demo.reference, "test").reindex(tasks)
+    cache = SpectralCache(tvs)
+    rows: list[dict] = []
+    notes: list[str] = []
+
+    def add(label, method, knobs, per_task):
+        rows.append({"model": label, "method": method, "knobs": knobs, **{t: per_task.get(t) for t in tasks}})
+        mean = sum(per_task[t] for t in tasks) / len(tasks)
+        log(f"{label}: mean test accuracy {mean:.4f}")
+
+    add("zero-shot (linear probe)", "zero_shot", "", ref_test["zero_shot"].to_dict())
+    add("fine-tuned (own task)", "fine_tuned", "", ref_test["fine_tuned"].to_dict())
+
+    for name, spec in METHODS.items():
+        if spec.n_tasks is not None and spec.n_tasks != len(tvs.tasks):
+            notes.append(f"`{name}` is not listed: it merges exactly {spec.n_tasks} tasks, the demo has {len(tvs.tasks)}.")
+            continue
+        t0 = time.perf_counter()
+        defaults = spec.defaults(len(tvs.tasks))
+        delta = merge(tvs, name, cache=cache if spec.uses_spectra else None)
+        t_merge = time.perf_counter() - t0
+        acc = merged_accuracy(ev, delta, split="test", per_task=spec.per_task)
+        knobs = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in defaults.items())
+        add(f"{name} (defaults)", name, knobs, acc)
+        log(f"  merge {t_merge:.1f} s, total {time.perf_counter() - t0:.1f} s")
+        if name in ALPHA_GRIDS:
+            unit = merge(tvs, name, cache=cache if spec.uses_spectra else None, alpha=1.0)
+            best, best_mean = None, -1.0
+            for a in ALPHA_GRIDS[name]:
+                df = ev.evaluate_delta(unit, alpha=a, split="validation", subsample=args.val_subsample)
+                acc_v = df[df["metric"] == "accuracy"].set_index("task")["value"]
+                mean_v = float(acc_v.reindex(tasks).mean())
+                log(f"  {name} α={a}: validation mean {mean_v:.4f}")
+                if mean_v > best_mean + 1e-12:
+                    best, best_mean = a, mean_v
+            df = ev.evaluate_delta(unit, alpha=best, split="test")
+            acc = df[df["metric"] == "accuracy"].set_index("task")["value"].to_dict()
+            rest = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in defaults.items() if k != "alpha")
+            add(f"{name} (α on validation)", name, f"alpha={best} (val mean {best_mean:.4f})" + (f", {rest}" if rest else ""),
+                acc)
+
+    table = pd.DataFrame(rows)
+    ft = ref_test["fine_tuned"]
+    absolute = table.set_index("model")[tasks] * 100
+    absolute["average"] = absolute[tasks].mean(axis=1)
+    normalised = table.set_index("model")[tasks].div(ft, axis=1) * 100
+    normalised["average"] = normalised[tasks].mean(axis=1)
+    info = device_info()
+    elapsed = time.perf_counter() - t_start
+    sizes = {t: ev.split_size(t, "test") for t in tasks} if hasattr(ev, "split_size") else {}
+    lines = [
+        "# Merging results on the built-in demo (test split)",
+        "",
+        f"Written by `python benchmarks/demo_table.py{' ' + ' '.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else ''}` "
+        f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; device: {info['name']} ({info['device']}), "
+        f"torch {info['torch']}, Python {platform.python_version()}; run time {elapsed / 60:.1f} min.",
+        f"Demo build: `{demo.root}` ({demo.kind}); backbone task vectors over {len(tasks)} tasks.",
+        f"Test examples per task: {sizes}." if sizes else "",
+        "α chosen on the " + ("full validation split" if args.val_subsample is None
+                              else f"validation subsample of {args.val_subsample} per task") +
+        " by mean accuracy over the grids " + "; ".join(f"{k}: {v}" for k, v in ALPHA_GRIDS.items()) + ".",
+        "Normalised accuracy = merged ÷ fine-tuned accuracy of that task (%). "
+        "TSV-C rows score each task with its own compressed model (not a merge).",
+        "",
+        "## Configurations",
+        "",
+        "| model | knobs |",
+        "|---|---|",
+        *[f"| {r['model']} | {r['knobs']} |" for r in rows],
+        "",
+        "## Absolute accuracy (%)",
+        "",
+        markdown(absolute),
+        "",
+        "## Normalised accuracy (% of fine-tuned)",
+        "",
+        markdown(normalised),
+        "",
+        *[f"- {n}" for n in notes],
+        "",
+    ]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text("\n".join(lines))
+    log(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
