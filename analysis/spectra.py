@@ -13,11 +13,12 @@ Decomposition ("method"):
           reconstruction error and orthogonality of U and V, in float32);
           anything over `tol` is recomputed with torch.linalg.svd, so the
           result is exact either way. The matmuls are float64 (no TF32).
-- "auto": "gram" on CUDA (cuSOLVER's SVD is latency-bound at these sizes,
-          eigh of the Gram is several times faster per the issue's H100
-          figures; our own GPU timing: not measured, no GPU was lent), "svd"
-          elsewhere (on CPU LAPACK's divide-and-conquer SVD measured faster
-          than the float64 Gram path, docs/results_spectra.md).
+- "auto": "gram" on data-centre CUDA GPUs with full-rate float64
+          (cuSOLVER's SVD is latency-bound at these sizes; eigh of the Gram
+          is several times faster per the issue's H100 figures; our own GPU
+          timing: not measured, no GPU was lent), "svd" elsewhere (on CPU,
+          LAPACK's divide-and-conquer SVD measured faster than the float64
+          Gram path, docs/results_spectra.md).
 
 Factors are stored float32, U (T,m,k), S (T,k), Vh (T,k,n), k = min(m,n),
 S descending. Parameters of one shape are decomposed together in chunks that
@@ -124,7 +125,7 @@ def exact_svd(a: torch.Tensor, method: str = "auto", tol: float = 1e-5) -> tuple
     if method not in METHODS:
         raise ValidationError(f"SVD method must be one of {METHODS}, got {method!r}")
     if method == "auto":
-        method = "gram" if a.device.type == "cuda" else "svd"
+        method = "gram" if _fast_float64(a.device) else "svd"
     if method == "svd":
         u, s, vh = svd_lapack(a)
         return (u, s, vh), {"method": "svd", "fallbacks": 0}
@@ -136,6 +137,15 @@ def exact_svd(a: torch.Tensor, method: str = "auto", tol: float = 1e-5) -> tuple
         u[bad], s[bad], vh[bad] = ub, sb, vhb
     return (u, s, vh), {"method": "gram", "fallbacks": int(len(bad)),
                         "max_rec_error": float(rec.max()), "max_orth_error": float(orth.max())}
+
+
+def _fast_float64(device: torch.device) -> bool:
+    """Data-centre GPUs (P100, V100, A100, H100/H200, B200) run float64 at half
+    the float32 rate; consumer GPUs at 1/32-1/64, where the Gram path's float64
+    matmuls would cost more than cuSOLVER's SVD saves."""
+    if device.type != "cuda":
+        return False
+    return torch.cuda.get_device_capability(device) in {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
 
 
 def truncation_rank(k: int, rank_fraction: float) -> int:

@@ -202,3 +202,19 @@ def test_tsvc_accuracy_table_with_an_evaluator(tiny_workspace, tmp_path):
     full = tsvc_accuracy_table(cache, ws.evaluator, [0.999999], tasks=["alpha"], include_full=True)
     a = full[full.metric == "accuracy"].set_index("rank_fraction")["value"]
     assert a.iloc[0] == pytest.approx(a.iloc[1])
+
+
+def test_spectra_and_sti_on_the_tiny_demo(tiny_demo_workspace, tmp_path):
+    """The real Evaluator and a BERT-like set from analysis.zoo.build_tiny_demo."""
+    from analysis.interference import sti_table
+    ws = tiny_demo_workspace
+    cache = SpectralCache(ws.tvs, device="cpu", cache_dir=tmp_path)
+    sti = sti_table(ws.tvs, 1 / len(ws.tvs.tasks), cache=cache)
+    assert len(sti) == len(cache.names) and sti["depth"].notna().all() and (sti["sti"] > 0).all()
+    task = ws.tvs.tasks[0]
+    acc = tsvc_accuracy_table(cache, ws.evaluator, [0.25], split="test", tasks=[task])
+    acc = acc[acc.metric == "accuracy"].set_index("rank_fraction")["value"]
+    ref = ws.reference
+    ft = ref[(ref.task == task) & (ref.model == "fine_tuned") & (ref.split == "test") & (ref.metric == "accuracy")]
+    assert acc[1.0] == pytest.approx(float(ft["value"].iloc[0]), abs=1e-6)
+    assert 0.0 <= acc[0.25] <= 1.0
