@@ -74,3 +74,25 @@ def test_bad_history_is_an_error_message(tiny_workspace):
     at = _page(tiny_workspace, [{"method": "ties", "knobs": {}}])
     assert not at.exception
     assert at.error and "per-task accuracy" in at.error[0].value
+
+
+def test_merged_model_export_from_the_page_loads_with_transformers(tiny_demo_workspace, tmp_path):
+    pytest.importorskip("analysis.merging")
+    import torch
+    from transformers import AutoModel
+    ws = tiny_demo_workspace
+    df = ws.evaluator.evaluate_delta(ws.tvs.sum(), alpha=0.3, split="validation")
+    acc = df[df.metric == "accuracy"].set_index("task")["value"].to_dict()
+    hist = [{"method": "task_arithmetic", "knobs": {"alpha": 0.3}, "split": "validation", "subsample": None,
+             "per_task": acc, "mean": sum(acc.values()) / len(acc)}]
+    at = _page(ws, hist)
+    at.text_input(key="rp_export_dir").input(str(tmp_path / "merged"))
+    at.button(key="rp_export").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, [e.value for e in at.error]
+    model = AutoModel.from_pretrained(tmp_path / "merged")
+    sd = model.state_dict()
+    for name in ws.tvs.param_names:
+        expected = ws.tvs.base_tensor(name).float() + 0.3 * ws.tvs.deltas(name).sum(0)
+        assert torch.allclose(sd[name].float(), expected, atol=1e-5), name
+    assert (tmp_path / "merged" / "heads.safetensors").is_file()
