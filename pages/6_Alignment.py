@@ -152,7 +152,8 @@ try:
         chosen = st.multiselect("Models to merge", names, default=names[: min(3, len(names))], key="al_merge")
         if len(chosen) < 2:
             st.info("Choose at least two models.")
-        else:
+        elif st.toggle("Compute the merge", value=False, key="al_merge_on",
+                       help="C2M3 on MNIST-sized MLPs takes minutes on a CPU; the result is cached"):
             table, cyc = merges(src_key, tuple(chosen), method, use_repair, n_eval, n_rep)
             st.dataframe(table, hide_index=True, use_container_width=True)
             if cyc is not None:

@@ -14,6 +14,15 @@ from analysis.permutation.mlp import train_small_mlp
 PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "6_Alignment.py")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one torch thread is faster (and far faster on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def injected():
     d = load_digits()
@@ -33,7 +42,7 @@ def _page(models, **state):
 
 
 def test_page_shows_paths_barriers_merge_and_cycle_error(injected):
-    at = _page(injected)
+    at = _page(injected, al_merge_on=True)
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
     tables = [t.value for t in at.dataframe]
@@ -53,6 +62,7 @@ def test_switching_method_and_repair_changes_the_curves(injected):
     bars = next(t.value for t in at.dataframe if "barrier (mean)" in t.value.columns)
     assert set(bars["method"]) == {"naive", "C2M3", "C2M3 + REPAIR"}
     assert len(at.get("plotly_chart")) == 3  # loss and accuracy paths, and the plane
+    assert not any("h0" in t.value.columns for t in at.dataframe)  # the merge is opt-in
 
 
 def test_page_without_models_asks_to_build_the_demo(tmp_path, monkeypatch):

@@ -56,7 +56,18 @@ def evaluate_mlp(sd: StateDict, x: Tensor, y: Tensor, batch_size: int = 8192,
 def train_small_mlp(x: Tensor, y: Tensor, widths: Sequence[int], seed: int, epochs: int = 20,
                     batch_size: int = 64, lr: float = 2e-3) -> dict[str, Tensor]:
     """A small MLP trained with Adam on (x, y), named `layers.{i}.*` (for tests
-    and demos; the built-in benchmark trains its own MNIST models)."""
+    and demos; the built-in benchmark trains its own MNIST models). Runs on
+    one CPU thread: for layers this small, thread hand-offs cost more than
+    they save, and on a busy machine far more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train(x, y, widths, seed, epochs, batch_size, lr)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(x, y, widths, seed, epochs, batch_size, lr):
     torch.manual_seed(seed)
     layers = torch.nn.ModuleList(torch.nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
     opt = torch.optim.Adam(layers.parameters(), lr=lr)
