@@ -30,6 +30,7 @@ import contextlib
 import math
 import os
 import re
+import threading
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -188,7 +189,7 @@ class SpectralCache:
         self._factors: dict[str, Factors] | None = None
         self._sum: dict[str, Factors] = {}
         self._key: str | None = None
-        self._disk = None
+        self._lock = threading.RLock()  # one cache object is shared by the app's sessions
 
     # ------------------------------------------------------------ identity
     @property
@@ -240,6 +241,12 @@ class SpectralCache:
         Computed on first use per parameter (and kept on disk beside the
         per-task factors); not counted in `compute_count`."""
         self._require(name)
+        with self._lock:
+            self._sum_factors(name)
+        u, s, vh = self._sum[name]
+        return u.to(self.device), s.to(self.device), vh.to(self.device)
+
+    def _sum_factors(self, name: str) -> None:
         if name not in self._sum:
             self._load_sums()
         if name not in self._sum:
@@ -249,8 +256,6 @@ class SpectralCache:
             self.sum_compute_count += 1
             if self.persist:
                 self._save(self.sum_path, self._sum)
-        u, s, vh = self._sum[name]
-        return u.to(self.device), s.to(self.device), vh.to(self.device)
 
     def _require(self, name: str) -> None:
         if name not in self.names:
@@ -260,6 +265,13 @@ class SpectralCache:
 
     # ------------------------------------------------------------ compute / load
     def _all(self) -> dict[str, Factors]:
+        if self._factors is not None:
+            return self._factors
+        with self._lock:
+            self._fill()
+        return self._factors
+
+    def _fill(self) -> None:
         if self._factors is None:
             loaded = self._load() if self.persist else None
             if loaded is None:
@@ -267,7 +279,6 @@ class SpectralCache:
                 if self.persist:
                     self._save(self.path, loaded)
             self._factors = loaded
-        return self._factors
 
     def _budget(self) -> int:
         if self.max_batch_bytes is not None:

@@ -146,7 +146,11 @@ def main(argv=None) -> int:
     p.add_argument("--rank-fraction", type=float, default=None, help="STI rank fraction (default 1/T)")
     p.add_argument("--new-rank-fraction", type=float, default=0.25)
     p.add_argument("--json", default=None, help="write results here")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (1 gives reproducible CPU seconds on a shared, loaded machine)")
     args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = get_device(args.device)
     info = device_info(device)
     print(f"device: {info['name']} ({info['device']}), torch {info['torch']}, threads {info['cpu_threads']}, "
