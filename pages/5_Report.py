@@ -74,7 +74,13 @@ if wide.empty:
     st.warning(f"No {METRIC_TITLES.get(metric, metric)} on the {split} split for these configurations.")
     st.stop()
 
-fig = grouped_bars(comp, metric, tasks) if chart == "grouped bars" else radar(comp, metric, tasks)
+n_tasks = comp.loc[comp["metric"] == metric, "task"].nunique()
+if chart == "radar" and n_tasks < 3:
+    st.caption("A radar needs at least 3 tasks to enclose an area; showing grouped bars.")
+    chart_used = "grouped bars"
+else:
+    chart_used = chart
+fig = grouped_bars(comp, metric, tasks) if chart_used == "grouped bars" else radar(comp, metric, tasks)
 fig.update_layout(title=f"{METRIC_TITLES.get(metric, metric)} per task · {split} split")
 st.plotly_chart(fig, key="rp_figure", config={"displaylogo": False})
 

@@ -25,6 +25,11 @@ def config_colors(configs: Sequence[str]) -> dict[str, str]:
     return out
 
 
+def _rgba(hex_color: str, alpha: float) -> str:
+    h = hex_color.lstrip("#")
+    return f"rgba({int(h[0:2], 16)}, {int(h[2:4], 16)}, {int(h[4:6], 16)}, {alpha})"
+
+
 def _pct(metric: str) -> float:
     return 100.0  # accuracy, normalised accuracy and NAI are all shown as percentages
 
@@ -48,7 +53,7 @@ def grouped_bars(comparison: pd.DataFrame, metric: str = "accuracy", tasks: Sequ
     if metric == "accuracy":
         fig.update_yaxes(range=[0, 100])
     apply_theme(fig, height=height)
-    fig.update_layout(legend=dict(y=1.02), margin=dict(t=120))
+    fig.update_layout(title=dict(y=0.97, yref="container"), legend=dict(y=1.02), margin=dict(t=130))
     return fig
 
 
@@ -62,11 +67,16 @@ def radar(comparison: pd.DataFrame, metric: str = "accuracy", tasks: Sequence[st
     fig = go.Figure()
     for config in configs:
         g = sub[sub["config"] == config].set_index("task")["value"].reindex(order) * _pct(metric)
+        ref = config in _REF
         fig.add_trace(go.Scatterpolar(r=list(g.values) + [g.values[0]], theta=order + [order[0]], name=config,
-                                      mode="lines+markers", line=dict(color=colors[config], width=3),
-                                      fill="toself" if config in _REF else None, opacity=0.9))
-    fig.update_layout(polar=dict(radialaxis=dict(title=dict(text=METRIC_TITLES.get(metric, metric)),
-                                                 ticksuffix="%")))
+                                      mode="lines+markers", line=dict(color=colors[config], width=3,
+                                                                      dash="dot" if ref else "solid"),
+                                      fill="toself" if ref else None,
+                                      fillcolor=_rgba(colors[config], 0.08) if ref else None))
+    # the metric goes in the figure title (set by the caller): a radial-axis title collides with its ticks
+    fig.update_layout(polar=dict(radialaxis=dict(ticksuffix="%", angle=90, tickangle=90, nticks=5),
+                                 angularaxis=dict(direction="clockwise", rotation=90)),
+                      title=METRIC_TITLES.get(metric, metric))
     apply_theme(fig, height=height)
-    fig.update_layout(legend=dict(y=1.08), margin=dict(t=120))
+    fig.update_layout(title=dict(y=0.97, yref="container"), legend=dict(y=1.12), margin=dict(t=150))
     return fig
