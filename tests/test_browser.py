@@ -200,4 +200,9 @@ if __name__ == "__main__":
     ap.add_argument("--moves", type=int, default=5, help="slider moves to time")
     args = ap.parse_args()
     res = drive(args.cache.expanduser(), args.out, args.out / "streamlit.log", args.moves)
+    from PIL import Image  # docs copies: 256-colour palette PNGs, a fraction of the size
+    for shot in res["screenshots"] + [str(args.out / "report_html.png")]:
+        Image.open(shot).convert("RGB").quantize(256).save(shot, optimize=True)
+    (args.out / "report.html").unlink(missing_ok=True)
+    (args.out / "streamlit.log").unlink(missing_ok=True)
     print(json.dumps(res, indent=1))
