@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.device import device_info, get_device  # noqa: E402
 from analysis.permutation import (apply_permutation, barriers, c2m3, cycle_error, interpolation_curve,  # noqa: E402
-                                  merge_in_universe, mlp_spec_from_state_dict, weight_matching)
+                                  linear_chain_names, merge_in_universe, mlp_spec_from_state_dict, random_perms,
+                                  weight_matching)
 from analysis.permutation.mlp import evaluate_mlp, mlp_preactivations, mlp_repair_layers  # noqa: E402
 from analysis.permutation.repair import repair  # noqa: E402
 
@@ -78,16 +79,125 @@ def main(argv=None) -> int:
     ap.add_argument("--pairs", default="0-1")
     ap.add_argument("--cache", default=str(Path.home() / ".cache" / "mergescope" / "alignment-bench"))
     ap.add_argument("--out", default="docs/results_alignment.md")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = ap.parse_args(argv)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
 
     device = get_device()
     t_start = time.time()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    from analysis.zoo.mnist import load_mnist
+    x_train, _ = load_mnist("train")
+    x_rep = x_train[: args.repair_samples]
+    xt, yt = load_mnist("test")
+    sds, source = load_models(args.models, args.epochs, Path(args.cache), device)
+    spec = mlp_spec_from_state_dict(sds[0])
+    layers = mlp_repair_layers(sds[0])
+    ev = lambda sd: evaluate_mlp(sd, xt, yt, device=device)  # noqa: E731
 
     def save(res: dict, final: bool = False) -> None:
         """Written after every section, so an interrupted run keeps what it measured."""
-        save(res, final=True)
+        res["meta"] = {"source": source, "device": device_info(device), "torch_threads": torch.get_num_threads(),
+                       "python": platform.python_version(), "total_s": time.time() - t_start,
+                       "loadavg": os.getloadavg(), "complete": final, "repair_samples": args.repair_samples,
+                       "lambdas": args.lambdas, "widths": [int(sds[0][f"{n}.weight"].shape[1]) for n in
+                                                           linear_chain_names(sds[0])[:1]]
+                       + [int(sds[0][f"{n}.weight"].shape[0]) for n in linear_chain_names(sds[0])],
+                       "date": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                       "command": "nice .venv/bin/python benchmarks/alignment.py " + " ".join(argv or sys.argv[1:])}
+        out.with_suffix(".json").write_text(json.dumps(res, indent=1))
+        out.write_text(render(res))
+
+    res: dict = {"models": [ev(sd) for sd in sds]}
+    for i, r in enumerate(res["models"]):
+        log(f"model {i}: test acc {r['accuracy']:.4f} loss {r['loss']:.4f}")
+
+    # 0. known answer on the real models: seed 0 and two randomly permuted copies of it ----------
+    copies = [sds[0]] + [apply_permutation(sds[0], spec, random_perms(spec.sizes(sds[0]), s)) for s in (101, 102)]
+    p01 = weight_matching(copies[0], copies[1], spec, device=device)
+    wm_ok = all(torch.equal(apply_permutation(copies[1], spec, p01)[k], sds[0][k]) for k in sds[0])
+    rc = c2m3(copies, spec, device=device)
+    c2_ok = all(torch.equal(apply_permutation(copies[j], spec, rc.pairwise(0, j))[k], sds[0][k])
+                for j in (1, 2) for k in sds[0])
+    res["sanity"] = {"wm_recovers": wm_ok, "c2m3_recovers": c2_ok, "c2m3_iterations": rc.iterations}
+    log(f"permuted copies: WM recovers {wm_ok}, C2M3 recovers {c2_ok} ({rc.iterations} iterations)")
+    save(res)
+
+    # 1. barriers between two seeds ------------------------------------------------------------
+    lams = [i / (args.lambdas - 1) for i in range(args.lambdas)]
+    res["barriers"] = []
+    for pair in args.pairs.split(","):
+        i, j = map(int, pair.split("-"))
+        a, b = sds[i], sds[j]
+        t0 = time.perf_counter()
+        p_wm = weight_matching(a, b, spec, seed=0, device=device)
+        t_wm = time.perf_counter() - t0
+        b_wm = apply_permutation(b, spec, p_wm)
+        t0 = time.perf_counter()
+        r2 = c2m3([a, b], spec, device=device)
+        t_c2 = time.perf_counter() - t0
+        b_c2 = apply_permutation(b, spec, r2.pairwise(0, 1))
+
+        def rep(sd, lam, a=a, bb=b_wm):
+            return repair(sd, [a, bb], layers, mlp_preactivations, x_rep, weights=[1 - lam, lam], device=device)
+
+        for label, other, fn in (("naive", b, None), ("weight matching", b_wm, None),
+                                 ("weight matching + REPAIR", b_wm, rep), ("C2M3 (2 models)", b_c2, None)):
+            curve = interpolation_curve(ev, a, other, lams, repair_fn=fn)
+            bl, ba = barriers(curve, "loss"), barriers(curve, "accuracy")
+            mid = curve[(curve.lam == 0.5)].set_index("metric")["value"]
+            row = {"pair": pair, "method": label, **{f"loss_{k}": v for k, v in bl.items()},
+                   **{f"acc_{k}": v for k, v in ba.items()}, "loss_mid": float(mid["loss"]),
+                   "acc_mid": float(mid["accuracy"]), "curve": curve.to_dict("list")}
+            res["barriers"].append(row)
+            log(f"pair {pair} {label}: loss barrier (mean def) {bl['barrier_mean']:.4f}, "
+                f"(linear def) {bl['barrier_linear']:.4f}; acc at 0.5 {row['acc_mid']:.4f}")
+        res.setdefault("pair_times", []).append({"pair": pair, "wm_s": t_wm, "c2m3_2_s": t_c2,
+                                                 "c2m3_2_iters": r2.iterations})
+        save(res)
+
+    # 2. merging N models ------------------------------------------------------------------------
+    res["merge"] = []
+    res["c2m3_runs"] = []
+    runs = {}
+    for n in range(3, args.models + 1):
+        group = sds[:n]
+        t0 = time.perf_counter()
+        r = runs[n] = c2m3(group, spec, device=device)
+        t_c = time.perf_counter() - t0
+        res["c2m3_runs"].append({"n": n, "seconds": t_c, "iterations": r.iterations, "converged": r.converged,
+                                 "relaxed_objective": r.objective[-1], "final_objective": r.final_objective})
+        log(f"C2M3 on {n} models: {t_c:.1f} s, {r.iterations} Frank-Wolfe iterations")
+        wm_aligned = [group[0]] + [apply_permutation(sd, spec, weight_matching(group[0], sd, spec, seed=0,
+                                                                                device=device)) for sd in group[1:]]
+        c2_aligned = [apply_permutation(sd, spec, r.pairwise(0, k)) for k, sd in enumerate(group)]
+        candidates = {
+            "naive averaging": (group, {k: sum(sd[k].float() for sd in group) / n for k in group[0]}),
+            "weight matching to model 0": (wm_aligned, {k: sum(sd[k] for sd in wm_aligned) / n for k in group[0]}),
+            "C2M3 (universe)": (c2_aligned, merge_in_universe(group, spec, r.perms, basis=0)),
+        }
+        for label, (ends, merged) in candidates.items():
+            for with_repair in (False, True):
+                sd = repair(merged, ends, layers, mlp_preactivations, x_rep, device=device) if with_repair else merged
+                m = ev(sd)
+                res["merge"].append({"n": n, "method": label, "repair": with_repair, **m})
+                log(f"merge {n} {label}{' + REPAIR' if with_repair else ''}: acc {m['accuracy']:.4f} "
+                    f"loss {m['loss']:.4f}")
+        save(res)
+
+    # 3. cycle error: independent pairwise WM vs the maps of one C2M3 run on all models -----------
+    r5 = runs[args.models]
+    cyc3 = [(0, 1), (1, 2), (2, 0)]
+    cyc5 = [(k, (k + 1) % args.models) for k in range(args.models)]
+    res["cycle"] = []
+    for name, cyc in (("3-cycle 0-1-2-0", cyc3), (f"{args.models}-cycle", cyc5)):
+        wm_err = cycle_error([weight_matching(sds[i], sds[j], spec, seed=0, device=device) for i, j in cyc])
+        c2_err = cycle_error([r5.pairwise(i, j) for i, j in cyc])
+        res["cycle"].append({"cycle": name, "pairwise WM": wm_err, "C2M3": c2_err})
+        log(f"cycle error {name}: WM {wm_err} C2M3 {c2_err}")
+    save(res, final=True)
     log(f"wrote {out} and {out.with_suffix('.json')} ({res['meta']['total_s']:.0f} s)")
     return 0
 
@@ -99,7 +209,7 @@ def render(res: dict) -> str:
          f"- Device: {m['device']['name']} ({m['device']['device']}), torch {m['device']['torch']}, "
          f"{m['torch_threads']} torch threads; load average at the end {tuple(round(v, 1) for v in m['loadavg'])} "
          "(2 CPU cores shared with other jobs, so times are upper bounds)",
-         f"- Models: 784-512-512-512-10 ReLU MLPs, {m['source']}",
+         f"- Models: {'-'.join(map(str, m.get('widths', WIDTHS)))} ReLU MLPs, {m['source']}",
          f"- Metrics on the MNIST test split (10,000 images); REPAIR statistics from the first "
          f"{m.get('repair_samples', 0):,} training images.",
          "- Linear assignments are solved by scipy on the CPU; everything else runs on the device above.",
@@ -107,6 +217,12 @@ def render(res: dict) -> str:
                                                       " so far: **run incomplete**, sections below may be missing."), "", "## Individual models", "",
          "| seed | test accuracy | test loss |", "|---|---|---|"]
     L += [f"| {i} | {r['accuracy']:.4f} | {r['loss']:.4f} |" for i, r in enumerate(res["models"])]
+    if "sanity" in res:
+        sa = res["sanity"]
+        L += ["", "## Known answer on the real models", "",
+              f"Seed 0 and two randomly permuted copies of it: weight matching recovers the permutation exactly: "
+              f"**{sa['wm_recovers']}**; C2M3 on the three recovers both exactly: **{sa['c2m3_recovers']}** "
+              f"({sa['c2m3_iterations']} Frank-Wolfe iterations)."]
     L += ["", "## Test-loss barrier between two seeds", "",
           "Barrier definitions: *mean* = max_λ L(λ) − ½(L(0)+L(1)); *linear* = max_λ L(λ) − ((1−λ)L(0)+λL(1)); "
           f"λ on a grid of {m.get('lambdas', 11)} points. Accuracy barrier = max_λ of (linear interpolation of "
