@@ -268,3 +268,19 @@ def test_loss_plane_coordinates_and_values():
 def test_invert_is_an_inverse():
     p = torch.randperm(17, generator=torch.Generator().manual_seed(0))
     assert torch.equal(p[invert(p)], torch.arange(17))
+
+
+def test_figures_share_one_colour_scale_and_mark_the_models():
+    from analysis.plots.alignment import interpolation_figure, plane_figure
+    a = {"w": torch.zeros(2)}
+    b = {"w": torch.tensor([1.0, 0.0])}
+    c = {"w": torch.tensor([0.0, 1.0])}
+    naive = loss_plane([a, b, c], lambda sd: {"loss": 1.0 + float(sd["w"].pow(2).sum())}, resolution=3)
+    aligned = loss_plane([a, b, c], lambda sd: {"loss": 0.5 + float(sd["w"].sum().abs())}, resolution=3)
+    fig = plane_figure({"naive": naive, "aligned": aligned})
+    contours = [t for t in fig.data if t.type == "contour"]
+    assert len(contours) == 2 and contours[0].zmin == contours[1].zmin and contours[0].zmax == contours[1].zmax
+    assert [list(t.text) for t in fig.data if t.type == "scatter"] == [["A", "B", "C"]] * 2
+    curves = pd.DataFrame({"lam": [0.0, 1.0] * 2, "metric": "loss", "value": [1.0, 1.0, 1.0, 2.0],
+                           "method": ["naive"] * 2 + ["weight matching"] * 2})
+    assert [t.name for t in interpolation_figure(curves).data] == ["naive", "weight matching"]
