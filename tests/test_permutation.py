@@ -284,3 +284,14 @@ def test_figures_share_one_colour_scale_and_mark_the_models():
     curves = pd.DataFrame({"lam": [0.0, 1.0] * 2, "metric": "loss", "value": [1.0, 1.0, 1.0, 2.0],
                            "method": ["naive"] * 2 + ["weight matching"] * 2})
     assert [t.name for t in interpolation_figure(curves).data] == ["naive", "weight matching"]
+
+
+def test_cycle_error_is_zero_for_pairwise_matching_of_permuted_copies(models):
+    # a known answer that fixes the direction of the composition in cycle_error
+    a = models[0]
+    spec = mlp_spec_from_state_dict(a)
+    cp = [a] + [apply_permutation(a, spec, random_perms(spec.sizes(a), s)) for s in (21, 22)]
+    maps = [weight_matching(cp[i], cp[j], spec) for i, j in ((0, 1), (1, 2), (2, 0))]
+    assert all(v == 0.0 for v in cycle_error(maps).values())
+    shuffled = [maps[0], maps[1], {g: torch.roll(p, 1) for g, p in maps[2].items()}]
+    assert all(v == 1.0 for v in cycle_error(shuffled).values())
