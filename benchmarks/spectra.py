@@ -4,6 +4,7 @@ per-task, per-layer torch.linalg.svd loop, in the same run.
     python benchmarks/spectra.py                 # ViT-B/32-shaped set, 12 blocks, T = 8
     python benchmarks/spectra.py --blocks 2      # smaller (CPU)
     python benchmarks/spectra.py --demo          # also the built-in demo set, if built
+    python benchmarks/spectra.py --shape minilm  # synthetic set shaped like the demo backbone
 
 Synthetic set: CLIP ViT-B/32 vision tower shapes, per block 2304×768 (qkv in),
 768×768 (attn out), 3072×768 (mlp fc), 768×3072 (mlp proj); deltas are
@@ -32,12 +33,18 @@ from analysis.taskvectors import TaskVectorSet, as_matrix  # noqa: E402
 
 VIT_BLOCK = {"attn.in_proj_weight": (2304, 768), "attn.out_proj.weight": (768, 768),
              "mlp.c_fc.weight": (3072, 768), "mlp.c_proj.weight": (768, 3072)}
+# all-MiniLM-L6-v2 (the demo backbone): 6 layers, hidden 384, intermediate 1536
+MINILM_BLOCK = {"attention.self.query.weight": (384, 384), "attention.self.key.weight": (384, 384),
+                "attention.self.value.weight": (384, 384), "attention.output.dense.weight": (384, 384),
+                "intermediate.dense.weight": (1536, 384), "output.dense.weight": (384, 1536)}
+SHAPES = {"vit": ("visual.transformer.resblocks", VIT_BLOCK, "ViT-B/32-shaped"),
+          "minilm": ("encoder.layer", MINILM_BLOCK, "MiniLM-L6-shaped")}
 
 
-def synthetic_set(blocks: int, tasks: int, seed: int = 0) -> TaskVectorSet:
+def synthetic_set(blocks: int, tasks: int, seed: int = 0, shape: str = "vit") -> TaskVectorSet:
     g = torch.Generator().manual_seed(seed)
-    base = {f"visual.transformer.resblocks.{b}.{p}": torch.zeros(shape)
-            for b in range(blocks) for p, shape in VIT_BLOCK.items()}
+    prefix, block, _ = SHAPES[shape]
+    base = {f"{prefix}.{b}.{p}": torch.zeros(size) for b in range(blocks) for p, size in block.items()}
     finetuned = {}
     for t in range(tasks):
         sd = {}
@@ -136,7 +143,9 @@ def run(label: str, tvs: TaskVectorSet, device: torch.device, methods, skip_naiv
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--blocks", type=int, default=12, help="ViT blocks in the synthetic set (12 = ViT-B/32)")
+    p.add_argument("--blocks", type=int, default=None, help="blocks in the synthetic set (default 12 for vit, 6 for minilm)")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="vit",
+                   help="vit: CLIP ViT-B/32 vision tower; minilm: the demo backbone's shapes")
     p.add_argument("--tasks", type=int, default=8)
     p.add_argument("--device", default=None, help="cpu / cuda (default: analysis.device.get_device())")
     p.add_argument("--methods", default="gram,svd", help="comma list of SpectralCache methods to time")
@@ -158,9 +167,10 @@ def main(argv=None) -> int:
     methods = [m for m in args.methods.split(",") if m]
     results = {"device": info, "argv": sys.argv[1:], "runs": []}
     if not args.no_synthetic:
-        tvs = synthetic_set(args.blocks, args.tasks)
+        blocks = args.blocks or (12 if args.shape == "vit" else 6)
+        tvs = synthetic_set(blocks, args.tasks, shape=args.shape)
         f = args.rank_fraction or 1.0 / args.tasks
-        results["runs"].append(run(f"ViT-B/32-shaped synthetic ({args.blocks} blocks)", tvs, device, methods,
+        results["runs"].append(run(f"{SHAPES[args.shape][2]} synthetic ({blocks} blocks)", tvs, device, methods,
                                    args.skip_naive, f, args.new_rank_fraction))
         del tvs
     if args.demo:
