@@ -32,12 +32,15 @@ def _cross_gram(x: torch.Tensor, r: int) -> torch.Tensor:
     concatenation X = [x_1 … x_T] as (T, r, T, r), with the diagonal blocks
     set to exactly zero: x_tᵀx_t = I holds by construction (SVD factors), and
     the float32 rounding left there (~1e-7 per entry) would otherwise add a
-    spurious floor that grows with T·r."""
+    spurious floor that grows with T·r. Only blocks a < b are multiplied; the
+    others are their transposes."""
     t = x.shape[0]
+    g = x.new_zeros(t, r, t, r)
     with _exact_matmul():
-        g = torch.einsum("adi,bdj->aibj", x, x)
-    idx = torch.arange(t, device=x.device)
-    g[idx, :, idx, :] = 0.0
+        for a in range(t - 1):
+            blk = x[a].mT @ x[a + 1:]                      # (T-a-1, r, r): x_aᵀ x_b
+            g[a, :, a + 1:, :] = blk.permute(1, 0, 2)
+            g[a + 1:, :, a, :] = blk.mT
     return g
 
 
