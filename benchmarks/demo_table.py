@@ -37,6 +37,7 @@ ALPHA_GRIDS = {
     "tsv_m": [0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0],
     "iso_c": [0.4, 0.6, 0.8, 1.0, 1.2, 1.5, 2.0],
 }
+KEEP_MARKER = "<!-- kept by benchmarks/demo_table.py: text below this line is not regenerated -->"
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results_merge.md"
 
 
@@ -152,8 +153,13 @@ def main(argv=None) -> int:
         *[f"- {n}" for n in notes],
         "",
     ]
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text("\n".join(lines))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # hand-written sections after the marker (methods notes, benchmarks/merge.py timings) are kept
+    tail = ""
+    if out.is_file() and KEEP_MARKER in out.read_text():
+        tail = out.read_text().split(KEEP_MARKER, 1)[1]
+    out.write_text("\n".join(lines) + "\n" + KEEP_MARKER + tail)
     log(f"wrote {args.out}")
     return 0
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import sys
 import time
@@ -62,15 +63,23 @@ def sync(device):
         torch.cuda.synchronize()
 
 
+CPU_TIMES: list[float] = []   # process CPU seconds of each timed call (all threads), beside wall time
+
+
 def timed(fn, device, repeat=1):
     times, out = [], None
     for _ in range(repeat):
         sync(device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         out = fn()
         sync(device)
         times.append(time.perf_counter() - t0)
+        CPU_TIMES.append(time.process_time() - c0)
     return out, times
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def _polar_svd(x):
@@ -124,15 +133,15 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     device = get_device(args.device)
     info = device_info(device)
-    print(f"device: {info['name']} ({device}), torch {info['torch']}, threads {info['cpu_threads']}")
+    log(f"device: {info['name']} ({device}), torch {info['torch']}, threads {info['cpu_threads']}")
     print(f"set: T={args.tasks}, blocks={args.blocks} x {list(SHAPES.values())} (+ biases)")
     t0 = time.perf_counter()
     tvs = synthetic_set(args.tasks, args.blocks)
-    print(f"built synthetic set in {time.perf_counter() - t0:.1f} s")
+    log(f"built synthetic set in {time.perf_counter() - t0:.1f} s")
 
     cache = SpectralCache(tvs, device=device, persist=False)
     _, t_fac = timed(lambda: [cache.factors(n) for n in cache.names], device)
-    print(f"SpectralCache: all per-task factors in {t_fac[0]:.2f} s (once per set; compute_count={cache.compute_count})")
+    log(f"SpectralCache: all per-task factors in {t_fac[0]:.2f} s (once per set; compute_count={cache.compute_count})")
     T = args.tasks
     rows = []
     # ---- tsv_m: warm at f = 1/T, then change the rank fraction
@@ -143,7 +152,9 @@ def main(argv=None) -> int:
         for f in fractions:
             _, t = timed(lambda: merge(tvs, "tsv_m", rank_fraction=f, alpha=1.0, cache=cache, polar=solver), device)
             times.append(t[0])
-        rows.append(("tsv_m", f"cached, polar={solver}", statistics.median(times), len(times)))
+        rows.append(("tsv_m", f"cached, polar={solver}", statistics.median(times), len(times),
+                     statistics.median(CPU_TIMES[-len(times):])))
+        log(f"tsv_m cached re-merge, polar={solver}: {times}")
     f = fractions[0]
     exact = merge(tvs, "tsv_m", rank_fraction=f, cache=cache, polar="exact")
     fast = merge(tvs, "tsv_m", rank_fraction=f, cache=cache, polar="newton_schulz")
@@ -156,23 +167,29 @@ def main(argv=None) -> int:
     for c in [0.7, 0.9, 0.6, 0.75, 0.85][: args.repeat]:
         _, t = timed(lambda: merge(tvs, "iso_cts", common_fraction=c, cache=cache, polar="exact"), device)
         times.append(t[0])
-    rows.append(("iso_cts", "cached, polar=exact", statistics.median(times), len(times)))
+    rows.append(("iso_cts", "cached, polar=exact", statistics.median(times), len(times),
+                 statistics.median(CPU_TIMES[-len(times):])))
+    log(f"iso_cts cached re-merge: {times}")
     count = cache.compute_count
     if not args.skip_naive:
         naive, t = timed(lambda: naive_tsv_m(tvs, f, 1.0, device), device)
-        rows.append(("tsv_m", "from scratch (naive SVD loop)", t[0], 1))
+        rows.append(("tsv_m", "from scratch (naive SVD loop)", t[0], 1, CPU_TIMES[-1]))
+        log(f"tsv_m naive: {t[0]:.2f} s")
         print(f"tsv_m f={f}: cached (exact polar) vs naive relative error: "
               f"{rel_err({k: exact[k] for k in names}, naive):.2e}")
         naive, t = timed(lambda: naive_iso_cts(tvs, 0.7, 1.0, device), device)
-        rows.append(("iso_cts", "from scratch (naive SVD loop)", t[0], 1))
+        rows.append(("iso_cts", "from scratch (naive SVD loop)", t[0], 1, CPU_TIMES[-1]))
+        log(f"iso_cts naive: {t[0]:.2f} s")
         ours = merge(tvs, "iso_cts", common_fraction=0.7, cache=cache, polar="exact")
         print(f"iso_cts c=0.7: cached vs naive relative error: {rel_err({k: ours[k] for k in names}, naive):.2e}")
     assert cache.compute_count == count, "a rank change recomputed an SVD"
     print()
-    print("| method | route | seconds (median) | runs |")
-    print("|---|---|---|---|")
-    for method, route, sec, n in rows:
-        print(f"| {method} | {route} | {sec:.3f} | {n} |")
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"load average at the end: {load:.1f} on {os.cpu_count()} cores (wall times include waiting for the CPU)")
+    print("| method | route | wall s (median) | process CPU s (median) | runs |")
+    print("|---|---|---|---|---|")
+    for method, route, sec, n, cpu in rows:
+        print(f"| {method} | {route} | {sec:.3f} | {cpu:.3f} | {n} |")
     return 0
 
 

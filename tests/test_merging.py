@@ -189,14 +189,16 @@ def test_tsv_m_overflow_cap_and_polar():
     assert torch.isfinite(wide[name]).all()
 
 
-def test_tsv_m_newton_schulz_matches_exact_polar():
+@pytest.mark.parametrize("method", ["tsv_m", "iso_cts"])
+def test_polar_solvers_agree_within_1e_4(method):
     tvs = random_set(n_tasks=4)
     cache = SpectralCache(tvs, persist=False)
-    exact = merge(tvs, "tsv_m", cache=cache, device="cpu", polar="exact")
-    fast = merge(tvs, "tsv_m", cache=cache, device="cpu", polar="newton_schulz")
-    for name in tvs.param_names:
-        rel = float((fast[name] - exact[name]).norm() / exact[name].norm())
-        assert rel <= 1e-4, (name, rel)
+    exact = merge(tvs, method, cache=cache, device="cpu", polar="exact")
+    for solver in ("gram", "newton_schulz"):
+        fast = merge(tvs, method, cache=cache, device="cpu", polar=solver)
+        for name in tvs.param_names:
+            rel = float((fast[name] - exact[name]).norm() / exact[name].norm())
+            assert rel <= 1e-4, (solver, name, rel)
 
 
 def test_tsv_c_is_each_tasks_truncated_svd():
@@ -260,6 +262,33 @@ def test_iso_cts_split_and_flat_spectrum():
         for name in ("blocks.0.attn.weight", "blocks.1.mlp.weight"):
             s = torch.linalg.svdvals(out[name].double())
             torch.testing.assert_close(s, s.mean().expand_as(s), rtol=1e-4, atol=0)
+
+
+def naive_iso_cts(taus: torch.Tensor, c: float, alpha: float) -> torch.Tensor:
+    """The definition, step by step, in float64 with SVDs from scratch."""
+    taus = taus.double()
+    t, m, n = taus.shape
+    r = min(m, n)
+    common, k = split_rank(r, t, c)
+    u, s, vh = torch.linalg.svd(taus.sum(0), full_matrices=False)
+    us, ss, vhs = [u[:, :common]], [s[:common]], [vh[:common]]
+    for i in range(t):
+        resid = taus[i] - u[:, :common] @ (u[:, :common].T @ taus[i])
+        ru, rs, rvh = torch.linalg.svd(resid, full_matrices=False)
+        us.append(ru[:, :k]); ss.append(rs[:k]); vhs.append(rvh[:k])
+    pu, _, qu = torch.linalg.svd(torch.cat(us, 1), full_matrices=False)
+    pv, _, qv = torch.linalg.svd(torch.cat(vhs, 0), full_matrices=False)
+    return alpha * torch.cat(ss).mean() * (pu @ qu) @ (pv @ qv)
+
+
+def test_iso_cts_matches_the_definition_computed_from_scratch():
+    tvs = random_set(n_tasks=3)
+    for c in (0.3, 0.8):
+        out = merge(tvs, "iso_cts", common_fraction=c, alpha=0.9, device="cpu", polar="exact")
+        for name in ("blocks.0.attn.weight", "blocks.1.mlp.weight"):     # wide and tall
+            ref = naive_iso_cts(tvs.deltas(name), c, 0.9)
+            rel = float((out[name].double() - ref).norm() / ref.norm())
+            assert rel <= 1e-5, (c, name, rel)
 
 
 def test_iso_cts_task_part_matches_a_direct_svd():

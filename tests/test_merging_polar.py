@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from analysis.merging.polar import polar, polar_exact, polar_newton_schulz
+from analysis.merging.polar import polar, polar_exact, polar_gram, polar_newton_schulz
 
 
 def rel(a, b):
@@ -52,6 +52,14 @@ def test_newton_schulz_on_concatenated_task_bases():
     assert rel(fast, polar_exact(u)) <= 1e-4
 
 
+@pytest.mark.parametrize("shape", [(64, 64), (96, 32), (32, 96), (4, 48, 40)])
+def test_gram_route_matches_exact_within_1e_5(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    w, info = polar_gram(x, return_info=True)
+    assert info["fallback"] == 0
+    assert rel(w, polar_exact(x)) <= 1e-5
+
+
 def test_newton_schulz_falls_back_when_rank_deficient():
     # duplicated columns: a zero singular value, the iteration cannot converge there
     q, _ = torch.linalg.qr(torch.randn(20, 5))
@@ -60,10 +68,14 @@ def test_newton_schulz_falls_back_when_rank_deficient():
     assert info["fallback"] == 1
     torch.testing.assert_close(out[0], polar_exact(x[0]))
     assert rel(out[1], polar_exact(x[1])) <= 1e-4
+    out, info = polar_gram(x, return_info=True)
+    assert info["fallback"] == 1
+    torch.testing.assert_close(out[0], polar_exact(x[0]))
 
 
 def test_auto_solver_and_errors():
     x = torch.randn(10, 6)
-    torch.testing.assert_close(polar(x, "auto"), polar_exact(x))     # CPU: exact
+    torch.testing.assert_close(polar(x, "auto"), polar_gram(x))      # CPU: the Gram route
+    torch.testing.assert_close(polar(x, "exact"), polar_exact(x))
     with pytest.raises(ValueError, match="bogus"):
         polar(x, "bogus")

@@ -13,7 +13,8 @@ Iso-CTS, per matrix parameter (r = min(m, n)):
   common subspace: the sum's top `common` triplets (U_c, S_c, V_c);
   task t: the top s triplets of (I − U_c U_cᵀ) τ_t (common subspace projected out);
   concatenate U* = [U_c, X_1 … X_T], V* likewise (m × r, n × r), replace them
-  by their polar factors, set every singular value to the mean of the
+  by their polar factors (every X_t is orthogonal to U_c by construction, so
+  polar(U*) = [U_c, polar([X_1 … X_T])]: only the m × T·s block is solved), set every singular value to the mean of the
   concatenated ones (S_c and each task's s values): delta = α · mean · U⊥ V⊥ᵀ.
   With c = 1, s = 0 and this is Iso-C exactly (the common block is cut to the
   sum's numerical rank as in Iso-C).
@@ -103,7 +104,7 @@ def _iso_cts(tvs, params, ctx):
         for (m, n), group in shape_groups(tvs, names).items():
             r = min(m, n)
             common, per_task = split_rank(r, n_tasks, c)
-            us, vhs, svals = [], [], []
+            parts: dict[int, list] = {}          # by common width kc (the sum's numerical rank may cut it)
             for name in group:
                 u_sum, s_sum, vh_sum = sum_factors(tvs, ctx, name)
                 kc = min(common, numerical_rank(s_sum, m, n))
@@ -113,15 +114,18 @@ def _iso_cts(tvs, params, ctx):
                     u_parts += list(x.unbind(0))
                     vh_parts += list(y_h.unbind(0))
                     s_parts += list(sig.unbind(0))
-                us.append(torch.cat(u_parts, dim=1))
-                vhs.append(torch.cat(vh_parts, dim=0))
-                svals.append(torch.cat(s_parts).mean())
-            u, vh = torch.stack(us), torch.stack(vhs)
-            if per_task > 0:       # with c = 1 the sum's own U, V are already orthonormal
-                u, vh = polar(u, ctx.polar), polar(vh, ctx.polar)
-            merged = torch.stack(svals)[:, None, None] * (u @ vh)
-            for i, name in enumerate(group):
-                unscaled[name] = merged[i].reshape(tvs.shape(name))
+                parts.setdefault(kc, []).append((name, torch.cat(u_parts, dim=1), torch.cat(vh_parts, dim=0),
+                                                 torch.cat(s_parts).mean()))
+            for kc, items in parts.items():
+                u = torch.stack([it[1] for it in items])
+                vh = torch.stack([it[2] for it in items])
+                if per_task > 0:   # with c = 1 the sum's own U, V are already orthonormal
+                    # U* = [U_c, X]: X ⟂ U_c by construction, so polar(U*) = [U_c, polar(X)]
+                    u = torch.cat([u[:, :, :kc], polar(u[:, :, kc:], ctx.polar)], dim=2)
+                    vh = polar(vh, ctx.polar)
+                merged = torch.stack([it[3] for it in items])[:, None, None] * (u @ vh)
+                for i, (name, *_rest) in enumerate(items):
+                    unscaled[name] = merged[i].reshape(tvs.shape(name))
         forget(ctx.memo, "iso_cts")
         ctx.memo[key] = unscaled
     out = {}

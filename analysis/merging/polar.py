@@ -5,8 +5,12 @@ For X (m × p) with thin SVD X = P D Qᵀ, the polar factor W = P Qᵀ minimises
 wide matrix cannot have orthonormal columns, so the nearest matrix with
 orthonormal *rows* is returned: a partial isometry of rank m).
 
-Two solvers:
+Three solvers:
 - `polar_exact`: the definition, via SVD.
+- `polar_gram`: W = X (XᵀX)^(-1/2) with the Gram matrix's eigendecomposition
+  in float64 (squaring the condition number costs nothing at float32
+  output); a direct solver, about twice as fast as the SVD on CPU. Matrices
+  whose Gram matrix is (near) singular go to the SVD.
 - `polar_newton_schulz`: matmul-only iterations, the fast path for GPUs
   (tensor cores). A few quintic steps push the small singular values up fast
   (bf16 on CUDA), then cubic Newton–Schulz steps `Y ← 1.5·Y − 0.5·Y(YᵀY)` in
@@ -26,20 +30,44 @@ _QUINTIC = (3.4445, -4.7750, 2.0315)
 
 
 def polar(x: torch.Tensor, method: str = "auto", **kwargs) -> torch.Tensor:
-    """Polar factor of x (..., m, p). method: "exact" | "newton_schulz" | "auto"
-    ("auto": Newton–Schulz on CUDA, where matmuls are cheap; SVD elsewhere)."""
+    """Polar factor of x (..., m, p). method: "exact" | "gram" | "newton_schulz" | "auto"
+    ("auto": Newton–Schulz on CUDA, where matmuls are cheap; the Gram route elsewhere)."""
     if method == "auto":
-        method = "newton_schulz" if x.device.type == "cuda" else "exact"
+        method = "newton_schulz" if x.device.type == "cuda" else "gram"
     if method == "exact":
         return polar_exact(x)
+    if method == "gram":
+        return polar_gram(x, **kwargs)
     if method == "newton_schulz":
         return polar_newton_schulz(x, **kwargs)
-    raise ValueError(f"unknown polar solver {method!r}; expected 'auto', 'exact' or 'newton_schulz'")
+    raise ValueError(f"unknown polar solver {method!r}; expected 'auto', 'exact', 'gram' or 'newton_schulz'")
 
 
 def polar_exact(x: torch.Tensor) -> torch.Tensor:
     p, _, qh = torch.linalg.svd(x.float(), full_matrices=False)
     return p @ qh
+
+
+def polar_gram(x: torch.Tensor, rcond: float = 1e-10, return_info: bool = False):
+    """W = Y (YᵀY)^(-1/2) on the tall orientation, eigh in float64; SVD where
+    λ_min(YᵀY) ≤ rcond·λ_max (rank-deficient: the polar factor is not unique)."""
+    wide = x.shape[-2] < x.shape[-1]
+    y = (x.mT if wide else x).float()
+    squeeze = y.ndim == 2
+    if squeeze:
+        y = y.unsqueeze(0)
+    yd = y.double()
+    evals, evecs = torch.linalg.eigh(yd.mT @ yd)
+    bad = evals[:, 0] <= rcond * evals[:, -1].clamp_min(torch.finfo(torch.float64).tiny)
+    inv_sqrt = (evecs * evals.clamp_min(torch.finfo(torch.float64).tiny).rsqrt().unsqueeze(-2)) @ evecs.mT
+    w = (yd @ inv_sqrt).float()
+    if bool(bad.any()):
+        w[bad] = polar_exact(y[bad])
+    w = w[0] if squeeze else w
+    w = w.mT if wide else w
+    if return_info:
+        return w, {"fallback": int(bad.sum())}
+    return w
 
 
 def polar_newton_schulz(x: torch.Tensor, quintic_steps: int = 5, max_cubic_steps: int = 40,
