@@ -125,13 +125,13 @@ try:
         else:
             curves, bars = paths_table(src_key, a, b, method, use_repair, n_lam, n_eval, n_rep)
             f1, f2 = st.columns(2)
-            f1.plotly_chart(interpolation_figure(curves, "loss"), use_container_width=True)
+            f1.plotly_chart(interpolation_figure(curves, "loss"), width="stretch")
             f2.plotly_chart(interpolation_figure(curves, "accuracy", title="Test accuracy along the path A → B"),
-                            use_container_width=True)
+                            width="stretch")
             st.markdown("**Barriers** — *mean*: max_λ L(λ) − ½(L(0)+L(1)); *linear*: max_λ L(λ) − "
                         "((1−λ)L(0)+λL(1)); for accuracy, the dip below the endpoints' interpolation.")
             st.dataframe(bars.rename(columns={"barrier_mean": "barrier (mean)", "barrier_linear": "barrier (linear)"}),
-                         hide_index=True, use_container_width=True)
+                         hide_index=True, width="stretch")
 
     with plane_tab:
         if len(names) < 3:
@@ -146,7 +146,7 @@ try:
             elif st.toggle("Compute the plane", value=False, key="al_plane_on",
                            help=f"{resolution}² evaluations per panel"):
                 pl = planes(src_key, trio, method, resolution, n_eval)
-                st.plotly_chart(plane_figure(pl, "loss"), use_container_width=True)
+                st.plotly_chart(plane_figure(pl, "loss"), width="stretch")
 
     with merge_tab:
         chosen = st.multiselect("Models to merge", names, default=names[: min(3, len(names))], key="al_merge")
@@ -155,10 +155,10 @@ try:
         elif st.toggle("Compute the merge", value=False, key="al_merge_on",
                        help="C2M3 on MNIST-sized MLPs takes minutes on a CPU; the result is cached"):
             table, cyc = merges(src_key, tuple(chosen), method, use_repair, n_eval, n_rep)
-            st.dataframe(table, hide_index=True, use_container_width=True)
+            st.dataframe(table, hide_index=True, width="stretch")
             if cyc is not None:
                 st.markdown(f"**Cycle error** around {' → '.join(chosen)} → {chosen[0]}: fraction of hidden units "
                             "that do not come back to themselves (0 = cycle-consistent).")
-                st.dataframe(cyc.pivot(index="method", columns="group", values="value"), use_container_width=True)
+                st.dataframe(cyc.pivot(index="method", columns="group", values="value"), width="stretch")
 except MergescopeError as e:
     st.error(str(e))
