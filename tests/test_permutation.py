@@ -295,3 +295,14 @@ def test_cycle_error_is_zero_for_pairwise_matching_of_permuted_copies(models):
     assert all(v == 0.0 for v in cycle_error(maps).values())
     shuffled = [maps[0], maps[1], {g: torch.roll(p, 1) for g, p in maps[2].items()}]
     assert all(v == 1.0 for v in cycle_error(shuffled).values())
+
+
+def test_barriers_agree_with_the_landscape_module():
+    landscape = pytest.importorskip("analysis.landscape")
+    curve = pd.DataFrame({"lam": [0.0, 0.25, 0.5, 0.75, 1.0] * 2, "metric": ["loss"] * 5 + ["accuracy"] * 5,
+                          "value": [0.3, 0.9, 1.4, 0.6, 0.2, 0.95, 0.7, 0.5, 0.8, 0.96]})
+    theirs = landscape.barriers(curve.assign(task="mnist")).set_index(["metric", "definition"])["value"]
+    for metric in ("loss", "accuracy"):
+        ours = barriers(curve, metric)
+        assert ours["barrier_mean"] == pytest.approx(theirs[(metric, "midpoint")])
+        assert ours["barrier_linear"] == pytest.approx(theirs[(metric, "linear")])
