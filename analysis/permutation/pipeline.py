@@ -30,14 +30,15 @@ def align_to_first(sds: Sequence[StateDict], spec: PermutationSpec, method: Meth
     if method == "none":
         return [dict(sd) for sd in sds]
     if method == "weight_matching":
-        return [dict(sds[0])] + [apply_permutation(sd, spec, weight_matching(sds[0], sd, spec, seed=seed, device=device))
-                                 for sd in sds[1:]]
+        return [dict(sds[0])] + [apply_permutation(sd, spec, weight_matching(sds[0], sd, spec, seed=seed,
+                                                                             device=device)) for sd in sds[1:]]
     res = c2m3(sds, spec, seed=seed, device=device)
     return [dict(sds[0])] + [apply_permutation(sd, spec, res.pairwise(0, j)) for j, sd in enumerate(sds) if j > 0]
 
 
-def merge_models(sds: Sequence[StateDict], spec: PermutationSpec, method: Method, *, repair_x: torch.Tensor | None = None,
-                 seed: int = 0, device: str | torch.device | None = None, c2m3_result=None) -> dict[str, torch.Tensor]:
+def merge_models(sds: Sequence[StateDict], spec: PermutationSpec, method: Method, *,
+                 repair_x: torch.Tensor | None = None, seed: int = 0, device: str | torch.device | None = None,
+                 c2m3_result=None) -> dict[str, torch.Tensor]:
     """Uniform average of N models after alignment (C2M3: in the universe,
     mapped back to model 0's basis; weight matching: every model matched to
     model 0). With `repair_x` (training inputs), REPAIR the hidden layers of
