@@ -11,6 +11,7 @@ import functools
 import time
 
 import numpy as np
+import pandas as pd
 import streamlit as st
 
 from analysis.errors import MergescopeError
@@ -65,7 +66,7 @@ if path_kind == LINE:
     default_end = next((l for l in labels if l.startswith("fine-tuned")), labels[-1])
     end = c2.selectbox("End (λ = 1)", labels, key="ll_end",
                        index=labels.index(from_query("ll_end", labels, default=default_end)))
-    points = c3.slider("λ points", 3, 21, int(from_query("ll_points", cast=int, default=7)), step=1, key="ll_points",
+    points = c3.slider("λ points", 3, 21, int(from_query("ll_points", cast=int, default=5)), step=1, key="ll_points",
                        help="evenly spaced from 0 to 1, both ends included (barriers need them)")
     remember(ll_path=path_kind, ll_start=start, ll_end=end, ll_points=points)
 else:
@@ -75,14 +76,15 @@ else:
     delta_label = c1.selectbox("Delta δ", labels, key="ll_delta",
                                index=labels.index(from_query("ll_delta", labels, default=default_delta)))
     lo, hi = c2.slider("α range", 0.0, 3.0, (0.0, 1.5), step=0.05, key="ll_alpha")
-    points = c3.slider("α points", 3, 21, int(from_query("ll_points", cast=int, default=7)), step=1, key="ll_points")
+    points = c3.slider("α points", 3, 21, int(from_query("ll_points", cast=int, default=5)), step=1, key="ll_points")
     remember(ll_path=path_kind, ll_delta=delta_label, ll_points=points)
 
 d1, d2, d3 = st.columns([1, 1, 2])
 split = d1.selectbox("Split", ["validation", "test"], key="ll_split",
                      index=["validation", "test"].index(from_query("ll_split", ["validation", "test"], default="validation")))
-subsample = d2.select_slider("Live subsample (examples per task)", [16, 32, 64, 128, 256], key="ll_sub",
-                             value=int(from_query("ll_sub", cast=int, default=32)))
+subsample = d2.select_slider("Live subsample (examples per task)", [8, 16, 32, 64, 128, 256], key="ll_sub",
+                             value=int(from_query("ll_sub", cast=int, default=16)),
+                             help="live evaluation cost grows with points × tasks × examples; the full split is a toggle below")
 tasks = d3.multiselect("Tasks", tasks_all, default=tasks_all, key="ll_tasks")
 remember(ll_split=split, ll_sub=subsample)
 full = st.toggle("Full split (slower: every example of the split)", key="ll_full", value=False)
@@ -92,27 +94,41 @@ if not tasks:
 
 
 def run_path(progress):
-    """Curves for the current choices (memoised per workspace, keyed by every choice)."""
-    memo = ws.extras.setdefault("landscape_curves", {})
+    """Curves for the current choices.
+
+    Memoised per point: every evaluated (path, split, subsample, tasks, λ or α)
+    is kept in the workspace, so a grid change only evaluates the new points
+    (0 and 1 are shared by every λ grid, all of a 5-point grid by the 9-point one).
+    """
+    memo = ws.extras.setdefault("landscape_points", {})
     n = None if full else int(subsample)
     cache_factory = lambda emb: spectral_cache(ws, ws.key, emb)  # noqa: E731 - only SVD merges call it
+    evaluate = functools.partial(ws.evaluator.evaluate, split=split, subsample=n, tasks=tasks)
     if path_kind == LINE:
         sa, sb = options[start], options[end]
-        key = ("line", spec_key(sa), spec_key(sb), points, split, n, tuple(tasks))
-        if key not in memo:
-            evaluate = functools.partial(ws.evaluator.evaluate, split=split, subsample=n, tasks=tasks)
-            base = tvs.apply({})
-            memo[key] = delta_path(evaluate, base, delta_of(ws, sa, cache_factory), delta_of(ws, sb, cache_factory),
-                                   lambda_grid(points), progress=progress)
+        coord, grid = "lam", lambda_grid(points)
+        path_key = ("line", spec_key(sa), spec_key(sb), split, n, tuple(tasks))
+
+        def compute(xs, report):
+            return delta_path(evaluate, tvs.apply({}), delta_of(ws, sa, cache_factory),
+                              delta_of(ws, sb, cache_factory), xs, progress=report)
     else:
         sd = options[delta_label]
-        alphas = np.linspace(lo, hi, points)
-        key = ("scale", spec_key(sd), float(lo), float(hi), points, split, n, tuple(tasks))
-        if key not in memo:
-            evaluate = functools.partial(ws.evaluator.evaluate, split=split, subsample=n, tasks=tasks)
-            memo[key] = scaling_path(evaluate, tvs.apply({}), delta_of(ws, sd, cache_factory), alphas,
-                                     progress=progress)
-    return memo[key]
+        coord, grid = "alpha", np.linspace(lo, hi, points)
+        path_key = ("scale", spec_key(sd), split, n, tuple(tasks))
+
+        def compute(xs, report):
+            return scaling_path(evaluate, tvs.apply({}), delta_of(ws, sd, cache_factory), xs, progress=report)
+    keys = [(path_key, round(float(x), 9)) for x in grid]
+    missing = [float(x) for x, k in zip(grid, keys) if k not in memo]
+    if missing:
+        fresh = compute(missing, progress)
+        for x, g in fresh.groupby(coord, sort=False):
+            memo[(path_key, round(float(x), 9))] = g
+        while len(memo) > 2000:  # bounded: each entry is a few rows
+            memo.pop(next(iter(memo)))
+    st.session_state["ll_points_evaluated"] = len(missing)
+    return pd.concat([memo[k] for k in keys], ignore_index=True)
 
 
 bar = st.progress(0.0, text="evaluating…")
@@ -128,9 +144,11 @@ elapsed = time.perf_counter() - t0
 st.session_state["ll_last_seconds"] = elapsed
 
 n_used = int(curves["n"].max()) if "n" in curves else None
+path_coord = "lam" if path_kind == LINE else "alpha"
 scope = "full split" if full else f"subsample of {subsample} per task"
-st.caption(f"{split} split, {scope}{f' (n ≤ {n_used})' if n_used else ''} · computed in {elapsed:.2f} s "
-           f"({len(curves) // max(1, 2 * len(tasks))} points × {len(tasks)} tasks)")
+st.caption(f"{split} split, {scope}{f' (n ≤ {n_used})' if n_used else ''} · {elapsed:.2f} s for "
+           f"{st.session_state['ll_points_evaluated']} new of {curves[path_coord].nunique()} points × {len(tasks)} tasks "
+           "(evaluated points are kept: moving back costs nothing)")
 
 if path_kind == LINE:
     title = f"{start} → {end}"

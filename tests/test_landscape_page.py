@@ -23,17 +23,17 @@ def test_renders_curves_and_barriers(tiny_workspace):
     assert not at.error, [e.value for e in at.error]
     curves = tiny_workspace.extras["landscape_last"]["curves"]
     assert set(curves["task"]) == {"alpha", "beta", "gamma"}
-    assert sorted(curves["lam"].unique()) == pytest.approx(list(__import__("numpy").linspace(0, 1, 7)))
+    assert sorted(curves["lam"].unique()) == pytest.approx(list(__import__("numpy").linspace(0, 1, 5)))
     # the start is the pretrained model, the end fine-tuned on 'alpha': the ends match the reference (validation)
     ref = tiny_workspace.reference
     ref = ref[(ref.split == "validation") & (ref.metric == "accuracy")]
     at0 = curves[(curves.lam == 0) & (curves.metric == "accuracy")].set_index("task")["value"]
     at1 = curves[(curves.lam == 1) & (curves.metric == "accuracy") & (curves.task == "alpha")]["value"].iloc[0]
-    # subsample 32 of 48: compare on the same subsample through the evaluator
+    # subsample 16 of 48: compare on the same subsample through the evaluator
     ev = tiny_workspace.evaluator
-    zs = ev.evaluate(None, split="validation", subsample=32).query("metric == 'accuracy'").set_index("task")["value"]
+    zs = ev.evaluate(None, split="validation", subsample=16).query("metric == 'accuracy'").set_index("task")["value"]
     assert at0.loc[zs.index].tolist() == pytest.approx(zs.tolist())
-    ft = ev.evaluate_delta(tiny_workspace.tvs.task_vector("alpha"), split="validation", subsample=32, tasks=["alpha"])
+    ft = ev.evaluate_delta(tiny_workspace.tvs.task_vector("alpha"), split="validation", subsample=16, tasks=["alpha"])
     assert at1 == pytest.approx(ft.query("metric == 'accuracy'")["value"].iloc[0])
     # both barrier definitions are shown and labelled
     tables = [d.value for d in at.dataframe]
@@ -44,9 +44,14 @@ def test_renders_curves_and_barriers(tiny_workspace):
 
 def test_slider_change_recomputes_and_query_params_restore(tiny_workspace):
     at = _page(tiny_workspace)
-    at.slider(key="ll_points").set_value(5).run()
+    calls = tiny_workspace.evaluator.calls
+    at.slider(key="ll_points").set_value(9).run()
     assert not at.exception
-    assert tiny_workspace.extras["landscape_last"]["curves"]["lam"].nunique() == 5
+    assert tiny_workspace.extras["landscape_last"]["curves"]["lam"].nunique() == 9
+    # the 5-point grid is part of the 9-point one: only the 4 new λ are evaluated
+    assert tiny_workspace.evaluator.calls - calls == 4
+    at.slider(key="ll_points").set_value(5).run()
+    assert tiny_workspace.evaluator.calls - calls == 4  # moving back costs nothing
     # a fresh session opened with the URL's parameters restores the choices
     at2 = _page(tiny_workspace, {"ll_start": "fine-tuned: beta", "ll_end": "fine-tuned: gamma", "ll_points": "3"})
     assert not at2.exception
