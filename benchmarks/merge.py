@@ -147,7 +147,7 @@ def main(argv=None) -> int:
     # ---- tsv_m: warm at f = 1/T, then change the rank fraction
     merge(tvs, "tsv_m", rank_fraction=1 / T, cache=cache, polar="exact")
     fractions = [0.05, 0.08, 0.1, 0.03, 0.06][: args.repeat]
-    for solver in ("exact", "newton_schulz"):
+    for solver in ("exact", "gram", "newton_schulz"):
         times = []
         for f in fractions:
             _, t = timed(lambda: merge(tvs, "tsv_m", rank_fraction=f, alpha=1.0, cache=cache, polar=solver), device)
@@ -157,19 +157,24 @@ def main(argv=None) -> int:
         log(f"tsv_m cached re-merge, polar={solver}: {times}")
     f = fractions[0]
     exact = merge(tvs, "tsv_m", rank_fraction=f, cache=cache, polar="exact")
-    fast = merge(tvs, "tsv_m", rank_fraction=f, cache=cache, polar="newton_schulz")
     names = tvs.names_of_kind("matrix")
-    print(f"tsv_m f={f}: Newton–Schulz vs exact polar, relative error over all matrices: "
-          f"{rel_err({k: fast[k] for k in names}, {k: exact[k] for k in names}):.2e}")
+    for solver in ("gram", "newton_schulz"):
+        fast = merge(tvs, "tsv_m", rank_fraction=f, cache=cache, polar=solver)
+        print(f"tsv_m f={f}: polar={solver} vs exact polar, relative error over all matrices: "
+              f"{rel_err({k: fast[k] for k in names}, {k: exact[k] for k in names}):.2e}")
     # ---- iso_cts: warm (sum SVDs memoised), then change the common fraction
     merge(tvs, "iso_cts", common_fraction=0.8, cache=cache, polar="exact")
-    times = []
-    for c in [0.7, 0.9, 0.6, 0.75, 0.85][: args.repeat]:
-        _, t = timed(lambda: merge(tvs, "iso_cts", common_fraction=c, cache=cache, polar="exact"), device)
-        times.append(t[0])
-    rows.append(("iso_cts", "cached, polar=exact", statistics.median(times), len(times),
-                 statistics.median(CPU_TIMES[-len(times):])))
-    log(f"iso_cts cached re-merge: {times}")
+    for solver in ("exact", "gram"):
+        times = []
+        for c in [0.7, 0.9, 0.6, 0.75, 0.85][: args.repeat]:
+            _, t = timed(lambda: merge(tvs, "iso_cts", common_fraction=c, cache=cache, polar=solver), device)
+            times.append(t[0])
+        rows.append(("iso_cts", f"cached, polar={solver}", statistics.median(times), len(times),
+                     statistics.median(CPU_TIMES[-len(times):])))
+        log(f"iso_cts cached re-merge, polar={solver}: {times}")
+    ex = merge(tvs, "iso_cts", common_fraction=0.7, cache=cache, polar="exact")
+    gr = merge(tvs, "iso_cts", common_fraction=0.7, cache=cache, polar="gram")
+    print(f"iso_cts c=0.7: polar=gram vs exact relative error: {rel_err({k: gr[k] for k in names}, {k: ex[k] for k in names}):.2e}")
     count = cache.compute_count
     if not args.skip_naive:
         naive, t = timed(lambda: naive_tsv_m(tvs, f, 1.0, device), device)
