@@ -68,12 +68,16 @@ def layer_sti(cache: SpectralCache, name: str, rank_fraction: float, pairs: bool
     sti = float(prod.abs().sum(dtype=torch.float64))
     if not pairs:
         return sti, r
-    pair = torch.full((t, t), float("nan"), dtype=torch.float64)
+    # all pairs i < j at once: one batched matmul instead of T(T-1)/2 small ones
+    ii, jj = torch.triu_indices(t, t, offset=1, device=s.device)
+    p = pu.permute(0, 2, 1, 3)[ii, jj]              # (pairs, r, r) = U_iᵀU_j
+    q = pv.permute(0, 2, 1, 3)[ii, jj]              # (pairs, r, r) = V_iᵀV_j
     with _exact_matmul():
-        for i, j in itertools.combinations(range(t), 2):
-            p, q = pu[i, :, j, :], pv[i, :, j, :]
-            pair[i, j] = pair[j, i] = float(((p * s[j]) @ q.mT).abs().sum(dtype=torch.float64)
-                                            + ((p.mT * s[i]) @ q).abs().sum(dtype=torch.float64))
+        vals = (((p * s[jj].unsqueeze(-2)) @ q.mT).abs().sum(dim=(-2, -1), dtype=torch.float64)
+                + ((p.mT * s[ii].unsqueeze(-2)) @ q).abs().sum(dim=(-2, -1), dtype=torch.float64)).cpu()
+    pair = torch.full((t, t), float("nan"), dtype=torch.float64)
+    pair[ii.cpu(), jj.cpu()] = vals
+    pair[jj.cpu(), ii.cpu()] = vals
     return sti, r, pair
 
 
