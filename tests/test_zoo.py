@@ -209,3 +209,14 @@ def test_config_key_tracks_what_changes_results(tmp_path):
     k1 = dataclasses.replace(a, user_csvs=(str(csv),)).key()
     csv.write_text("text,label\nb,x\n")
     assert dataclasses.replace(a, user_csvs=(str(csv),)).key() != k1
+
+
+def test_cli_builds_then_does_nothing(tmp_path, capsys):
+    from analysis.zoo.__main__ import main
+    assert main(["build", "--tiny", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "toy_topic: test accuracy zero-shot" in out and "built in" in out
+    assert main(["build", "--tiny", "--cache-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "already built" in out and "fine-tuning" not in out
+    assert load_demo(tmp_path).kind == "tiny"
