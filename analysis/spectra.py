@@ -16,9 +16,9 @@ Decomposition ("method"):
 - "auto": "gram" on data-centre CUDA GPUs with full-rate float64
           (cuSOLVER's SVD is latency-bound at these sizes; eigh of the Gram
           is several times faster per the issue's H100 figures; our own GPU
-          timing: not measured, no GPU was lent), "svd" elsewhere (on CPU,
-          LAPACK's divide-and-conquer SVD measured faster than the float64
-          Gram path, docs/results_spectra.md).
+          timing: not measured, no GPU was lent) and on CPU with more than one
+          thread; "svd" with one CPU thread, on MPS and consumer GPUs
+          (measurements in docs/results_spectra.md).
 
 Factors are stored float32, U (T,m,k), S (T,k), Vh (T,k,n), k = min(m,n),
 S descending. Parameters of one shape are decomposed together in chunks that
@@ -126,7 +126,7 @@ def exact_svd(a: torch.Tensor, method: str = "auto", tol: float = 1e-5) -> tuple
     if method not in METHODS:
         raise ValidationError(f"SVD method must be one of {METHODS}, got {method!r}")
     if method == "auto":
-        method = "gram" if _fast_float64(a.device) else "svd"
+        method = "gram" if _gram_is_faster(a.device) else "svd"
     if method == "svd":
         u, s, vh = svd_lapack(a)
         return (u, s, vh), {"method": "svd", "fallbacks": 0}
@@ -140,13 +140,16 @@ def exact_svd(a: torch.Tensor, method: str = "auto", tol: float = 1e-5) -> tuple
                         "max_rec_error": float(rec.max()), "max_orth_error": float(orth.max())}
 
 
-def _fast_float64(device: torch.device) -> bool:
-    """Data-centre GPUs (P100, V100, A100, H100/H200, B200) run float64 at half
-    the float32 rate; consumer GPUs at 1/32-1/64, where the Gram path's float64
-    matmuls would cost more than cuSOLVER's SVD saves."""
-    if device.type != "cuda":
-        return False
-    return torch.cuda.get_device_capability(device) in {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
+def _gram_is_faster(device: torch.device) -> bool:
+    """CUDA: data-centre GPUs (P100, V100, A100, H100/H200, B200) run float64 at
+    half the float32 rate; consumer GPUs at 1/32-1/64, where the Gram path's
+    float64 matmuls would cost more than cuSOLVER's SVD saves (GPU timings not
+    measured: no GPU was lent). CPU: measured on 2 cores
+    (docs/results_spectra.md), the BLAS-3-bound Gram path beat LAPACK's SVD with
+    2 threads (1.0-1.5x wall) and lost to it with 1 thread (0.7-0.9x)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) in {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
+    return device.type == "cpu" and torch.get_num_threads() > 1
 
 
 def truncation_rank(k: int, rank_fraction: float) -> int:
