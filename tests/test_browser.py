@@ -29,6 +29,7 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync"]
 EXCEPTION = '[data-testid="stException"]'
+PAGE_TIMEOUT = 90.0  # seconds a page may run; the script mode raises it (first SVDs of the real demo)
 
 
 def free_port() -> int:
@@ -57,8 +58,9 @@ def start_app(cache: Path, port: int, log: Path) -> subprocess.Popen:
     raise RuntimeError(f"streamlit did not answer on port {port} within 60 s: {log.read_text()[-2000:]}")
 
 
-def wait_idle(page, timeout: float = 90.0) -> None:
+def wait_idle(page, timeout: float | None = None) -> None:
     """Until the script run is over: no 'running' status widget for a moment, and the page has content."""
+    timeout = timeout or PAGE_TIMEOUT
     page.wait_for_selector('[data-testid="stMain"] h1', timeout=timeout * 1000)
     deadline, quiet = time.time() + timeout, 0
     while time.time() < deadline:
@@ -115,6 +117,7 @@ def drive(cache: Path, out: Path, log: Path, moves: int = 1) -> dict:
             full_screenshot(page, shot)
             results["screenshots"].append(str(shot))
             for label, href in page_links(page)[1:]:
+                t_page = time.perf_counter()
                 page.locator(f'[data-testid="stSidebarNav"] a[href="{href}"]').click()
                 page.wait_for_url(re.compile(re.escape(href) + r"(\?.*)?$"), timeout=30_000)
                 wait_idle(page)
@@ -122,6 +125,7 @@ def drive(cache: Path, out: Path, log: Path, moves: int = 1) -> dict:
                 name = href.rstrip("/").rsplit("/", 1)[-1]
                 if name == "Loss_Landscape":
                     results["slider_to_figure_s"] = move_points_slider(page, moves)
+                    print(f"slider -> figure: {results['slider_to_figure_s']}", flush=True)
                     check_no_exception(page, f"{label} after a slider move")
                 if name == "Report":
                     results["html_report"] = open_exported_report(page, ctx, out)
@@ -131,6 +135,8 @@ def drive(cache: Path, out: Path, log: Path, moves: int = 1) -> dict:
                 full_screenshot(page, shot)
                 results["screenshots"].append(str(shot))
                 results["pages"].append(name)
+                results.setdefault("page_seconds", {})[name] = round(time.perf_counter() - t_page, 2)
+                print(f"{name}: {results['page_seconds'][name]} s", flush=True)
             browser.close()
     finally:
         proc.terminate()
@@ -167,7 +173,7 @@ def open_exported_report(page, ctx, out: Path) -> dict:
     report = ctx.new_page()
     errors = []
     report.on("pageerror", lambda e: errors.append(str(e)))
-    report.goto(path.as_uri())
+    report.goto(path.resolve().as_uri())
     report.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
     plots = report.locator(".js-plotly-plot").count()
     config = json.loads(report.locator("#mergescope-config").inner_text())
@@ -198,7 +204,9 @@ if __name__ == "__main__":
     ap.add_argument("--cache", type=Path, required=True, help="MERGESCOPE_CACHE holding a demo build")
     ap.add_argument("--out", type=Path, required=True, help="folder for the screenshots")
     ap.add_argument("--moves", type=int, default=5, help="slider moves to time")
+    ap.add_argument("--page-timeout", type=float, default=540.0, help="seconds a page may run")
     args = ap.parse_args()
+    PAGE_TIMEOUT = args.page_timeout
     res = drive(args.cache.expanduser(), args.out, args.out / "streamlit.log", args.moves)
     from PIL import Image  # docs copies: 256-colour palette PNGs, a fraction of the size
     for shot in res["screenshots"] + [str(args.out / "report_html.png")]:
