@@ -116,3 +116,23 @@ def test_demo_option_opens_a_built_demo(tiny_demo_dir, monkeypatch):
     assert ws.name == "demo" and ws.evaluator is not None and len(ws.tvs.tasks) == 3
     assert any("Demo loaded" in s.value for s in at.success)
     assert list(_table(at, "l2_norm")["task"]) == ws.tvs.tasks
+
+
+def test_background_job_reports_progress_result_and_errors():
+    import time
+    from ui.jobs import BackgroundJob
+
+    def work(report):
+        report(0.5, "half")
+        return 42
+
+    job = BackgroundJob(work, "t")
+    job._thread.join(5)
+    assert not job.running and job.result == 42 and job.error is None and job.state() == (0.5, "half")
+
+    def fail(report):
+        raise RuntimeError("disk full")
+
+    bad = BackgroundJob(fail, "f")
+    bad._thread.join(5)
+    assert isinstance(bad.error, RuntimeError) and "disk full" in bad.details and bad.elapsed < 5
