@@ -7,6 +7,7 @@ switches; heavy objects (task-vector sets, the demo) live in st.cache_resource.
 from __future__ import annotations
 
 import re
+import weakref
 from pathlib import Path
 
 import pandas as pd
@@ -80,13 +81,23 @@ def parse_task_lines(text: str) -> list[tuple[str, str]]:
     return pairs
 
 
+@st.cache_resource(show_spinner=False)
+def summary_store() -> "weakref.WeakKeyDictionary":
+    """Process-wide: task-vector set -> summary tables (dies with the set). Not st.cache_data because the
+    computation draws a progress bar (elements made outside a cache_data function cannot be driven from inside)."""
+    return weakref.WeakKeyDictionary()
+
+
 def summarise(ws: Workspace) -> dict:
-    """Summary tables, computed once per workspace (reads each tensor once) with a progress bar."""
+    """Summary tables, computed once per set (reads each tensor once) with a progress bar."""
     if "summary" not in ws.extras:
-        bar = st.progress(0.0, text="Reading task vectors…")
-        ws.extras["summary"] = set_summary(ws.tvs, progress=lambda f, m: bar.progress(f, text=m))
-        bar.empty()
-    return ws.extras["summary"]
+        store = summary_store()
+        if ws.tvs not in store:
+            bar = st.progress(0.0, text="Reading task vectors…")
+            store[ws.tvs] = set_summary(ws.tvs, progress=lambda f, m: bar.progress(f, text=m))
+            bar.empty()
+        ws.extras["summary"] = store[ws.tvs]
+    return {k: v.copy() for k, v in ws.extras["summary"].items()}
 
 
 # ---------------------------------------------------------------- sections
@@ -128,6 +139,10 @@ def demo_section() -> None:
             demo = open_demo_folder(str(folder))
     except MergescopeError as exc:
         st.error(f"The demo in `{folder}` could not be opened: {exc}")
+        return
+    except Exception as exc:  # a damaged build folder: a message, never a traceback
+        st.error(f"The demo in `{folder}` could not be opened ({type(exc).__name__}): {exc}. "
+                 "Delete that folder and build again.")
         return
     set_workspace(Workspace(name="demo", tvs=demo.tvs, evaluator=demo.evaluator, reference=demo.reference,
                             extras={"demo": demo, "folder": str(folder), "heads": demo.evaluator.heads,

@@ -131,6 +131,11 @@ def run_path(progress):
     return pd.concat([memo[k] for k in keys], ignore_index=True)
 
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def cached_barriers(curves):
+    return barriers(curves)
+
+
 bar = st.progress(0.0, text="evaluating…")
 t0 = time.perf_counter()
 try:
@@ -154,7 +159,7 @@ if path_kind == LINE:
     title = f"{start} → {end}"
     fig = path_figure(curves, tasks_all, "lam", title=title, start_label="start", end_label="end")
     st.plotly_chart(fig, key="ll_figure", config={"displaylogo": False})
-    bar_df = barriers(curves)
+    bar_df = cached_barriers(curves)
     st.subheader("Barriers")
     st.markdown(f"- **midpoint**: {BARRIER_DEFINITIONS['midpoint']}  \n- **linear**: {BARRIER_DEFINITIONS['linear']}  \n"
                 "For accuracy the same is applied to the accuracy drop, so a positive barrier is always "

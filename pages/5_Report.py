@@ -63,8 +63,13 @@ chart = c3.radio("View", ["grouped bars", "radar"], horizontal=True, key="rp_cha
 QP["rp_split"], QP["rp_metric"], QP["rp_chart"] = split, metric_label, chart
 metric = metric_labels[metric_label]
 
+@st.cache_data(show_spinner=False, max_entries=64)
+def cached_comparison(history: list, reference, split: str):
+    return comparison_table(history, reference, split=split)
+
+
 try:
-    comp = comparison_table(history, ws.reference, split=split)
+    comp = cached_comparison(history, ws.reference, split)
 except MergescopeError as exc:
     st.error(f"The configurations could not be compared: {exc}")
     st.stop()
