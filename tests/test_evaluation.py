@@ -42,10 +42,10 @@ def test_fine_tuned_beats_its_probe_on_separable_toy_tasks(demo):
         ft_sd = demo.tvs.apply(demo.tvs.task_vector(task))
         ft = ev.evaluate(ft_sd, split="test", tasks=[task]).query("metric == 'accuracy'")["value"].item()
         zs = ev.evaluate(None, split="test", tasks=[task]).query("metric == 'accuracy'")["value"].item()
-        assert ft >= 0.95
+        assert ft >= 0.9  # at most one error in 18 on a keyword task
         assert ft >= zs
         gains.append(ft - zs)
-    assert max(gains) > 0.05
+    assert sum(g > 0 for g in gains) >= 2 and sum(gains) / len(gains) > 0.05
 
 
 def test_evaluate_delta_is_base_plus_alpha_delta(demo):

@@ -32,7 +32,7 @@ from analysis.errors import MergescopeError, ValidationError
 from analysis.evaluation import EncodedSplit, Evaluator, Head
 from analysis.zoo.data import TaskData, read_user_csv
 
-FORMAT_VERSION = 2  # 2: crowdflower agreement filter, MLP cosine decay
+FORMAT_VERSION = 3  # 2: crowdflower agreement filter, MLP cosine decay; 3: length-bucketed batches
 ENV_CACHE = "MERGESCOPE_CACHE"
 Progress = Callable[[float, str], None]
 REAL_TASKS = ("sms_spam", "trec", "vader_tweets", "vader_amazon", "bbc_news", "rotten_tomatoes",
@@ -93,7 +93,7 @@ def preset(name: str) -> BuildConfig:
                            ft_steps=60, ft_lr=1e-4, ft_batch=16, mnist_epochs=3.0)
     if name == "tiny":
         return BuildConfig(kind="tiny", backbone="tiny", tasks=("toy_sentiment", "toy_topic", "toy_animal"),
-                           max_length=16, train_cap=None, val_cap=None, test_cap=None, ft_steps=40, ft_lr=3e-3,
+                           max_length=16, train_cap=None, val_cap=None, test_cap=None, ft_steps=40, ft_lr=1e-3,
                            ft_batch=16, weight_decay=0.0, mnist_dataset="digits", mnist_widths=(64, 64, 64, 10),
                            mnist_seeds=(0, 1, 2), mnist_epochs=20.0)
     raise ValidationError(f"unknown build preset {name!r}; expected 'full', 'quick' or 'tiny'")

@@ -40,13 +40,17 @@ def encode_task(tokenizer, task: TaskData, max_length: int) -> dict[str, Encoded
 @torch.no_grad()
 def extract_features(backbone: nn.Module, data: EncodedSplit, device: torch.device, batch_size: int = 64) -> torch.Tensor:
     backbone.eval()
+    order = torch.argsort(data.lengths(), descending=True, stable=True)  # batch similar lengths
     feats = []
     for start in range(0, len(data), batch_size):
-        ids = data.input_ids[start:start + batch_size]
-        mask = data.attention_mask[start:start + batch_size]
+        b = order[start:start + batch_size]
+        mask = data.attention_mask[b]
         width = int(mask.sum(1).max())
-        feats.append(pooled_features(backbone, ids[:, :width].to(device), mask[:, :width].to(device)).float().cpu())
-    return torch.cat(feats) if feats else torch.zeros(0, 0)
+        ids = data.input_ids[b, :width]
+        feats.append(pooled_features(backbone, ids.to(device), mask[:, :width].to(device)).float().cpu())
+    if not feats:
+        return torch.zeros(0, 0)
+    return torch.cat(feats)[torch.argsort(order)]  # back to data order
 
 
 def train_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tensor, val_y: torch.Tensor,
@@ -82,6 +86,25 @@ def train_probe(train_x: torch.Tensor, train_y: torch.Tensor, val_x: torch.Tenso
     return Head(full_w, full_b, list(label_names)), {"probe_C": C, "probe_val_accuracy": acc}
 
 
+def _length_bucketed_batches(lengths: torch.Tensor, batch_size: int, g: torch.Generator) -> list[torch.Tensor]:
+    """One epoch of batches: shuffle, sort chunks of 8 batches by length, cut, shuffle the batches.
+
+    Batches hold texts of similar length, so padding to the longest in a batch
+    wastes little compute (short SMS and long outliers no longer share a batch).
+    """
+    order = torch.randperm(len(lengths), generator=g)
+    chunk = batch_size * 8
+    batches = []
+    for start in range(0, len(order), chunk):
+        part = order[start:start + chunk]
+        part = part[torch.argsort(lengths[part], stable=True)]
+        batches += [part[i:i + batch_size] for i in range(0, len(part) - batch_size + 1, batch_size)]
+    if not batches:  # fewer examples than one batch
+        batches = [order]
+    perm = torch.randperm(len(batches), generator=g).tolist()
+    return [batches[i] for i in perm]
+
+
 class _Classifier(nn.Module):
     """Backbone + mean pooling + a frozen linear head."""
 
@@ -103,7 +126,7 @@ def finetune(backbone: nn.Module, head: Head, train: EncodedSplit, device: torch
              progress: Progress | None = None) -> dict:
     """Train every backbone parameter for `steps` AdamW steps; the head stays frozen.
 
-    Batches cycle through seeded shuffles of the training set; the learning
+    Batches cycle through seeded, length-bucketed epochs of the training set; the learning
     rate warms up linearly, then decays linearly to zero.
     """
     model = _Classifier(backbone, head).to(device)
@@ -116,14 +139,14 @@ def finetune(backbone: nn.Module, head: Head, train: EncodedSplit, device: torch
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min((s + 1) / n_warm, max(0.0, (steps - s) / max(1, steps - n_warm))))
     g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(train), generator=g)
-    pos, losses = 0, []
+    lengths = train.lengths()
+    batches: list[torch.Tensor] = []
+    losses = []
     model.train()
     for step in range(steps):
-        if pos + batch_size > len(order):
-            order, pos = torch.randperm(len(train), generator=g), 0
-        b = order[pos:pos + batch_size]
-        pos += batch_size
+        if not batches:
+            batches = _length_bucketed_batches(lengths, batch_size, g)
+        b = batches.pop()
         mask = train.attention_mask[b]
         width = int(mask.sum(1).max())
         ids = train.input_ids[b, :width].to(device)
