@@ -78,3 +78,21 @@ def test_without_workspace_points_home():
     at = AppTest.from_file(PAGE, default_timeout=30).run()
     assert not at.exception
     assert any("Home" in i.value for i in at.info)
+
+
+def test_merge_endpoint_from_the_registry(tiny_workspace):
+    pytest.importorskip("analysis.merging")
+    at = _page(tiny_workspace)
+    label = "merge: task_arithmetic (defaults)"
+    assert label in at.selectbox(key="ll_end").options
+    at.selectbox(key="ll_end").set_value(label).run()
+    assert not at.exception, at.exception
+    curves = tiny_workspace.extras["landscape_last"]["curves"]
+    # λ = 1 is θ0 + α·Σ τ at the method's default α: score it directly
+    from analysis.merging import METHODS
+    alpha = METHODS["task_arithmetic"].defaults(3)["alpha"]
+    direct = tiny_workspace.evaluator.evaluate_delta(tiny_workspace.tvs.sum(), alpha=alpha, split="validation",
+                                                     subsample=16)
+    end = curves[curves.lam == 1].set_index(["task", "metric"])["value"]
+    assert end.loc[("beta", "loss")] == pytest.approx(direct.set_index(["task", "metric"])["value"].loc[("beta", "loss")],
+                                                      rel=1e-5)
