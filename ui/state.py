@@ -48,11 +48,8 @@ def require_workspace() -> Workspace:
 
 @st.cache_resource(show_spinner="Computing per-layer SVDs (once per set)…")
 def spectral_cache(_ws: Workspace, key: str, include_embeddings: bool = False) -> SpectralCache:
-    cache = SpectralCache(_ws.tvs, include_embeddings=include_embeddings)
-    for name in cache.names:  # compute (or load from disk) now, under the spinner
-        cache.factors(name)
-        break
-    return cache
+    # compute (or load from disk) every factor now, under the spinner, not on a slider move
+    return SpectralCache(_ws.tvs, include_embeddings=include_embeddings).compute()
 
 
 # ---------------------------------------------------------------- shared page furniture
