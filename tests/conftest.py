@@ -117,6 +117,15 @@ def _toy_models(seed: int = 0):
     return base, finetuned, data, heads
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: one torch thread is faster (and far faster on a busy CPU)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def _toy():
     return _toy_models()

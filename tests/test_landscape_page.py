@@ -1,20 +1,15 @@
 """AppTest of pages/4_Loss_Landscape.py on the tiny workspace."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
-from streamlit.testing.v1 import AppTest
+from pagetest import run_page
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "4_Loss_Landscape.py")
+PAGE = "4_Loss_Landscape.py"
 
 
 def _page(ws, query=None):
-    at = AppTest.from_file(PAGE, default_timeout=60)
-    at.session_state["workspace"] = ws
-    for k, v in (query or {}).items():
-        at.query_params[k] = v
-    return at.run()
+    return run_page(PAGE, ws, query)
 
 
 def test_renders_curves_and_barriers(tiny_workspace):
@@ -75,7 +70,7 @@ def test_scaling_path_and_full_split(tiny_workspace):
 
 
 def test_without_workspace_points_home():
-    at = AppTest.from_file(PAGE, default_timeout=30).run()
+    at = run_page(PAGE)
     assert not at.exception
     assert any("Home" in i.value for i in at.info)
 

@@ -2,25 +2,17 @@
 st.session_state["alignment_models"]."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 from sklearn.datasets import load_digits
-from streamlit.testing.v1 import AppTest
+from pagetest import run_page
 
 from analysis.permutation.mlp import train_small_mlp
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "6_Alignment.py")
+PAGE = "6_Alignment.py"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one torch thread is faster (and far faster on a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
@@ -34,11 +26,7 @@ def injected():
 
 
 def _page(models, **state):
-    at = AppTest.from_file(PAGE, default_timeout=120)
-    at.session_state["alignment_models"] = models
-    for k, v in state.items():
-        at.session_state[k] = v
-    return at.run()
+    return run_page(PAGE, alignment_models=models, **state)
 
 
 def test_page_shows_paths_barriers_merge_and_cycle_error(injected):
@@ -67,6 +55,6 @@ def test_switching_method_and_repair_changes_the_curves(injected):
 
 def test_page_without_models_asks_to_build_the_demo(tmp_path, monkeypatch):
     monkeypatch.setenv("MERGESCOPE_CACHE", str(tmp_path))
-    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    at = run_page(PAGE)
     assert not at.exception, at.exception
     assert any("Build the demo first" in i.value for i in at.info)

@@ -1,12 +1,11 @@
 """AppTest of pages/5_Report.py on the tiny workspace with a merge history."""
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
-from streamlit.testing.v1 import AppTest
+from pagetest import run_page
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "5_Report.py")
+PAGE = "5_Report.py"
 
 
 def _history(ws):
@@ -21,13 +20,8 @@ def _history(ws):
 
 
 def _page(ws, history=None, query=None):
-    at = AppTest.from_file(PAGE, default_timeout=60)
-    at.session_state["workspace"] = ws
-    if history is not None:
-        at.session_state["merge_history"] = history
-    for k, v in (query or {}).items():
-        at.query_params[k] = v
-    return at.run()
+    state = {} if history is None else {"merge_history": history}
+    return run_page(PAGE, ws, query, **state)
 
 
 def _shown(at):
