@@ -34,13 +34,18 @@ def _pct(metric: str) -> float:
     return 100.0  # accuracy, normalised accuracy and NAI are all shown as percentages
 
 
-def grouped_bars(comparison: pd.DataFrame, metric: str = "accuracy", tasks: Sequence[str] | None = None,
-                 height: int = 560) -> go.Figure:
-    """One group per task (plus the mean), one bar per configuration."""
+def _layout(comparison: pd.DataFrame, metric: str, tasks: Sequence[str] | None):
+    """Rows of one metric, the task order (the set's order first), configurations and their colours."""
     sub = comparison[comparison["metric"] == metric]
     order = [t for t in (tasks or []) if t in set(sub["task"])] + [t for t in dict.fromkeys(sub["task"]) if t not in (tasks or [])]
     configs = list(dict.fromkeys(sub["config"]))
-    colors = config_colors(configs)
+    return sub, order, configs, config_colors(configs)
+
+
+def grouped_bars(comparison: pd.DataFrame, metric: str = "accuracy", tasks: Sequence[str] | None = None,
+                 height: int = 560) -> go.Figure:
+    """One group per task (plus the mean), one bar per configuration."""
+    sub, order, configs, colors = _layout(comparison, metric, tasks)
     fig = go.Figure()
     for config in configs:
         g = sub[sub["config"] == config].set_index("task")["value"].reindex(order)
@@ -60,10 +65,7 @@ def grouped_bars(comparison: pd.DataFrame, metric: str = "accuracy", tasks: Sequ
 def radar(comparison: pd.DataFrame, metric: str = "accuracy", tasks: Sequence[str] | None = None,
           height: int = 620) -> go.Figure:
     """One closed polygon per configuration over the tasks."""
-    sub = comparison[comparison["metric"] == metric]
-    order = [t for t in (tasks or []) if t in set(sub["task"])] + [t for t in dict.fromkeys(sub["task"]) if t not in (tasks or [])]
-    configs = list(dict.fromkeys(sub["config"]))
-    colors = config_colors(configs)
+    sub, order, configs, colors = _layout(comparison, metric, tasks)
     fig = go.Figure()
     for config in configs:
         g = sub[sub["config"] == config].set_index("task")["value"].reindex(order) * _pct(metric)
