@@ -3,6 +3,7 @@ from __future__ import annotations
 
 
 import pytest
+import torch
 from pagetest import run_page
 
 PAGE = "4_Loss_Landscape.py"
@@ -91,3 +92,18 @@ def test_merge_endpoint_from_the_registry(tiny_workspace):
     end = curves[curves.lam == 1].set_index(["task", "metric"])["value"]
     assert end.loc[("beta", "loss")] == pytest.approx(direct.set_index(["task", "metric"])["value"].loc[("beta", "loss")],
                                                       rel=1e-5)
+
+
+def test_tsv_c_from_history_gives_one_endpoint_per_task(tiny_workspace):
+    """TSV-C returns one compressed delta per task: each becomes its own endpoint."""
+    from ui.endpoints import delta_of, endpoint_options
+    from analysis.merging import merge
+    history = [{"method": "tsv_c", "knobs": {"rank_fraction": 0.5}}]
+    opts = endpoint_options(tiny_workspace.tvs, history)
+    labels = [k for k in opts if "tsv_c" in k]
+    assert len(labels) == len(tiny_workspace.tvs.tasks)
+    spec = opts[labels[1]]
+    expected = merge(tiny_workspace.tvs, "tsv_c", rank_fraction=0.5)[spec["task"]]
+    got = delta_of(tiny_workspace, spec)
+    assert set(got) == set(expected)
+    assert all(torch.allclose(got[k], expected[k].float()) for k in expected)

@@ -46,9 +46,14 @@ def endpoint_options(tvs, history=None, include_sum: bool = False) -> dict[str, 
         opts[f"{FT_PREFIX}{t}"] = {"kind": "fine_tuned", "task": t}
     if include_sum:
         opts[SUM] = {"kind": "sum"}
-    for label, cfg in history_configs(history).items():
-        opts[label] = {"kind": "merge", **cfg}
     methods, _ = registry()
+    for label, cfg in history_configs(history).items():
+        method = (methods or {}).get(cfg["method"])
+        if getattr(method, "per_task", False):  # TSV-C: one compressed model per task
+            for t in tvs.tasks:
+                opts[f"{label} · {t}"] = {"kind": "merge", **cfg, "task": t}
+        else:
+            opts[label] = {"kind": "merge", **cfg}
     if methods:
         for name in DEFAULT_METHODS:
             m = methods.get(name)
@@ -84,7 +89,10 @@ def delta_of(ws, spec: Mapping, cache_factory=None) -> dict[str, torch.Tensor]:
         kwargs = dict(spec.get("knobs") or {})
         if cache_factory is not None and getattr(methods[spec["method"]], "uses_spectra", False):
             kwargs["cache"] = cache_factory(bool(kwargs.get("include_embeddings", False)))
-        delta = {k: v.detach().to("cpu", torch.float32) for k, v in merge(tvs, spec["method"], **kwargs).items()}
+        merged = merge(tvs, spec["method"], **kwargs)
+        if "task" in spec:  # a per-task method returns {task: {param: delta}}
+            merged = merged[spec["task"]]
+        delta = {k: v.detach().to("cpu", torch.float32) for k, v in merged.items()}
     else:
         raise ValueError(f"unknown endpoint kind {kind!r}")
     if len(memo) > 12:  # keep memory bounded on a large backbone
