@@ -2,23 +2,17 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from pathlib import Path
 
-from streamlit.testing.v1 import AppTest
+from pagetest import run_page
 
 from analysis.merging import METHODS
 
-PAGE = str(Path(__file__).resolve().parents[1] / "pages" / "3_Merge.py")
+PAGE = "3_Merge.py"
 
 
 def _page(ws, query=None, history=None):
-    at = AppTest.from_file(PAGE, default_timeout=120)
-    at.session_state["workspace"] = ws
-    if history is not None:
-        at.session_state["merge_history"] = history
-    for k, v in (query or {}).items():
-        at.query_params[k] = v
-    return at.run()
+    state = {} if history is None else {"merge_history": history}
+    return run_page(PAGE, ws, query, **state)
 
 
 def _accuracy_table(at):
