@@ -21,11 +21,11 @@ from ui.state import Workspace, cache_root, device_label, device_summary, get_wo
 
 ASSETS = Path(__file__).parent / "assets"
 DEMO, OWN = "Built-in demo", "Your checkpoints"
-# Measured: the quick build's manifest (zoo-quick-342e2c3154cf1353) records 1708 s on this project's 2-core CPU
-# while four other jobs shared it; see docs/results_app.md.
+# Measured 2026-11-22 (docs/results_zoo.md): the current quick recipe took 13 min 52 s wall, 629 s CPU,
+# single-threaded on this project's shared 2-core CPU.
 QUICK_BUILD_NOTE = ("The quick CPU build fine-tunes the 6-layer MiniLM on 8 text tasks with short sequences and "
-                    "trains 5 MNIST MLPs. Measured: about 28 minutes on a busy 2-core CPU; a GPU or an idle, "
-                    "larger CPU is faster.")
+                    "trains 5 MNIST MLPs. Measured: about 14 minutes on a shared 2-core CPU (about 10 CPU-minutes); "
+                    "a GPU is much faster. It writes about 0.8 GB to the cache folder.")
 
 st.set_page_config(page_title="mergescope", page_icon=str(ASSETS / "logo.svg"), layout="wide")
 if (ASSETS / "logo.svg").is_file():
