@@ -160,8 +160,8 @@ with right:
         st.info("No labelled data for this workspace (your own checkpoints have no task heads or datasets), "
                 "so accuracy cannot be measured. Showing the merged delta's statistics instead.")
         stats = delta_stats(tvs, delta, per_task=spec.per_task)
-        st.plotly_chart(delta_norms(stats), use_container_width=True)
-        st.dataframe(stats, use_container_width=True, hide_index=True)
+        st.plotly_chart(delta_norms(stats), width="stretch")
+        st.dataframe(stats, width="stretch", hide_index=True)
         st.stop()
 
     evaluate_full = st.session_state.get("merge_full_for") == (method_name, knob_key, split) or full
@@ -180,9 +180,9 @@ with right:
     if spec.per_task:
         where += " · each task scored with its own compressed model"
     st.plotly_chart(accuracy_bars(table, normalized=normalized, title=f"{method_name} · {where}"),
-                    use_container_width=True)
+                    width="stretch")
     shown = wide(table, "normalized" if normalized else "accuracy")
-    st.dataframe(shown.style.format("{:.2%}", na_rep="–"), use_container_width=True)
+    st.dataframe(shown.style.format("{:.2%}", na_rep="–"), width="stretch")
 
     history = st.session_state.setdefault(HISTORY_KEY, [])
     entry = {"method": method_name, "knobs": params, "split": split, "subsample": n,
@@ -195,4 +195,4 @@ st.subheader("Configurations tried in this session")
 rows = [{"#": i, "method": h["method"], "knobs": ", ".join(f"{k}={url_text(v)}" for k, v in h["knobs"].items()),
          "split": h["split"], "examples": "full" if h.get("subsample") is None else h["subsample"],
          "mean accuracy": h["mean"], **h["per_task"]} for i, h in enumerate(st.session_state[HISTORY_KEY], 1)]
-st.dataframe(pd.DataFrame(rows), use_container_width=True, hide_index=True)
+st.dataframe(pd.DataFrame(rows), width="stretch", hide_index=True)
