@@ -12,13 +12,11 @@ from analysis.plots.spectra import (effective_rank_figure, energy_figure, spectr
                                     tsvc_accuracy_figure)
 from analysis.spectra import (effective_rank_table, energy_table, singular_values_table, truncation_rank,
                               tsvc_accuracy_table, tsvc_error_table)
-from ui.state import require_workspace, sidebar_status, spectral_cache
+from ui.state import require_workspace, spectral_cache, start_page
 
 ENERGY_GRID = [i / 100 for i in range(1, 101)]
 
-st.set_page_config(page_title="mergescope · Spectra", layout="wide")
-sidebar_status()
-st.title("Spectra")
+start_page("Spectra")
 ws = require_workspace()
 cache = spectral_cache(ws, ws.key)
 tasks = cache.tasks

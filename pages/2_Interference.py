@@ -11,11 +11,9 @@ import streamlit as st
 from analysis.interference import (cosine_table, sar_by, sign_conflict_table, sti_tables, subspace_alignment_table,
                                    task_pair_stats)
 from analysis.plots.spectra import layer_pair_heatmap, sar_depth_figure, sti_depth_figure, task_heatmap
-from ui.state import require_workspace, sidebar_status, spectral_cache
+from ui.state import require_workspace, spectral_cache, start_page
 
-st.set_page_config(page_title="mergescope · Interference", layout="wide")
-sidebar_status()
-st.title("Interference")
+start_page("Interference")
 ws = require_workspace()
 cache = spectral_cache(ws, ws.key)
 tvs = ws.tvs

@@ -29,15 +29,13 @@ from analysis.errors import HyperparameterError, MergescopeError
 from analysis.merging import METHODS, merge
 from analysis.merging.scoring import comparison_table, delta_stats, merged_accuracy, wide
 from analysis.plots.merge import accuracy_bars, delta_norms
-from ui.state import require_workspace, sidebar_status, spectral_cache
+from ui.state import require_workspace, spectral_cache, start_page
 
 HISTORY_KEY = "merge_history"
 SPLITS = ("validation", "test")
 ALL_KNOBS = {hp.name for m in METHODS.values() for hp in m.hyperparameters}
 
-st.set_page_config(page_title="mergescope · Merge", layout="wide")
-sidebar_status()
-st.title("Merge")
+start_page("Merge")
 ws = require_workspace()
 tvs = ws.tvs
 n_tasks = len(tvs.tasks)

@@ -18,11 +18,9 @@ from analysis.errors import MergescopeError
 from analysis.landscape import BARRIER_DEFINITIONS, barrier_table, barriers, delta_path, lambda_grid, scaling_path
 from analysis.plots.landscape import path_figure
 from ui.endpoints import PRETRAINED, delta_of, endpoint_options, spec_key
-from ui.state import require_workspace, sidebar_status, spectral_cache
+from ui.state import require_workspace, spectral_cache, start_page
 
-st.set_page_config(page_title="mergescope · Loss Landscape", layout="wide")
-sidebar_status()
-st.title("Loss landscape")
+start_page("Loss Landscape", "Loss landscape")
 ws = require_workspace()
 if ws.evaluator is None:
     st.info("Loss and accuracy need labelled data and task heads: this page works on the built-in demo "

@@ -22,11 +22,9 @@ from analysis.plots.report import grouped_bars, radar
 from analysis.report import (METRIC_TITLES, comparison_table, export_status, figure_bytes, html_report, wide_table,
                              write_hf_model)
 from ui.endpoints import history_configs, registry
-from ui.state import require_workspace, sidebar_status, spectral_cache
+from ui.state import require_workspace, spectral_cache, start_page
 
-st.set_page_config(page_title="mergescope · Report", layout="wide")
-sidebar_status()
-st.title("Report")
+start_page("Report")
 ws = require_workspace()
 tvs = ws.tvs
 history = list(st.session_state.get("merge_history", []))

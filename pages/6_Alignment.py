@@ -16,11 +16,9 @@ from analysis.permutation import c2m3, mlp_spec_from_state_dict
 from analysis.permutation.mlp import evaluate_mlp
 from analysis.permutation.pipeline import aligned_planes, compare_paths, cycle_errors, merge_models
 from analysis.plots.alignment import interpolation_figure, plane_figure
-from ui.state import sidebar_status
+from ui.state import start_page
 
-st.set_page_config(page_title="mergescope · Alignment", layout="wide")
-sidebar_status()
-st.title("Permutation alignment")
+start_page("Alignment", "Permutation alignment")
 st.caption("Models from different random seeds differ by a permutation of their hidden units. Align them "
            "(weight matching / C2M3), optionally renormalise (REPAIR), and watch the loss barrier between them "
            "shrink. Linear assignments run on the CPU (scipy); everything else on the app's device.")

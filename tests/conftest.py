@@ -127,6 +127,14 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="session")
+def digits_xy():
+    """sklearn's 8x8 digits as (x (1797, 64) in [0, 1], y), in the file's own order."""
+    from sklearn.datasets import load_digits
+    d = load_digits()
+    return torch.tensor(d.data / 16.0, dtype=torch.float32), torch.tensor(d.target)
+
+
+@pytest.fixture(scope="session")
 def _toy():
     return _toy_models()
 

@@ -6,7 +6,6 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from sklearn.datasets import load_digits
 
 from analysis.errors import HyperparameterError, ValidationError
 from analysis.permutation import (PermutationSpec, apply_permutation, barriers, c2m3, conv_bn_chain_spec,
@@ -24,10 +23,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def digits():
-    d = load_digits()
-    x = torch.tensor(d.data / 16.0, dtype=torch.float32)
-    y = torch.tensor(d.target)
+def digits(digits_xy):
+    x, y = digits_xy
     return (x[:1400], y[:1400]), (x[1400:], y[1400:])
 
 

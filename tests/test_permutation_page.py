@@ -3,8 +3,6 @@ st.session_state["alignment_models"]."""
 from __future__ import annotations
 
 import pytest
-import torch
-from sklearn.datasets import load_digits
 from pagetest import run_page
 
 from analysis.permutation.mlp import train_small_mlp
@@ -16,10 +14,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
-def injected():
-    d = load_digits()
-    x = torch.tensor(d.data / 16.0, dtype=torch.float32)
-    y = torch.tensor(d.target)
+def injected(digits_xy):
+    x, y = digits_xy
     models = {f"seed {s}": train_small_mlp(x[:1200], y[:1200], (64, 16, 16, 10), seed=s, epochs=15, batch_size=128)
               for s in range(3)}
     return {"models": models, "train_x": x[:1200], "test": (x[1200:1500], y[1200:1500]), "label": "tiny digits"}

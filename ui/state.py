@@ -79,6 +79,13 @@ def device_label(info: dict | None = None) -> str:
     return f"CPU{f' · {threads} threads' if threads else ''} (no GPU found)"
 
 
+def start_page(name: str, title: str | None = None) -> None:
+    """The preamble every page shares: browser-tab title, wide layout, sidebar status, heading."""
+    st.set_page_config(page_title=f"mergescope · {name}", layout="wide")
+    sidebar_status()
+    st.title(title or name)
+
+
 def sidebar_status() -> None:
     """Device, cache folder and the loaded set, in the sidebar of any page that calls it."""
     ws = get_workspace()
