@@ -209,6 +209,14 @@ def test_config_key_tracks_what_changes_results(tmp_path):
     k1 = dataclasses.replace(a, user_csvs=(str(csv),)).key()
     csv.write_text("text,label\nb,x\n")
     assert dataclasses.replace(a, user_csvs=(str(csv),)).key() != k1
+    assert dataclasses.replace(a, ft_max_epochs=10.0).key() != a.key()
+
+
+def test_epoch_cap_limits_steps_on_small_tasks():
+    full = preset("full")
+    assert full.finetune_steps(3000) == full.ft_steps == 500  # 10 epochs of 3000 > 500 steps
+    assert full.finetune_steps(457) == 142                    # 10 epochs of 457 at batch 32
+    assert preset("quick").finetune_steps(20) == 60           # no cap: the quick recipe is unchanged
 
 
 def test_cli_builds_then_does_nothing(tmp_path, capsys):

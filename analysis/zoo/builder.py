@@ -57,6 +57,7 @@ class BuildConfig:
     ft_steps: int = 500
     ft_lr: float = 5e-5
     ft_batch: int = 32
+    ft_max_epochs: float | None = None  # caps ft_steps on small tasks (debates_party has ~460 examples)
     weight_decay: float = 0.01
     toy_examples: int = 120
     mnist_dataset: str | None = "mnist"  # mnist | digits | None
@@ -68,7 +69,14 @@ class BuildConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("device")
+        if d["ft_max_epochs"] is None:  # added later: unset, it leaves earlier builds' keys unchanged
+            d.pop("ft_max_epochs")
         return d
+
+    def finetune_steps(self, n_train: int) -> int:
+        if self.ft_max_epochs is None:
+            return self.ft_steps
+        return max(1, min(self.ft_steps, int(self.ft_max_epochs * n_train / self.ft_batch)))
 
     def key(self) -> str:
         """Hash of everything that changes the result (and of user CSV contents)."""
@@ -87,7 +95,7 @@ class BuildConfig:
 def preset(name: str) -> BuildConfig:
     """The named configurations: full (GPU-sized), quick (2-core CPU), tiny (tests)."""
     if name == "full":
-        return BuildConfig()
+        return BuildConfig(ft_max_epochs=10.0)
     if name == "quick":
         return BuildConfig(kind="quick", max_length=64, train_cap=400, val_cap=150, test_cap=300,
                            ft_steps=60, ft_lr=1e-4, ft_batch=16, mnist_epochs=3.0)
@@ -254,7 +262,8 @@ def _build_task(name: str, config: BuildConfig, work: Path, tokenizer, device, r
     report(0.15, f"{name}: linear probe (C={probe_info['probe_C']}) val acc {probe_info['probe_val_accuracy']:.3f}")
 
     backbone = load_backbone(work / "pretrained")
-    info = finetune(backbone, head, data["train"], device, config.ft_steps, config.ft_lr, config.ft_batch,
+    steps = config.finetune_steps(len(data["train"]))
+    info = finetune(backbone, head, data["train"], device, steps, config.ft_lr, config.ft_batch,
                     config.seed, config.weight_decay,
                     progress=lambda f, m: report(0.15 + 0.7 * f, f"{name}: fine-tuning {m}"))
     backbone.cpu().save_pretrained(str(tmp / "finetuned"))
@@ -277,7 +286,7 @@ def _build_task(name: str, config: BuildConfig, work: Path, tokenizer, device, r
             rows.append({"task": name, "model": "fine_tuned", "split": split, "metric": r.metric, "value": r.value,
                          "n": r.n})
     card = dict(task.card)
-    card.update({"probe": probe_info, "fine_tune": {"steps": config.ft_steps, "lr": config.ft_lr,
+    card.update({"probe": probe_info, "fine_tune": {"steps": steps, "lr": config.ft_lr,
                                                      "batch": config.ft_batch, "max_length": config.max_length,
                                                      "train_loss_first": info["train_loss_first"],
                                                      "train_loss_last10": info["train_loss_last10"]},
