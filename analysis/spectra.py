@@ -67,7 +67,28 @@ def _exact_matmul():
 
 def svd_lapack(a: torch.Tensor) -> Factors:
     """Thin SVD of a batch (B,m,n) with torch.linalg.svd, float32."""
-    return torch.linalg.svd(a.float(), full_matrices=False)
+    return thin_svd(a)
+
+
+def thin_svd(a: torch.Tensor) -> Factors:
+    """Thin SVD (U, S, Vh) in float32 of a matrix or a batch, that always returns.
+
+    LAPACK's divide-and-conquer SVD can raise "failed to converge" when most
+    singular values (nearly) coincide, which is what concatenated, almost
+    orthonormal factors look like (it happened on Iso-CTS's V* at 12 ViT
+    blocks). Then float64 is tried, and then the float64 Gram route."""
+    try:
+        return torch.linalg.svd(a.float(), full_matrices=False)
+    except torch.linalg.LinAlgError:
+        pass
+    try:
+        u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
+        return u.float(), s.float(), vh.float()
+    except torch.linalg.LinAlgError:
+        pass
+    batch = a.reshape(-1, *a.shape[-2:])
+    u, s, vh = svd_gram(batch)
+    return u.reshape(*a.shape[:-2], *u.shape[-2:]), s.reshape(*a.shape[:-2], -1), vh.reshape(*a.shape[:-2], *vh.shape[-2:])
 
 
 QR_BELOW = 1e-4   # columns with σ_i < QR_BELOW·σ_1 get their U from a QR (see svd_gram)

@@ -7,6 +7,7 @@ import math
 
 import torch
 
+from analysis.spectra import thin_svd
 from analysis.taskvectors import TaskVectorSet, as_matrix
 
 
@@ -43,7 +44,7 @@ def task_factors(tvs: TaskVectorSet, ctx, name: str):
     key = ("task_svd", name)
     if key not in ctx.memo:
         mats = torch.stack([as_matrix(d) for d in stacked(tvs, name, ctx.device)])
-        ctx.memo[key] = torch.linalg.svd(mats, full_matrices=False)
+        ctx.memo[key] = thin_svd(mats)
     return ctx.memo[key]
 
 
@@ -55,7 +56,7 @@ def sum_factors(tvs: TaskVectorSet, ctx, name: str):
     key = ("sum_svd", name)
     if key not in ctx.memo:
         total = as_matrix(stacked(tvs, name, ctx.device).sum(0))
-        ctx.memo[key] = torch.linalg.svd(total, full_matrices=False)
+        ctx.memo[key] = thin_svd(total)
     return ctx.memo[key]
 
 

@@ -39,6 +39,7 @@ from analysis.merging.base import Hyperparameter, MergeMethod, alpha, include_em
 from analysis.merging.common import (forget, shape_groups, sum_factors, svd_names, task_factors,
                                      vector_rule)
 from analysis.merging.polar import polar
+from analysis.spectra import thin_svd
 
 
 def _iso_c(tvs, params, ctx):
@@ -80,7 +81,7 @@ def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int):
     if u_sum.shape[1] == m:                          # square U: I − P_c = U_⊥ U_⊥ᵀ
         u_perp = u_sum[:, common:]                   # (m, m − common)
         small = u_perp.mT @ us                       # (T, m − common, r)
-        x, sig, y_h = torch.linalg.svd(small, full_matrices=False)
+        x, sig, y_h = thin_svd(small)
         x, sig, y_h = u_perp @ x[:, :, :k], sig[:, :k], y_h[:, :k, :]
     else:                                            # tall: Gram route in float64
         b = us - u_c @ (u_c.mT @ us)                 # (T, m, r)

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import torch
 
+from analysis.spectra import thin_svd
+
 # Quintic map x ↦ a·x + b·x³ + c·x⁵ (the coefficients popularised by the Muon
 # optimiser): slope 3.44 at 0, maps [0, 1] into (0, 1.21]; it does not
 # converge to 1 by itself, so the cubic steps finish the job.
@@ -44,7 +46,7 @@ def polar(x: torch.Tensor, method: str = "auto", **kwargs) -> torch.Tensor:
 
 
 def polar_exact(x: torch.Tensor) -> torch.Tensor:
-    p, _, qh = torch.linalg.svd(x.float(), full_matrices=False)
+    p, _, qh = thin_svd(x)   # falls back to float64 / Gram when LAPACK does not converge
     return p @ qh
 
 
