@@ -65,11 +65,6 @@ def _exact_matmul():
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-def svd_lapack(a: torch.Tensor) -> Factors:
-    """Thin SVD of a batch (B,m,n) with torch.linalg.svd, float32."""
-    return thin_svd(a)
-
-
 def thin_svd(a: torch.Tensor) -> Factors:
     """Thin SVD (U, S, Vh) in float32 of a matrix or a batch, that always returns.
 
@@ -149,13 +144,13 @@ def exact_svd(a: torch.Tensor, method: str = "auto", tol: float = 1e-5) -> tuple
     if method == "auto":
         method = "gram" if _gram_is_faster(a.device) else "svd"
     if method == "svd":
-        u, s, vh = svd_lapack(a)
+        u, s, vh = thin_svd(a)
         return (u, s, vh), {"method": "svd", "fallbacks": 0}
     u, s, vh = svd_gram(a)
     rec, orth = factor_errors(a, u, s, vh)
     bad = ((rec > tol) | (orth > tol) | ~torch.isfinite(rec) | ~torch.isfinite(orth)).nonzero().flatten()
     if len(bad):
-        ub, sb, vhb = svd_lapack(a[bad])
+        ub, sb, vhb = thin_svd(a[bad])
         u[bad], s[bad], vh[bad] = ub, sb, vhb
     return (u, s, vh), {"method": "gram", "fallbacks": int(len(bad)),
                         "max_rec_error": float(rec.max()), "max_orth_error": float(orth.max())}
