@@ -29,6 +29,7 @@ MOVES = [
     ("1_Spectra.py", "rank fraction", "spectra_rank_fraction", (0.05, 0.2, 0.5), {}),
     ("2_Interference.py", "rank fraction", "interference_rank_fraction", (0.05, 0.2, 0.5), {}),
     ("3_Merge.py", "task_arithmetic α", "task_arithmetic_alpha", (0.4, 0.5, 0.6), {"method": "task_arithmetic"}),
+    ("3_Merge.py", "tsv_m α", "tsv_m_alpha", (0.8, 1.2, 1.4), {"method": "tsv_m"}),
     ("3_Merge.py", "tsv_m rank fraction", "tsv_m_rank_fraction", (0.05, 0.1, 0.2), {"method": "tsv_m"}),
     ("3_Merge.py", "iso_cts common fraction", "iso_cts_common_fraction", (0.6, 0.7, 0.9), {"method": "iso_cts"}),
     ("4_Loss_Landscape.py", "λ points", "ll_points", (6, 7, 9), {}),
@@ -40,7 +41,8 @@ def find_slider(at, key: str):
     for s in list(at.slider) + list(at.select_slider):
         if s.key and key in s.key:
             return s
-    raise SystemExit(f"no slider whose key contains {key!r} on this page; keys: {[s.key for s in at.slider]}")
+    keys = [s.key for s in list(at.slider) + list(at.select_slider)]
+    raise SystemExit(f"no slider whose key contains {key!r} on this page; keys: {keys}")
 
 
 def time_page(page: str, key: str, values, query: dict, ws, timeout: int) -> dict:
