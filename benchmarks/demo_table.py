@@ -27,9 +27,8 @@ import pandas as pd
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.device import device_info  # noqa: E402
-from analysis.merging import METHODS, merge  # noqa: E402
+from analysis.merging import METHODS, MergeInputs, merge, unavailable  # noqa: E402
 from analysis.merging.scoring import merged_accuracy, reference_accuracy  # noqa: E402
-from analysis.spectra import SpectralCache  # noqa: E402
 
 ALPHA_GRIDS = {
     "task_arithmetic": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0],
@@ -85,7 +84,7 @@ def main(argv=None) -> int:
     tasks = [t for t in tvs.tasks if t in ev.tasks]
     log(f"demo: {demo.root} ({demo.kind}), tasks {tasks}")
     ref_test = reference_accuracy(demo.reference, "test").reindex(tasks)
-    cache = SpectralCache(tvs)
+    inputs = MergeInputs(tvs, ev)
     rows: list[dict] = []
     notes: list[str] = []
 
@@ -98,19 +97,20 @@ def main(argv=None) -> int:
     add("fine-tuned (own task)", "fine_tuned", "", ref_test["fine_tuned"].to_dict())
 
     for name, spec in METHODS.items():
-        if spec.n_tasks is not None and spec.n_tasks != len(tvs.tasks):
-            notes.append(f"`{name}` is not listed: it merges exactly {spec.n_tasks} tasks, the demo has {len(tvs.tasks)}.")
+        why = unavailable(name, len(tvs.tasks), inputs.has_data)
+        if why:
+            notes.append(f"`{name}` is not listed: it {why}.")
             continue
         t0 = time.perf_counter()
         defaults = spec.defaults(len(tvs.tasks))
-        delta = merge(tvs, name, cache=cache if spec.uses_spectra else None)
+        delta = merge(inputs, name)
         t_merge = time.perf_counter() - t0
-        acc = merged_accuracy(ev, delta, split="test", per_task=spec.per_task)
+        acc = merged_accuracy(ev, delta, split="test")
         knobs = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in defaults.items())
         add(f"{name} (defaults)", name, knobs, acc)
         log(f"  merge {t_merge:.1f} s, total {time.perf_counter() - t0:.1f} s")
         if name in ALPHA_GRIDS:
-            unit = merge(tvs, name, cache=cache if spec.uses_spectra else None, alpha=1.0)
+            unit = merge(inputs, name, alpha=1.0)
             best, best_mean = None, -1.0
             for a in ALPHA_GRIDS[name]:
                 df = ev.evaluate_delta(unit, alpha=a, split="validation", subsample=args.val_subsample)

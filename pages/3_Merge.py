@@ -1,8 +1,11 @@
 """Merge: pick a method, turn its declared knobs, see accuracy move.
 
 The widgets come from the method's declaration (`METHODS[name].hyperparameters`);
-nothing here knows a method's knobs. SVD methods read the workspace's
-SpectralCache, so a rank or α change never recomputes a per-task SVD.
+nothing here knows a method's knobs or needs. Every method reads the
+workspace's MergeInputs (spectra, data statistics), so a rank or α change never
+recomputes a per-task SVD and a second merge never recomputes a statistic; which
+methods are offered is decided by the one availability check
+(`analysis.merging.unavailable`).
 
 URL: `?method=tsv_m&rank_fraction=0.125&alpha=1.0` (plus `split`, `subsample`)
 restores the method and its knobs; the page keeps the URL in step with them.
@@ -26,10 +29,10 @@ import pandas as pd
 import streamlit as st
 
 from analysis.errors import HyperparameterError, MergescopeError
-from analysis.merging import METHODS, merge
+from analysis.merging import METHODS, available_methods, merge, unavailable
 from analysis.merging.scoring import comparison_table, delta_stats, merged_accuracy, wide
 from analysis.plots.merge import accuracy_bars, delta_norms
-from ui.state import require_workspace, spectral_cache, start_page
+from ui.state import merge_inputs, require_workspace, start_page, with_progress
 
 HISTORY_KEY = "merge_history"
 SPLITS = ("validation", "test")
@@ -40,7 +43,10 @@ ws = require_workspace()
 tvs = ws.tvs
 n_tasks = len(tvs.tasks)
 QP = st.query_params
-available = [name for name, m in METHODS.items() if m.n_tasks in (None, n_tasks)]
+has_eval = ws.evaluator is not None
+has_data = has_eval and all(t in ws.evaluator.tasks for t in tvs.tasks)
+available = available_methods(n_tasks, has_data)
+unavailable_here = {name: unavailable(name, n_tasks, has_data) for name in METHODS if name not in available}
 
 
 def url_text(value) -> str:
@@ -81,8 +87,8 @@ def knob_widget(method: str, hp, key: str):
 if "merge_method" not in st.session_state:
     wanted = QP.get("method")
     if wanted is not None and wanted not in available:
-        st.warning(f"The URL asks for method {wanted!r}, which is not available for {n_tasks} tasks; "
-                   f"choose one of {available}.")
+        why = unavailable_here.get(wanted, "it is not a method of this version")
+        st.warning(f"The URL asks for method {wanted!r}, which is not available here: {why}.")
     st.session_state["merge_method"] = wanted if wanted in available else "task_arithmetic"
 if "merge_split" not in st.session_state:
     st.session_state["merge_split"] = QP.get("split") if QP.get("split") in SPLITS else "validation"
@@ -106,7 +112,10 @@ with left:
         knobs[hp.name] = knob_widget(method_name, hp, key)
     if not spec.hyperparameters:
         st.caption("This method has no knobs.")
-    has_eval = ws.evaluator is not None
+    if unavailable_here:
+        with st.expander(f"{len(unavailable_here)} method(s) not available for this set"):
+            for name, why in unavailable_here.items():
+                st.caption(f"**{name}**: {why}")
     if has_eval:
         split = st.radio("Split", SPLITS, key="merge_split", horizontal=True)
         subsample = st.number_input("Examples per task (live)", 4, 2048, step=16, key="merge_subsample",
@@ -134,17 +143,14 @@ knob_key = json.dumps(params, sort_keys=True)
 
 @st.cache_resource(max_entries=3, show_spinner="Merging…")
 def merged_delta(_ws, ws_key: str, method: str, knobs_json: str):
-    knobs = json.loads(knobs_json)
-    cache = None
-    if METHODS[method].uses_spectra:
-        cache = spectral_cache(_ws, _ws.key, bool(knobs.get("include_embeddings", False)))
-    return merge(_ws.tvs, method, cache=cache, **knobs)
+    inputs = merge_inputs(_ws, ws_key)
+    with with_progress(inputs, f"{method}: computing data statistics (once per set, cached on disk)"):
+        return merge(inputs, method, **json.loads(knobs_json))
 
 
 @st.cache_data(max_entries=64, show_spinner="Scoring the merged model…")
 def scores(_ws, _delta, ws_key: str, method: str, knobs_json: str, split: str, subsample: int | None):
-    return merged_accuracy(_ws.evaluator, _delta, split=split, subsample=subsample,
-                           per_task=METHODS[method].per_task)
+    return merged_accuracy(_ws.evaluator, _delta, split=split, subsample=subsample)
 
 
 try:
@@ -157,7 +163,7 @@ with right:
     if not has_eval:
         st.info("No labelled data for this workspace (your own checkpoints have no task heads or datasets), "
                 "so accuracy cannot be measured. Showing the merged delta's statistics instead.")
-        stats = delta_stats(tvs, delta, per_task=spec.per_task)
+        stats = delta_stats(tvs, delta)
         st.plotly_chart(delta_norms(stats), width="stretch")
         st.dataframe(stats, width="stretch", hide_index=True)
         st.stop()
@@ -175,7 +181,7 @@ with right:
     scale = st.radio("Scale", ["absolute", "normalised (÷ fine-tuned)"], horizontal=True, key="merge_scale")
     normalized = scale != "absolute"
     where = f"full {split} split" if n is None else f"{split} subsample of {n} per task"
-    if spec.per_task:
+    if delta.per_task:
         where += " · each task scored with its own compressed model"
     st.plotly_chart(accuracy_bars(table, normalized=normalized, title=f"{method_name} · {where}"),
                     width="stretch")

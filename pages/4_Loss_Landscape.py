@@ -18,7 +18,7 @@ from analysis.errors import MergescopeError
 from analysis.landscape import BARRIER_DEFINITIONS, barrier_table, barriers, delta_path, lambda_grid, scaling_path
 from analysis.plots.landscape import path_figure
 from ui.endpoints import PRETRAINED, delta_of, endpoint_options, spec_key
-from ui.state import require_workspace, spectral_cache, start_page
+from ui.state import merge_inputs, require_workspace, start_page
 
 start_page("Loss Landscape", "Loss landscape")
 ws = require_workspace()
@@ -57,7 +57,7 @@ path_kind = st.radio("Path", [LINE, SCALE], horizontal=True, key="ll_path",
                      index=[LINE, SCALE].index(from_query("ll_path", [LINE, SCALE], default=LINE)))
 c1, c2, c3 = st.columns([2, 2, 1])
 if path_kind == LINE:
-    options = endpoint_options(tvs, history)
+    options = endpoint_options(tvs, history, has_data=True)
     labels = list(options)
     start = c1.selectbox("Start (λ = 0)", labels, key="ll_start",
                          index=labels.index(from_query("ll_start", labels, default=PRETRAINED)))
@@ -68,7 +68,7 @@ if path_kind == LINE:
                        help="evenly spaced from 0 to 1, both ends included (barriers need them)")
     remember(ll_path=path_kind, ll_start=start, ll_end=end, ll_points=points)
 else:
-    options = endpoint_options(tvs, history, include_sum=True)
+    options = endpoint_options(tvs, history, include_sum=True, has_data=True)
     labels = [l for l in options if options[l]["kind"] != "pretrained"]
     default_delta = next((l for l in labels if l.startswith("merge")), labels[0])
     delta_label = c1.selectbox("Delta δ", labels, key="ll_delta",
@@ -100,7 +100,7 @@ def run_path(progress):
     """
     memo = ws.extras.setdefault("landscape_points", {})
     n = None if full else int(subsample)
-    cache_factory = lambda emb: spectral_cache(ws, ws.key, emb)  # noqa: E731 - only SVD merges call it
+    inputs = merge_inputs(ws, ws.key)
     evaluate = functools.partial(ws.evaluator.evaluate, split=split, subsample=n, tasks=tasks)
     if path_kind == LINE:
         sa, sb = options[start], options[end]
@@ -108,15 +108,15 @@ def run_path(progress):
         path_key = ("line", spec_key(sa), spec_key(sb), split, n, tuple(tasks))
 
         def compute(xs, report):
-            return delta_path(evaluate, tvs.apply({}), delta_of(ws, sa, cache_factory),
-                              delta_of(ws, sb, cache_factory), xs, progress=report)
+            return delta_path(evaluate, tvs.apply({}), delta_of(ws, sa, inputs),
+                              delta_of(ws, sb, inputs), xs, progress=report)
     else:
         sd = options[delta_label]
         coord, grid = "alpha", np.linspace(lo, hi, points)
         path_key = ("scale", spec_key(sd), split, n, tuple(tasks))
 
         def compute(xs, report):
-            return scaling_path(evaluate, tvs.apply({}), delta_of(ws, sd, cache_factory), xs, progress=report)
+            return scaling_path(evaluate, tvs.apply({}), delta_of(ws, sd, inputs), xs, progress=report)
     keys = [(path_key, round(float(x), 9)) for x in grid]
     missing = [float(x) for x, k in zip(grid, keys) if k not in memo]
     if missing:

@@ -22,7 +22,7 @@ from analysis.plots.report import grouped_bars, radar
 from analysis.report import (METRIC_TITLES, comparison_table, export_status, figure_bytes, html_report, wide_table,
                              write_hf_model)
 from ui.endpoints import history_configs, registry
-from ui.state import require_workspace, spectral_cache, start_page
+from ui.state import merge_inputs, require_workspace, start_page
 
 start_page("Report")
 ws = require_workspace()
@@ -155,15 +155,12 @@ else:
                         value=str(Path(tempfile.gettempdir()) / "mergescope-merged"), key="rp_export_dir")
     if st.button("Write merged model", key="rp_export"):
         cfg = configs[label]
-        methods, merge = registry()
+        _, merge = registry()
         try:
             if merge is None:
                 raise MergescopeError("merging methods are not available in this installation")
-            kwargs = dict(cfg["knobs"])
-            if getattr(methods.get(cfg["method"]), "uses_spectra", False):
-                kwargs["cache"] = spectral_cache(ws, ws.key, bool(kwargs.get("include_embeddings", False)))
             with st.spinner(f"Merging with {cfg['method']} and writing {out}…"):
-                delta = merge(tvs, cfg["method"], **kwargs)
+                delta = merge(merge_inputs(ws, ws.key), cfg["method"], **dict(cfg["knobs"]))
                 folder = write_hf_model(out, tvs.apply(delta), base_dir, heads=ws.extras.get("heads"),
                                         metadata={**cfg, "workspace": config["workspace"]})
         except MergescopeError as exc:

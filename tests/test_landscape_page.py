@@ -103,7 +103,7 @@ def test_tsv_c_from_history_gives_one_endpoint_per_task(tiny_workspace):
     labels = [k for k in opts if "tsv_c" in k]
     assert len(labels) == len(tiny_workspace.tvs.tasks)
     spec = opts[labels[1]]
-    expected = merge(tiny_workspace.tvs, "tsv_c", rank_fraction=0.5)[spec["task"]]
+    expected = merge(tiny_workspace.tvs, "tsv_c", rank_fraction=0.5).for_task(spec["task"])
     got = delta_of(tiny_workspace, spec)
     assert set(got) == set(expected)
     assert all(torch.allclose(got[k], expected[k].float()) for k in expected)

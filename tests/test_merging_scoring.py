@@ -47,9 +47,9 @@ def test_delta_stats_and_per_task_scoring(tiny_workspace):
     assert len(delta_norms(stats).data) == 1
     # TSV-C at f = 1 reconstructs each task: every task scores its own fine-tuned accuracy
     full = merge(tvs, "tsv_c", rank_fraction=1.0, device="cpu")
-    errs = delta_stats(tvs, full, per_task=True)
+    errs = delta_stats(tvs, full)
     assert (errs["relative_error"] < 1e-4).all()
-    acc = merged_accuracy(ev, full, split="validation", per_task=True)
+    acc = merged_accuracy(ev, full, split="validation")
     ref = tiny_workspace.reference
     ft = ref[(ref.model == "fine_tuned") & (ref.split == "validation") & (ref.metric == "accuracy")]
     for task, value in ft.set_index("task")["value"].items():

@@ -39,8 +39,11 @@ def history_configs(history) -> dict[str, dict]:
     return out
 
 
-def endpoint_options(tvs, history=None, include_sum: bool = False) -> dict[str, dict]:
-    """label -> spec ({"kind": "pretrained" | "fine_tuned" | "merge" | "sum", ...})."""
+def endpoint_options(tvs, history=None, include_sum: bool = False, has_data: bool = False) -> dict[str, dict]:
+    """label -> spec ({"kind": "pretrained" | "fine_tuned" | "merge" | "sum", ...}).
+
+    A merge appears once per model it yields: once for a merge, once per task
+    for per-task methods (TSV-C), each with the task it serves."""
     opts = {PRETRAINED: {"kind": "pretrained"}}
     for t in tvs.tasks:
         opts[f"{FT_PREFIX}{t}"] = {"kind": "fine_tuned", "task": t}
@@ -49,7 +52,7 @@ def endpoint_options(tvs, history=None, include_sum: bool = False) -> dict[str, 
     methods, _ = registry()
     for label, cfg in history_configs(history).items():
         method = (methods or {}).get(cfg["method"])
-        if getattr(method, "per_task", False):  # TSV-C: one compressed model per task
+        if getattr(method, "per_task", False):  # one model per task: one endpoint per task
             for t in tvs.tasks:
                 opts[f"{label} · {t}"] = {"kind": "merge", **cfg, "task": t}
         else:
@@ -57,7 +60,7 @@ def endpoint_options(tvs, history=None, include_sum: bool = False) -> dict[str, 
     if methods:
         for name in DEFAULT_METHODS:
             m = methods.get(name)
-            if m is None or (m.n_tasks is not None and m.n_tasks != len(tvs.tasks)):
+            if m is None or m.unavailable(len(tvs.tasks), has_data):
                 continue
             opts[f"{MERGE_PREFIX}{name} (defaults)"] = {"kind": "merge", "method": name, "knobs": {}}
     return opts
@@ -67,8 +70,11 @@ def spec_key(spec: Mapping) -> str:
     return json.dumps(spec, sort_keys=True, default=str)
 
 
-def delta_of(ws, spec: Mapping, cache_factory=None) -> dict[str, torch.Tensor]:
-    """The delta on the base for an endpoint spec (memoised in ws.extras)."""
+def delta_of(ws, spec: Mapping, inputs=None) -> dict[str, torch.Tensor]:
+    """The delta on the base for an endpoint spec (memoised in ws.extras).
+
+    `inputs`: the workspace's MergeInputs (spectra, statistics), so a merge
+    endpoint reuses what the Merge page computed."""
     memo = ws.extras.setdefault("endpoint_deltas", {})
     key = spec_key(spec)
     if key in memo:
@@ -86,12 +92,8 @@ def delta_of(ws, spec: Mapping, cache_factory=None) -> dict[str, torch.Tensor]:
         if merge is None:
             from analysis.errors import MergescopeError
             raise MergescopeError("merging methods are not available in this installation (analysis.merging)")
-        kwargs = dict(spec.get("knobs") or {})
-        if cache_factory is not None and getattr(methods[spec["method"]], "uses_spectra", False):
-            kwargs["cache"] = cache_factory(bool(kwargs.get("include_embeddings", False)))
-        merged = merge(tvs, spec["method"], **kwargs)
-        if "task" in spec:  # a per-task method returns {task: {param: delta}}
-            merged = merged[spec["task"]]
+        result = merge(inputs if inputs is not None else tvs, spec["method"], **dict(spec.get("knobs") or {}))
+        merged = result.for_task(spec["task"]) if "task" in spec else result
         delta = {k: v.detach().to("cpu", torch.float32) for k, v in merged.items()}
     else:
         raise ValueError(f"unknown endpoint kind {kind!r}")

@@ -10,6 +10,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from analysis.merging.inputs import MergeInputs
 from analysis.spectra import SpectralCache
 from analysis.taskvectors import TaskVectorSet
 
@@ -46,10 +47,39 @@ def require_workspace() -> Workspace:
     return ws
 
 
+@st.cache_resource(show_spinner=False)
+def merge_inputs(_ws: Workspace, key: str) -> MergeInputs:
+    """The workspace's MergeInputs: spectra, data statistics and memos, shared by every page."""
+    return MergeInputs(_ws.tvs, _ws.evaluator)
+
+
 @st.cache_resource(show_spinner="Computing per-layer SVDs (once per set)…")
 def spectral_cache(_ws: Workspace, key: str, include_embeddings: bool = False) -> SpectralCache:
     # compute (or load from disk) every factor now, under the spinner, not on a slider move
-    return SpectralCache(_ws.tvs, include_embeddings=include_embeddings).compute()
+    return merge_inputs(_ws, key).spectra(include_embeddings).compute()
+
+
+def with_progress(inputs: MergeInputs, label: str):
+    """A context manager that shows a progress bar while `inputs` computes statistics."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def bar():
+        widget = None
+
+        def report(done, total, what):
+            nonlocal widget
+            if widget is None:
+                widget = st.progress(0.0, text=label)
+            widget.progress(min(1.0, done / max(1, total)), text=f"{label} · {what} ({done}/{total})")
+        previous, inputs.progress = inputs.progress, report
+        try:
+            yield
+        finally:
+            inputs.progress = previous
+            if widget is not None:
+                widget.empty()
+    return bar()
 
 
 # ---------------------------------------------------------------- shared page furniture

@@ -1,8 +1,8 @@
 """Merge methods as data: a method declares its knobs, the engine validates them.
 
 A `MergeMethod` is a small unit (mergekit's style): a name, a one-line summary,
-its `Hyperparameter` declarations and a function
-`fn(tvs, params, ctx) -> dict`. The Merge page builds its widgets from
+its `Hyperparameter` declarations, what it `Needs`, and a function of one
+parameter group; the engine (`analysis.merging.engine`) owns the loop. The Merge page builds its widgets from
 `hyperparameters`; `merge()` validates the values against them before the
 function runs, so no method ever sees an out-of-range knob.
 """
@@ -84,22 +84,78 @@ class Hyperparameter:
 
 
 @dataclass(frozen=True)
-class MergeMethod:
-    """A merging method: declared knobs + a pure function.
+class Needs:
+    """What a method needs besides its knobs: the one check every caller uses
+    (Merge page, Report page, demo table, contract tests) to decide whether a
+    method is available for a workspace."""
 
-    `fn(tvs, params, ctx)` gets the validated knobs and a `MergeContext`
-    (device, spectral cache, polar solver) and returns `{param: delta}`, or
-    `{task: {param: delta}}` when `per_task` is true (TSV-C).
+    min_tasks: int = 1
+    max_tasks: int | None = None
+    spectra: bool = False          # per-task SVD factors (SpectralCache)
+    labelled_data: bool = False    # an evaluator with every task's data and head
+    activations: bool = False      # per-task input Gram matrices of linear layers
+    gradients: bool = False        # per-task diagonal Fisher
+
+    def unmet(self, n_tasks: int, has_data: bool) -> str | None:
+        """Why the method cannot run on a set of `n_tasks` tasks (None: it can)."""
+        if self.max_tasks == self.min_tasks and n_tasks != self.min_tasks:
+            return (f"merges exactly {self.min_tasks} tasks; this set has {n_tasks} "
+                    "(use tvs.subset([...]) to pick them)")
+        if n_tasks < self.min_tasks:
+            return f"needs at least {self.min_tasks} tasks; this set has {n_tasks}"
+        if self.max_tasks is not None and n_tasks > self.max_tasks:
+            return f"merges at most {self.max_tasks} tasks; this set has {n_tasks}"
+        if (self.labelled_data or self.activations or self.gradients) and not has_data:
+            return "needs labelled data for every task (an evaluator with each task's data and head)"
+        return None
+
+
+def mean_rule(stacked, params: Mapping[str, Any]):
+    """The vector rule: α × mean over tasks (1-D parameters and anything a
+    method does not merge itself; the papers average them)."""
+    return params.get("alpha", 1.0) * stacked.mean(0)
+
+
+def own_delta_rule(stacked, params: Mapping[str, Any]):
+    """Per-task methods (TSV-C): every task keeps its own delta."""
+    return stacked
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A merging method: declared knobs and needs + a function of one parameter group.
+
+    The engine (`analysis.merging.engine.run`) owns the loop: it walks the
+    parameters, calls `merge_group(group, params, ctx)` for the names the
+    method covers, and gives every other name the method's `rest` rule
+    (default: α × mean). `merge_group` returns `{name: delta}` for its group,
+    or `{name: (T, *shape)}` (one delta per task) when `per_task` is true.
+
+    - `covers(tvs, params) -> names` picks the parameters `merge_group` sees
+      (None: all of them).
+    - `group_by`: "param" (one name per call) or "shape" (same-shaped
+      matrices together, so SVD work is batched).
+    - `prepare(inputs, params, ctx)`: an optional pass over the whole model
+      before the loop (TIES' model-wide trim threshold); its return value is
+      `ctx.state`. `peak_memory` documents what such a pass holds at once.
     """
 
     name: str
     summary: str
-    fn: Callable
-    hyperparameters: tuple[Hyperparameter, ...]
-    uses_spectra: bool = False     # takes the SpectralCache (a rank change never recomputes an SVD)
-    per_task: bool = False         # returns one delta per task
-    n_tasks: int | None = None     # exact number of tasks required (slerp: 2)
+    merge_group: Callable
+    hyperparameters: tuple[Hyperparameter, ...] = ()
+    needs: Needs = Needs()
+    covers: Callable | None = None
+    rest: Callable = mean_rule
+    group_by: str = "param"
+    prepare: Callable | None = None
+    per_task: bool = False         # one model per task (TSV-C); scored per task
     reference: str = ""
+    peak_memory: str = "one parameter group (T deltas of one tensor, or of one shape group)"
+
+    @property
+    def uses_spectra(self) -> bool:
+        return self.needs.spectra
 
     def knob(self, name: str) -> Hyperparameter:
         for hp in self.hyperparameters:
@@ -111,6 +167,10 @@ class MergeMethod:
     def defaults(self, n_tasks: int) -> dict:
         return {hp.name: hp.default_for(n_tasks) for hp in self.hyperparameters}
 
+    def unavailable(self, n_tasks: int, has_data: bool = True) -> str | None:
+        """Why this method cannot run here (None: it can); see `Needs.unmet`."""
+        return self.needs.unmet(n_tasks, has_data)
+
     def validate(self, params: Mapping[str, Any], n_tasks: int) -> dict:
         """Declared defaults overlaid with `params`, each checked against its declaration."""
         known = {hp.name for hp in self.hyperparameters}
@@ -118,9 +178,9 @@ class MergeMethod:
         if unknown:
             raise HyperparameterError(f"{self.name}: unknown hyperparameter {unknown[0]!r}; "
                                       f"it takes {sorted(known)}")
-        if self.n_tasks is not None and n_tasks != self.n_tasks:
-            raise HyperparameterError(f"{self.name} merges exactly {self.n_tasks} tasks; this set has {n_tasks} "
-                                      "(use tvs.subset([...]) to pick them)")
+        why = self.needs.unmet(n_tasks, has_data=True)
+        if why:
+            raise HyperparameterError(f"{self.name} {why}")
         out = self.defaults(n_tasks)
         for key, value in params.items():
             out[key] = self.knob(key).validate(value, self.name)
@@ -129,12 +189,17 @@ class MergeMethod:
 
 @dataclass
 class MergeContext:
-    """What a method may use besides the task vectors."""
+    """What a method may use besides the parameter group: the device, the
+    inputs object (spectra, statistics, data), the polar solver, a memo that
+    lives as long as the inputs (SVDs of task sums, the last unscaled merge)
+    and the state returned by the method's `prepare` pass."""
 
     device: Any
-    cache: Any = None              # analysis.spectra.SpectralCache, or None
-    polar: str = "auto"            # "auto" | "exact" | "newton_schulz"
-    memo: dict = field(default_factory=dict)  # per-cache memo (SVDs of task sums)
+    inputs: Any = None             # analysis.merging.inputs.MergeInputs
+    cache: Any = None              # the SpectralCache for this call (spectral methods), else None
+    polar: str = "auto"            # "auto" | "exact" | "gram" | "newton_schulz"
+    memo: dict = field(default_factory=dict)
+    state: Any = None
 
 
 # Knobs shared by several methods, declared once.

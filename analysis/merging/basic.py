@@ -2,21 +2,19 @@
 from __future__ import annotations
 
 from analysis.merging.base import MergeMethod, alpha
-from analysis.merging.common import stacked
 
 
-def _weight_averaging(tvs, params, ctx):
+def _weight_averaging(group, params, ctx):
     # mean_t τ_t: θ₀ + this is the plain average of the fine-tuned models
-    return {name: stacked(tvs, name, ctx.device).mean(0) for name in tvs.param_names}
+    return {name: group.deltas(name).mean(0) for name in group.names}
 
 
-def _task_arithmetic(tvs, params, ctx):
-    a = params["alpha"]
-    return {name: a * stacked(tvs, name, ctx.device).sum(0) for name in tvs.param_names}
+def _task_arithmetic(group, params, ctx):
+    return {name: params["alpha"] * group.deltas(name).sum(0) for name in group.names}
 
 
 WEIGHT_AVERAGING = MergeMethod(
-    "weight_averaging", "mean of the task vectors (the fine-tuned models' average)", _weight_averaging, (),
+    "weight_averaging", "mean of the task vectors (the fine-tuned models' average)", _weight_averaging,
     reference="Wortsman et al., Model soups, ICML 2022")
 
 TASK_ARITHMETIC = MergeMethod(

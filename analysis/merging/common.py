@@ -1,25 +1,19 @@
-"""Pieces every method family shares: reading stacked deltas onto the device,
-the vector rule, and SVD factors (per task from the SpectralCache, of the task
-sum from a per-cache memo), so a knob change never recomputes an SVD."""
+"""Pieces the SVD method families share: which names they decompose, SVD
+factors (per task from the SpectralCache, of the task sum from the inputs'
+memo) so a knob change never recomputes an SVD, and a memo slot that keeps
+the last unscaled merge so an α change is a scalar multiply."""
 from __future__ import annotations
-
-import math
 
 import torch
 
-from analysis.spectra import thin_svd
+from analysis.spectra import thin_svd, truncation_rank
 from analysis.taskvectors import TaskVectorSet, as_matrix
 
 
-def stacked(tvs: TaskVectorSet, name: str, device) -> torch.Tensor:
-    """(T, *shape) float32 deltas of one parameter on `device`."""
-    return tvs.deltas(name).to(device, torch.float32)
 
-
-def vector_rule(tvs: TaskVectorSet, name: str, alpha: float, device) -> torch.Tensor:
-    """α × mean over tasks: what 1-D parameters (and anything an SVD method
-    does not decompose) receive."""
-    return alpha * stacked(tvs, name, device).mean(0)
+def kept_rank(fraction: float, rank: int) -> int:
+    """⌊f·r⌋ singular triplets, at least one: the one rank rule (`analysis.spectra.truncation_rank`)."""
+    return truncation_rank(rank, fraction)
 
 
 def svd_names(tvs: TaskVectorSet, include_embeddings: bool) -> list[str]:
@@ -27,12 +21,12 @@ def svd_names(tvs: TaskVectorSet, include_embeddings: bool) -> list[str]:
     return tvs.names_of_kind(*kinds)
 
 
-def kept_rank(fraction: float, rank: int) -> int:
-    """⌊f·r⌋ singular triplets, at least one (f > 0 is declared)."""
-    return max(1, int(math.floor(fraction * rank + 1e-9)))
+def decomposed(tvs: TaskVectorSet, params) -> list[str]:
+    """`covers` of the SVD methods: matrices and conv kernels (+ embeddings when asked)."""
+    return svd_names(tvs, bool(params.get("include_embeddings", False)))
 
 
-def task_factors(tvs: TaskVectorSet, ctx, name: str):
+def task_factors(ctx, name: str):
     """Per-task SVD factors (U (T,m,r), S (T,r), Vh (T,r,n)) of one parameter.
 
     From the SpectralCache when it covers `name`; otherwise (e.g. embeddings
@@ -43,34 +37,26 @@ def task_factors(tvs: TaskVectorSet, ctx, name: str):
         return u.to(ctx.device), s.to(ctx.device), vh.to(ctx.device)
     key = ("task_svd", name)
     if key not in ctx.memo:
-        mats = torch.stack([as_matrix(d) for d in stacked(tvs, name, ctx.device)])
-        ctx.memo[key] = thin_svd(mats)
+        deltas = ctx.inputs.deltas(name)
+        ctx.memo[key] = thin_svd(deltas.reshape(deltas.shape[0], deltas.shape[1], -1))
     return ctx.memo[key]
 
 
-def sum_factors(tvs: TaskVectorSet, ctx, name: str):
-    """Thin SVD (U, S, Vh) of Σ_t τ_t for one parameter, computed once per cache.
+def sum_factors(ctx, name: str):
+    """Thin SVD (U, S, Vh) of Σ_t τ_t for one parameter, computed once per inputs.
 
     Built from the task deltas themselves (not the truncated cached factors),
     so it is exact whatever the cache holds."""
     key = ("sum_svd", name)
     if key not in ctx.memo:
-        total = as_matrix(stacked(tvs, name, ctx.device).sum(0))
-        ctx.memo[key] = thin_svd(total)
+        ctx.memo[key] = thin_svd(as_matrix(ctx.inputs.deltas(name).sum(0)))
     return ctx.memo[key]
 
 
-def shape_groups(tvs: TaskVectorSet, names: list[str]) -> dict[tuple, list[str]]:
-    """Names grouped by their matrix shape, so same-shaped layers are solved in one batch."""
-    groups: dict[tuple, list[str]] = {}
-    for name in names:
-        shape = tvs.shape(name)
-        mshape = (shape[0], int(math.prod(shape[1:])))
-        groups.setdefault(mshape, []).append(name)
-    return groups
-
-
-def forget(memo: dict, tag: str) -> None:
-    """Drop the memo entries of one kind (keys are tuples starting with `tag`)."""
-    for key in [k for k in memo if isinstance(k, tuple) and k and k[0] == tag]:
-        del memo[key]
+def unscaled_slot(ctx, tag: str, config: tuple) -> dict:
+    """The memo's {name: unscaled delta} for one method configuration; slots of
+    other configurations of the same method are dropped (one kept per method)."""
+    key = (tag, config, str(ctx.device))
+    for k in [k for k in ctx.memo if isinstance(k, tuple) and k and k[0] == tag and k != key]:
+        del ctx.memo[k]
+    return ctx.memo.setdefault(key, {})

@@ -8,17 +8,20 @@ from __future__ import annotations
 
 from analysis.errors import HyperparameterError
 from analysis.merging.base import Hyperparameter, MergeMethod, alpha
-from analysis.merging.common import stacked
 
 
-def _consensus(tvs, params, ctx):
-    lam, k, a = params["tall_lambda"], params["agreement"], params["alpha"]
-    if k > len(tvs.tasks):
+def _check_agreement(inputs, params, ctx):
+    k, n_tasks = params["agreement"], len(inputs.tasks)
+    if k > n_tasks:
         raise HyperparameterError(f"consensus: hyperparameter 'agreement' = {k} is out of range: at most the "
-                                  f"number of tasks ({len(tvs.tasks)}) masks can agree")
+                                  f"number of tasks ({n_tasks}) masks can agree")
+
+
+def _consensus(group, params, ctx):
+    lam, k, a = params["tall_lambda"], params["agreement"], params["alpha"]
     out = {}
-    for name in tvs.param_names:
-        tau = stacked(tvs, name, ctx.device)
+    for name in group.names:
+        tau = group.deltas(name)
         total = tau.sum(0)
         masks = tau.abs() >= lam * (total - tau).abs()
         keep = masks.sum(0) >= k
@@ -32,4 +35,4 @@ CONSENSUS = MergeMethod(
                     "TALL mask λ: task t keeps entries where |τ_t| ≥ λ·|Σ_s τ_s − τ_t|"),
      Hyperparameter("agreement", "int", 2, 0, 64, 1, "k: keep entries selected by at least k task masks (≤ T)"),
      alpha(0.3)),
-    reference="Wang et al., Localizing task information for improved model merging and compression, ICML 2024")
+    prepare=_check_agreement, reference="Wang et al., Localizing task information for improved model merging and compression, ICML 2024")

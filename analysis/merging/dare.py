@@ -14,8 +14,7 @@ import zlib
 import torch
 
 from analysis.merging.base import Hyperparameter, MergeMethod, alpha
-from analysis.merging.common import stacked
-from analysis.merging.ties import density, scope, ties_core
+from analysis.merging.ties import density, model_thresholds, scope, ties_group
 
 
 def drop_and_rescale(tau: torch.Tensor, p: float, seed: int, name: str) -> torch.Tensor:
@@ -31,16 +30,23 @@ def drop_and_rescale(tau: torch.Tensor, p: float, seed: int, name: str) -> torch
     return out
 
 
-def _dare(tvs, params, ctx):
+def _dropped(inputs, params):
     p, seed = params["drop_rate"], params["seed"]
+    return lambda name: drop_and_rescale(inputs.deltas(name), p, seed, name)
 
-    def get(name):
-        return drop_and_rescale(stacked(tvs, name, ctx.device), p, seed, name)
 
-    names = list(tvs.param_names)
+def _model_scope(inputs, params, ctx):
+    if params["base"] != "ties" or params["scope"] != "model":
+        return None
+    return model_thresholds(_dropped(inputs, params), list(inputs.tvs.param_names), len(inputs.tasks),
+                            params["density"])
+
+
+def _dare(group, params, ctx):
+    get = _dropped(ctx.inputs, params)
     if params["base"] == "ties":
-        return ties_core(get, names, len(tvs.tasks), params["density"], params["scope"], params["alpha"])
-    return {name: params["alpha"] * get(name).sum(0) for name in names}
+        return ties_group(get, group.names, group.n_tasks, params["density"], params["alpha"], ctx.state)
+    return {name: params["alpha"] * get(name).sum(0) for name in group.names}
 
 
 DARE = MergeMethod(
@@ -51,4 +57,5 @@ DARE = MergeMethod(
      alpha(0.3),
      Hyperparameter("seed", "int", 0, 0, 2 ** 31 - 1, 1, "random seed of the drop masks"),
      density(), scope()),
+    prepare=_model_scope, peak_memory="base='ties', scope='model': every dropped task vector's magnitudes at once",
     reference="Yu et al., Language models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)")

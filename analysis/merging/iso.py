@@ -35,24 +35,18 @@ import math
 
 import torch
 
-from analysis.merging.base import Hyperparameter, MergeMethod, alpha, include_embeddings
-from analysis.merging.common import (forget, shape_groups, sum_factors, svd_names, task_factors,
-                                     vector_rule)
+from analysis.merging.base import Hyperparameter, MergeMethod, Needs, alpha, include_embeddings
+from analysis.merging.common import decomposed, sum_factors, task_factors, unscaled_slot
 from analysis.merging.polar import polar
 from analysis.spectra import thin_svd
 
 
-def _iso_c(tvs, params, ctx):
-    a = params["alpha"]
-    names = set(svd_names(tvs, params["include_embeddings"]))
+def _iso_c(group, params, ctx):
     out = {}
-    for name in tvs.param_names:
-        if name in names:
-            u, s, vh = sum_factors(tvs, ctx, name)
-            k = numerical_rank(s, u.shape[0], vh.shape[1])
-            out[name] = (a * s[:k].mean()) * (u[:, :k] @ vh[:k]).reshape(tvs.shape(name))
-        else:
-            out[name] = vector_rule(tvs, name, a, ctx.device)
+    for name in group.names:
+        u, s, vh = sum_factors(ctx, name)
+        k = numerical_rank(s, u.shape[0], vh.shape[1])
+        out[name] = (params["alpha"] * s[:k].mean()) * (u[:, :k] @ vh[:k]).reshape(group.shape(name))
     return out
 
 
@@ -94,55 +88,48 @@ def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int):
     return x, sig, y_h @ vh_t                        # right vectors: (V_t Y)ᵀ = Yᵀ V_tᵀ
 
 
-def _iso_cts(tvs, params, ctx):
+def _iso_cts(group, params, ctx):
     c, a = params["common_fraction"], params["alpha"]
-    names = svd_names(tvs, params["include_embeddings"])
-    key = ("iso_cts", c, params["include_embeddings"], ctx.polar, str(ctx.device))
-    unscaled = ctx.memo.get(key)
-    if unscaled is None:
-        unscaled = {}
-        n_tasks = len(tvs.tasks)
-        for (m, n), group in shape_groups(tvs, names).items():
-            r = min(m, n)
-            common, per_task = split_rank(r, n_tasks, c)
-            parts: dict[int, list] = {}          # by common width kc (the sum's numerical rank may cut it)
-            for name in group:
-                u_sum, s_sum, vh_sum = sum_factors(tvs, ctx, name)
-                kc = min(common, numerical_rank(s_sum, m, n))
-                u_parts, vh_parts, s_parts = [u_sum[:, :kc]], [vh_sum[:kc]], [s_sum[:kc]]
-                if per_task > 0:
-                    x, sig, y_h = projected_top(*task_factors(tvs, ctx, name), u_sum, common, per_task)
-                    u_parts += list(x.unbind(0))
-                    vh_parts += list(y_h.unbind(0))
-                    s_parts += list(sig.unbind(0))
-                parts.setdefault(kc, []).append((name, torch.cat(u_parts, dim=1), torch.cat(vh_parts, dim=0),
-                                                 torch.cat(s_parts).mean()))
-            for kc, items in parts.items():
-                u = torch.stack([it[1] for it in items])
-                vh = torch.stack([it[2] for it in items])
-                if per_task > 0:   # with c = 1 the sum's own U, V are already orthonormal
-                    # U* = [U_c, X]: X ⟂ U_c by construction, so polar(U*) = [U_c, polar(X)]
-                    u = torch.cat([u[:, :, :kc], polar(u[:, :, kc:], ctx.polar)], dim=2)
-                    vh = polar(vh, ctx.polar)
-                merged = torch.stack([it[3] for it in items])[:, None, None] * (u @ vh)
-                for i, (name, *_rest) in enumerate(items):
-                    unscaled[name] = merged[i].reshape(tvs.shape(name))
-        forget(ctx.memo, "iso_cts")
-        ctx.memo[key] = unscaled
-    out = {}
-    for name in tvs.param_names:
-        out[name] = a * unscaled[name] if name in unscaled else vector_rule(tvs, name, a, ctx.device)
-    return out
+    slot = unscaled_slot(ctx, "iso_cts", (c, params["include_embeddings"], ctx.polar))
+    if not all(name in slot for name in group.names):
+        n_tasks = group.n_tasks
+        shape = group.shape(group.names[0])
+        m, n = shape[0], int(math.prod(shape[1:]))
+        r = min(m, n)
+        common, per_task = split_rank(r, n_tasks, c)
+        parts: dict[int, list] = {}          # by common width kc (the sum's numerical rank may cut it)
+        for name in group.names:
+            u_sum, s_sum, vh_sum = sum_factors(ctx, name)
+            kc = min(common, numerical_rank(s_sum, m, n))
+            u_parts, vh_parts, s_parts = [u_sum[:, :kc]], [vh_sum[:kc]], [s_sum[:kc]]
+            if per_task > 0:
+                x, sig, y_h = projected_top(*task_factors(ctx, name), u_sum, common, per_task)
+                u_parts += list(x.unbind(0))
+                vh_parts += list(y_h.unbind(0))
+                s_parts += list(sig.unbind(0))
+            parts.setdefault(kc, []).append((name, torch.cat(u_parts, dim=1), torch.cat(vh_parts, dim=0),
+                                             torch.cat(s_parts).mean()))
+        for kc, items in parts.items():
+            u = torch.stack([it[1] for it in items])
+            vh = torch.stack([it[2] for it in items])
+            if per_task > 0:   # with c = 1 the sum's own U, V are already orthonormal
+                # U* = [U_c, X]: X ⟂ U_c by construction, so polar(U*) = [U_c, polar(X)]
+                u = torch.cat([u[:, :, :kc], polar(u[:, :, kc:], ctx.polar)], dim=2)
+                vh = polar(vh, ctx.polar)
+            merged = torch.stack([it[3] for it in items])[:, None, None] * (u @ vh)
+            for i, (name, *_rest) in enumerate(items):
+                slot[name] = merged[i].reshape(group.shape(name))
+    return {name: a * slot[name] for name in group.names}
 
 
 ISO_C = MergeMethod(
     "iso_c", "the summed task vector's singular directions with a flat (isotropic) spectrum", _iso_c,
     (alpha(1.0), include_embeddings()),
-    uses_spectra=True, reference="Marczak et al., No task left behind: isotropic model merging, ICML 2025")
+    covers=decomposed, reference="Marczak et al., No task left behind: isotropic model merging, ICML 2025")
 
 ISO_CTS = MergeMethod(
     "iso_cts", "common subspace of the sum + each task's own directions, orthogonalised, flat spectrum", _iso_cts,
     (Hyperparameter("common_fraction", "float", 0.8, 0.0, 1.0, 0.01,
                     "c: fraction of each layer's rank given to the common subspace of the summed task vector"),
      alpha(1.0), include_embeddings()),
-    uses_spectra=True, reference="Marczak et al., No task left behind: isotropic model merging, ICML 2025")
+    needs=Needs(spectra=True), covers=decomposed, group_by="shape", reference="Marczak et al., No task left behind: isotropic model merging, ICML 2025")

@@ -8,27 +8,33 @@ from typing import Mapping
 import pandas as pd
 import torch
 
+from analysis.merging.engine import MergeResult
 from analysis.taskvectors import TaskVectorSet
 
 REFERENCE_MODELS = ("zero_shot", "fine_tuned")
 
 
-def merged_accuracy(evaluator, delta, split: str = "validation", subsample: int | None = None,
-                    per_task: bool = False) -> dict[str, float]:
-    """{task: accuracy} of base + delta on every task the evaluator scores.
+def as_result(delta, tasks) -> MergeResult:
+    """A MergeResult as is; a plain {param: delta} as the shared model of `tasks`."""
+    if isinstance(delta, MergeResult):
+        return delta
+    return MergeResult("delta", {}, list(tasks), shared=dict(delta))
 
-    With `per_task` (TSV-C), `delta` is {task: {param: delta}} and each task is
-    scored with its own delta."""
-    if per_task:
-        out = {}
-        for task, d in delta.items():
-            if task in evaluator.tasks:
-                df = evaluator.evaluate_delta(d, split=split, subsample=subsample, tasks=[task])
-                out[task] = float(df[df["metric"] == "accuracy"]["value"].iloc[0])
-        return out
-    df = evaluator.evaluate_delta(delta, split=split, subsample=subsample)
-    acc = df[df["metric"] == "accuracy"]
-    return {str(t): float(v) for t, v in zip(acc["task"], acc["value"])}
+
+def merged_accuracy(evaluator, result, split: str = "validation", subsample: int | None = None) -> dict[str, float]:
+    """{task: accuracy} of base + the delta each task is scored with, for every
+    task the evaluator scores (one pass per distinct model: one for a merge,
+    one per task for per-task methods such as TSV-C)."""
+    result = as_result(result, evaluator.tasks)
+    out = {}
+    for tasks, delta in result.models():
+        scored = [t for t in tasks if t in evaluator.tasks]
+        if not scored:
+            continue
+        df = evaluator.evaluate_delta(delta, split=split, subsample=subsample, tasks=scored)
+        acc = df[df["metric"] == "accuracy"]
+        out.update({str(t): float(v) for t, v in zip(acc["task"], acc["value"])})
+    return {t: out[t] for t in result.tasks if t in out}
 
 
 def reference_accuracy(reference: pd.DataFrame | None, split: str) -> pd.DataFrame:
@@ -69,23 +75,24 @@ def wide(table: pd.DataFrame, column: str = "accuracy") -> pd.DataFrame:
     return w.reindex(index=tasks, columns=order)
 
 
-def delta_stats(tvs: TaskVectorSet, delta, per_task: bool = False) -> pd.DataFrame:
+def delta_stats(tvs: TaskVectorSet, result) -> pd.DataFrame:
     """Per parameter: param, kind, depth, merged_norm, sum_norm (‖Σ_t τ_t‖), ratio.
 
-    For per-task deltas (TSV-C): param, kind, depth, task, norm, relative_error
+    For per-task results (TSV-C): param, kind, depth, task, norm, relative_error
     (‖recon − τ_t‖ / ‖τ_t‖)."""
+    result = as_result(result, tvs.tasks)
     rows = []
     for name in tvs.param_names:
         base = {"param": name, "kind": tvs.kind(name), "depth": tvs.depth(name)}
-        if per_task:
+        if result.per_task:
             for task in tvs.tasks:
                 tau = tvs.delta(task, name)
-                d = delta[task][name].detach().to("cpu", torch.float32)
+                d = result.for_task(task)[name].detach().to("cpu", torch.float32)
                 ref = float(tau.norm())
                 rows.append({**base, "task": task, "norm": float(d.norm()),
                              "relative_error": float((d - tau).norm()) / ref if ref else 0.0})
         else:
-            d = delta[name].detach().to("cpu", torch.float32)
+            d = result[name].detach().to("cpu", torch.float32)
             s = float(tvs.deltas(name).sum(0).norm())
             rows.append({**base, "merged_norm": float(d.norm()), "sum_norm": s,
                          "ratio": float(d.norm()) / s if s else math.nan})

@@ -10,8 +10,7 @@ import math
 
 import torch
 
-from analysis.merging.base import Hyperparameter, MergeMethod, alpha
-from analysis.merging.common import stacked
+from analysis.merging.base import Hyperparameter, MergeMethod, Needs, alpha
 
 
 def slerp_pair(v0: torch.Tensor, v1: torch.Tensor, t: float, eps: float = 1e-6) -> torch.Tensor:
@@ -27,11 +26,11 @@ def slerp_pair(v0: torch.Tensor, v1: torch.Tensor, t: float, eps: float = 1e-6) 
     return (math.sin((1 - t) * theta) / sin) * v0 + (math.sin(t * theta) / sin) * v1
 
 
-def _slerp(tvs, params, ctx):
+def _slerp(group, params, ctx):
     t, a = params["t"], params["alpha"]
     out = {}
-    for name in tvs.param_names:
-        tau = stacked(tvs, name, ctx.device)
+    for name in group.names:
+        tau = group.deltas(name)
         out[name] = a * slerp_pair(tau[0], tau[1], t)
     return out
 
@@ -40,4 +39,4 @@ SLERP = MergeMethod(
     "slerp", "spherical interpolation between exactly two task vectors", _slerp,
     (Hyperparameter("t", "float", 0.5, 0.0, 1.0, 0.05, "interpolation position: 0 = first task, 1 = second"),
      alpha(1.0)),
-    n_tasks=2, reference="Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985")
+    needs=Needs(min_tasks=2, max_tasks=2), reference="Shoemake, Animating rotation with quaternion curves, SIGGRAPH 1985")

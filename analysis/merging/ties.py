@@ -17,7 +17,6 @@ from typing import Callable
 import torch
 
 from analysis.merging.base import Hyperparameter, MergeMethod, alpha
-from analysis.merging.common import stacked
 
 DeltaGetter = Callable[[str], torch.Tensor]   # name -> (T, *shape) float32
 
@@ -40,16 +39,20 @@ def topk_thresholds(flat_abs: torch.Tensor, k: float) -> torch.Tensor:
     return flat_abs.kthvalue(n - keep + 1, dim=1).values
 
 
-def ties_core(get: DeltaGetter, names: list[str], n_tasks: int, k: float, scope: str, a: float) -> dict:
-    if scope == "model":
-        flat = torch.cat([get(n).abs().reshape(n_tasks, -1) for n in names], dim=1)
-        thresholds = topk_thresholds(flat, k)
-        del flat
+def model_thresholds(get: DeltaGetter, names: list[str], n_tasks: int, k: float) -> torch.Tensor:
+    """(T,) per-task trim thresholds over the whole task vector (TIES' scope).
+
+    Peak memory: T × (number of merged entries) magnitudes at once."""
+    flat = torch.cat([get(n).abs().reshape(n_tasks, -1) for n in names], dim=1)
+    return topk_thresholds(flat, k)
+
+
+def ties_group(get: DeltaGetter, names: list[str], n_tasks: int, k: float, a: float, thresholds=None) -> dict:
+    """TIES on a group of names; `thresholds` from `model_thresholds`, or None for the per-tensor scope."""
     out = {}
     for name in names:
         tau = get(name)
-        flat = tau.reshape(n_tasks, -1)
-        thr = thresholds if scope == "model" else topk_thresholds(flat.abs(), k)
+        thr = thresholds if thresholds is not None else topk_thresholds(tau.reshape(n_tasks, -1).abs(), k)
         out[name] = a * disjoint_merge(tau, thr)
     return out
 
@@ -65,12 +68,18 @@ def disjoint_merge(tau: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     return kept.sum(0) / count
 
 
-def _ties(tvs, params, ctx):
-    return ties_core(lambda n: stacked(tvs, n, ctx.device), list(tvs.param_names), len(tvs.tasks),
-                     params["density"], params["scope"], params["alpha"])
+def _model_scope(inputs, params, ctx):
+    if params["scope"] != "model":
+        return None
+    return model_thresholds(inputs.deltas, list(inputs.tvs.param_names), len(inputs.tasks), params["density"])
+
+
+def _ties(group, params, ctx):
+    return ties_group(group.deltas, group.names, group.n_tasks, params["density"], params["alpha"], ctx.state)
 
 
 TIES = MergeMethod(
     "ties", "trim to the top-k entries, elect signs, average the agreeing entries", _ties,
     (density(), alpha(1.0), scope()),
+    prepare=_model_scope, peak_memory="scope='model': the magnitudes of every task vector at once (T × N floats)",
     reference="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)")

@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import torch
 
-from analysis.merging.base import Hyperparameter, MergeMethod, alpha, include_embeddings, rank_fraction
-from analysis.merging.common import forget, kept_rank, shape_groups, stacked, svd_names, task_factors, vector_rule
+from analysis.merging.base import (Hyperparameter, MergeMethod, Needs, alpha, include_embeddings, own_delta_rule,
+                                   rank_fraction)
+from analysis.merging.common import decomposed, kept_rank, task_factors, unscaled_slot
 from analysis.merging.polar import polar
 
 
@@ -41,48 +42,33 @@ def tsv_rank(fraction: float, rank: int, n_tasks: int, overflow: str) -> int:
     return q
 
 
-def _tsv_m(tvs, params, ctx):
+def _tsv_m(group, params, ctx):
     f, a, overflow = params["rank_fraction"], params["alpha"], params["overflow"]
-    names = svd_names(tvs, params["include_embeddings"])
-    key = ("tsv_m", f, overflow, params["include_embeddings"], ctx.polar, str(ctx.device))
-    unscaled = ctx.memo.get(key)
-    if unscaled is None:
-        unscaled = {}
-        n_tasks = len(tvs.tasks)
-        for (m, n), group in shape_groups(tvs, names).items():
-            factors = [task_factors(tvs, ctx, name) for name in group]
-            r = factors[0][1].shape[-1]
-            q = tsv_rank(f, r, n_tasks, overflow)
-            # (B, m, T·q): task-major column blocks [U_1 … U_T]
-            u = torch.stack([fu[:, :, :q].permute(1, 0, 2).reshape(m, n_tasks * q) for fu, _, _ in factors])
-            s = torch.stack([fs[:, :q].reshape(n_tasks * q) for _, fs, _ in factors])
-            vh = torch.stack([fv[:, :q, :].reshape(n_tasks * q, n) for _, _, fv in factors])
-            u_perp = polar(u, ctx.polar)
-            vh_perp = polar(vh, ctx.polar)   # polar(Vᵀ) = polar(V)ᵀ
-            merged = (u_perp * s[:, None, :]) @ vh_perp
-            for i, name in enumerate(group):
-                unscaled[name] = merged[i].reshape(tvs.shape(name))
-        forget(ctx.memo, "tsv_m")   # keep one unscaled merge: an α change is then a scalar multiply
-        ctx.memo[key] = unscaled
+    slot = unscaled_slot(ctx, "tsv_m", (f, overflow, params["include_embeddings"], ctx.polar))
+    if not all(name in slot for name in group.names):
+        factors = [task_factors(ctx, name) for name in group.names]
+        n_tasks, m, r = factors[0][0].shape
+        n = factors[0][2].shape[-1]
+        q = tsv_rank(f, r, n_tasks, overflow)
+        # (B, m, T·q): task-major column blocks [U_1 … U_T]
+        u = torch.stack([fu[:, :, :q].permute(1, 0, 2).reshape(m, n_tasks * q) for fu, _, _ in factors])
+        s = torch.stack([fs[:, :q].reshape(n_tasks * q) for _, fs, _ in factors])
+        vh = torch.stack([fv[:, :q, :].reshape(n_tasks * q, n) for _, _, fv in factors])
+        u_perp = polar(u, ctx.polar)
+        vh_perp = polar(vh, ctx.polar)   # polar(Vᵀ) = polar(V)ᵀ
+        merged = (u_perp * s[:, None, :]) @ vh_perp
+        for i, name in enumerate(group.names):
+            slot[name] = merged[i].reshape(group.shape(name))
+    return {name: a * slot[name] for name in group.names}
+
+
+def _tsv_c(group, params, ctx):
     out = {}
-    for name in tvs.param_names:
-        out[name] = a * unscaled[name] if name in unscaled else vector_rule(tvs, name, a, ctx.device)
-    return out
-
-
-def _tsv_c(tvs, params, ctx):
-    f = params["rank_fraction"]
-    names = set(svd_names(tvs, params["include_embeddings"]))
-    out = {task: {} for task in tvs.tasks}
-    for name in tvs.param_names:
-        if name in names:
-            u, s, vh = task_factors(tvs, ctx, name)
-            q = kept_rank(f, s.shape[-1])
-            recon = (u[:, :, :q] * s[:, None, :q]) @ vh[:, :q, :]
-        else:
-            recon = stacked(tvs, name, ctx.device)
-        for t, task in enumerate(tvs.tasks):
-            out[task][name] = recon[t].reshape(tvs.shape(name))
+    for name in group.names:
+        u, s, vh = task_factors(ctx, name)
+        q = kept_rank(params["rank_fraction"], s.shape[-1])
+        recon = (u[:, :, :q] * s[:, None, :q]) @ vh[:, :q, :]
+        out[name] = recon.reshape(recon.shape[0], *group.shape(name))
     return out
 
 
@@ -92,10 +78,10 @@ TSV_M = MergeMethod(
      Hyperparameter("overflow", "choice", "cap", help="when T·⌊f·r⌋ > r: cap the rank at ⌊r/T⌋, or keep it and "
                     "use the wide polar factor (orthonormal rows)", choices=("cap", "polar")),
      include_embeddings()),
-    uses_spectra=True, reference="Gargiulo et al., Task Singular Vectors, CVPR 2025 (arXiv 2412.00081)")
+    needs=Needs(spectra=True), covers=decomposed, group_by="shape", reference="Gargiulo et al., Task Singular Vectors, CVPR 2025 (arXiv 2412.00081)")
 
 TSV_C = MergeMethod(
     "tsv_c", "each task's own low-rank reconstruction (compression; one delta per task)", _tsv_c,
     (rank_fraction(), include_embeddings()),
-    uses_spectra=True, per_task=True,
+    needs=Needs(spectra=True), covers=decomposed, rest=own_delta_rule, per_task=True,
     reference="Gargiulo et al., Task Singular Vectors, CVPR 2025 (arXiv 2412.00081)")

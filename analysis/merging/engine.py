@@ -1,0 +1,154 @@
+"""The merge engine: it owns the loop over parameters, so methods don't.
+
+`run(method, inputs, params)`:
+1. calls the method's optional whole-model `prepare` pass (its result is
+   `ctx.state`);
+2. walks the parameters the method covers in groups (one name, or every name
+   of one matrix shape) and calls `merge_group(group, params, ctx)`;
+3. gives every other parameter the method's `rest` rule (α × mean by default);
+4. hands each merged tensor to the sink: kept in a `MergeResult` (default),
+   or passed to `sink(name, delta)` as soon as it exists (write to a file,
+   move to the CPU, ...), so a large model never has to be held twice.
+
+One result type, `MergeResult`: every method yields one model per task
+(`for_task(task)`); methods that merge return the same shared delta for
+every task, TSV-C returns each task's own compressed delta. Scoring and
+export go through `for_task`/`models()` and need no per-method branch.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from analysis.errors import ValidationError
+from analysis.merging.base import MergeContext, MergeMethod
+
+Sink = Callable[[str, torch.Tensor], None]   # (name, delta) -> None; delta is (T, *shape) for per-task methods
+
+
+@dataclass
+class ParamGroup:
+    """The parameters one `merge_group` call sees (same matrix shape when grouped by shape)."""
+
+    names: list[str]
+    inputs: object
+
+    @property
+    def tvs(self):
+        return self.inputs.tvs
+
+    @property
+    def n_tasks(self) -> int:
+        return len(self.inputs.tvs.tasks)
+
+    def deltas(self, name: str) -> torch.Tensor:
+        """(T, *shape) float32 deltas of one name on the device."""
+        return self.inputs.deltas(name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self.inputs.tvs.shape(name)
+
+
+class MergeResult(Mapping):
+    """The merged delta(s) of one method with one set of knobs.
+
+    As a Mapping it is the shared merged delta, {param: tensor}, in the set's
+    parameter order. `for_task(task)` is the delta task `task` is scored with
+    (the shared one, or the task's own for per-task methods such as TSV-C);
+    `models()` lists the distinct models with the tasks each serves."""
+
+    def __init__(self, method: str, params: dict, tasks: list[str], shared: dict | None = None,
+                 own: dict[str, dict] | None = None):
+        if (shared is None) == (own is None):
+            raise ValueError("a MergeResult holds either a shared delta or one delta per task")
+        self.method, self.params, self.tasks = method, dict(params), list(tasks)
+        self._shared, self._own = shared, own
+
+    @property
+    def per_task(self) -> bool:
+        return self._own is not None
+
+    @property
+    def shared(self) -> dict:
+        if self._own is not None:
+            raise ValidationError(f"{self.method} gives one model per task, not one merged model; "
+                                  "use result.for_task(task) or result.models()")
+        return self._shared
+
+    def for_task(self, task: str) -> dict:
+        if task not in self.tasks:
+            raise ValidationError(f"no task named {task!r}; tasks are {self.tasks}")
+        return self._shared if self._own is None else self._own[task]
+
+    def models(self) -> list[tuple[list[str], dict]]:
+        """[(tasks, delta)]: one entry for a merge, one per task for per-task methods."""
+        if self._own is None:
+            return [(list(self.tasks), self._shared)]
+        return [([t], self._own[t]) for t in self.tasks]
+
+    # Mapping over the shared delta
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.shared[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shared)
+
+    def __len__(self) -> int:
+        return len(self.shared)
+
+    def scaled(self, alpha: float) -> "MergeResult":
+        if self._own is None:
+            return MergeResult(self.method, self.params, self.tasks, shared={k: alpha * v for k, v in self._shared.items()})
+        return MergeResult(self.method, self.params, self.tasks,
+                           own={t: {k: alpha * v for k, v in d.items()} for t, d in self._own.items()})
+
+    def to(self, device) -> "MergeResult":
+        if self._own is None:
+            return MergeResult(self.method, self.params, self.tasks, shared={k: v.to(device) for k, v in self._shared.items()})
+        return MergeResult(self.method, self.params, self.tasks,
+                           own={t: {k: v.to(device) for k, v in d.items()} for t, d in self._own.items()})
+
+
+def groups(method: MergeMethod, names: list[str], tvs, inputs) -> list[ParamGroup]:
+    if method.group_by == "param":
+        return [ParamGroup([n], inputs) for n in names]
+    by_shape: dict[tuple, list[str]] = {}
+    for n in names:
+        shape = tvs.shape(n)
+        by_shape.setdefault((shape[0], int(math.prod(shape[1:]))), []).append(n)
+    return [ParamGroup(g, inputs) for g in by_shape.values()]
+
+
+def run(method: MergeMethod, inputs, params: dict, *, polar: str = "auto", sink: Sink | None = None) -> MergeResult | None:
+    """Merge `inputs.tvs` with `method` at validated knobs `params` (see module doc).
+
+    With a `sink`, tensors go there as they are made and None is returned."""
+    tvs = inputs.tvs
+    cache = inputs.spectra(bool(params.get("include_embeddings", False))) if method.needs.spectra else None
+    ctx = MergeContext(device=inputs.device, inputs=inputs, cache=cache, polar=polar, memo=inputs.memo)
+    if method.needs.labelled_data or method.needs.activations or method.needs.gradients:
+        inputs.require_data(method.name)
+    if method.prepare is not None:
+        ctx.state = method.prepare(inputs, params, ctx)
+    covered = list(tvs.param_names) if method.covers is None else list(method.covers(tvs, params))
+    out: dict[str, torch.Tensor] = {}
+    emit = sink if sink is not None else out.__setitem__
+    for group in groups(method, covered, tvs, inputs):
+        merged = method.merge_group(group, params, ctx)
+        for name in group.names:
+            emit(name, merged[name])
+    covered_set = set(covered)
+    for name in tvs.param_names:
+        if name not in covered_set:
+            emit(name, method.rest(inputs.deltas(name), params))
+    if sink is not None:
+        return None
+    ordered = {n: out[n] for n in tvs.param_names}
+    if method.per_task:
+        own = {t: {n: ordered[n][i] for n in ordered} for i, t in enumerate(tvs.tasks)}
+        return MergeResult(method.name, params, tvs.tasks, own=own)
+    return MergeResult(method.name, params, tvs.tasks, shared=ordered)
