@@ -38,9 +38,11 @@ from analysis.merging.base import Hyperparameter, MergeContext, MergeMethod, Nee
 from analysis.merging.basic import TASK_ARITHMETIC, WEIGHT_AVERAGING
 from analysis.merging.consensus import CONSENSUS
 from analysis.merging.dare import DARE
+from analysis.merging.fisher import FISHER
 from analysis.merging.engine import MergeResult, ParamGroup, run
 from analysis.merging.inputs import MergeInputs, as_inputs
 from analysis.merging.iso import ISO_C, ISO_CTS
+from analysis.merging.regmean import REGMEAN, REGMEAN_PP
 from analysis.merging.slerp import SLERP
 from analysis.merging.ties import TIES
 from analysis.merging.tsv import TSV_C, TSV_M
@@ -56,6 +58,9 @@ _REGISTRY = (
     ISO_C,
     ISO_CTS,
     SLERP,
+    FISHER,
+    REGMEAN,
+    REGMEAN_PP,
 )
 METHODS: dict[str, MergeMethod] = {m.name: m for m in _REGISTRY}
 
