@@ -14,6 +14,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.errors import MergescopeError, ValidationError
+from analysis.merging.scoring import reference_accuracy
 from analysis.report import set_summary
 from analysis.taskvectors import TaskVectorSet
 from ui.jobs import BackgroundJob
@@ -232,11 +233,11 @@ def summary_section(ws: Workspace) -> None:
         st.markdown("**Tensors per layer (block index parsed from names)**")
         st.dataframe(layers, hide_index=True, key="summary_layers", height=min(420, 38 + 35 * len(layers)))
     if ws.reference is not None and len(ws.reference):
-        ref = ws.reference[ws.reference["metric"] == "accuracy"]
-        split = "test" if "test" in set(ref["split"]) else ref["split"].iloc[0]
+        splits = set(ws.reference["split"])
+        split = "test" if "test" in splits else sorted(splits)[0]
         st.markdown(f"**Reference accuracy ({split} split)** — frozen per-task heads on the pretrained "
                     "(zero-shot) and fine-tuned backbones")
-        table = ref[ref["split"] == split].pivot_table(index="task", columns="model", values="value", sort=False)
+        table = reference_accuracy(ws.reference, split)
         st.dataframe((table * 100).round(1), key="summary_reference")
     if "cards" in ws.extras:
         with st.expander("Data cards of the demo tasks"):

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import save_file
 
 from analysis.errors import MergescopeError, ValidationError
+from analysis.merging.scoring import accuracy_by_task, reference_accuracy
 
 Progress = Callable[[float, str], None] | None
 DEBIAN_CHROMIUM = "/usr/bin/chromium"
@@ -95,8 +96,7 @@ def _per_task(entry: Mapping) -> dict[str, float]:
         if isinstance(v, Mapping):
             return {str(t): float(a) for t, a in v.items()}
         if isinstance(v, pd.DataFrame):
-            acc = v[v["metric"] == "accuracy"] if "metric" in v else v
-            return {str(t): float(a) for t, a in acc.groupby("task", sort=False)["value"].mean().items()}
+            return accuracy_by_task(v)
     raise ValidationError(f"a merge_history entry has no per-task accuracy (expected a 'per_task' or 'accuracy' "
                           f"mapping task -> accuracy); its keys are {sorted(entry)}")
 
@@ -142,9 +142,9 @@ def comparison_table(history: Sequence[Mapping], reference: pd.DataFrame | None 
     frames = []
     ref_acc = {}
     if reference is not None and len(reference):
-        r = reference[(reference["metric"] == "accuracy") & (reference["split"] == split)]
+        r = reference_accuracy(reference, split)
         for model in ("zero_shot", "fine_tuned"):
-            ref_acc[model] = r[r["model"] == model].groupby("task", sort=False)["value"].mean()
+            ref_acc[model] = r[model].dropna() if model in r.columns else pd.Series(dtype=float)
         if include_reference:
             for model, acc in ref_acc.items():
                 if len(acc):

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.device import device_info  # noqa: E402
 from analysis.merging import METHODS, MergeInputs, merge, unavailable  # noqa: E402
-from analysis.merging.scoring import merged_accuracy, reference_accuracy  # noqa: E402
+from analysis.merging.scoring import accuracy_by_task, merged_accuracy, reference_accuracy  # noqa: E402
 
 ALPHA_GRIDS = {
     "task_arithmetic": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0],
@@ -114,13 +114,13 @@ def main(argv=None) -> int:
             best, best_mean = None, -1.0
             for a in ALPHA_GRIDS[name]:
                 df = ev.evaluate_delta(unit, alpha=a, split="validation", subsample=args.val_subsample)
-                acc_v = df[df["metric"] == "accuracy"].set_index("task")["value"]
-                mean_v = float(acc_v.reindex(tasks).mean())
+                acc_v = accuracy_by_task(df)
+                mean_v = sum(acc_v[t] for t in tasks) / len(tasks)
                 log(f"  {name} α={a}: validation mean {mean_v:.4f}")
                 if mean_v > best_mean + 1e-12:
                     best, best_mean = a, mean_v
             df = ev.evaluate_delta(unit, alpha=best, split="test")
-            acc = df[df["metric"] == "accuracy"].set_index("task")["value"].to_dict()
+            acc = accuracy_by_task(df)
             rest = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in defaults.items() if k != "alpha")
             add(f"{name} (α on validation)", name, f"alpha={best} (val mean {best_mean:.4f})" + (f", {rest}" if rest else ""),

@@ -31,10 +31,15 @@ def merged_accuracy(evaluator, result, split: str = "validation", subsample: int
         scored = [t for t in tasks if t in evaluator.tasks]
         if not scored:
             continue
-        df = evaluator.evaluate_delta(delta, split=split, subsample=subsample, tasks=scored)
-        acc = df[df["metric"] == "accuracy"]
-        out.update({str(t): float(v) for t, v in zip(acc["task"], acc["value"])})
+        out.update(accuracy_by_task(evaluator.evaluate_delta(delta, split=split, subsample=subsample, tasks=scored)))
     return {t: out[t] for t in result.tasks if t in out}
+
+
+def accuracy_by_task(table: pd.DataFrame) -> dict[str, float]:
+    """{task: accuracy} from a tidy evaluation table (task, metric, value, ...);
+    duplicate rows of a task are averaged. The one reader of accuracy rows."""
+    acc = table[table["metric"] == "accuracy"] if "metric" in table else table
+    return {str(t): float(v) for t, v in acc.groupby("task", sort=False)["value"].mean().items()}
 
 
 def reference_accuracy(reference: pd.DataFrame | None, split: str) -> pd.DataFrame:
@@ -42,7 +47,7 @@ def reference_accuracy(reference: pd.DataFrame | None, split: str) -> pd.DataFra
     if reference is None or not len(reference):
         return pd.DataFrame(columns=list(REFERENCE_MODELS))
     r = reference[(reference["split"] == split) & (reference["metric"] == "accuracy")]
-    table = r.pivot_table(index="task", columns="model", values="value", aggfunc="mean")
+    table = r.pivot_table(index="task", columns="model", values="value", aggfunc="mean", sort=False)
     return table.reindex(columns=[m for m in REFERENCE_MODELS if m in table.columns])
 
 

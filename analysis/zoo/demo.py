@@ -60,9 +60,8 @@ class Demo:
 
     def reference_accuracy(self, split: str = "test") -> pd.DataFrame:
         """task x model (zero_shot, fine_tuned) accuracy table."""
-        r = self.reference
-        r = r[(r["split"] == split) & (r["metric"] == "accuracy")]
-        return r.pivot(index="task", columns="model", values="value").reindex(self.tasks)
+        from analysis.merging.scoring import reference_accuracy
+        return reference_accuracy(self.reference, split).reindex(self.tasks)
 
 
 def open_demo(root: str | Path, device=None) -> Demo:
