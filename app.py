@@ -48,7 +48,10 @@ def _stamp(paths) -> tuple:
 
 @st.cache_resource(show_spinner=False, max_entries=4)
 def load_checkpoint_set(base: str, tasks: tuple, exclude: tuple, trust_pickle: bool, stamp: tuple) -> TaskVectorSet:
-    return TaskVectorSet.from_checkpoints(base, dict(tasks), exclude=list(exclude), trust_pickle=trust_pickle)
+    tvs = TaskVectorSet.from_checkpoints(base, dict(tasks), exclude=list(exclude), trust_pickle=trust_pickle)
+    # kept stacked on the device once read (when they fit; else streamed): slider moves re-read nothing
+    tvs.keep_resident()
+    return tvs
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)

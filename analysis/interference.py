@@ -16,7 +16,9 @@ import pandas as pd
 import torch
 
 from analysis.errors import ValidationError
-from analysis.spectra import SpectralCache, _exact_matmul, as_matrix_batch, module_of, truncation_rank
+from analysis.spectra import SpectralCache
+from analysis.spectra_tables import module_of
+from analysis.svd import _exact_matmul, as_matrix_batch, truncation_rank
 from analysis.taskvectors import TaskVectorSet
 
 LEVELS = ("param", "depth", "model")

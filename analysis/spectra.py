@@ -1,183 +1,55 @@
-"""Per-layer SVD of every task matrix, computed once and cached on disk; the
-spectra tables (singular values, energy, effective rank, TSV-C) read from it.
+"""Per-layer SVD of every task matrix, computed once and cached on disk.
 
-Decomposition ("method"):
-- "svd":  torch.linalg.svd on each shape group (float32 LAPACK / cuSOLVER).
-- "gram": exact thin SVD through the smaller Gram matrix in float64:
-          G = XᵀX (k×k), G = V Λ Vᵀ (eigh), Y = X V, σ_i = ‖Y_i‖, U = Y / σ.
-          Squaring the condition number is harmless in float64 for float32
-          inputs: U's loss of orthogonality is ~1e-16·κ_i·κ_j, below float32
-          resolution while κ ≤ 1e4; matrices with smaller (or zero) singular
-          values take U from a Householder QR of Y (orthonormal whatever the
-          spectrum, S = |diag R|). Every batch is verified (relative
-          reconstruction error and orthogonality of U and V, in float32);
-          anything over `tol` is recomputed with torch.linalg.svd, so the
-          result is exact either way. The matmuls are float64 (no TF32).
-- "auto": "gram" on data-centre CUDA GPUs with full-rate float64
-          (cuSOLVER's SVD is latency-bound at these sizes; eigh of the Gram
-          is several times faster per the issue's H100 figures; our own GPU
-          timing: not measured, no GPU was lent) and on CPU with more than one
-          thread; "svd" with one CPU thread, on MPS and consumer GPUs
-          (measurements in docs/results_spectra.md).
+`SpectralCache(tvs)` holds the thin SVD factors (U, S, Vh) of every task's
+delta for each matrix (and conv) parameter, computed once per set with the
+kernels of `analysis.svd` (batched by shape, in chunks that fit a memory
+budget, so sets larger than GPU memory stream through it) and kept on disk
+keyed by the set's content hash.
 
-Factors are stored float32, U (T,m,k), S (T,k), Vh (T,k,n), k = min(m,n),
-S descending. Parameters of one shape are decomposed together in chunks that
-fit a memory budget, so sets larger than GPU memory stream through it.
+Persisting is off the critical path: `compute()` returns as soon as the
+factors exist; the file is written by a background thread (a temporary file
+beside the target, then an atomic rename, so no reader ever sees half a
+file, and a temporary file left by a process that died mid-write is never
+read). `flush()` waits for the write; at interpreter exit pending writes get
+a few seconds to finish.
+
+This module also re-exports the SVD kernels (`analysis.svd`) and the spectra
+tables (`analysis.spectra_tables`), so `from analysis.spectra import …` keeps
+working for every name it offered before the split.
 """
 from __future__ import annotations
 
-import contextlib
-import math
-import os
-import re
+import atexit
 import threading
+import time
+import weakref
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable
 
-import pandas as pd
 import torch
 from safetensors import safe_open
 
 from analysis.device import get_device
 from analysis.errors import ValidationError
+from analysis.paths import cache_root
+from analysis.svd import (METHODS, QR_BELOW, Factors, _exact_matmul, _gram_is_faster, as_matrix_batch,  # noqa: F401
+                          exact_svd, factor_errors, low_rank, svd_gram, thin_svd, truncation_rank)
+from analysis.spectra_tables import (_BLOCK, effective_rank, effective_rank_table, energy_table,  # noqa: F401
+                                     module_of, singular_values_table, tsvc_accuracy_table, tsvc_delta,
+                                     tsvc_error_table)
 from analysis.taskvectors import TaskVectorSet, as_matrix, atomic_save_safetensors
 
-Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 Progress = Callable[[int, int, str], None]
-METHODS = ("auto", "svd", "gram")
 CACHE_FORMAT = "1"
-_BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|blocks|resblocks|h)\.\d+\.)")
+STALE_TEMP_S = 3600.0   # a temporary cache file this old belongs to a writer that died
+EXIT_WAIT_S = 5.0   # at interpreter exit, pending cache writes get this long; an unfinished one is simply lost
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("MERGESCOPE_CACHE", Path.home() / ".cache" / "mergescope"))
+    """The cache root (`analysis.paths.cache_root`); kept for callers of the old name."""
+    return cache_root()
 
 
-# --------------------------------------------------------------------------- kernels
-@contextlib.contextmanager
-def _exact_matmul():
-    """TF32 would silently cut float32 products to 10-bit mantissas."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
-
-
-def thin_svd(a: torch.Tensor) -> Factors:
-    """Thin SVD (U, S, Vh) in float32 of a matrix or a batch, that always returns.
-
-    LAPACK's divide-and-conquer SVD can raise "failed to converge" when most
-    singular values (nearly) coincide, which is what concatenated, almost
-    orthonormal factors look like (it happened on Iso-CTS's V* at 12 ViT
-    blocks). Then float64 is tried, and then the float64 Gram route."""
-    try:
-        return torch.linalg.svd(a.float(), full_matrices=False)
-    except torch.linalg.LinAlgError:
-        pass
-    try:
-        u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
-        return u.float(), s.float(), vh.float()
-    except torch.linalg.LinAlgError:
-        pass
-    batch = a.reshape(-1, *a.shape[-2:])
-    u, s, vh = svd_gram(batch)
-    return u.reshape(*a.shape[:-2], *u.shape[-2:]), s.reshape(*a.shape[:-2], -1), vh.reshape(*a.shape[:-2], *vh.shape[-2:])
-
-
-QR_BELOW = 1e-4   # columns with σ_i < QR_BELOW·σ_1 get their U from a QR (see svd_gram)
-
-
-def svd_gram(a: torch.Tensor) -> Factors:
-    """Thin SVD of a batch (B,m,n) through float64 Gram + eigh (see module doc).
-
-    U = X V / σ is orthonormal to ~1e-16·κ_i·κ_j, fine while every σ_i ≥
-    QR_BELOW·σ_1; matrices with smaller (or zero) singular values, e.g. LoRA
-    deltas, take U from a Householder QR of X V instead, which is orthonormal
-    whatever the spectrum."""
-    b, m, n = a.shape
-    x = (a.mT if m < n else a).double()            # (B, p, k), p >= k
-    with _exact_matmul():
-        gram = x.mT @ x
-        _, v = torch.linalg.eigh(gram)             # ascending
-        v = v.flip(-1)
-        y = x @ v                                  # = U S (columns nearly orthogonal)
-    s = torch.linalg.vector_norm(y, dim=-2)
-    u = y / torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-2)
-    need_qr = (s.amin(-1) < QR_BELOW * s.amax(-1)).nonzero().flatten()
-    if len(need_qr):
-        q, r = torch.linalg.qr(y[need_qr])
-        d = torch.diagonal(r, dim1=-2, dim2=-1)
-        u[need_qr] = q * torch.where(d < 0, -1.0, 1.0).to(d.dtype).unsqueeze(-2)
-        s[need_qr] = d.abs()
-    # near-degenerate values can swap by rounding: keep S descending
-    s, order = s.sort(dim=-1, descending=True)
-    u = torch.gather(u, -1, order.unsqueeze(-2).expand_as(u))
-    v = torch.gather(v, -1, order.unsqueeze(-2).expand_as(v))
-    u, s, v = u.float(), s.float(), v.float()
-    if m < n:                                      # Aᵀ = U S Vᵀ  =>  A = V S Uᵀ
-        return v, s, u.mT
-    return u, s, v.mT
-
-
-def factor_errors(a: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per batch element: relative Frobenius reconstruction error and
-    max |UᵀU − I|, |VVᵀ − I| (orthogonality), both float32."""
-    with _exact_matmul():
-        rec = (u * s.unsqueeze(-2)) @ vh
-        num = torch.linalg.matrix_norm(a.float() - rec)
-        den = torch.linalg.matrix_norm(a.float()).clamp_min(torch.finfo(torch.float32).tiny)
-        k = s.shape[-1]
-        eye = torch.eye(k, device=a.device)
-        orth_u = (u.mT @ u - eye).abs().amax(dim=(-2, -1))
-        orth_v = (vh @ vh.mT - eye).abs().amax(dim=(-2, -1))
-    return num / den, torch.maximum(orth_u, orth_v)
-
-
-def exact_svd(a: torch.Tensor, method: str = "auto", tol: float = 1e-5) -> tuple[Factors, dict]:
-    """Thin SVD of a batch with the chosen method, verified; elements failing
-    the check (rel. reconstruction or orthogonality error > tol) are redone
-    with torch.linalg.svd. Returns the factors and a small report."""
-    if method not in METHODS:
-        raise ValidationError(f"SVD method must be one of {METHODS}, got {method!r}")
-    if method == "auto":
-        method = "gram" if _gram_is_faster(a.device) else "svd"
-    if method == "svd":
-        u, s, vh = thin_svd(a)
-        return (u, s, vh), {"method": "svd", "fallbacks": 0}
-    u, s, vh = svd_gram(a)
-    rec, orth = factor_errors(a, u, s, vh)
-    bad = ((rec > tol) | (orth > tol) | ~torch.isfinite(rec) | ~torch.isfinite(orth)).nonzero().flatten()
-    if len(bad):
-        ub, sb, vhb = thin_svd(a[bad])
-        u[bad], s[bad], vh[bad] = ub, sb, vhb
-    return (u, s, vh), {"method": "gram", "fallbacks": int(len(bad)),
-                        "max_rec_error": float(rec.max()), "max_orth_error": float(orth.max())}
-
-
-def _gram_is_faster(device: torch.device) -> bool:
-    """CUDA: data-centre GPUs (P100, V100, A100, H100/H200, B200) run float64 at
-    half the float32 rate; consumer GPUs at 1/32-1/64, where the Gram path's
-    float64 matmuls would cost more than cuSOLVER's SVD saves (GPU timings not
-    measured: no GPU was lent). CPU: measured on 2 cores
-    (docs/results_spectra.md): under load the Gram path beat LAPACK's SVD with
-    2 threads (1.0-1.5x wall) and lost with 1 thread (0.7-0.9x); on the idle
-    machine, 12 ViT blocks, it took 96 s against 91 s, i.e. a tie within the
-    noise, and it is ~6x more accurate (3.5e-7 vs 2.1e-6), so it stays."""
-    if device.type == "cuda":
-        return torch.cuda.get_device_capability(device) in {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
-    return device.type == "cpu" and torch.get_num_threads() > 1
-
-
-def truncation_rank(k: int, rank_fraction: float) -> int:
-    """Rank kept at a rank fraction: ⌊f·k⌋, at least 1, at most k."""
-    if not (0.0 < rank_fraction <= 1.0):
-        raise ValidationError(f"rank fraction must be in (0, 1], got {rank_fraction!r}")
-    return max(1, min(k, int(math.floor(rank_fraction * k + 1e-9))))
-
-
-# --------------------------------------------------------------------------- cache
 class SpectralCache:
     """SVD factors (U, S, Vh) of every task's delta for each matrix parameter.
 
@@ -198,7 +70,7 @@ class SpectralCache:
         self.device = get_device(device)
         kinds = ("matrix", "conv", "embedding") if include_embeddings else ("matrix", "conv")
         self.names = tvs.names_of_kind(*kinds)
-        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir() / "spectra"
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "spectra"
         self.persist = persist
         self.method = method
         self.tol = tol
@@ -211,6 +83,13 @@ class SpectralCache:
         self._sum: dict[str, Factors] = {}
         self._key: str | None = None
         self._lock = threading.RLock()  # one cache object is shared by the app's sessions
+        self._write_lock = threading.Lock()
+        self._pending: dict[Path, dict[str, Factors]] = {}   # path -> factors still to write (latest wins)
+        self._writer: threading.Thread | None = None
+        self._writing: Path | None = None
+        self.write_errors: list[str] = []                    # writes that failed (the cache is then recomputed)
+        self.writes = 0                                      # files written
+        _LIVE.add(self)
 
     # ------------------------------------------------------------ identity
     @property
@@ -276,7 +155,7 @@ class SpectralCache:
             self._sum[name] = (u[0], s[0], vh[0])
             self.sum_compute_count += 1
             if self.persist:
-                self._save(self.sum_path, self._sum)
+                self._persist(self.sum_path, self._sum)
 
     def _require(self, name: str) -> None:
         if name not in self.names:
@@ -294,11 +173,13 @@ class SpectralCache:
 
     def _fill(self) -> None:
         if self._factors is None:
+            if self.persist:
+                self._await_other_writers(self.path)
             loaded = self._load() if self.persist else None
             if loaded is None:
                 loaded = self._compute()
                 if self.persist:
-                    self._save(self.path, loaded)
+                    self._persist(self.path, loaded)
             self._factors = loaded
 
     def _budget(self) -> int:
@@ -384,6 +265,8 @@ class SpectralCache:
         return out
 
     def _load_sums(self) -> None:
+        if self.persist:
+            self._await_other_writers(self.sum_path)
         f = self._open(self.sum_path) if self.persist else None
         if f is None:
             return
@@ -392,8 +275,77 @@ class SpectralCache:
             if name not in self._sum and f"S::{name}" in keys:
                 self._sum[name] = tuple(f.get_tensor(f"{p}::{name}").to(self.device) for p in ("U", "S", "Vh"))
 
+    # ------------------------------------------------------------ persisting (background)
+    def _persist(self, path: Path, factors: dict[str, Factors]) -> None:
+        """Queue `factors` for writing to `path` and return at once. One writer
+        thread per cache; a newer snapshot of the same path replaces an unwritten one."""
+        with self._write_lock:
+            self._pending[path] = dict(factors)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_pending, name="spectra-persist", daemon=True)
+                self._writer.start()
+
+    def _write_pending(self) -> None:
+        while True:
+            with self._write_lock:
+                if not self._pending:
+                    self._writer = None
+                    return
+                path = next(iter(self._pending))
+                factors = self._pending.pop(path)
+                self._writing = path
+            try:
+                self._save(path, factors)
+                self.writes += 1
+            except Exception as exc:   # a cache that cannot be written is recomputed next time, never fatal
+                self.write_errors.append(f"{path}: {type(exc).__name__}: {exc}")
+            finally:
+                self._writing = None
+
+    def _writes(self, path: Path) -> bool:
+        with self._write_lock:
+            return path in self._pending or self._writing == path
+
+    def _await_other_writers(self, path: Path) -> None:
+        """Another cache object of this process is writing `path`: reading the
+        finished file beats decomposing everything again."""
+        for other in list(_LIVE):
+            if other is not self and other._writes(path):
+                try:
+                    other.flush()
+                except OSError:
+                    pass
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued cache file is on disk (or `timeout` seconds
+        pass); True when nothing is left to write. Raises the first write error."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            with self._write_lock:
+                writer = self._writer
+            if writer is None:
+                break
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                return False
+            writer.join(left)
+        if self.write_errors:
+            raise OSError(f"could not write the spectral cache: {self.write_errors[0]}")
+        return True
+
+    @property
+    def writing(self) -> bool:
+        """A cache file is being (or waits to be) written."""
+        return self._writer is not None
+
     def _save(self, path: Path, factors: dict[str, Factors]) -> None:
         self.cache_dir.mkdir(parents=True, exist_ok=True)
+        for stale in self.cache_dir.glob(f".{path.name}.*.tmp"):   # left by a process that died mid-write
+            try:
+                if time.time() - stale.stat().st_mtime > STALE_TEMP_S:
+                    stale.unlink()
+            except OSError:
+                pass
         flat = {}
         for name, (u, s, vh) in factors.items():
             flat[f"U::{name}"] = u.contiguous().cpu()
@@ -402,155 +354,14 @@ class SpectralCache:
         atomic_save_safetensors(flat, path, self._meta())
 
 
-def as_matrix_batch(stacked: torch.Tensor) -> torch.Tensor:
-    """(T, *shape) deltas as (T, m, n) matrices (conv kernels flattened)."""
-    return stacked.reshape(stacked.shape[0], stacked.shape[1], -1)
+_LIVE: "weakref.WeakSet[SpectralCache]" = weakref.WeakSet()
 
 
-# --------------------------------------------------------------------------- tables
-def module_of(name: str) -> str:
-    """The parameter's name inside its block ('encoder.layer.3.attention.q.weight'
-    -> 'attention.q.weight'), so the same module can be followed across depth."""
-    m = _BLOCK.match(name)
-    return name[m.end():] if m else name
-
-
-def _meta_cols(cache: SpectralCache, name: str) -> dict:
-    return {"param": name, "depth": cache.tvs.depth(name), "kind": cache.tvs.kind(name), "module": module_of(name)}
-
-
-def _names(cache: SpectralCache, names: Iterable[str] | None) -> list[str]:
-    return list(cache.names if names is None else names)
-
-
-def singular_values_table(cache: SpectralCache, names: Iterable[str] | None = None) -> pd.DataFrame:
-    """param, depth, kind, module, task, index (0-based), rank_fraction ((index+1)/k), sigma."""
-    frames = []
-    for name in _names(cache, names):
-        s = cache.singular_values(name)
-        t, k = s.shape
-        df = pd.DataFrame({"task": [task for task in cache.tasks for _ in range(k)],
-                           "index": list(range(k)) * t,
-                           "rank_fraction": [(i + 1) / k for i in range(k)] * t,
-                           "sigma": s.reshape(-1).double().numpy()})
-        for col, val in reversed(list(_meta_cols(cache, name).items())):
-            df.insert(0, col, val)
-        frames.append(df)
-    return pd.concat(frames, ignore_index=True) if frames else _empty(["task", "index", "rank_fraction", "sigma"])
-
-
-def _empty(cols: Sequence[str]) -> pd.DataFrame:
-    return pd.DataFrame(columns=["param", "depth", "kind", "module", *cols])
-
-
-def energy_table(cache: SpectralCache, rank_fractions: Sequence[float], names: Iterable[str] | None = None) -> pd.DataFrame:
-    """Energy (squared Frobenius norm) kept by the top ⌊f·k⌋ singular values:
-    Σ_{i<r} σ_i² / Σ_i σ_i². Columns: param, depth, kind, module, task,
-    rank_fraction, rank, energy. Also TSV-C's relative error: rel_error =
-    ‖A − A_r‖_F / ‖A‖_F = sqrt(1 − energy) (Eckart–Young), from the spectrum."""
-    rows = []
-    for name in _names(cache, names):
-        s2 = cache.singular_values(name).double() ** 2
-        k = s2.shape[1]
-        csum = s2.cumsum(1)
-        total = csum[:, -1]       # so that the full rank keeps exactly 1.0
-        meta = _meta_cols(cache, name)
-        for f in rank_fractions:
-            r = truncation_rank(k, f)
-            kept = csum[:, r - 1]
-            tail = (total - kept).clamp_min(0.0)
-            for ti, task in enumerate(cache.tasks):
-                tot = float(total[ti])
-                energy = float(kept[ti] / tot) if tot > 0 else 1.0
-                err = math.sqrt(float(tail[ti]) / tot) if tot > 0 else 0.0
-                rows.append({**meta, "task": task, "rank_fraction": float(f), "rank": r,
-                             "energy": min(energy, 1.0), "rel_error": err})
-    return pd.DataFrame(rows) if rows else _empty(["task", "rank_fraction", "rank", "energy", "rel_error"])
-
-
-def tsvc_error_table(cache: SpectralCache, rank_fraction: float, names: Iterable[str] | None = None) -> pd.DataFrame:
-    """TSV-C: relative Frobenius error of each task matrix truncated to rank
-    fraction f, plus the share of the matrix's numbers kept r(m+n+1)/(mn)."""
-    df = energy_table(cache, [rank_fraction], names)
-    if df.empty:
-        return df.assign(storage=[])
-    shapes = {n: as_matrix(torch.empty(cache.tvs.shape(n), device="meta")).shape for n in df["param"].unique()}
-    df["storage"] = [r * (shapes[p][0] + shapes[p][1] + 1) / (shapes[p][0] * shapes[p][1])
-                     for p, r in zip(df["param"], df["rank"])]
-    return df.drop(columns=["energy"])
-
-
-def effective_rank(s: torch.Tensor) -> torch.Tensor:
-    """Effective rank (Roy & Vetterli, 2007): exp(H(p)), p_i = σ_i / Σ_j σ_j,
-    H the Shannon entropy (natural log, 0·log 0 = 0). Over the last dim."""
-    s = s.double().clamp_min(0)
-    total = s.sum(-1, keepdim=True)
-    p = torch.where(total > 0, s / total.clamp_min(1e-300), torch.zeros_like(s))
-    h = -(torch.where(p > 0, p * p.log(), torch.zeros_like(p))).sum(-1)
-    return h.exp()
-
-
-def effective_rank_table(cache: SpectralCache, names: Iterable[str] | None = None) -> pd.DataFrame:
-    """param, depth, kind, module, task, k, effective_rank, effective_rank_fraction (= erank / k)."""
-    rows = []
-    for name in _names(cache, names):
-        s = cache.singular_values(name)
-        er = effective_rank(s)
-        meta = _meta_cols(cache, name)
-        k = s.shape[1]
-        for ti, task in enumerate(cache.tasks):
-            rows.append({**meta, "task": task, "k": k, "effective_rank": float(er[ti]),
-                         "effective_rank_fraction": float(er[ti]) / k})
-    return pd.DataFrame(rows) if rows else _empty(["task", "k", "effective_rank", "effective_rank_fraction"])
-
-
-def low_rank(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, r: int) -> torch.Tensor:
-    """U_r diag(S_r) Vh_r for one matrix or a batch."""
-    with _exact_matmul():
-        return (u[..., :r] * s[..., None, :r]) @ vh[..., :r, :]
-
-
-def tsvc_delta(cache: SpectralCache, task: str, rank_fraction: float) -> dict[str, torch.Tensor]:
-    """TSV-C compressed task vector: each cached matrix replaced by its rank
-    ⌊f·k⌋ truncation (reshaped back for conv kernels); parameters outside the
-    cache (biases, norms, embeddings when excluded) are kept whole: they are
-    a small part of the model and TSV compresses matrices only."""
-    if task not in cache.tasks:
-        raise ValidationError(f"no task named {task!r}; tasks are {cache.tasks}")
-    ti = cache.tasks.index(task)
-    covered = set(cache.names)
-    out = {}
-    for name in cache.tvs.param_names:
-        if name in covered:
-            (u, s, vh), r = cache.truncated(name, rank_fraction)
-            out[name] = low_rank(u[ti], s[ti], vh[ti], r).reshape(cache.tvs.shape(name)).cpu()
-        else:
-            out[name] = cache.tvs.delta(task, name)
-    return out
-
-
-def tsvc_accuracy_table(cache: SpectralCache, evaluator, rank_fractions: Sequence[float], split: str = "test",
-                        subsample: int | None = None, tasks: Sequence[str] | None = None,
-                        include_full: bool = True, progress: Progress | None = None) -> pd.DataFrame:
-    """Each task's own model with its task vector TSV-C-compressed at each rank
-    fraction, scored on its own task by `evaluator.evaluate_delta` (contract in
-    analysis.evaluation). `include_full` adds rank_fraction 1.0 (uncompressed
-    task vector) as the reference. Columns: task, rank_fraction, metric,
-    value, split, n."""
-    tasks = list(tasks or [t for t in cache.tasks if t in set(evaluator.tasks)])
-    missing = [t for t in tasks if t not in cache.tasks]
-    if missing:
-        raise ValidationError(f"no task named {missing[0]!r} in the set; tasks are {cache.tasks}")
-    fractions = sorted({float(f) for f in rank_fractions} | ({1.0} if include_full else set()), reverse=True)
-    frames, done, total = [], 0, len(tasks) * len(fractions)
-    for task in tasks:
-        for f in fractions:
-            delta = tsvc_delta(cache, task, f) if f < 1.0 else cache.tvs.task_vector(task)
-            df = evaluator.evaluate_delta(delta, alpha=1.0, split=split, subsample=subsample, tasks=[task])
-            df = df[df["task"] == task].copy()
-            df.insert(1, "rank_fraction", f)
-            frames.append(df)
-            done += 1
-            if progress is not None:
-                progress(done, total, f"{task} @ {f:g}")
-    return pd.concat(frames, ignore_index=True)
+@atexit.register
+def _flush_at_exit() -> None:
+    deadline = time.monotonic() + EXIT_WAIT_S
+    for cache in list(_LIVE):
+        try:
+            cache.flush(max(0.0, deadline - time.monotonic()))
+        except OSError:
+            pass

@@ -2,6 +2,16 @@
 
 Per-parameter access (`delta(task, name)`) reads exactly the two tensors it
 needs (fine-tuned and base), so a 7B model never needs 7B x T floats in RAM.
+
+Resident sets: `tvs.keep_resident(device)` checks, from the file headers
+only, whether every parameter's stacked deltas (T, *shape) float32 fit a
+memory budget (half the free memory of a GPU, else half the available RAM).
+If they do, each parameter is read and validated (finite values) once, on
+first use or all at once with `materialize()`, and kept stacked on that
+device: later `deltas()` / `delta()` calls read nothing and check nothing
+(`tvs.reads` counts the tensors read from checkpoints). If they do not fit,
+the set streams as before (one parameter at a time from disk), and still
+checks each parameter's values only the first time it is read.
 """
 from __future__ import annotations
 
@@ -10,8 +20,9 @@ import json
 import os
 import re
 import tempfile
+import threading
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from safetensors.torch import save_file
@@ -140,6 +151,12 @@ class TaskVectorSet:
         skip = set(self.buffers) | set(self.excluded)
         self.param_names = [k for k in base.keys() if k not in skip]
         self._fingerprints: dict[tuple, str] = {}
+        self.reads = 0                  # tensors read from checkpoints (base and task deltas) by this set
+        self._checked: set[str] = set()  # parameters whose base and task values were found finite
+        self._resident: dict[str, torch.Tensor] = {}   # name -> (T, *shape) float32 on resident_device
+        self.resident_device: torch.device | None = None  # None: streaming (nothing kept)
+        self._parent: tuple["TaskVectorSet", list[int]] | None = None  # subset of a resident set
+        self._lock = threading.RLock()   # one set is shared by the app's sessions
 
     # ------------------------------------------------------------ builders
     @classmethod
@@ -222,33 +239,140 @@ class TaskVectorSet:
 
     def base_tensor(self, name: str) -> torch.Tensor:
         t = self.base.get(name)
-        if t.dtype.is_floating_point:
+        self.reads += 1
+        if t.dtype.is_floating_point and name not in self._checked:
             _check_finite(t, self.base.where(name), name)
         return t
 
     def delta(self, task: str, name: str) -> torch.Tensor:
-        """Fine-tuned minus base for one parameter, in float32; reads two tensors."""
+        """Fine-tuned minus base for one parameter, float32, on the CPU.
+
+        From the resident stack when the set is resident (a view on a CPU, a
+        copy from a GPU; nothing read or checked again); else it reads two
+        tensors. Do not modify the result in place: it may be the set's own
+        storage."""
         if task not in self._tasks:
             raise ValidationError(f"no task named {task!r}; tasks are {self.tasks}")
         self._require_param(name)
+        stacked = self._kept(name)
+        if stacked is not None:
+            return stacked[self.tasks.index(task)].cpu()
         deltas = self._tasks[task]
         base = self.base_tensor(name)
         d = deltas.delta(name, base)
-        where = deltas.source.where(name) if hasattr(deltas, "source") else deltas.origin
-        _check_finite(d, where, name, task)
+        self.reads += 1
+        if name not in self._checked:
+            where = deltas.source.where(name) if hasattr(deltas, "source") else deltas.origin
+            _check_finite(d, where, name, task)
         return d
 
     def deltas(self, name: str, tasks: Sequence[str] | None = None) -> torch.Tensor:
-        """All tasks' deltas of one parameter stacked: (T, *shape); reads the base once."""
-        tasks = list(tasks or self.tasks)
+        """All tasks' deltas of one parameter stacked: (T, *shape) float32.
+
+        Resident set: the kept tensor itself, on `resident_device`, read and
+        validated once (do not modify it in place). Streaming set: read now,
+        on the CPU (the base once, then each task)."""
+        self._require_param(name)
+        order = list(tasks) if tasks else self.tasks
+        unknown = [t for t in order if t not in self._tasks]
+        if unknown:
+            raise ValidationError(f"no task named {unknown[0]!r}; tasks are {self.tasks}")
+        stacked = self._kept(name)
+        if stacked is None:
+            return self._read_stacked(name, order)
+        if order == self.tasks:
+            return stacked
+        idx = torch.tensor([self.tasks.index(t) for t in order], device=stacked.device)
+        return stacked.index_select(0, idx)
+
+    def _read_stacked(self, name: str, tasks: Sequence[str]) -> torch.Tensor:
+        """Read one parameter's deltas from the checkpoints; values checked the first time only."""
         base = self.base_tensor(name)
         out = []
         for task in tasks:
             deltas = self._tasks[task]
-            d = deltas.delta(name, base)
-            _check_finite(d, getattr(deltas, "origin", "?"), name, task)
-            out.append(d)
-        return torch.stack(out)
+            out.append(deltas.delta(name, base))
+            self.reads += 1
+        stacked = torch.stack(out)
+        if name not in self._checked:
+            if not bool(torch.isfinite(stacked).all()):
+                for task, d in zip(tasks, out):
+                    src = self._tasks[task]
+                    _check_finite(d, src.source.where(name) if hasattr(src, "source") else src.origin, name, task)
+            if list(tasks) == self.tasks:
+                self._checked.add(name)
+        return stacked
+
+    # ------------------------------------------------------------ residency
+    @property
+    def is_resident(self) -> bool:
+        return self.resident_device is not None
+
+    def stacked_bytes(self) -> int:
+        """Bytes of every parameter's stacked float32 deltas (from the headers, nothing read)."""
+        return 4 * len(self.tasks) * sum(_numel(self.shape(n)) for n in self.param_names)
+
+    def keep_resident(self, device: str | torch.device | None = None, *,
+                      budget_bytes: int | None = None) -> torch.device | None:
+        """Keep every parameter's stacked deltas on `device` (default: `get_device()`)
+        once read, if they fit; returns the device they will live on, or None.
+
+        The check uses file headers only. Budget: `budget_bytes`, else half the
+        free memory of a CUDA device, else half the available RAM. A GPU that
+        is too small falls back to the CPU's RAM (deltas then still need no
+        re-reading; a merge copies them to the GPU). A set too large for both
+        keeps streaming from disk. Calling it again on a resident set keeps
+        what it holds (same device) or moves it (another device that fits)."""
+        from analysis.device import get_device
+        want = get_device(device)
+        need = self.stacked_bytes()
+        candidates = [want] if want.type == "cpu" else [want, torch.device("cpu")]
+        with self._lock:
+            for dev in candidates:
+                budget = budget_bytes if budget_bytes is not None else memory_budget(dev)
+                if need - self._resident_bytes_on(dev) <= budget:   # what it holds there is not new
+                    if self.resident_device is not None and self.resident_device != dev:
+                        self._resident = {n: t.to(dev) for n, t in self._resident.items()}
+                    self.resident_device = dev
+                    return dev
+            self.resident_device = None
+            self._resident = {}
+            return None
+
+    def _resident_bytes_on(self, device: torch.device) -> int:
+        return sum(t.numel() * t.element_size() for t in self._resident.values() if t.device == device)
+
+    def materialize(self, progress: Callable[[int, int, str], None] | None = None) -> "TaskVectorSet":
+        """Read and validate every parameter now (resident: and keep it); `progress(done, total, name)`."""
+        total = len(self.param_names)
+        for i, name in enumerate(self.param_names):
+            if self._kept(name) is None and name not in self._checked:
+                self._read_stacked(name, self.tasks)
+            if progress is not None:
+                progress(i + 1, total, name)
+        return self
+
+    def _kept(self, name: str) -> torch.Tensor | None:
+        """The resident stack of `name` (read and validated on first use), or None when streaming."""
+        if self.resident_device is None:
+            return None
+        t = self._resident.get(name)
+        if t is not None:
+            return t
+        with self._lock:
+            t = self._resident.get(name)
+            if t is None:
+                if self._parent is not None and self._parent[0].is_resident:
+                    parent, idx = self._parent
+                    full = parent.deltas(name)
+                    if idx == list(range(idx[0], idx[0] + len(idx))):
+                        t = full[idx[0]:idx[0] + len(idx)]         # a view: shared, no copy
+                    else:
+                        return full.index_select(0, torch.tensor(idx, device=full.device))
+                else:
+                    t = self._read_stacked(name, self.tasks).to(self.resident_device)
+                self._resident[name] = t
+        return t
 
     def _require_param(self, name: str) -> None:
         if name in self.param_names:
@@ -274,6 +398,11 @@ class TaskVectorSet:
             raise ValidationError(f"no task named {unknown[0]!r}; tasks are {self.tasks}")
         sub = TaskVectorSet(self.base, {t: self._tasks[t] for t in tasks}, [p.pattern for p in self.exclude],
                             {k: v for k, v in self.sources.items() if k == "base" or k in tasks})
+        sub._checked = set(self._checked)
+        if self.is_resident:
+            # served from this set's resident stacks (views when the tasks are a contiguous run)
+            sub._parent = (self, [self.tasks.index(t) for t in tasks])
+            sub.resident_device = self.resident_device
         return sub
 
     def apply(self, delta: Mapping[str, torch.Tensor], alpha: float = 1.0) -> dict[str, torch.Tensor]:
@@ -284,6 +413,7 @@ class TaskVectorSet:
         out = {}
         for name in self.base.keys():
             t = self.base.get(name)
+            self.reads += 1
             if name in delta:
                 t = (t.float() + alpha * delta[name].to("cpu", torch.float32)).to(t.dtype)
             out[name] = t
@@ -298,16 +428,16 @@ class TaskVectorSet:
             h.update(json.dumps(self.tasks).encode())
             for n in names:
                 h.update(n.encode())
-                stacked = self.deltas(n).contiguous()
+                stacked = self.deltas(n).cpu().contiguous()
                 h.update(str(tuple(stacked.shape)).encode())
                 h.update(stacked.numpy().tobytes())
             self._fingerprints[key] = h.hexdigest()
         return self._fingerprints[key]
 
     def validate(self) -> None:
-        """Read every tensor once (one at a time) to check values are finite."""
-        for name in self.param_names:
-            self.deltas(name)
+        """Read every tensor once (one at a time) to check values are finite
+        (resident sets keep what they read: see `materialize`)."""
+        self.materialize()
 
     def summary(self) -> dict:
         counts = {k: 0 for k in KINDS}
@@ -393,6 +523,30 @@ def _unique_tasks(tasks) -> dict:
     if not seen:
         raise ValidationError("a task-vector set needs at least one task")
     return seen
+
+
+def memory_budget(device: torch.device) -> int:
+    """Bytes a resident set may take on `device`: half its free memory (CUDA),
+    else half the RAM the OS reports available (0 when it cannot tell)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return free // 2
+    return available_ram() // 2
+
+
+def available_ram() -> int:
+    """MemAvailable from /proc/meminfo (Linux), else free physical pages; 0 when unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def _check_finite(t: torch.Tensor, where: str, name: str, task: str | None = None) -> None:

@@ -87,7 +87,7 @@ def test_cache_counts_calls_reuses_disk_and_is_invalidated(tmp_path):
     again = cache.factors("blocks.0.attn.weight")
     assert cache.compute_count == len(cache.names)       # no recompute on a second call
     assert all(torch.equal(x, y) for x, y in zip(first, again))
-    assert cache.path.is_file()
+    assert cache.flush() and cache.path.is_file()       # written in the background; flush waits for it
 
     fresh = SpectralCache(tvs, device="cpu", cache_dir=tmp_path)
     from_disk = fresh.factors("blocks.0.attn.weight")
@@ -218,3 +218,65 @@ def test_spectra_and_sti_on_the_tiny_demo(tiny_demo_workspace, tmp_path):
     ft = ref[(ref.task == task) & (ref.model == "fine_tuned") & (ref.split == "test") & (ref.metric == "accuracy")]
     assert acc[1.0] == pytest.approx(float(ft["value"].iloc[0]), abs=1e-6)
     assert 0.0 <= acc[0.25] <= 1.0
+
+
+def test_compute_returns_before_the_file_is_written_and_flush_waits(tmp_path, monkeypatch):
+    """Persisting is off the critical path: a slow disk does not delay the factors."""
+    import threading
+    import analysis.spectra as spectra
+    gate = threading.Event()
+    real_save = spectra.atomic_save_safetensors
+
+    def slow_save(*args, **kwargs):
+        gate.wait(10)
+        real_save(*args, **kwargs)
+
+    monkeypatch.setattr(spectra, "atomic_save_safetensors", slow_save)
+    tvs = _random_set()
+    cache = SpectralCache(tvs, device="cpu", cache_dir=tmp_path).compute()
+    assert cache.compute_count == 4 and cache.writing and not cache.path.exists()
+    assert cache.flush(timeout=0.05) is False               # still blocked on the "disk"
+    # a second cache object of the same set in this process waits for that write instead of recomputing
+    gate.set()
+    fresh = SpectralCache(tvs, device="cpu", cache_dir=tmp_path).compute()
+    assert fresh.compute_count == 0 and cache.path.is_file() and cache.writes == 1
+    assert cache.flush() and not cache.writing
+
+
+def test_a_half_written_temp_file_is_ignored_and_a_write_error_is_not_fatal(tmp_path):
+    tvs = _random_set()
+    cache = SpectralCache(tvs, device="cpu", cache_dir=tmp_path)
+    tmp_path.mkdir(exist_ok=True)
+    torn = tmp_path / f".{cache.path.name}.abc123.tmp"
+    torn.write_bytes(b"\x00" * 100)                        # what a process killed mid-write leaves
+    cache.compute()
+    assert cache.compute_count == 4 and cache.flush()
+    assert SpectralCache(tvs, device="cpu", cache_dir=tmp_path).compute().compute_count == 0
+    # a cache folder that cannot be written: the factors are still there, flush reports it
+    blocked = tmp_path / "file-not-dir"
+    blocked.write_text("x")
+    bad = SpectralCache(_random_set(seed=5), device="cpu", cache_dir=blocked / "spectra").compute()
+    assert bad.compute_count == 4
+    with pytest.raises(OSError, match="could not write the spectral cache"):
+        bad.flush()
+
+
+def test_spectra_keeps_every_name_it_exported():
+    import analysis.spectra as spectra
+    import analysis.spectra_tables as tables
+    import analysis.svd as svd
+    for name in ("SpectralCache", "thin_svd", "svd_gram", "exact_svd", "factor_errors", "truncation_rank",
+                 "as_matrix_batch", "low_rank", "_exact_matmul", "QR_BELOW", "METHODS", "module_of",
+                 "singular_values_table", "energy_table", "tsvc_error_table", "effective_rank",
+                 "effective_rank_table", "tsvc_delta", "tsvc_accuracy_table", "default_cache_dir"):
+        assert hasattr(spectra, name), name
+    assert spectra.thin_svd is svd.thin_svd and spectra.energy_table is tables.energy_table
+
+
+def test_one_home_for_the_cache_root(monkeypatch, tmp_path):
+    from analysis.paths import cache_root
+    from analysis.spectra import default_cache_dir
+    from analysis.zoo.builder import default_cache_dir as zoo_dir
+    monkeypatch.setenv("MERGESCOPE_CACHE", str(tmp_path))
+    assert cache_root() == default_cache_dir() == zoo_dir() == tmp_path
+    assert SpectralCache(_random_set(), device="cpu").cache_dir == tmp_path / "spectra"

@@ -111,3 +111,84 @@ def test_device_choice_and_override(monkeypatch):
         monkeypatch.setenv("MERGESCOPE_DEVICE", "cuda")
         with pytest.raises(MergescopeError, match="CUDA is not available"):
             get_device()
+
+
+# ------------------------------------------------------------ resident sets
+def _files(tmp_path, tasks=("a", "b", "c"), seed=0):
+    g = torch.Generator().manual_seed(seed)
+    base = {"blocks.0.w": torch.randn(16, 8, generator=g), "blocks.0.b": torch.randn(16, generator=g),
+            "blocks.1.w": torch.randn(8, 16, generator=g)}
+    save_file(base, tmp_path / "base.safetensors")
+    paths = {}
+    for t in tasks:
+        save_file({k: v + torch.randn(v.shape, generator=g) for k, v in base.items()}, tmp_path / f"{t}.safetensors")
+        paths[t] = tmp_path / f"{t}.safetensors"
+    return TaskVectorSet.from_checkpoints(tmp_path / "base.safetensors", paths)
+
+
+def test_a_resident_set_reads_and_validates_each_parameter_once(tmp_path, monkeypatch):
+    streaming = _files(tmp_path)
+    tvs = _files(tmp_path)
+    assert tvs.keep_resident("cpu") == torch.device("cpu") and tvs.reads == 0   # decided from headers only
+    checks = []
+    import analysis.taskvectors as tv
+    real_isfinite = torch.isfinite
+    monkeypatch.setattr(tv.torch, "isfinite", lambda t: checks.append(1) or real_isfinite(t))
+    first = {n: tvs.deltas(n) for n in tvs.param_names}
+    reads, n_checks = tvs.reads, len(checks)
+    assert reads == len(tvs.param_names) * (1 + len(tvs.tasks))      # the base once, each task once
+    for n in tvs.param_names:                                          # a second pass: a slider move
+        assert tvs.deltas(n) is first[n]
+        for t in tvs.tasks:
+            tvs.delta(t, n)
+    assert tvs.reads == reads and len(checks) == n_checks              # nothing read, nothing re-checked
+    for n in tvs.param_names:
+        for t in tvs.tasks:
+            assert torch.equal(tvs.delta(t, n), streaming.delta(t, n))
+    assert tvs.fingerprint() == streaming.fingerprint()
+    # the streaming set re-reads every time (today's path) but checks values only the first time
+    before = streaming.reads
+    streaming.deltas("blocks.0.w")
+    streaming.deltas("blocks.0.w")
+    assert streaming.reads == before + 2 * (1 + len(streaming.tasks))
+
+
+def test_resident_needs_the_budget_and_streams_otherwise(tmp_path):
+    tvs = _files(tmp_path)
+    need = tvs.stacked_bytes()
+    assert need == 4 * 3 * (16 * 8 + 16 + 8 * 16)
+    assert tvs.keep_resident("cpu", budget_bytes=need - 1) is None       # a 7B set is never loaded whole
+    tvs.deltas("blocks.0.w")
+    tvs.deltas("blocks.0.w")
+    assert tvs.reads == 2 * 4 and not tvs.is_resident
+    assert tvs.keep_resident("cpu", budget_bytes=need) == torch.device("cpu")
+    tvs.materialize()
+    reads = tvs.reads
+    tvs.materialize()
+    tvs.sum()
+    assert tvs.reads == reads
+
+
+def test_a_resident_set_still_refuses_non_finite_values(tmp_path):
+    base = {"blocks.0.w": torch.zeros(4, 4)}
+    bad = {"blocks.0.w": torch.full((4, 4), float("nan"))}
+    tvs = TaskVectorSet.from_state_dicts(base, {"ok": base, "bad": bad})
+    tvs.keep_resident("cpu")
+    with pytest.raises(ValidationError, match=r"task 'bad'.*NaN"):
+        tvs.deltas("blocks.0.w")
+    with pytest.raises(ValidationError, match="NaN"):
+        tvs.materialize()
+
+
+def test_subset_of_a_resident_set_shares_its_tensors(tmp_path):
+    tvs = _files(tmp_path, tasks=("a", "b", "c", "d"))
+    tvs.keep_resident("cpu")
+    tvs.materialize()
+    reads = tvs.reads
+    sub = tvs.subset(["b", "c"])
+    pair = sub.deltas("blocks.1.w")
+    assert pair.data_ptr() == tvs.deltas("blocks.1.w")[1].data_ptr()      # a view, no copy
+    apart = tvs.subset(["d", "a"]).deltas("blocks.1.w")
+    assert torch.equal(apart, tvs.deltas("blocks.1.w")[[3, 0]])
+    assert torch.equal(tvs.deltas("blocks.0.b", ["c", "a"]), tvs.deltas("blocks.0.b")[[2, 0]])
+    assert tvs.reads == reads and sub.reads == 0

@@ -11,6 +11,7 @@ import pandas as pd
 import streamlit as st
 
 from analysis.merging.inputs import MergeInputs
+from analysis.paths import cache_root  # noqa: F401  (re-exported: pages and app.py import it from here)
 from analysis.spectra import SpectralCache
 from analysis.taskvectors import TaskVectorSet
 
@@ -83,11 +84,6 @@ def with_progress(inputs: MergeInputs, label: str):
 
 
 # ---------------------------------------------------------------- shared page furniture
-def cache_root() -> "Path":
-    """Where every disk cache lives: $MERGESCOPE_CACHE, else ~/.cache/mergescope."""
-    import os
-    from pathlib import Path
-    return Path(os.environ.get("MERGESCOPE_CACHE") or Path.home() / ".cache" / "mergescope").expanduser()
 
 
 @st.cache_resource(show_spinner=False)

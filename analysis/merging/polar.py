@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from analysis.spectra import thin_svd
+from analysis.svd import thin_svd
 
 # Quintic map x ↦ a·x + b·x³ + c·x⁵ (the coefficients popularised by the Muon
 # optimiser): slope 3.44 at 0, maps [0, 1] into (0, 1.21]; it does not

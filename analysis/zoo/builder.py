@@ -29,11 +29,12 @@ from safetensors.torch import load_file, save_file
 
 from analysis.device import get_device
 from analysis.errors import MergescopeError, ValidationError
+from analysis.paths import cache_root
 from analysis.evaluation import EncodedSplit, Evaluator, Head
 from analysis.zoo.data import TaskData, read_user_csv
 
 FORMAT_VERSION = 3  # 2: crowdflower agreement filter, MLP cosine decay; 3: length-bucketed batches
-ENV_CACHE = "MERGESCOPE_CACHE"
+ENV_CACHE = "MERGESCOPE_CACHE"   # read by analysis.paths.cache_root
 Progress = Callable[[float, str], None]
 REAL_TASKS = ("sms_spam", "trec", "vader_tweets", "vader_amazon", "bbc_news", "rotten_tomatoes",
               "debates_party", "crowdflower")
@@ -108,10 +109,10 @@ def preset(name: str) -> BuildConfig:
 
 
 def default_cache_dir(cache_dir: str | Path | None = None) -> Path:
+    """`cache_dir` if given, else the cache root (`analysis.paths.cache_root`)."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
-    env = os.environ.get(ENV_CACHE)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "mergescope"
+    return cache_root()
 
 
 def find_build(cache_dir: str | Path | None = None, quick: bool | None = None) -> Path:

@@ -65,12 +65,15 @@ class Demo:
 
 
 def open_demo(root: str | Path, device=None) -> Demo:
-    """Load a finished build folder."""
+    """Load a finished build folder. Its task vectors are resident on `device`
+    (see TaskVectorSet.keep_resident): read once, on first use."""
     root = Path(root)
     manifest = json.loads((root / "manifest.json").read_text())
     tasks = manifest["tasks"]
     tdir = root / "tasks"
     tvs = TaskVectorSet.from_checkpoints(root / "pretrained", {t: tdir / t / "finetuned" for t in tasks})
+    # read and validated once, then kept stacked on the device: a slider move never re-reads a checkpoint
+    tvs.keep_resident(device)
     data = {t: load_encoded(tdir / t / "data.safetensors") for t in tasks}
     heads = {t: load_head(tdir / t / "head.safetensors") for t in tasks}
     evaluator = Evaluator(load_backbone(root / "pretrained"), data, heads, device=device)

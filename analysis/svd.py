@@ -1,0 +1,170 @@
+"""SVD kernels: thin SVDs of batches of matrices, exact to float32 and verified.
+
+Decomposition ("method"):
+- "svd":  torch.linalg.svd on each shape group (float32 LAPACK / cuSOLVER).
+- "gram": exact thin SVD through the smaller Gram matrix in float64:
+          G = XᵀX (k×k), G = V Λ Vᵀ (eigh), Y = X V, σ_i = ‖Y_i‖, U = Y / σ.
+          Squaring the condition number is harmless in float64 for float32
+          inputs: U's loss of orthogonality is ~1e-16·κ_i·κ_j, below float32
+          resolution while κ ≤ 1e4; matrices with smaller (or zero) singular
+          values take U from a Householder QR of Y (orthonormal whatever the
+          spectrum, S = |diag R|). Every batch is verified (relative
+          reconstruction error and orthogonality of U and V, in float32);
+          anything over `tol` is recomputed with torch.linalg.svd, so the
+          result is exact either way. The matmuls are float64 (no TF32).
+- "auto": "gram" on data-centre CUDA GPUs with full-rate float64
+          (cuSOLVER's SVD is latency-bound at these sizes; eigh of the Gram
+          is several times faster per the issue's H100 figures; our own GPU
+          timing: not measured, no GPU was lent) and on CPU with more than one
+          thread; "svd" with one CPU thread, on MPS and consumer GPUs
+          (measurements in docs/results_spectra.md).
+
+Factors are float32, U (…,m,k), S (…,k), Vh (…,k,n), k = min(m,n), S descending.
+`analysis.spectra.SpectralCache` computes them once per set and caches them;
+`analysis.spectra_tables` turns them into tables.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from analysis.errors import ValidationError
+
+Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+METHODS = ("auto", "svd", "gram")
+
+
+@contextlib.contextmanager
+def _exact_matmul():
+    """TF32 would silently cut float32 products to 10-bit mantissas."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def thin_svd(a: torch.Tensor) -> Factors:
+    """Thin SVD (U, S, Vh) in float32 of a matrix or a batch, that always returns.
+
+    LAPACK's divide-and-conquer SVD can raise "failed to converge" when most
+    singular values (nearly) coincide, which is what concatenated, almost
+    orthonormal factors look like (it happened on Iso-CTS's V* at 12 ViT
+    blocks). Then float64 is tried, and then the float64 Gram route."""
+    try:
+        return torch.linalg.svd(a.float(), full_matrices=False)
+    except torch.linalg.LinAlgError:
+        pass
+    try:
+        u, s, vh = torch.linalg.svd(a.double(), full_matrices=False)
+        return u.float(), s.float(), vh.float()
+    except torch.linalg.LinAlgError:
+        pass
+    batch = a.reshape(-1, *a.shape[-2:])
+    u, s, vh = svd_gram(batch)
+    return u.reshape(*a.shape[:-2], *u.shape[-2:]), s.reshape(*a.shape[:-2], -1), vh.reshape(*a.shape[:-2], *vh.shape[-2:])
+
+
+QR_BELOW = 1e-4   # columns with σ_i < QR_BELOW·σ_1 get their U from a QR (see svd_gram)
+
+
+def svd_gram(a: torch.Tensor) -> Factors:
+    """Thin SVD of a batch (B,m,n) through float64 Gram + eigh (see module doc).
+
+    U = X V / σ is orthonormal to ~1e-16·κ_i·κ_j, fine while every σ_i ≥
+    QR_BELOW·σ_1; matrices with smaller (or zero) singular values, e.g. LoRA
+    deltas, take U from a Householder QR of X V instead, which is orthonormal
+    whatever the spectrum."""
+    b, m, n = a.shape
+    x = (a.mT if m < n else a).double()            # (B, p, k), p >= k
+    with _exact_matmul():
+        gram = x.mT @ x
+        _, v = torch.linalg.eigh(gram)             # ascending
+        v = v.flip(-1)
+        y = x @ v                                  # = U S (columns nearly orthogonal)
+    s = torch.linalg.vector_norm(y, dim=-2)
+    u = y / torch.where(s > 0, s, torch.ones_like(s)).unsqueeze(-2)
+    need_qr = (s.amin(-1) < QR_BELOW * s.amax(-1)).nonzero().flatten()
+    if len(need_qr):
+        q, r = torch.linalg.qr(y[need_qr])
+        d = torch.diagonal(r, dim1=-2, dim2=-1)
+        u[need_qr] = q * torch.where(d < 0, -1.0, 1.0).to(d.dtype).unsqueeze(-2)
+        s[need_qr] = d.abs()
+    # near-degenerate values can swap by rounding: keep S descending
+    s, order = s.sort(dim=-1, descending=True)
+    u = torch.gather(u, -1, order.unsqueeze(-2).expand_as(u))
+    v = torch.gather(v, -1, order.unsqueeze(-2).expand_as(v))
+    u, s, v = u.float(), s.float(), v.float()
+    if m < n:                                      # Aᵀ = U S Vᵀ  =>  A = V S Uᵀ
+        return v, s, u.mT
+    return u, s, v.mT
+
+
+def factor_errors(a: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per batch element: relative Frobenius reconstruction error and
+    max |UᵀU − I|, |VVᵀ − I| (orthogonality), both float32."""
+    with _exact_matmul():
+        rec = (u * s.unsqueeze(-2)) @ vh
+        num = torch.linalg.matrix_norm(a.float() - rec)
+        den = torch.linalg.matrix_norm(a.float()).clamp_min(torch.finfo(torch.float32).tiny)
+        k = s.shape[-1]
+        eye = torch.eye(k, device=a.device)
+        orth_u = (u.mT @ u - eye).abs().amax(dim=(-2, -1))
+        orth_v = (vh @ vh.mT - eye).abs().amax(dim=(-2, -1))
+    return num / den, torch.maximum(orth_u, orth_v)
+
+
+def exact_svd(a: torch.Tensor, method: str = "auto", tol: float = 1e-5) -> tuple[Factors, dict]:
+    """Thin SVD of a batch with the chosen method, verified; elements failing
+    the check (rel. reconstruction or orthogonality error > tol) are redone
+    with torch.linalg.svd. Returns the factors and a small report."""
+    if method not in METHODS:
+        raise ValidationError(f"SVD method must be one of {METHODS}, got {method!r}")
+    if method == "auto":
+        method = "gram" if _gram_is_faster(a.device) else "svd"
+    if method == "svd":
+        u, s, vh = thin_svd(a)
+        return (u, s, vh), {"method": "svd", "fallbacks": 0}
+    u, s, vh = svd_gram(a)
+    rec, orth = factor_errors(a, u, s, vh)
+    bad = ((rec > tol) | (orth > tol) | ~torch.isfinite(rec) | ~torch.isfinite(orth)).nonzero().flatten()
+    if len(bad):
+        ub, sb, vhb = thin_svd(a[bad])
+        u[bad], s[bad], vh[bad] = ub, sb, vhb
+    return (u, s, vh), {"method": "gram", "fallbacks": int(len(bad)),
+                        "max_rec_error": float(rec.max()), "max_orth_error": float(orth.max())}
+
+
+def _gram_is_faster(device: torch.device) -> bool:
+    """CUDA: data-centre GPUs (P100, V100, A100, H100/H200, B200) run float64 at
+    half the float32 rate; consumer GPUs at 1/32-1/64, where the Gram path's
+    float64 matmuls would cost more than cuSOLVER's SVD saves (GPU timings not
+    measured: no GPU was lent). CPU: measured on 2 cores
+    (docs/results_spectra.md): under load the Gram path beat LAPACK's SVD with
+    2 threads (1.0-1.5x wall) and lost with 1 thread (0.7-0.9x); on the idle
+    machine, 12 ViT blocks, it took 96 s against 91 s, i.e. a tie within the
+    noise, and it is ~6x more accurate (3.5e-7 vs 2.1e-6), so it stays."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_capability(device) in {(6, 0), (7, 0), (8, 0), (9, 0), (10, 0)}
+    return device.type == "cpu" and torch.get_num_threads() > 1
+
+
+def truncation_rank(k: int, rank_fraction: float) -> int:
+    """Rank kept at a rank fraction: ⌊f·k⌋, at least 1, at most k."""
+    if not (0.0 < rank_fraction <= 1.0):
+        raise ValidationError(f"rank fraction must be in (0, 1], got {rank_fraction!r}")
+    return max(1, min(k, int(math.floor(rank_fraction * k + 1e-9))))
+
+
+def as_matrix_batch(stacked: torch.Tensor) -> torch.Tensor:
+    """(T, *shape) deltas as (T, m, n) matrices (conv kernels flattened)."""
+    return stacked.reshape(stacked.shape[0], stacked.shape[1], -1)
+
+
+def low_rank(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, r: int) -> torch.Tensor:
+    """U_r diag(S_r) Vh_r for one matrix or a batch."""
+    with _exact_matmul():
+        return (u[..., :r] * s[..., None, :r]) @ vh[..., :r, :]
