@@ -39,6 +39,7 @@ from analysis.merging.basic import TASK_ARITHMETIC, WEIGHT_AVERAGING
 from analysis.merging.consensus import CONSENSUS
 from analysis.merging.dare import DARE
 from analysis.merging.engine import MergeResult, ParamGroup, run
+from analysis.merging.epimer import EPIMER
 from analysis.merging.inputs import MergeInputs, as_inputs
 from analysis.merging.iso import ISO_C, ISO_CTS
 from analysis.merging.slerp import SLERP
@@ -56,6 +57,7 @@ _REGISTRY = (
     ISO_C,
     ISO_CTS,
     SLERP,
+    EPIMER,
 )
 METHODS: dict[str, MergeMethod] = {m.name: m for m in _REGISTRY}
 
