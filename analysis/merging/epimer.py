@@ -71,6 +71,9 @@ Memory: per layer the T deltas, the T metrics (diagonal: T·D floats; K-FAC:
 T·in² floats), B (D·k) and one H_t·B (D·k), float64 (float32 on MPS); the
 prepare pass holds every task's statistic for the whole model on the CPU.
 Time: O(T·D·k²) per layer for a diagonal metric, O(T·k·out·in²) for K-FAC.
+Measured on one CPU thread, float64, T = 8, one 3072×768 layer: basis 0.5 s,
+Fisher solve 2.2 s (diagnostics +1 s), K-FAC solve 13.6 s, Fisher solve at
+rank 2 (k ≤ 16) 11 s. An α change reuses the memoised unscaled merge.
 """
 from __future__ import annotations
 
