@@ -86,7 +86,7 @@ import torch
 from analysis.errors import ValidationError
 from analysis.merging.base import Hyperparameter, MergeMethod, Needs, alpha
 from analysis.merging.common import unscaled_slot
-from analysis.spectra import module_of, thin_svd
+from analysis.spectra import thin_svd
 
 METRICS = ("fisher", "kfac_input", "identity")
 SUBSPACE_KINDS = ("matrix", "conv")
@@ -417,7 +417,7 @@ EPIMER = MergeMethod(
 
 # ============================================================ tables for pages and tests
 def _meta(tvs, name: str) -> dict:
-    return {"param": name, "depth": tvs.depth(name), "kind": tvs.kind(name), "module": module_of(name)}
+    return tvs.layer_meta(name)
 
 
 def epimer_diagnostics(inputs, metric: str = "fisher", rank: int = 0, n_examples: int = 256,
