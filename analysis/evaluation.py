@@ -167,11 +167,12 @@ def _to(inputs: Inputs, device: torch.device) -> Inputs:
 
 
 class Evaluator:
-    """Scores backbone parameters on every task's validation or test split.
+    """Scores backbone parameters on every task's validation or test split, and
+    computes the data statistics of the module docstring's data API.
 
-    `backbone` holds the base (pretrained) parameters; `evaluate` swaps in the
-    given tensors with `torch.func.functional_call`, so the module itself is
-    never modified and tensors not given come from the base.
+    `backbone` holds the base (pretrained) parameters; `evaluate` and the data
+    API swap in the given tensors with `torch.func.functional_call`, so the
+    module itself is never modified and tensors not given come from the base.
     """
 
     def __init__(self, backbone: nn.Module, data: Mapping[str, Mapping[str, Split]],
@@ -317,10 +318,11 @@ class Evaluator:
                 rows[name] += int(x.shape[0])
             return hook
 
+        prepared = self._prepare(params)  # once, not per batch
         with torch.no_grad(), self.hooked({m: hook_for(k) for k, m in linears.items()}):
             for _, inputs, _, mask in self._batches(task, split, self.examples(task, split, n, seed)):
                 mask_now[0] = mask
-                self.logits(inputs, task, params)
+                features(self.backbone, inputs, prepared)  # the head has no nn.Linear of the backbone
         for k, m in linears.items():
             if k not in grams:  # a layer the forward never reached
                 d_in = self.backbone.get_submodule(m).in_features
@@ -344,8 +346,10 @@ class Evaluator:
         """Diagonal empirical Fisher: mean over the examples of (d log p(y|x) / d param)^2, true labels."""
         total, count = None, 0
         for grads in self._example_grads(task, split, n, seed, params, names):
-            sq = {k: g.float() ** 2 for k, g in grads.items()}
-            total = sq if total is None else {k: total[k] + sq[k] for k in total}
+            if total is None:
+                total = {k: torch.zeros_like(g, dtype=torch.float32) for k, g in grads.items()}
+            for k, g in grads.items():
+                total[k] += g.float() ** 2
             count += 1
         if total is None:
             raise ValidationError(f"task {task!r} has no examples in its {canonical_split(split)!r} split")
