@@ -50,7 +50,7 @@ def interpolate(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], la
         if tuple(ta.shape) != tuple(tb.shape):
             raise ValidationError(f"tensor {name!r} has shape {tuple(ta.shape)} at one end and {tuple(tb.shape)} at the other")
         if ta.dtype.is_floating_point:
-            out[name] = ((1.0 - lam) * ta.float() + lam * tb.float()).to(ta.dtype)
+            out[name] = ((1.0 - lam) * ta.float() + lam * tb.to(ta.device).float()).to(ta.dtype)
         else:
             out[name] = ta
     return out

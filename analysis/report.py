@@ -209,15 +209,17 @@ def find_browser() -> str | None:
 
 def export_status() -> tuple[bool, str]:
     """(can figures be exported as PNG/SVG here, a sentence saying why or why not)."""
+    missing = []   # every missing piece is named: a machine may lack both (a bare GPU box does)
     try:
         import kaleido  # noqa: F401
     except ImportError:
-        return False, "PNG/SVG export needs the 'kaleido' package (pip install 'kaleido>=1'); it is not installed."
+        missing.append("the 'kaleido' package (pip install 'kaleido>=1'), which is not installed")
     browser = find_browser()
     if browser is None:
-        return False, ("PNG/SVG export needs a local Chrome or Chromium for kaleido, and none was found "
-                       "(on Debian/Ubuntu: apt-get install chromium, or set BROWSER_PATH). "
-                       "The HTML report and CSV tables still work.")
+        missing.append("a local Chrome or Chromium for kaleido, and none was found (on Debian/Ubuntu: "
+                       "apt-get install chromium, or set BROWSER_PATH)")
+    if missing:
+        return False, f"PNG/SVG export needs {' and '.join(missing)}. The HTML report and CSV tables still work."
     return True, f"figures are rendered by kaleido with {browser}"
 
 

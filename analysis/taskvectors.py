@@ -401,11 +401,13 @@ class TaskVectorSet:
 
     # ------------------------------------------------------------ arithmetic
     def task_vector(self, task: str, names: Iterable[str] | None = None) -> TaskVector:
+        """One task's deltas as a TaskVector (CPU tensors, like `delta`)."""
         return TaskVector({n: self.delta(task, n) for n in (names or self.param_names)})
 
     def sum(self, tasks: Sequence[str] | None = None, names: Iterable[str] | None = None) -> TaskVector:
+        """Σ_t τ_t per parameter, on the CPU like every TaskVector (summed where the deltas live)."""
         names = list(names or self.param_names)
-        return TaskVector({n: self.deltas(n, tasks).sum(0) for n in names})
+        return TaskVector({n: self.deltas(n, tasks).sum(0).cpu() for n in names})
 
     def subset(self, tasks: Sequence[str]) -> "TaskVectorSet":
         unknown = [t for t in tasks if t not in self._tasks]

@@ -38,24 +38,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app(cache: Path, port: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "MERGESCOPE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
-           "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
-           "--server.fileWatcherType", "none"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.time() + 60
+def start_app_cmd(port: int, python: str | None = None) -> list[str]:
+    """`streamlit run app.py` as `make app` runs it: settings from .streamlit/config.toml (the file watcher
+    included: users get what this test sees), only the port, address and telemetry given here."""
+    return [python or sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
+            "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+
+
+def wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float = 60.0) -> None:
+    deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"streamlit exited with {proc.returncode}: {log.read_text()[-2000:]}")
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=1) as r:
                 if r.status == 200:
-                    return proc
+                    return
         except OSError:
             time.sleep(0.3)
     proc.terminate()
-    raise RuntimeError(f"streamlit did not answer on port {port} within 60 s: {log.read_text()[-2000:]}")
+    raise RuntimeError(f"streamlit did not answer on port {port} within {timeout:.0f} s: {log.read_text()[-2000:]}")
+
+
+def start_app(cache: Path, port: int, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "MERGESCOPE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(start_app_cmd(port), cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    wait_healthy(proc, port, log)
+    return proc
 
 
 def wait_idle(page, timeout: float | None = None) -> None:

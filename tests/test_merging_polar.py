@@ -112,3 +112,62 @@ def test_auto_solver_and_errors():
     torch.testing.assert_close(polar(x, "exact"), polar_exact(x))
     with pytest.raises(ValueError, match="bogus"):
         polar(x, "bogus")
+
+
+# ------------------------------------------------------------ tensor cores, emulated on the CPU
+def _truncating_tf32(a, b):
+    """What a TF32 tensor core does with float32 operands: keep 10 mantissa bits, accumulate in float32."""
+    trunc = lambda t: (t.contiguous().view(torch.int32) & ~0x1FFF).view(torch.float32)  # noqa: E731
+    return trunc(a) @ trunc(b)
+
+
+def _tsv_bases(m=192, tasks=8, seed=4):
+    """TSV-M's U: each task's top m/T left singular vectors, concatenated (square, κ in the thousands)."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = []
+    for _ in range(tasks):
+        a = torch.randn(m, m, generator=g) * (1.0 / (1.0 + torch.arange(m) / 32.0)) @ torch.randn(m, m, generator=g)
+        blocks.append(torch.linalg.svd(a, full_matrices=False)[0][:, : m // tasks])
+    return torch.cat(blocks, 1)
+
+
+@pytest.mark.parametrize("case", ["tsv_bases", "random", "wide"])
+def test_tf32x3_newton_schulz_stays_within_1e_4_on_emulated_tensor_cores(monkeypatch, case):
+    import analysis.merging.polar as polar_module
+    x = {"tsv_bases": _tsv_bases(), "random": torch.randn(4, 80, 48, generator=torch.Generator().manual_seed(5)),
+         "wide": torch.randn(40, 96, generator=torch.Generator().manual_seed(6))}[case]
+    exact = polar_exact(x)
+    monkeypatch.setattr(polar_module, "_tensor_core_matmul", _truncating_tf32)
+    fast, info = polar_newton_schulz(x, precision="tf32x3", return_info=True)
+    assert info["fallback"] == 0 and info["precision"] == "tf32x3"
+    assert info["steps"] <= 15                                    # bounded: 7 quintic + a few cubic steps
+    assert rel(fast, exact) <= 1e-5
+    # a single TF32 product per matmul is what the split avoids: 100x off
+    monkeypatch.setattr(polar_module, "_float32_matmul", _truncating_tf32)
+    plain = polar_newton_schulz(x, precision="float32", max_cubic_steps=12)
+    assert rel(plain, exact) > 1e-4
+
+
+def test_tf32x3_matmul_is_float32_accurate():
+    import analysis.merging.polar as polar_module
+    g = torch.Generator().manual_seed(7)
+    a, b = torch.randn(64, 96, generator=g), torch.randn(96, 32, generator=g)
+    ref = (a.double() @ b.double())
+    err = lambda c: float((c.double() - ref).norm() / ref.norm())  # noqa: E731
+    saved = polar_module._tensor_core_matmul
+    try:
+        polar_module._tensor_core_matmul = _truncating_tf32
+        assert err(polar_module.tf32x3_matmul(a, b)) < 1e-6 < err(_truncating_tf32(a, b))
+    finally:
+        polar_module._tensor_core_matmul = saved
+
+
+def test_newton_schulz_is_scale_invariant_and_bounded():
+    x = _tsv_bases(m=96, tasks=4, seed=8)
+    exact = polar_exact(x)
+    for scale in (1e-6, 1.0, 1e6):
+        w, info = polar_newton_schulz(x * scale, return_info=True)
+        assert info["fallback"] == 0 and info["steps"] <= 7 + 30
+        assert rel(w, exact) <= 1e-5
+    with pytest.raises(ValueError, match="precision"):
+        polar_newton_schulz(x, precision="bfloat16")

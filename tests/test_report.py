@@ -144,3 +144,22 @@ def test_merged_model_loads_with_transformers(tmp_path):
         assert json.loads(f.metadata()["labels"]) == {"x": ["p", "q", "r"]}
     assert json.loads((out / "mergescope.json").read_text())["knobs"] == {"alpha": 0.5}
     assert not (tmp_path / "base" / "mergescope.json").exists()  # nothing written into the input folder
+
+
+def test_export_names_every_missing_piece(monkeypatch):
+    """A bare GPU machine has neither kaleido nor a browser: the message says both."""
+    import builtins
+    real_import = builtins.__import__
+
+    def no_kaleido(name, *args, **kwargs):
+        if name == "kaleido":
+            raise ImportError("no kaleido here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_kaleido)
+    monkeypatch.setenv("BROWSER_PATH", "/nonexistent/chrome")
+    ok, why = export_status()
+    assert not ok and "kaleido" in why and "Chrome or Chromium" in why
+    monkeypatch.delenv("BROWSER_PATH")
+    ok, why = export_status()
+    assert not ok and "'kaleido' package" in why

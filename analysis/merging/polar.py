@@ -11,13 +11,34 @@ Three solvers:
   in float64 (squaring the condition number costs nothing at float32
   output); a direct solver, about twice as fast as the SVD on CPU. Matrices
   whose Gram matrix is (near) singular go to the SVD.
-- `polar_newton_schulz`: matmul-only iterations, the fast path for GPUs
-  (tensor cores). A few quintic steps push the small singular values up fast
-  (bf16 on CUDA), then cubic Newton–Schulz steps `Y ← 1.5·Y − 0.5·Y(YᵀY)` in
-  float32 converge quadratically to W. Convergence is checked on every matrix
-  from the Gram matrix the step computes anyway (‖YᵀY − I‖_F / √p); matrices
-  that have not converged (e.g. exactly rank-deficient ones, where the polar
-  factor is not unique) are solved exactly instead.
+- `polar_newton_schulz`: matmul-only iterations, the fast path for GPUs.
+  Scaled so every singular value is ≤ 1 (σ_max² ≤ min(‖G‖_F, ‖G‖_∞) for
+  the Gram matrix G = YᵀY: a rigorous bound, tight for nearly orthonormal
+  inputs), then a few quintic steps push the small singular values up fast
+  (slope 3.44 at 0), then cubic Newton–Schulz steps Y ← 1.5·Y − 0.5·Y(YᵀY)
+  converge quadratically. Convergence is checked on every matrix from the
+  Gram matrix each step computes anyway (‖YᵀY − I‖_F / √p); a matrix stops
+  one step after it reaches `tol`, and the ones that have not converged
+  within the bounded number of steps (exactly rank-deficient ones, whose
+  polar factor is not unique, or κ beyond ~1e5) are solved exactly instead.
+
+  Precision. Every step's rounding error moves the limit: the iteration
+  converges to the polar factor of the *rounded* iterate, and an error ε in
+  an early iterate (small σ_min) moves it by up to ~ε/σ_min. So low-precision
+  phases cannot be repaired later; all matmuls must be float32-accurate.
+  Measured on CPU against `polar_exact` (relative Frobenius error), on six
+  inputs with κ from 3 to 6.1e3, incl. TSV-M's concatenated task bases of a
+  768 × 768 layer at T = 8 (11 to 13 steps each, no fallback); the TF32 rows
+  emulate tensor cores by truncating every matmul operand to TF32's 10-bit
+  mantissa (tests/test_merging_polar.py); GPU errors and times come from
+  `benchmarks/polar.py --device cuda`:
+    precision="float32" (IEEE matmuls, TF32 forced off):    1.1e-6 to 4.0e-6
+    precision="tf32x3" (each product as three TF32 tensor-core products
+      a_hi·b_hi + a_hi·b_lo + a_lo·b_hi, the "3xTF32" split): 1.2e-6 to 4.0e-6
+    one plain TF32 product per matmul:                       1.3e-3 to 1.7e-3 (not offered)
+    a bfloat16 quintic phase (the earlier CUDA default):      1.4e-2 to 2.9e-2 (removed)
+  "auto" is "tf32x3" on CUDA (tensor cores, float32 accuracy) and "float32"
+  elsewhere (CPUs have no TF32).
 """
 from __future__ import annotations
 
@@ -72,15 +93,59 @@ def polar_gram(x: torch.Tensor, rcond: float = 1e-10, return_info: bool = False)
     return w
 
 
-def polar_newton_schulz(x: torch.Tensor, quintic_steps: int = 5, max_cubic_steps: int = 40,
-                        tol: float = 1e-3, fast_dtype: torch.dtype | None = None,
-                        return_info: bool = False):
+PRECISIONS = ("auto", "float32", "tf32x3")
+
+
+def _round_tf32(a: torch.Tensor) -> torch.Tensor:
+    """Round float32 to the nearest TF32 value (10-bit mantissa, ties away from zero)."""
+    bits = a.contiguous().view(torch.int32)
+    return ((bits + 0x1000) & ~0x1FFF).view(torch.float32)
+
+
+def _tensor_core_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with TF32 allowed (CUDA tensor cores); tests swap in an emulation."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return a @ b
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _float32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b in IEEE float32, whatever the global TF32 setting."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        return a @ b
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def tf32x3_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b to float32 accuracy from three TF32 products (a = a_hi + a_lo, the
+    a_lo·b_lo term is below float32 resolution): tensor-core speed, no TF32 error."""
+    a_hi, b_hi = _round_tf32(a), _round_tf32(b)
+    a_lo, b_lo = a - a_hi, b - b_hi
+    return _tensor_core_matmul(a_hi, b_hi) + (_tensor_core_matmul(a_hi, b_lo) + _tensor_core_matmul(a_lo, b_hi))
+
+
+def polar_newton_schulz(x: torch.Tensor, quintic_steps: int = 7, max_cubic_steps: int = 30,
+                        tol: float = 1e-3, precision: str = "auto", return_info: bool = False):
     """Polar factor by scaled Newton–Schulz iterations, exact fallback per matrix.
 
-    `tol` bounds ‖YᵀY − I‖_F / √p before one last cubic step (which squares
-    the error), so the returned factor is typically within ~1e-6 of the exact
-    one in relative Frobenius norm.
+    At most `quintic_steps + max_cubic_steps` steps (each: 2 to 3 batched
+    matmuls). `tol` bounds ‖YᵀY − I‖_F / √p before one last cubic step (which
+    squares the error), so the returned factor is within ~1e-6 of the exact
+    one in relative Frobenius norm (≤ 4e-6 measured, module doc), well inside
+    the 1e-4 the merges promise. `precision`: "auto" | "float32" | "tf32x3"
+    (module doc).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+    if precision == "auto":
+        precision = "tf32x3" if x.device.type == "cuda" else "float32"
+    mm = tf32x3_matmul if precision == "tf32x3" else _float32_matmul
     wide = x.shape[-2] < x.shape[-1]
     y = (x.mT if wide else x).float()
     squeeze = y.ndim == 2
@@ -88,25 +153,21 @@ def polar_newton_schulz(x: torch.Tensor, quintic_steps: int = 5, max_cubic_steps
         y = y.unsqueeze(0)
     p = y.shape[-1]
     eye = torch.eye(p, device=y.device, dtype=torch.float32)
-    # σ_max² ≤ ‖YᵀY‖_∞ (max absolute row sum): a cheap, safe scale to σ ≤ 1
-    gram = y.mT @ y
-    bound = gram.abs().sum(-1).amax(-1).clamp_min(torch.finfo(torch.float32).tiny)
-    y = y / bound.sqrt()[:, None, None]
-    if fast_dtype is None:
-        fast_dtype = torch.bfloat16 if y.device.type == "cuda" else torch.float32
+    # σ_max² = ‖G‖_2 ≤ min(‖G‖_F, ‖G‖_∞): a rigorous bound, so every σ ≤ 1 after scaling
+    gram = mm(y.mT, y)
+    bound = torch.minimum(torch.linalg.matrix_norm(gram), gram.abs().sum(-1).amax(-1))
+    y = y / bound.clamp_min(torch.finfo(torch.float32).tiny).sqrt()[:, None, None]
     a, b, c = _QUINTIC
-    yf = y.to(fast_dtype)
     for _ in range(quintic_steps):
-        g = yf.mT @ yf
-        yf = a * yf + yf @ (b * g + c * (g @ g))
-    y = yf.float()
+        g = mm(y.mT, y)
+        y = a * y + mm(y, b * g + c * mm(g, g))
     done = torch.zeros(y.shape[0], dtype=torch.bool, device=y.device)
     steps = 0
     for steps in range(1, max_cubic_steps + 1):
-        g = y.mT @ y
+        g = mm(y.mT, y)
         err = torch.linalg.matrix_norm(g - eye) / p ** 0.5
         converged_now = err <= tol
-        y_next = 1.5 * y - 0.5 * (y @ g)
+        y_next = 1.5 * y - 0.5 * mm(y, g)
         # one more step after the tolerance is met, then freeze that matrix
         y = torch.where(done[:, None, None], y, y_next)
         done = done | converged_now
@@ -120,5 +181,6 @@ def polar_newton_schulz(x: torch.Tensor, quintic_steps: int = 5, max_cubic_steps
     out = y[0] if squeeze else y
     out = out.mT if wide else out
     if return_info:
-        return out, {"cubic_steps": steps, "fallback": int(fallback.sum())}
+        return out, {"cubic_steps": steps, "fallback": int(fallback.sum()), "precision": precision,
+                     "steps": quintic_steps + steps}
     return out

@@ -32,8 +32,14 @@ def unit_statistics(sd: StateDict, preact_fn: PreactFn, x: Tensor, batch_size: i
                     device: str | torch.device | None = None) -> list[tuple[Tensor, Tensor]]:
     """Per-unit (mean, std) of each pre-activation `preact_fn` returns; units
     are axis 1 (features of a Linear, channels of a conv), every other axis is
-    averaged over."""
-    device = get_device(device)
+    averaged over. Computed on `device`, returned on the CPU (like `repair`'s
+    state dict), so callers can combine them with either."""
+    return [(m.cpu(), s.cpu()) for m, s in _unit_statistics(sd, preact_fn, x, batch_size, get_device(device))]
+
+
+def _unit_statistics(sd: StateDict, preact_fn: PreactFn, x: Tensor, batch_size: int,
+                     device: torch.device) -> list[tuple[Tensor, Tensor]]:
+    """`unit_statistics`, left on `device` (repair combines them there)."""
     params = {k: v.to(device=device, dtype=torch.float32) for k, v in sd.items()}
     sums = sq = None
     count = 0
@@ -74,7 +80,7 @@ def repair(merged: StateDict, endpoints: Sequence[StateDict], layers: Sequence[t
             raise ValidationError(f"REPAIR folds its correction into {wn!r} and {bn!r}; the merged state dict lacks "
                                   f"{[k for k in (wn, bn) if k not in merged]}")
     device = get_device(device)
-    end_stats = [unit_statistics(sd, preact_fn, x, batch_size, device) for sd in endpoints]
+    end_stats = [_unit_statistics(sd, preact_fn, x, batch_size, device) for sd in endpoints]
     if any(len(s) != len(layers) for s in end_stats):
         raise ValidationError(f"preact_fn returns {len(end_stats[0])} pre-activations but {len(layers)} layers "
                               "were given to correct")
@@ -82,7 +88,7 @@ def repair(merged: StateDict, endpoints: Sequence[StateDict], layers: Sequence[t
     for l, (wn, bn) in enumerate(layers):
         mu_t = sum(wi * s[l][0] for wi, s in zip(w, end_stats))
         sd_t = sum(wi * s[l][1] for wi, s in zip(w, end_stats))
-        mu_m, sd_m = unit_statistics(out, preact_fn, x, batch_size, device)[l]
+        mu_m, sd_m = _unit_statistics(out, preact_fn, x, batch_size, device)[l]
         scale = sd_t / (sd_m + eps)
         shape = (-1,) + (1,) * (out[wn].dim() - 1)
         out[wn] = out[wn] * scale.view(shape)

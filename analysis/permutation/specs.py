@@ -202,7 +202,7 @@ def random_perms(sizes: Mapping[str, int], seed: int = 0) -> dict[str, Tensor]:
 def compose(first: Perms, then: Perms) -> dict[str, Tensor]:
     """Applying `first` and then `then` equals applying `compose(first, then)`:
     (x[first])[then] = x[first[then]]."""
-    return {g: first[g][then[g]] for g in first}
+    return {g: first[g][then[g].to(first[g].device)] for g in first}
 
 
 def cycle_error(maps: Sequence[Perms]) -> dict[str, float]:
@@ -217,6 +217,6 @@ def cycle_error(maps: Sequence[Perms]) -> dict[str, float]:
         idx = torch.arange(maps[0][g].numel())
         cur = idx
         for m in maps:
-            cur = m[g][cur]
+            cur = m[g].cpu()[cur]          # maps may live on any device; the walk is tiny
         out[g] = float((cur != idx).double().mean())
     return out

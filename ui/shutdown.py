@@ -1,0 +1,59 @@
+"""A clean, prompt exit of the app's server on SIGTERM / Ctrl-C.
+
+Streamlit stops its server on SIGTERM and returns from `main`; Python then
+finalises. A page still running torch code at that moment lives on a daemon
+script thread (ScriptRunner.scriptThread; likewise a demo build's
+`mergescope-*` job thread): when it comes back from C++ and asks for the GIL
+during finalisation, CPython ends the thread with a forced unwind through
+pybind11's frames, and the process dies of SIGABRT ("terminate called
+without an active exception", exit status -6, a core dump where they are
+enabled) instead of exiting. Measured before this hook: exit status -6 on
+every SIGTERM while the home page was reading the demo's task vectors
+(benchmarks/server.py).
+
+`install()` registers an atexit hook, in the server only (`streamlit run`,
+never under AppTest or pytest): if such a thread is still busy at exit, the
+other exit handlers run (pending cache writes get their few seconds), the
+standard streams are flushed, and the process leaves with `os._exit`, so
+no daemon thread is ever unwound. Otherwise nothing changes.
+MERGESCOPE_EXIT_HOOK=0 leaves it out (benchmarks/server.py compares both).
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+import threading
+
+BUSY_PREFIXES = ("ScriptRunner.scriptThread", "mergescope-", "spectra-persist")
+_installed = False
+
+
+def busy_threads() -> list[threading.Thread]:
+    """Daemon threads that may be inside C++ code (a page's script, a build, a cache write)."""
+    me = threading.current_thread()
+    return [t for t in threading.enumerate()
+            if t is not me and t.daemon and t.is_alive() and t.name.startswith(BUSY_PREFIXES)]
+
+
+def _exit_without_unwinding() -> None:
+    if not busy_threads():
+        return
+    atexit.unregister(_exit_without_unwinding)
+    atexit._run_exitfuncs()          # the handlers registered before this one (cache flush, logging)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    os._exit(1 if hasattr(sys, "last_value") else 0)   # an uncaught error keeps a failing status
+
+
+def install() -> bool:
+    """Register the hook once per process, only under `streamlit run`; True when registered."""
+    global _installed
+    if _installed or "streamlit.web.bootstrap" not in sys.modules or os.environ.get("MERGESCOPE_EXIT_HOOK") == "0":
+        return False
+    atexit.register(_exit_without_unwinding)
+    _installed = True
+    return True
