@@ -25,8 +25,9 @@ from torch.func import functional_call
 
 from analysis.evaluation import Evaluator, FeatureSplit, Head
 
-# Never touch a user's real cache from tests.
-os.environ.setdefault("MERGESCOPE_CACHE", tempfile.mkdtemp(prefix="mergescope-test-cache-"))
+# Never touch (or see) a user's real cache from tests: a demo built there would
+# change what the Home page loads. Tests that want a demo point here themselves.
+os.environ["MERGESCOPE_CACHE"] = tempfile.mkdtemp(prefix="mergescope-test-cache-")
 
 TOY_TASKS = ("alpha", "beta", "gamma")
 TOY_IN, TOY_HIDDEN, TOY_CLASSES = 8, 16, 3
