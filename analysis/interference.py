@@ -17,15 +17,14 @@ import torch
 
 from analysis.errors import ValidationError
 from analysis.spectra import SpectralCache
-from analysis.spectra_tables import module_of
 from analysis.svd import _exact_matmul, as_matrix_batch, truncation_rank
 from analysis.taskvectors import TaskVectorSet
 
 LEVELS = ("param", "depth", "model")
 
 
-def _meta(tvs: TaskVectorSet, name: str) -> dict:
-    return {"param": name, "depth": tvs.depth(name), "kind": tvs.kind(name), "module": module_of(name)}
+def _meta(tvs, name: str) -> dict:
+    return tvs.layer_meta(name)
 
 
 # --------------------------------------------------------------------------- STI

@@ -8,7 +8,6 @@ rank-fraction change never recomputes an SVD.
 from __future__ import annotations
 
 import math
-import re
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import pandas as pd
@@ -16,24 +15,14 @@ import torch
 
 from analysis.errors import ValidationError
 from analysis.svd import low_rank, truncation_rank
-from analysis.taskvectors import as_matrix
+from analysis.taskvectors import _BLOCK, module_of, as_matrix  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from analysis.spectra import SpectralCache
 
 Progress = Callable[[int, int, str], None]
-_BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|blocks|resblocks|h)\.\d+\.)")
-
-
-def module_of(name: str) -> str:
-    """The parameter's name inside its block ('encoder.layer.3.attention.q.weight'
-    -> 'attention.q.weight'), so the same module can be followed across depth."""
-    m = _BLOCK.match(name)
-    return name[m.end():] if m else name
-
-
 def _meta_cols(cache: "SpectralCache", name: str) -> dict:
-    return {"param": name, "depth": cache.tvs.depth(name), "kind": cache.tvs.kind(name), "module": module_of(name)}
+    return cache.tvs.layer_meta(name)
 
 
 def _names(cache: "SpectralCache", names: Iterable[str] | None) -> list[str]:

@@ -52,6 +52,16 @@ def parameter_depth(name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+_BLOCK = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|blocks|resblocks|h)\.\d+\.)")
+
+
+def module_of(name: str) -> str:
+    """The parameter's name inside its block ('encoder.layer.3.attention.q.weight'
+    -> 'attention.q.weight'), so the same module can be followed across depth."""
+    m = _BLOCK.match(name)
+    return name[m.end():] if m else name
+
+
 def as_matrix(t: torch.Tensor) -> torch.Tensor:
     """Conv kernels (out, in, *k) as (out, in * prod(k)); matrices unchanged."""
     return t.reshape(t.shape[0], -1) if t.ndim > 2 else t
@@ -233,6 +243,11 @@ class TaskVectorSet:
 
     def depth(self, name: str) -> int | None:
         return parameter_depth(name)
+
+    def layer_meta(self, name: str) -> dict:
+        """The layer-metadata columns every per-layer table starts with:
+        param, depth, kind, module."""
+        return {"param": name, "depth": self.depth(name), "kind": self.kind(name), "module": module_of(name)}
 
     def names_of_kind(self, *kinds: str) -> list[str]:
         return [n for n in self.param_names if self.kind(n) in kinds]

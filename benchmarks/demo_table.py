@@ -11,8 +11,10 @@ slerp is listed only when the demo has exactly two tasks.
     python benchmarks/demo_table.py [--quick | --full] [--val-subsample N]
 
 Needs a finished demo build (`python -m analysis.zoo build [--quick]`).
-Every α is applied as evaluate_delta(merge(..., alpha=1), alpha=a): all four
-methods are linear in α (vector parameters included).
+Every α of ALPHA_GRIDS is applied as evaluate_delta(merge(..., alpha=1), alpha=a):
+those methods are linear in α (vector parameters included); RegMean++ is not,
+so each of its α values is merged anew. The data statistics (Fishers, Grams)
+are computed once, timed, and reported.
 """
 from __future__ import annotations
 
@@ -35,7 +37,13 @@ ALPHA_GRIDS = {
     "ties": [0.6, 0.8, 1.0, 1.3, 1.6],
     "tsv_m": [0.6, 0.8, 1.0, 1.3, 1.6],
     "iso_c": [0.6, 0.8, 1.0, 1.3, 1.6],
+    # averaging-type data-aware merges (α = 1 is the paper; TA's best α·T is ≈ 2.4 here)
+    "fisher": [1.0, 1.5, 2.0, 2.5, 3.0],
+    "regmean": [1.0, 1.5, 2.0, 2.5, 3.0],
+    "epimer": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0],
 }
+# RegMean++ is not linear in α (deeper blocks' Grams come from the α-scaled merge): each α is a new merge
+REMERGE_GRIDS = {"regmean_pp": [1.0, 2.0, 3.0]}
 KEEP_MARKER = "<!-- kept by benchmarks/demo_table.py: text below this line is not regenerated -->"
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results_merge.md"
 
@@ -93,6 +101,15 @@ def main(argv=None) -> int:
         mean = sum(per_task[t] for t in tasks) / len(tasks)
         log(f"{label}: mean test accuracy {mean:.4f}")
 
+    stats_seconds = {}
+    if inputs.has_data:
+        for label, compute in (("diagonal Fisher, 256 examples per task", lambda: inputs.fisher(n=256)),
+                               ("input Grams of every linear layer, 256 examples per task",
+                                lambda: inputs.activation_grams(n=256))):
+            t0 = time.perf_counter()
+            compute()
+            stats_seconds[label] = time.perf_counter() - t0
+            log(f"statistics: {label}: {stats_seconds[label]:.1f} s")
     add("zero-shot (linear probe)", "zero_shot", "", ref_test["zero_shot"].to_dict())
     add("fine-tuned (own task)", "fine_tuned", "", ref_test["fine_tuned"].to_dict())
 
@@ -109,6 +126,20 @@ def main(argv=None) -> int:
         knobs = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in defaults.items())
         add(f"{name} (defaults)", name, knobs, acc)
         log(f"  merge {t_merge:.1f} s, total {time.perf_counter() - t0:.1f} s")
+        if name in REMERGE_GRIDS:
+            best, best_mean = None, -1.0
+            for a in REMERGE_GRIDS[name]:
+                t0 = time.perf_counter()
+                cand = merge(inputs, name, alpha=a)
+                acc_v = merged_accuracy(ev, cand, split="validation", subsample=args.val_subsample)
+                mean_v = sum(acc_v[t] for t in tasks) / len(tasks)
+                log(f"  {name} α={a}: validation mean {mean_v:.4f} ({time.perf_counter() - t0:.1f} s)")
+                if mean_v > best_mean + 1e-12:
+                    best, best_mean, best_delta = a, mean_v, cand
+            rest = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in defaults.items() if k != "alpha")
+            add(f"{name} (α on validation)", name, f"alpha={best} (val mean {best_mean:.4f})" + (f", {rest}" if rest else ""),
+                merged_accuracy(ev, best_delta, split="test"))
         if name in ALPHA_GRIDS:
             unit = merge(inputs, name, alpha=1.0)
             best, best_mean = None, -1.0
@@ -148,6 +179,8 @@ def main(argv=None) -> int:
         " by mean accuracy over the grids " + "; ".join(f"{k}: {v}" for k, v in ALPHA_GRIDS.items()) + ".",
         "Normalised accuracy = merged ÷ fine-tuned accuracy of that task (%). "
         "TSV-C rows score each task with its own compressed model (not a merge).",
+        *([("Data statistics (computed once, cached by content; train split): "
+            + "; ".join(f"{k}: {v:.1f} s" for k, v in stats_seconds.items()) + ".")] if stats_seconds else []),
         "",
         "## Configurations",
         "",

@@ -1,10 +1,10 @@
 """Shared fixtures.
 
-`tiny_workspace`: a ui.state.Workspace over a toy two-layer backbone with three
-tasks, a real evaluator (same interface as analysis.evaluation.Evaluator:
-`tasks`, `heads`, `evaluate`, `evaluate_delta`) and a reference table. Built in
-well under a second with plain torch, so any page test can inject it with
-`at.session_state["workspace"] = tiny_workspace`.
+`tiny_workspace`: a ui.state.Workspace over a toy two-layer backbone (a real
+nn.Module, `ToyBackbone`) with three tasks of feature data, the real
+analysis.evaluation.Evaluator (counting its `evaluate` calls in `.calls`) and a
+reference table. Built in well under a second with plain torch, so any page
+test can inject it with `at.session_state["workspace"] = tiny_workspace`.
 
 `tiny_checkpoints`: the same toy models written as safetensors files (base +
 one file per task, with a per-task `classifier.*` head to exclude), for tests
@@ -14,75 +14,79 @@ from __future__ import annotations
 
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
+from torch import nn
+from torch.func import functional_call
 
-# Never touch a user's real cache from tests.
-os.environ.setdefault("MERGESCOPE_CACHE", tempfile.mkdtemp(prefix="mergescope-test-cache-"))
+from analysis.evaluation import Evaluator, FeatureSplit, Head
+
+# Never touch (or see) a user's real cache from tests: a demo built there would
+# change what the Home page loads. Tests that want a demo point here themselves.
+os.environ["MERGESCOPE_CACHE"] = tempfile.mkdtemp(prefix="mergescope-test-cache-")
 
 TOY_TASKS = ("alpha", "beta", "gamma")
 TOY_IN, TOY_HIDDEN, TOY_CLASSES = 8, 16, 3
 SPLIT_SIZES = {"train": 96, "validation": 48, "test": 48}
 
 
-@dataclass
-class ToyHead:
-    weight: torch.Tensor
-    bias: torch.Tensor
-    labels: tuple = ()
+class ToyDense(nn.Module):
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.dense = nn.Linear(d_in, d_out)
 
 
-def toy_forward(params: dict, x: torch.Tensor) -> torch.Tensor:
-    h = torch.tanh(x @ params["encoder.layer.0.dense.weight"].T + params["encoder.layer.0.dense.bias"])
-    h = torch.tanh(h @ params["encoder.layer.1.dense.weight"].T + params["encoder.layer.1.dense.bias"])
-    return h * params["encoder.norm.weight"]
+class ToyScale(nn.Module):
+    """An elementwise norm weight (no statistics), so it is a plain vector parameter."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, h):
+        return h * self.weight
 
 
-class ToyEvaluator:
-    """Scores toy backbone parameters per task: accuracy and cross-entropy loss."""
+class ToyEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.ModuleList([ToyDense(TOY_IN, TOY_HIDDEN), ToyDense(TOY_HIDDEN, TOY_HIDDEN)])
+        self.norm = ToyScale(TOY_HIDDEN)
 
-    def __init__(self, base: dict, data: dict, heads: dict, subsample_seed: int = 0):
-        self.base = {k: v.clone() for k, v in base.items()}
-        self.data = data
-        self.heads = heads
-        self.subsample_seed = subsample_seed
+
+class ToyBackbone(nn.Module):
+    """Two tanh layers and a norm weight: features (B, 16) of inputs (B, 8).
+
+    Parameter names mimic a transformer encoder's, so name-based rules
+    (depth, kinds, exclusions) see something familiar.
+    """
+
+    def __init__(self, state_dict: dict | None = None):
+        super().__init__()
+        self.encoder = ToyEncoder()
+        if state_dict is not None:
+            self.load_state_dict(state_dict)
+
+    def forward(self, x):
+        for layer in self.encoder.layer:
+            x = torch.tanh(layer.dense(x))
+        return self.encoder.norm(x)
+
+
+class CountingEvaluator(Evaluator):
+    """The real Evaluator, counting `evaluate` calls (pages must not re-score what they cached)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.calls = 0
 
-    @property
-    def tasks(self) -> list[str]:
-        return list(self.data)
-
-    def evaluate(self, params=None, split="validation", subsample=None, tasks=None) -> pd.DataFrame:
-        from analysis.errors import ValidationError
+    def evaluate(self, *args, **kwargs):
         self.calls += 1
-        p = dict(self.base)
-        for k, v in (params or {}).items():
-            if k not in p:
-                raise ValidationError(f"parameter {k!r} is not in the backbone")
-            p[k] = v.float()
-        rows = []
-        for task in (tasks or self.tasks):
-            x, y = self.data[task][split]
-            if subsample is not None and subsample < len(y):
-                g = torch.Generator().manual_seed(self.subsample_seed)
-                idx = torch.randperm(len(y), generator=g)[:subsample].sort().values
-                x, y = x[idx], y[idx]
-            head = self.heads[task]
-            logits = toy_forward(p, x) @ head.weight.T + head.bias
-            acc = float((logits.argmax(1) == y).float().mean())
-            loss = float(torch.nn.functional.cross_entropy(logits, y))
-            rows += [{"task": task, "metric": "accuracy", "value": acc, "split": split, "n": len(y)},
-                     {"task": task, "metric": "loss", "value": loss, "split": split, "n": len(y)}]
-        return pd.DataFrame(rows, columns=["task", "metric", "value", "split", "n"])
-
-    def evaluate_delta(self, delta, alpha=1.0, **kwargs) -> pd.DataFrame:
-        params = {k: self.base[k] + alpha * d.float() for k, d in delta.items()}
-        return self.evaluate(params, **kwargs)
+        return super().evaluate(*args, **kwargs)
 
 
 def _toy_models(seed: int = 0):
@@ -94,23 +98,24 @@ def _toy_models(seed: int = 0):
         "encoder.layer.1.dense.bias": torch.zeros(TOY_HIDDEN),
         "encoder.norm.weight": torch.ones(TOY_HIDDEN),
     }
+    backbone = ToyBackbone(base)
     data, heads, finetuned = {}, {}, {}
     for t, task in enumerate(TOY_TASKS):
         teacher = torch.randn(TOY_CLASSES, TOY_IN, generator=g)
         splits = {}
         for split, n in SPLIT_SIZES.items():
             x = torch.randn(n, TOY_IN, generator=g)
-            splits[split] = (x, (x @ teacher.T).argmax(1))
+            splits[split] = FeatureSplit(x, (x @ teacher.T).argmax(1))
         data[task] = splits
-        heads[task] = ToyHead(torch.randn(TOY_CLASSES, TOY_HIDDEN, generator=g), torch.zeros(TOY_CLASSES),
-                              tuple(f"c{i}" for i in range(TOY_CLASSES)))
+        heads[task] = Head(torch.randn(TOY_CLASSES, TOY_HIDDEN, generator=g), torch.zeros(TOY_CLASSES),
+                           tuple(f"c{i}" for i in range(TOY_CLASSES)))
         # fine-tune the backbone with the head frozen (the zoo's protocol)
         params = {k: v.clone().requires_grad_(True) for k, v in base.items()}
         opt = torch.optim.Adam(params.values(), lr=0.05)
-        x, y = splits["train"]
+        x, y = splits["train"].inputs, splits["train"].labels
         for _ in range(60):
             opt.zero_grad()
-            logits = toy_forward(params, x) @ heads[task].weight.T + heads[task].bias
+            logits = functional_call(backbone, params, (x,)) @ heads[task].weight.T + heads[task].bias
             torch.nn.functional.cross_entropy(logits, y).backward()
             opt.step()
         finetuned[task] = {k: v.detach().clone() for k, v in params.items()}
@@ -139,7 +144,7 @@ def _toy():
     return _toy_models()
 
 
-def _reference(evaluator: ToyEvaluator, finetuned: dict) -> pd.DataFrame:
+def _reference(evaluator: Evaluator, finetuned: dict) -> pd.DataFrame:
     rows = []
     for split in ("validation", "test"):
         zs = evaluator.evaluate(None, split=split)
@@ -160,7 +165,7 @@ def tiny_workspace(_toy):
     from ui.state import Workspace
     base, finetuned, data, heads = _toy
     tvs = TaskVectorSet.from_state_dicts(base, finetuned)
-    evaluator = ToyEvaluator(base, data, heads)
+    evaluator = CountingEvaluator(ToyBackbone(base), data, heads)
     return Workspace(name="tiny", tvs=tvs, evaluator=evaluator, reference=_reference(evaluator, finetuned),
                      extras={"heads": heads})
 

@@ -42,7 +42,10 @@ def start_app_cmd(port: int, python: str | None = None) -> list[str]:
     """`streamlit run app.py` as `make app` runs it: settings from .streamlit/config.toml (the file watcher
     included: users get what this test sees), only the port, address and telemetry given here."""
     return [python or sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
-            "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false"]
+            "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
+            # streamlit run from outside site-packages (a wheel unpacked on a bare GPU box) assumes
+            # development mode, which refuses --server.port
+            "--global.developmentMode", "false"]
 
 
 def wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float = 60.0) -> None:

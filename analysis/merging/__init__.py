@@ -40,6 +40,7 @@ from analysis.merging.consensus import CONSENSUS
 from analysis.merging.dare import DARE
 from analysis.merging.fisher import FISHER
 from analysis.merging.engine import MergeResult, ParamGroup, run
+from analysis.merging.epimer import EPIMER
 from analysis.merging.inputs import MergeInputs, as_inputs
 from analysis.merging.iso import ISO_C, ISO_CTS
 from analysis.merging.regmean import REGMEAN, REGMEAN_PP
@@ -61,6 +62,7 @@ _REGISTRY = (
     FISHER,
     REGMEAN,
     REGMEAN_PP,
+    EPIMER,
 )
 METHODS: dict[str, MergeMethod] = {m.name: m for m in _REGISTRY}
 
