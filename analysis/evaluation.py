@@ -40,10 +40,15 @@ given come from the base); None means the base.
     ev.fisher_diagonal(task, split="train", n=256, seed=0, params=None, names=None)
         -> {param_name: mean over examples of (grad log p(y|x))^2} (empirical
         Fisher, true labels).
+    Both compute chunks of examples at once with torch.func.vmap where the backbone
+    allows it (checked once against the one-example loop, which stays the fallback;
+    `Evaluator(fast_grads=False)` forces the loop); results agree to float32 rounding.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+import warnings
+from dataclasses import dataclass, field
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Sequence, Union
 
@@ -51,7 +56,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
-from torch.func import functional_call
+from torch.func import functional_call, grad, vmap
 
 from analysis.device import get_device
 from analysis.errors import ValidationError
@@ -59,6 +64,7 @@ from analysis.errors import ValidationError
 SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
 COLUMNS = ["task", "metric", "value", "split", "n"]
+_log = logging.getLogger(__name__)
 
 
 def canonical_split(split: str) -> str:
@@ -141,6 +147,11 @@ def features(backbone: nn.Module, inputs: Inputs, params: Mapping[str, torch.Ten
         out = functional_call(backbone, dict(params), args=args, kwargs=kwargs, strict=False)
     else:
         out = backbone(*args, **kwargs)
+    return _pool_output(out, kwargs.get("attention_mask"))
+
+
+def _pool_output(out, mask: torch.Tensor | None) -> torch.Tensor:
+    """`features`' pooling of a backbone output: (B, H) as is, token states mean-pooled over `mask`."""
     if hasattr(out, "last_hidden_state"):
         hidden = out.last_hidden_state
     elif isinstance(out, torch.Tensor):
@@ -149,7 +160,6 @@ def features(backbone: nn.Module, inputs: Inputs, params: Mapping[str, torch.Ten
         hidden = out[0]
     if hidden.dim() == 2:
         return hidden
-    mask = kwargs.get("attention_mask")
     if mask is None:
         mask = torch.ones(hidden.shape[:2], device=hidden.device)
     return mean_pool(hidden, mask)
@@ -177,7 +187,8 @@ class Evaluator:
 
     def __init__(self, backbone: nn.Module, data: Mapping[str, Mapping[str, Split]],
                  heads: Mapping[str, Head], device: str | torch.device | None = None,
-                 batch_size: int = 128, subsample_seed: int = 0):
+                 batch_size: int = 128, subsample_seed: int = 0, fast_grads: bool = True,
+                 grad_chunk_bytes: int = 512 * 2**20):
         missing = [t for t in data if t not in heads]
         if missing:
             raise ValidationError(f"task {missing[0]!r} has data but no head; heads are {sorted(heads)}")
@@ -191,6 +202,11 @@ class Evaluator:
         self.batch_size = int(batch_size)
         self.subsample_seed = subsample_seed
         self._shapes = {k: tuple(v.shape) for k, v in self.backbone.state_dict().items()}
+        # per-example gradients (per_example_grads, fisher_diagonal): vmap over chunks of
+        # examples where the backbone allows it, else one example at a time
+        self.fast_grads = bool(fast_grads)
+        self.grad_chunk_bytes = int(grad_chunk_bytes)
+        self._grad_routes: dict[tuple, _GradRoute | None] = {}  # per data kind and names, decided on first use
 
     @property
     def tasks(self) -> list[str]:
@@ -335,22 +351,23 @@ class Evaluator:
         """{param name: d log p(y|x) / d param} for each example, in `examples(...)` order (CPU, float32).
 
         Gradients are w.r.t. backbone parameters (all, or `names`) at `params`;
-        heads are frozen and never differentiated.
+        heads are frozen and never differentiated. Computed a chunk of examples
+        at a time where the backbone allows it (see `_grad_chunks`).
         """
-        for grads in self._example_grads(task, split, n, seed, params, names):
-            yield {k: g.float().cpu() for k, g in grads.items()}
+        for chunk in self._grad_chunks(task, split, n, seed, params, names, in_order=True):
+            for j in range(chunk.size):
+                yield {k: chunk.example(k, j).float().cpu() for k in chunk.names}
 
     def fisher_diagonal(self, task: str, split: str = "train", n: int | None = 256, seed: int = 0,
                         params: Mapping[str, torch.Tensor] | None = None, names: Sequence[str] | None = None
                         ) -> dict[str, torch.Tensor]:
         """Diagonal empirical Fisher: mean over the examples of (d log p(y|x) / d param)^2, true labels."""
         total, count = None, 0
-        for grads in self._example_grads(task, split, n, seed, params, names):
+        for chunk in self._grad_chunks(task, split, n, seed, params, names, in_order=False):
             if total is None:
-                total = {k: torch.zeros_like(g, dtype=torch.float32) for k, g in grads.items()}
-            for k, g in grads.items():
-                total[k] += g.float() ** 2
-            count += 1
+                total = {k: torch.zeros(chunk.shapes[k], dtype=torch.float32, device=self.device) for k in chunk.names}
+            chunk.add_squares(total)
+            count += chunk.size
         if total is None:
             raise ValidationError(f"task {task!r} has no examples in its {canonical_split(split)!r} split")
         return {k: (v / count).cpu() for k, v in total.items()}
@@ -419,23 +436,231 @@ class Evaluator:
         # back to the subset's data order (idx is ascending)
         return logits[torch.argsort(torch.tensor(order, dtype=torch.long))], data.labels[idx]
 
-    def _example_grads(self, task, split, n, seed, params, names):
-        """Per-example gradients of log p(y|x), on the device, one example at a time."""
+    # ------------------------------------------------------------ per-example gradients
+    def _grad_chunks(self, task, split, n, seed, params, names, in_order):
+        """Per-example gradients of log p(y|x) on the device, as `_GradChunk`s of the examples of
+        `examples(...)`: in that order (`in_order`) or longest first (less padding; for sums).
+
+        Route: `torch.func.vmap(grad(...))` over a chunk of examples padded to a common width
+        (`_vmap_chunk`), at most `grad_chunk_bytes` of per-example gradients at a time; a
+        token embedding's gradient stays as its per-token rows (no dense vocabulary-sized
+        tensor per example) and an nn.Linear weight's as δᵀx. Whether a backbone can take
+        that route is checked once per evaluator, kind of data and names against the
+        one-example loop (`_grad_route`); where it cannot (data-dependent control flow,
+        padding that changes the answer, any error) or `fast_grads` is False, examples go
+        one at a time (`_loop_chunk`), also for the rest of a call whose chunk failed.
+        """
+        names, values, given = self._grad_leaves(names, params)
+        data = self._split(task, split)
+        idx = self.examples(task, split, n, seed)
+        if not in_order:
+            idx = idx[torch.argsort(data.lengths()[idx], descending=True, stable=True)]
+        route = self._grad_route(task, data, idx, values, given, names) if self.fast_grads and len(idx) else None
+        if route is not None:
+            size = self._chunk_size(data, values, names, route)
+            for start in range(0, len(idx), size):
+                b = idx[start:start + size]
+                inputs, _ = data.batch(b)
+                try:
+                    chunk = self._vmap_chunk(task, _to(inputs, self.device), data.labels[b].to(self.device),
+                                             values, given, names, route)
+                except Exception as err:  # noqa: BLE001 -- any failure: the loop computes the rest
+                    self._grad_routes[_route_key(data, names)] = None
+                    _log.info("per-example gradients fall back to the one-example loop: %s: %s",
+                              type(err).__name__, err)
+                    idx = idx[start:]
+                    break
+                yield chunk
+            else:
+                return
+        for i in idx:
+            yield self._loop_chunk(task, data, i, values, given, names)
+
+    def _grad_leaves(self, names, params):
+        """(names, {name: float32 value at `params`}, prepared params) of a gradient request."""
         trainable = dict(self.backbone.named_parameters())
         names = list(trainable) if names is None else list(names)
         unknown = [k for k in names if k not in trainable]
         if unknown:
             raise ValidationError(f"{unknown[0]!r} is not a backbone parameter (heads are frozen and have no gradient)")
         given = self._prepare(params) or {}
-        data = self._split(task, split)
-        for i in self.examples(task, split, n, seed):
-            inputs, _ = data.batch(i.view(1))
-            leaves = {k: given.get(k, trainable[k]).detach().float().requires_grad_(True) for k in names}
-            with torch.enable_grad():
-                logits = self.logits(_to(inputs, self.device), task, {**given, **leaves})
-                logp = -nn.functional.cross_entropy(logits, data.labels[i].view(1).to(self.device))
-                grads = torch.autograd.grad(logp, list(leaves.values()), allow_unused=True)
-            yield {k: torch.zeros_like(leaves[k]) if g is None else g for k, g in zip(names, grads)}
+        return names, {k: given.get(k, trainable[k]).detach().float() for k in names}, given
+
+    def _loop_chunk(self, task, data, i, values, given, names) -> "_GradChunk":
+        """One example, alone at its own length, through autograd: the reference route."""
+        inputs, _ = data.batch(i.view(1))
+        leaves = {k: values[k].detach().requires_grad_(True) for k in names}
+        with torch.enable_grad():
+            logits = self.logits(_to(inputs, self.device), task, {**given, **leaves})
+            logp = -nn.functional.cross_entropy(logits, data.labels[i].view(1).to(self.device))
+            grads = torch.autograd.grad(logp, list(leaves.values()), allow_unused=True)
+        dense = {k: (torch.zeros_like(leaves[k]) if g is None else g).unsqueeze(0) for k, g in zip(names, grads)}
+        return _GradChunk(names, {k: tuple(values[k].shape) for k in names}, dense)
+
+    def _vmap_chunk(self, task, inputs, labels, values, given, names, route) -> "_GradChunk":
+        """Per-example gradients of a padded chunk: vmap over examples of the one-example
+        gradient, each example seen by the backbone as a batch of one (padding masked out).
+
+        With `route.linears`, an nn.Linear's weight is not differentiated inside vmap (its
+        per-example gradient would be a batched matmul, slow on CPUs): a zero added to the
+        layer's output gives the output gradient δ per example and the layer's input x
+        comes back as aux, so the weight's per-example gradient is δᵀx (summed over
+        tokens), formed example by example outside vmap (`_GradChunk`).
+        """
+        head = self.heads[task]
+        row_mods = {m: w for m, w in route.rows.items() if w in names}
+        lin_mods = ({m: w for m, w in self._plain_linears().items() if w in names and m not in row_mods}
+                    if route.linears else {})
+        ids = inputs["input_ids"] if row_mods else None
+        rows = {w: values[w][ids] for w in row_mods.values()}  # (B, L, H): the rows each token looks up
+
+        def call(inputs):  # one example as a batch of one: (args, kwargs, 2-D mask or None)
+            if isinstance(inputs, Mapping):
+                kwargs = {k: v.unsqueeze(0) for k, v in inputs.items()}
+                mask = kwargs.get("attention_mask")
+                if route.mask == "4d" and mask is not None:
+                    kwargs["attention_mask"] = _additive_mask(mask)
+                return (), kwargs, mask
+            return (inputs.unsqueeze(0),), {}, None
+
+        shapes: dict[str, torch.Size] = {}
+        if lin_mods:  # the zero added to each layer's output needs its per-example shape
+            def record(m):
+                def hook(module, args, output):
+                    shapes[m] = output.shape
+                return hook
+            args, kwargs, _ = call(_index(inputs, 0))
+            with torch.no_grad(), self.hooked({m: record(m) for m in lin_mods}):
+                functional_call(self.backbone, given, args=args, kwargs=kwargs, strict=False)
+            lin_mods = {m: w for m, w in lin_mods.items() if m in shapes}  # a layer never reached: in vmap (zeros)
+        probes = {m: torch.zeros(shapes[m], device=self.device) for m in lin_mods}
+        diff = {k: values[k] for k in names if k not in rows and k not in lin_mods.values()}
+        state: dict = {}
+
+        def substitute_rows(weight):
+            def hook(module, args, output):
+                if state and args and args[0] is state["ids"]:
+                    state["hits"][weight] += 1
+                    return state["rows"][weight].unsqueeze(0)
+            return hook
+
+        def open_output(m):
+            def hook(module, args, output):
+                if state:
+                    if m in state["inputs"] or output.shape != state["probes"][m].shape:
+                        raise RuntimeError(f"{m} is called more than once or with another shape")
+                    state["inputs"][m] = args[0]
+                    return output + state["probes"][m]
+            return hook
+
+        def log_p(diff, rows, probes, inputs, label):
+            args, kwargs, mask = call(inputs)
+            state.update(ids=kwargs.get("input_ids"), rows=rows, hits=dict.fromkeys(rows, 0), probes=probes,
+                         inputs={})
+            try:
+                out = functional_call(self.backbone, {**given, **diff}, args=args, kwargs=kwargs, strict=False)
+                if any(h != 1 for h in state["hits"].values()) or len(state["inputs"]) != len(probes):
+                    raise RuntimeError(f"token embeddings looked up {state['hits']} times (once each expected), "
+                                       f"{len(state['inputs'])} of {len(probes)} linear layers reached")
+                layer_inputs = state["inputs"]
+            finally:
+                state.clear()
+            logits = _pool_output(out, mask) @ head.weight.T + head.bias
+            return -nn.functional.cross_entropy(logits, label.view(1)), layer_inputs
+
+        hooks = {**{m: substitute_rows(w) for m, w in row_mods.items()}, **{m: open_output(m) for m in lin_mods}}
+        with warnings.catch_warnings(), self.hooked(hooks):
+            # ops without a batching rule still run (looped inside vmap); the warning is noise here
+            warnings.filterwarnings("ignore", message=".*performance drop because we have not yet implemented")
+            (dense, row_grads, deltas), layer_inputs = vmap(
+                grad(log_p, argnums=(0, 1, 2), has_aux=True), in_dims=(None, 0, None, 0, 0))(
+                diff, rows, probes, inputs, labels)
+        out_rows = {}
+        for m, w in row_mods.items():
+            keep = inputs["attention_mask"] != 0
+            pad = self.backbone.get_submodule(m).padding_idx
+            if pad is not None:
+                keep = keep & (ids != pad)  # nn.Embedding gives its padding row no gradient
+            out_rows[w] = (ids, keep, row_grads[w])
+        outer = {w: (layer_inputs[m], deltas[m]) for m, w in lin_mods.items()}
+        return _GradChunk(names, {k: tuple(values[k].shape) for k in names}, dense, out_rows, outer,
+                          int(labels.shape[0]))
+
+    def _plain_linears(self) -> dict[str, str]:
+        """{module name: weight name} of the backbone's nn.Linear modules (exactly that class)."""
+        return {m: f"{m}.weight" if m else "weight" for m, mod in self.backbone.named_modules()
+                if type(mod) is nn.Linear}
+
+    def _chunk_size(self, data, values, names, route) -> int:
+        """Examples per vmap chunk, at most `batch_size`: about `grad_chunk_bytes` of per-example
+        float32 tensors (gradients, rows, a linear layer's input and output gradient), doubled
+        for the activations autograd keeps."""
+        rows = {w for w in route.rows.values() if w in names}
+        lin = set(self._plain_linears().values()) - rows if route.linears else set()
+        width = int(data.input_ids.shape[1]) if isinstance(data, EncodedSplit) else 1
+        floats = sum(width * values[k].shape[-1] if k in rows else
+                     width * sum(values[k].shape) if k in lin else values[k].numel() for k in names)
+        return max(1, min(self.batch_size, int(self.grad_chunk_bytes // (8 * max(floats, 1)))))
+
+    def _grad_route(self, task, data, idx, values, given, names):
+        """How this backbone computes per-example gradients of this kind of data and these
+        parameters (decided once per evaluator): a `_GradRoute` for `_vmap_chunk`, or None for
+        the one-example loop.
+
+        Candidates, fastest first (token data: the 2-D attention mask as given, then as a
+        prepared 4-D additive mask; token-embedding rows or not; nn.Linear weights as δᵀx or
+        inside vmap) compute the gradient of the shortest example padded to the split's
+        full width; the first that raises nothing and matches the loop's gradient of that
+        example at its own length to 1e-3 is taken (float32 rounding is ~1e-6; a padding
+        leak or a missed parameter is ~1).
+        """
+        key = _route_key(data, names)
+        if key in self._grad_routes:
+            return self._grad_routes[key]
+        i = idx[int(torch.argmin(data.lengths()[idx]))]
+        ref = self._loop_chunk(task, data, i, values, given, names)
+        if isinstance(data, EncodedSplit):
+            inputs = {"input_ids": data.input_ids[i].view(1, -1), "attention_mask": data.attention_mask[i].view(1, -1)}
+            embeddings = {m: w for m, w in self._token_embeddings(_to(data.batch(i.view(1))[0], self.device),
+                                                                  given).items() if w in names}
+            masks = ("2d", "4d")
+        else:
+            inputs, embeddings, masks = data.batch(i.view(1))[0], {}, (None,)
+        linears = [True, False] if set(self._plain_linears().values()) & set(names) else [False]
+        candidates = [_GradRoute(mask, rows, lin) for mask in masks for rows in ([embeddings, {}] if embeddings else [{}])
+                      for lin in linears]
+        inputs, label = _to(inputs, self.device), data.labels[i].view(1).to(self.device)
+        reasons, route = [], None
+        for cand in candidates:
+            try:
+                bad = _first_mismatch(self._vmap_chunk(task, inputs, label, values, given, names, cand), ref)
+            except Exception as err:  # noqa: BLE001 -- a backbone vmap cannot batch
+                bad = f"{type(err).__name__}: {err}"
+            if bad is None:
+                route = cand
+                break
+            reasons.append(f"{cand}: {bad}")
+        if route is None:
+            _log.info("per-example gradients of %s data use the one-example loop; vmap: %s", key[0], "; ".join(reasons))
+        self._grad_routes[key] = route
+        return route
+
+    def _token_embeddings(self, inputs, given) -> dict[str, str]:
+        """{module name: weight name} of the plain nn.Embedding modules that look up `input_ids`."""
+        plain = {m: f"{m}.weight" for m, mod in self.backbone.named_modules()
+                 if isinstance(mod, nn.Embedding) and mod.max_norm is None
+                 and not mod.scale_grad_by_freq and not mod.sparse}
+        seen = []
+
+        def record(m):
+            def hook(module, args, output):
+                if args and args[0] is inputs.get("input_ids"):
+                    seen.append(m)
+            return hook
+
+        with torch.no_grad(), self.hooked({m: record(m) for m in plain}):
+            features(self.backbone, inputs, given)
+        return {m: plain[m] for m in plain if seen.count(m) == 1}
 
     def _score(self, task, split, params, subsample):
         logits, labels = self._logits(task, split, params, subsample)
@@ -444,6 +669,103 @@ class Evaluator:
         acc = float((logits.argmax(1) == labels).float().mean())
         loss = float(nn.functional.cross_entropy(logits, labels))
         return acc, loss, int(len(labels))
+
+
+# ---------------------------------------------------------------- per-example gradient helpers
+@dataclass(frozen=True)
+class _GradRoute:
+    """How `_vmap_chunk` calls the backbone: `mask` "2d" (as given) or "4d" (additive bias),
+    None for feature data; `rows`: {module: weight} of token embeddings differentiated per
+    row; `linears`: nn.Linear weights as δᵀx outside vmap."""
+
+    mask: str | None
+    rows: Mapping[str, str]
+    linears: bool = False
+
+    def __str__(self) -> str:
+        return (f"vmap(mask={self.mask}, rows={sorted(self.rows.values())}, "
+                f"linear weights={'δᵀx' if self.linears else 'in vmap'})")
+
+
+@dataclass
+class _GradChunk:
+    """Per-example gradients of `size` examples, each kind kept in its cheapest form:
+    `dense[name]` (size, *shape); for a token embedding `rows[name]` = (ids (size, L),
+    keep (size, L), grads (size, L, H)): the example's gradient is its kept rows summed by
+    id; for an nn.Linear weight `outer[name]` = (x (size, ..., in), δ (size, ..., out)):
+    the example's gradient is δᵀx summed over its leading dimensions (tokens)."""
+
+    names: list[str]
+    shapes: dict[str, tuple]
+    dense: dict[str, torch.Tensor]
+    rows: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    outer: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    size: int = 1
+
+    def example(self, name: str, j: int) -> torch.Tensor:
+        """Example j's gradient of `name`, dense."""
+        if name in self.dense:
+            return self.dense[name][j]
+        if name in self.outer:
+            x, d = self.outer[name]
+            return d[j].reshape(-1, d.shape[-1]).T @ x[j].reshape(-1, x.shape[-1])
+        ids, keep, g = self.rows[name]
+        out = torch.zeros(self.shapes[name], dtype=g.dtype, device=g.device)
+        return out.index_add_(0, ids[j][keep[j]], g[j][keep[j]])
+
+    def add_squares(self, total: dict[str, torch.Tensor]) -> None:
+        """total[name] += Σ_examples gradient², in place."""
+        for k, g in self.dense.items():
+            for j in range(self.size):
+                total[k].addcmul_(g[j], g[j])
+        for k, (x, d) in self.outer.items():
+            buf = torch.empty(self.shapes[k], dtype=total[k].dtype, device=total[k].device)
+            for j in range(self.size):
+                torch.mm(d[j].reshape(-1, d.shape[-1]).T, x[j].reshape(-1, x.shape[-1]), out=buf)
+                total[k].addcmul_(buf, buf)
+        for k, (ids, keep, g) in self.rows.items():
+            g = g.float()
+            # each kept token's row gradient = the sum over the example's tokens of the same id,
+            # squared once per (example, id): at the id's first kept token
+            same = (ids[:, :, None] == ids[:, None, :]) & keep[:, :, None] & keep[:, None, :]
+            summed = torch.bmm(same.to(g.dtype), g)
+            earlier = torch.ones(ids.shape[1], ids.shape[1], dtype=torch.bool, device=ids.device).tril(-1)
+            first = keep & ~(same & earlier).any(-1)
+            total[k].index_add_(0, ids[first], summed[first] ** 2)
+
+
+def _route_key(data: Split, names: Sequence[str]) -> tuple:
+    """What a route check covers: the kind of data and the parameters differentiated."""
+    return type(data).__name__, tuple(names)
+
+
+def _index(inputs: Inputs, j: int) -> Inputs:
+    """Example j of a batch (dict of tensors or one tensor), without its batch dimension."""
+    if isinstance(inputs, Mapping):
+        return {k: v[j] for k, v in inputs.items()}
+    return inputs[j]
+
+
+def _additive_mask(mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) 0/1 attention mask -> (B, 1, L, L) float32 additive bias (0 kept, the float32
+    minimum at padding), the prepared 4-D mask transformers' attention takes as is (its
+    2-D mask path inspects the mask's values, which vmap cannot batch)."""
+    width = mask.shape[-1]
+    bias = torch.zeros(mask.shape[0], 1, 1, width, device=mask.device)
+    bias = bias.masked_fill(mask[:, None, None, :] == 0, torch.finfo(torch.float32).min)
+    return bias.expand(-1, 1, width, width)
+
+
+def _first_mismatch(fast: _GradChunk, ref: _GradChunk, tol: float = 1e-3) -> str | None:
+    """None when every gradient of example 0 agrees to `tol` relative (a tensor's error against
+    its own norm, floored at 1% of the largest norm: some gradients are zero up to rounding)."""
+    refs = {k: ref.example(k, 0).float() for k in ref.names}
+    scale = max((float(v.norm()) for v in refs.values()), default=0.0)
+    for k, r in refs.items():
+        err = float((fast.example(k, 0).float() - r).norm())
+        if not err <= tol * max(float(r.norm()), 1e-2 * scale):
+            return f"{k!r} differs from the loop by {err:.3g} (norm {float(r.norm()):.3g})"
+    return None
 
 
 # ---------------------------------------------------------------- normalised scores

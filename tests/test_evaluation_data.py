@@ -254,7 +254,237 @@ def test_per_example_grads_match_autograd_on_bert(demo):
         logp = -torch.nn.functional.cross_entropy(feats @ head.weight.T + head.bias, data.labels[i:i + 1].to(ev.device))
         expect = torch.autograd.grad(logp, list(leaves.values()))
         for k, e in zip(names, expect):
-            torch.testing.assert_close(g[k], e.cpu(), rtol=1e-4, atol=1e-6)
+            # float32 rounding: both this and the evaluator's (chunked, padded) route are ~1e-6 of
+            # the largest entry away from a float64 gradient
+            torch.testing.assert_close(g[k], e.cpu(), rtol=1e-4, atol=1e-5 * float(e.abs().max()))
     assert not any(p.requires_grad for p in ev.backbone.parameters())  # the base stays frozen
     with pytest.raises(ValidationError, match="classifier"):
         next(ev.per_example_grads(task, n=1, names=["classifier.weight"]))
+
+
+# ---------------------------------------------------------------- fast (vmap) per-example gradients
+def _assert_same_up_to_rounding(fast: dict, loop: dict, rel: float = 1e-5):
+    """Every tensor within `rel` of its own largest entry (floored at 1e-3 of the largest entry
+    overall: attention key biases have a zero gradient in exact arithmetic, float32 noise)."""
+    assert list(fast) == list(loop)
+    scale = max(float(v.abs().max()) for v in loop.values())
+    assert scale > 0
+    for k, ref in loop.items():
+        assert fast[k].dtype == torch.float32 and fast[k].device.type == "cpu" and fast[k].shape == ref.shape
+        err = float((fast[k] - ref).abs().max())
+        assert err <= rel * max(float(ref.abs().max()), 1e-3 * scale), (k, err, float(ref.abs().max()))
+
+
+def _loop(ev, fn, *args, **kwargs):
+    """`fn` with the one-example loop (the reference), leaving the evaluator as it was."""
+    ev.fast_grads = False
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        ev.fast_grads = True
+
+
+def test_fast_fisher_equals_the_loop_on_tiny_bert(demo):
+    """Padded, length-sorted chunks through vmap (4-D mask, word-embedding rows, δᵀx for
+    nn.Linear weights), at the base and at a fine-tuned point, several chunks per call."""
+    from analysis.statistics import model_point
+    ev = demo.evaluator
+    task = demo.tasks[0]
+    lengths = ev.data[task]["train"].lengths()
+    assert lengths.min() < lengths.max()  # padding inside chunks
+    batch_size = ev.batch_size
+    ev.batch_size = 16  # several chunks of mixed lengths
+    try:
+        for params in (None, model_point(demo.tvs, task, ev.device)):
+            ev._grad_routes.clear()
+            fast = ev.fisher_diagonal(task, n=None, params=params)
+            route = ev._grad_routes[("EncodedSplit", tuple(dict(ev.backbone.named_parameters())))]
+            assert route is not None and route.linears and route.mask == "4d"
+            assert list(route.rows.values()) == ["embeddings.word_embeddings.weight"]
+            _assert_same_up_to_rounding(fast, _loop(ev, ev.fisher_diagonal, task, n=None, params=params))
+        # a subset of names, a seeded subset of examples
+        names = ["embeddings.word_embeddings.weight", "encoder.layer.1.attention.self.value.weight",
+                 "embeddings.position_embeddings.weight", "encoder.layer.0.output.LayerNorm.weight"]
+        fast = ev.fisher_diagonal(task, n=40, seed=3, names=names)
+        _assert_same_up_to_rounding(fast, _loop(ev, ev.fisher_diagonal, task, n=40, seed=3, names=names))
+    finally:
+        ev.batch_size = batch_size
+
+
+def test_fast_per_example_grads_equal_the_loop_in_example_order_on_tiny_bert(demo):
+    ev = demo.evaluator
+    task = demo.tasks[2]
+    idx = ev.examples(task, n=12, seed=4)
+    assert len(set(ev.data[task]["train"].lengths()[idx].tolist())) > 1
+    batch_size = ev.batch_size
+    ev.batch_size = 5  # chunks in data order, each padded to its longest example
+    try:
+        fast = list(ev.per_example_grads(task, n=12, seed=4))
+    finally:
+        ev.batch_size = batch_size
+    loop = list(_loop(ev, ev.per_example_grads, task, n=12, seed=4))
+    assert len(fast) == len(loop) == 12
+    for f, l in zip(fast, loop):
+        _assert_same_up_to_rounding(f, l)
+
+
+def test_padding_does_not_change_a_fast_gradient(demo):
+    """One example alone at its own width, and inside a chunk padded to the split's full width."""
+    ev = demo.evaluator
+    task = demo.tasks[1]
+    data = ev.data[task]["train"]
+    i = int(torch.argmin(data.lengths()))
+    assert int(data.lengths()[i]) < data.input_ids.shape[1]
+    names, values, given = ev._grad_leaves(None, None)
+    route = ev._grad_route(task, data, torch.tensor([i]), values, given, names)
+    assert route is not None
+    own = data.batch(torch.tensor([i]))[0]
+    padded = {"input_ids": data.input_ids[i:i + 1], "attention_mask": data.attention_mask[i:i + 1]}
+    label = data.labels[i:i + 1]
+    a = ev._vmap_chunk(task, own, label, values, given, names, route)
+    b = ev._vmap_chunk(task, padded, label, values, given, names, route)
+    _assert_same_up_to_rounding({k: b.example(k, 0) for k in names}, {k: a.example(k, 0) for k in names})
+
+
+def test_fast_grads_equal_the_loop_on_the_toy_feature_module(tiny_workspace, _toy):
+    ev = tiny_workspace.evaluator
+    _, finetuned, _, _ = _toy
+    p = finetuned["beta"]
+    fast = ev.fisher_diagonal("beta", n=None, params=p)
+    route = ev._grad_routes[("FeatureSplit", tuple(dict(ev.backbone.named_parameters())))]
+    assert route is not None and route.linears and route.mask is None
+    _assert_same_up_to_rounding(fast, _loop(ev, ev.fisher_diagonal, "beta", n=None, params=p))
+    ev.batch_size = 7
+    fast = list(ev.per_example_grads("gamma", n=20, seed=1, params=p, names=["encoder.layer.1.dense.weight",
+                                                                              "encoder.norm.weight"]))
+    loop = list(_loop(ev, ev.per_example_grads, "gamma", n=20, seed=1, params=p,
+                      names=["encoder.layer.1.dense.weight", "encoder.norm.weight"]))
+    assert len(fast) == 20
+    for f, l in zip(fast, loop):
+        _assert_same_up_to_rounding(f, l)
+
+
+class _Branchy(nn.Module):
+    """A backbone vmap cannot batch: Python control flow on a tensor's value."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Linear(5, 4)
+
+    def forward(self, x):
+        h = self.dense(x)
+        return h if bool(h.sum() > 0) else -h
+
+
+def _count_vmap_chunks(ev, monkeypatch, fail_after=None):
+    calls = []
+    original = ev._vmap_chunk
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        if fail_after is not None and len(calls) > fail_after:
+            raise RuntimeError("injected failure")
+        return original(*args, **kwargs)
+    monkeypatch.setattr(ev, "_vmap_chunk", counted)
+    return calls
+
+
+def test_a_backbone_vmap_cannot_batch_falls_back_to_the_loop_once(monkeypatch, recwarn):
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(30, 5, generator=g), torch.randint(0, 3, (30,), generator=g)
+    ev = Evaluator(_Branchy(), {"t": {"train": FeatureSplit(x, y)}}, {"t": Head(torch.randn(3, 4, generator=g),
+                                                                                torch.zeros(3))})
+    calls = _count_vmap_chunks(ev, monkeypatch)
+    fisher = ev.fisher_diagonal("t", n=None)  # no error
+    assert ev._grad_routes == {("FeatureSplit", ("dense.weight", "dense.bias")): None}
+    tried = len(calls)
+    assert tried >= 1
+    # the answer is the loop's, by hand: per-example autograd
+    expect = {k: torch.zeros_like(v) for k, v in ev.backbone.named_parameters()}
+    for i in range(30):
+        params = {k: v.detach().clone().requires_grad_(True) for k, v in ev.backbone.named_parameters()}
+        logits = functional_call(ev.backbone, params, (x[i:i + 1].to(ev.device),)) @ ev.heads["t"].weight.T
+        logp = -torch.nn.functional.cross_entropy(logits + ev.heads["t"].bias, y[i:i + 1].to(ev.device))
+        for k, gr in zip(params, torch.autograd.grad(logp, list(params.values()))):
+            expect[k] += gr.cpu() ** 2 / 30
+    for k in expect:
+        torch.testing.assert_close(fisher[k], expect[k], rtol=1e-5, atol=1e-7)
+    ev.fisher_diagonal("t", n=10)
+    list(ev.per_example_grads("t", n=3))
+    assert len(calls) == tried  # decided once: vmap is not tried again
+    assert not [w for w in recwarn if "vmap" in str(w.message) or "batching rule" in str(w.message)]
+
+
+def test_fast_grads_false_never_uses_vmap(tiny_workspace, monkeypatch):
+    ev = tiny_workspace.evaluator
+    ev.fast_grads = False
+    calls = _count_vmap_chunks(ev, monkeypatch)
+    ev.fisher_diagonal("alpha", n=10)
+    list(ev.per_example_grads("alpha", n=2))
+    assert not calls and not ev._grad_routes
+
+
+def test_a_padding_leak_is_caught_and_the_loop_answers():
+    """A token backbone that pools over every position, padding included: padded chunks would
+    change the answer, so the route check rejects vmap and the loop (own lengths) answers."""
+    class Leaky(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 6)
+            self.dense = nn.Linear(6, 6)
+
+        def forward(self, input_ids, attention_mask):
+            return torch.tanh(self.dense(self.emb(input_ids))).mean(1)  # ignores the mask
+
+    from analysis.evaluation import EncodedSplit
+    g = torch.Generator().manual_seed(1)
+    lengths = torch.randint(2, 7, (24,), generator=g)
+    mask = (torch.arange(6)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(1, 20, (24, 6), generator=g) * mask
+    data = {"t": {"train": EncodedSplit(ids, mask, torch.randint(0, 2, (24,), generator=g))}}
+    ev = Evaluator(Leaky(), data, {"t": Head(torch.randn(2, 6, generator=g), torch.zeros(2))})
+    fisher = ev.fisher_diagonal("t", n=None)
+    assert list(ev._grad_routes.values()) == [None]
+    expect = _loop(ev, ev.fisher_diagonal, "t", n=None)
+    for k in expect:
+        assert torch.equal(fisher[k], expect[k])
+
+
+def test_a_failure_after_the_route_check_finishes_with_the_loop(tiny_workspace, monkeypatch):
+    ev = tiny_workspace.evaluator
+    ev.batch_size = 10
+    calls = _count_vmap_chunks(ev, monkeypatch, fail_after=3)  # route check, two chunks, then a failure
+    fisher = ev.fisher_diagonal("alpha", n=None)
+    assert len(calls) == 4 and list(ev._grad_routes.values()) == [None]
+    _assert_same_up_to_rounding(fisher, _loop(ev, ev.fisher_diagonal, "alpha", n=None))
+    grads = list(ev.per_example_grads("alpha", n=5))  # and the loop from now on
+    assert len(calls) == 4 and len(grads) == 5
+
+
+def test_a_plain_token_backbone_takes_the_2d_mask_and_keeps_the_padding_row_at_zero():
+    """nn.Embedding(padding_idx=0) gives row 0 no gradient, also where a real token has id 0;
+    repeated ids within an example sum before squaring."""
+    class MaskedTokens(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(12, 6, padding_idx=0)
+            self.dense = nn.Linear(6, 6)
+
+        def forward(self, input_ids, attention_mask):
+            return torch.tanh(self.dense(self.emb(input_ids)))  # token states, pooled over the mask
+
+    from analysis.evaluation import EncodedSplit
+    g = torch.Generator().manual_seed(2)
+    lengths = torch.randint(3, 9, (30,), generator=g)
+    mask = (torch.arange(8)[None, :] < lengths[:, None]).long()
+    ids = torch.randint(0, 4, (30, 8), generator=g) * mask  # few ids: repeats, and real tokens with id 0
+    assert ((ids == 0) & (mask == 1)).any()
+    data = {"t": {"train": EncodedSplit(ids, mask, torch.randint(0, 2, (30,), generator=g))}}
+    ev = Evaluator(MaskedTokens(), data, {"t": Head(torch.randn(2, 6, generator=g), torch.zeros(2))}, batch_size=8)
+    fisher = ev.fisher_diagonal("t", n=None)
+    route = list(ev._grad_routes.values())[0]
+    assert route is not None and route.mask == "2d" and route.rows == {"emb": "emb.weight"} and route.linears
+    assert not fisher["emb.weight"][0].any()
+    _assert_same_up_to_rounding(fisher, _loop(ev, ev.fisher_diagonal, "t", n=None))
+    for f, l in zip(ev.per_example_grads("t", n=9), _loop(ev, ev.per_example_grads, "t", n=9)):
+        _assert_same_up_to_rounding(f, l)
