@@ -37,14 +37,19 @@ METHODS = ("auto", "svd", "gram")
 
 
 @contextlib.contextmanager
-def _exact_matmul():
-    """TF32 would silently cut float32 products to 10-bit mantissas."""
+def tf32_matmuls(allowed: bool):
+    """CUDA float32 matmuls with TF32 tensor cores on or off while inside."""
     old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = allowed
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _exact_matmul():
+    """TF32 would silently cut float32 products to 10-bit mantissas."""
+    return tf32_matmuls(False)
 
 
 def thin_svd(a: torch.Tensor) -> Factors:

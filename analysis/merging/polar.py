@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import torch
 
-from analysis.svd import thin_svd
+from analysis.svd import thin_svd, tf32_matmuls
 
 # Quintic map x ↦ a·x + b·x³ + c·x⁵ (the coefficients popularised by the Muon
 # optimiser): slope 3.44 at 0, maps [0, 1] into (0, 1.21]; it does not
@@ -106,22 +106,14 @@ def _round_tf32(a: torch.Tensor) -> torch.Tensor:
 
 def _tensor_core_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b with TF32 allowed (CUDA tensor cores); tests swap in an emulation."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = True
-    try:
+    with tf32_matmuls(True):
         return a @ b
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def _float32_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b in IEEE float32, whatever the global TF32 setting."""
-    old = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
+    with tf32_matmuls(False):
         return a @ b
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = old
 
 
 def tf32x3_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
