@@ -153,10 +153,6 @@ class MergeMethod:
     reference: str = ""
     peak_memory: str = "one parameter group (T deltas of one tensor, or of one shape group)"
 
-    @property
-    def uses_spectra(self) -> bool:
-        return self.needs.spectra
-
     def knob(self, name: str) -> Hyperparameter:
         for hp in self.hyperparameters:
             if hp.name == name:

@@ -100,18 +100,6 @@ class MergeResult(Mapping):
     def __len__(self) -> int:
         return len(self.shared)
 
-    def scaled(self, alpha: float) -> "MergeResult":
-        if self._own is None:
-            return MergeResult(self.method, self.params, self.tasks, shared={k: alpha * v for k, v in self._shared.items()})
-        return MergeResult(self.method, self.params, self.tasks,
-                           own={t: {k: alpha * v for k, v in d.items()} for t, d in self._own.items()})
-
-    def to(self, device) -> "MergeResult":
-        if self._own is None:
-            return MergeResult(self.method, self.params, self.tasks, shared={k: v.to(device) for k, v in self._shared.items()})
-        return MergeResult(self.method, self.params, self.tasks,
-                           own={t: {k: v.to(device) for k, v in d.items()} for t, d in self._own.items()})
-
 
 def groups(method: MergeMethod, names: list[str], tvs, inputs) -> list[ParamGroup]:
     if method.group_by == "param":
