@@ -44,7 +44,7 @@ tvs = ws.tvs
 n_tasks = len(tvs.tasks)
 QP = st.query_params
 has_eval = ws.evaluator is not None
-has_data = has_eval and all(t in ws.evaluator.tasks for t in tvs.tasks)
+has_data = merge_inputs(ws, ws.key).has_data
 available = available_methods(n_tasks, has_data)
 unavailable_here = {name: unavailable(name, n_tasks, has_data) for name in METHODS if name not in available}
 

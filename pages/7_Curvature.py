@@ -22,7 +22,7 @@ from ui.state import merge_inputs, require_workspace, start_page, with_progress
 start_page("Curvature", "Curvature and EpiMer")
 ws = require_workspace()
 tvs = ws.tvs
-has_data = ws.evaluator is not None and all(t in ws.evaluator.tasks for t in tvs.tasks)
+has_data = merge_inputs(ws, ws.key).has_data
 QP = st.query_params
 N_OPTIONS = [64, 128, 256, 512, 1024]
 RANKS = list(range(0, 9))   # EpiMer's declared `rank` knob: 0 … 8
