@@ -4,6 +4,7 @@ Tests inject a workspace with `AppTest.session_state["workspace"] = Workspace(..
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -63,27 +64,23 @@ def spectral_cache(_ws: Workspace, key: str, include_embeddings: bool = False) -
     return merge_inputs(_ws, key).spectra(include_embeddings).compute()
 
 
+@contextlib.contextmanager
 def with_progress(inputs: MergeInputs, label: str):
-    """A context manager that shows a progress bar while `inputs` computes statistics."""
-    import contextlib
+    """While inside, a progress bar shows whenever `inputs` computes statistics."""
+    widget = None
 
-    @contextlib.contextmanager
-    def bar():
-        widget = None
-
-        def report(done, total, what):
-            nonlocal widget
-            if widget is None:
-                widget = st.progress(0.0, text=label)
-            widget.progress(min(1.0, done / max(1, total)), text=f"{label} · {what} ({done}/{total})")
-        previous, inputs.progress = inputs.progress, report
-        try:
-            yield
-        finally:
-            inputs.progress = previous
-            if widget is not None:
-                widget.empty()
-    return bar()
+    def report(done, total, what):
+        nonlocal widget
+        if widget is None:
+            widget = st.progress(0.0, text=label)
+        widget.progress(min(1.0, done / max(1, total)), text=f"{label} · {what} ({done}/{total})")
+    previous, inputs.progress = inputs.progress, report
+    try:
+        yield
+    finally:
+        inputs.progress = previous
+        if widget is not None:
+            widget.empty()
 
 
 # ---------------------------------------------------------------- shared page furniture
