@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 
 from analysis.merging.base import Hyperparameter, MergeMethod, Needs, alpha
+from analysis.merging.common import unscaled_slot
 from analysis.merging.fisher import n_examples
 
 
@@ -56,42 +57,35 @@ def regmean_solve(taus: torch.Tensor, grams: torch.Tensor, off_diagonal: float =
     return sol.to(taus.dtype)
 
 
-def _merge_with(grams_of, group, params, ctx) -> dict:
-    out = {}
-    for name in group.names:
-        taus = group.deltas(name)
-        grams = grams_of(name)
-        if grams is None or taus.ndim != 3:   # RegMean solves 2-D linear weights only
-            out[name] = params["alpha"] * taus.mean(0)
-        else:
-            out[name] = params["alpha"] * regmean_solve(taus, grams.to(taus.device), params["off_diagonal"])
-    return out
-
-
 def _grams(inputs, params, ctx):
     return inputs.activation_grams(n=params["n_examples"])
 
 
+def _solve_or_average(taus: torch.Tensor, grams: list | None, params) -> torch.Tensor:
+    """RegMean for a 2-D linear weight with Grams, the average for anything else; × α."""
+    if grams is None or taus.ndim != 3:   # RegMean solves 2-D linear weights only
+        return params["alpha"] * taus.mean(0)
+    stacked = torch.stack(grams).to(taus.device)
+    return params["alpha"] * regmean_solve(taus, stacked, params["off_diagonal"])
+
+
 def _regmean(group, params, ctx):
     stats, tasks = ctx.state, ctx.inputs.tasks
-
-    def grams_of(name):
-        if name not in stats[tasks[0]]:
-            return None
-        return torch.stack([stats[t][name] for t in tasks])
-    return _merge_with(grams_of, group, params, ctx)
+    return {name: _solve_or_average(group.deltas(name),
+                                    [stats[t][name] for t in tasks] if name in stats[tasks[0]] else None, params)
+            for name in group.names}
 
 
 def _regmean_pp_merge(inputs, params, ctx) -> dict:
     """The whole RegMean++ merge, block by block (see the module docstring)."""
-    key = ("regmean_pp", tuple(sorted(params.items())), str(ctx.device))
-    if key in ctx.memo:
-        return ctx.memo[key]
+    slot = unscaled_slot(ctx, "regmean_pp", tuple(sorted(params.items())))   # α-scaled: α feeds deeper blocks
+    if slot:
+        return slot
+    merged: dict[str, torch.Tensor] = {}   # filled block by block; memoised only when complete
     tvs, ev, tasks = inputs.tvs, inputs.evaluator, inputs.tasks
     linear = {n for n in inputs.activation_grams(n=params["n_examples"])[tasks[0]] if not n.startswith("rows::")}
     depths = sorted({tvs.depth(n) for n in tvs.param_names if tvs.depth(n) is not None})
-    stages = [d for d in depths] + [None]
-    merged: dict[str, torch.Tensor] = {}
+    stages = depths + [None]
     # parameters no block owns and no Gram needs (embeddings, final norms) are averaged first
     for name in tvs.param_names:
         if tvs.depth(name) is None and name not in linear:
@@ -102,10 +96,9 @@ def _regmean_pp_merge(inputs, params, ctx) -> dict:
         names = [n for n in tvs.param_names if tvs.depth(n) == stage and n not in merged]
         wanted = [n for n in names if n in linear]
         grams = {n: [] for n in wanted}
-        for task in tasks:
+        for ti, task in enumerate(tasks):
             if wanted:
-                point = {n: base[n] + (merged[n] if n in merged else tvs.delta(task, n).to(ctx.device, torch.float32))
-                         for n in tvs.param_names}
+                point = {n: base[n] + (merged[n] if n in merged else inputs.deltas(n)[ti]) for n in tvs.param_names}
                 g, _rows = ev.linear_input_grams(task, "train", n=params["n_examples"], seed=0, params=point,
                                                  names=wanted)
                 for n in wanted:
@@ -113,16 +106,9 @@ def _regmean_pp_merge(inputs, params, ctx) -> dict:
             done += 1
             inputs._report(done, total, f"RegMean++ block {stage if stage is not None else 'rest'}: {task}")
         for name in names:
-            taus = inputs.deltas(name)
-            if name in grams:
-                merged[name] = params["alpha"] * regmean_solve(taus, torch.stack(grams[name]).to(taus.device),
-                                                               params["off_diagonal"])
-            else:
-                merged[name] = params["alpha"] * taus.mean(0)
-    for k in [k for k in ctx.memo if isinstance(k, tuple) and k and k[0] == "regmean_pp"]:
-        del ctx.memo[k]
-    ctx.memo[key] = merged
-    return merged
+            merged[name] = _solve_or_average(inputs.deltas(name), grams.get(name), params)
+    slot.update(merged)
+    return slot
 
 
 def _regmean_pp(group, params, ctx):
