@@ -3,7 +3,7 @@ and delta statistics when there is no labelled data (a user's own set)."""
 from __future__ import annotations
 
 import math
-from typing import Mapping
+from typing import Callable, Mapping
 
 import pandas as pd
 import torch
@@ -21,18 +21,51 @@ def as_result(delta, tasks) -> MergeResult:
     return MergeResult("delta", {}, list(tasks), shared=dict(delta))
 
 
-def merged_accuracy(evaluator, result, split: str = "validation", subsample: int | None = None) -> dict[str, float]:
+class ScoringStopped(Exception):
+    """Raised by the scorers when their `stop()` says a newer request replaced this one."""
+
+
+def merged_accuracy(evaluator, result, split: str = "validation", subsample: int | None = None,
+                    stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """{task: accuracy} of base + the delta each task is scored with, for every
     task the evaluator scores (one pass per distinct model: one for a merge,
-    one per task for per-task methods such as TSV-C)."""
+    one per task for per-task methods such as TSV-C).
+
+    `stop`: polled between tasks; when it returns True, `ScoringStopped` is
+    raised (a background refinement whose slider has moved on)."""
     result = as_result(result, evaluator.tasks)
     out = {}
     for tasks, delta in result.models():
         scored = [t for t in tasks if t in evaluator.tasks]
-        if not scored:
-            continue
-        out.update(accuracy_by_task(evaluator.evaluate_delta(delta, split=split, subsample=subsample, tasks=scored)))
+        for chunk in ([scored] if stop is None else [[t] for t in scored]):
+            if not chunk:
+                continue
+            if stop is not None and stop():
+                raise ScoringStopped()
+            out.update(accuracy_by_task(evaluator.evaluate_delta(delta, split=split, subsample=subsample, tasks=chunk)))
     return {t: out[t] for t in result.tasks if t in out}
+
+
+def reference_on_examples(evaluator, tvs: TaskVectorSet, split: str = "validation", subsample: int | None = None,
+                          stop: Callable[[], bool] | None = None) -> pd.DataFrame:
+    """Zero-shot and fine-tuned references scored on exactly the examples the
+    merged model is scored on (`subsample` per task, the evaluator's seeded
+    choice), in the reference format: task, model, split, metric, value, n.
+
+    Zero-shot is the base backbone with the task's head (the demo's head is the
+    linear probe on pretrained features, so this is its zero-shot protocol);
+    fine-tuned is base + that task's own delta."""
+    frames = []
+    for task in [t for t in tvs.tasks if t in evaluator.tasks]:
+        for model, params in (("zero_shot", None), ("fine_tuned", {n: tvs.delta(task, n) for n in tvs.param_names})):
+            if stop is not None and stop():
+                raise ScoringStopped()
+            df = (evaluator.evaluate(None, split=split, subsample=subsample, tasks=[task]) if params is None
+                  else evaluator.evaluate_delta(params, split=split, subsample=subsample, tasks=[task]))
+            frames.append(df.assign(model=model))
+    if not frames:
+        return pd.DataFrame(columns=["task", "model", "split", "metric", "value", "n"])
+    return pd.concat(frames, ignore_index=True)[["task", "model", "split", "metric", "value", "n"]]
 
 
 def accuracy_by_task(table: pd.DataFrame) -> dict[str, float]:
