@@ -1,0 +1,46 @@
+"""The session's background refinement: the latest request wins, a stale one stops."""
+import threading
+import time
+
+from ui.refine import FIRST_ESTIMATE, Refiner, needs_estimate
+
+
+def _wait(job, timeout=10.0):
+    t0 = time.time()
+    while job.running and time.time() - t0 < timeout:
+        time.sleep(0.01)
+    assert not job.running
+
+
+def test_a_new_request_stops_the_old_one_and_only_the_latest_result_is_served():
+    refiner = Refiner()
+    release = threading.Event()
+    seen_stop = []
+
+    def slow(stop):
+        release.wait(5)
+        seen_stop.append(stop())
+        return "old"
+    old = refiner.request("a", slow)
+    new = refiner.request("b", lambda stop: "new")
+    release.set()
+    _wait(old)
+    _wait(new)
+    assert seen_stop == [True]                 # the old job was told to stop
+    assert refiner.done("a") is None           # a stale key is never served
+    assert refiner.done("b") == "new"
+
+
+def test_the_same_request_reuses_its_job():
+    refiner = Refiner()
+    calls = []
+    job = refiner.request("k", lambda stop: calls.append(1) or 42)
+    assert refiner.request("k", lambda stop: calls.append(1) or 42) is job
+    _wait(job)
+    assert refiner.done("k") == 42 and calls == [1]
+
+
+def test_estimates_are_for_the_cpu_and_larger_subsamples_only():
+    assert needs_estimate("cpu", 64) and needs_estimate("cpu", None)
+    assert not needs_estimate("cpu", FIRST_ESTIMATE)
+    assert not needs_estimate("cuda:0", 64)

@@ -1,0 +1,54 @@
+"""Live scoring on a slow device: a first estimate now, the refined score later.
+
+On a CPU, scoring the merged backbone on every task's live subsample takes
+seconds. A page scores a small seeded subset first (the evaluator's subsets
+are nested: the first n of one seeded permutation, so the estimate's examples
+are among the refined ones), shows it, and asks the session's `Refiner` for
+the full live subsample in a background thread. A newer request stops the
+older one between tasks (`ScoringStopped`), so a slider move never waits on a
+stale refinement; the page polls from an `st.fragment(run_every=…)`.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Callable, Hashable
+
+from ui.jobs import BackgroundJob
+
+FIRST_ESTIMATE = 8   # examples per task scored before the page first draws (CPU only)
+
+
+def needs_estimate(device, subsample: int | None) -> bool:
+    """A first estimate pays off only on a CPU and when the live subsample is larger."""
+    return str(device).startswith("cpu") and (subsample is None or subsample > FIRST_ESTIMATE)
+
+
+class Refiner:
+    """At most one refinement per session: the latest request wins."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._key: Hashable | None = None
+        self._job: BackgroundJob | None = None
+        self._stop = threading.Event()
+
+    def request(self, key: Hashable, compute: Callable[[Callable[[], bool]], object]) -> BackgroundJob:
+        """The job computing `compute(stop)` for `key`; a new key stops the previous job.
+
+        `compute` must poll `stop()` and give up (raise) when it returns True."""
+        with self._lock:
+            if key == self._key and self._job is not None and self._job.error is None:
+                return self._job
+            self._stop.set()
+            stop = self._stop = threading.Event()
+            self._key = key
+            self._job = BackgroundJob(lambda report: compute(stop.is_set), label="refine")
+            return self._job
+
+    def done(self, key: Hashable):
+        """The refined result for `key` if it has landed, else None."""
+        with self._lock:
+            job = self._job if key == self._key else None
+        if job is None or job.running or job.error is not None:
+            return None
+        return job.result
