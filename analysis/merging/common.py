@@ -1,6 +1,6 @@
 """Pieces the SVD method families share: which names they decompose, SVD
-factors (per task from the SpectralCache, of the task sum from the inputs'
-memo) so a knob change never recomputes an SVD, and a memo slot that keeps
+factors (per task and of the task sum, from the SpectralCache, or the
+inputs' memo for names it does not cover) so a knob change never recomputes an SVD, and a memo slot that keeps
 the last unscaled merge so an α change is a scalar multiply."""
 from __future__ import annotations
 
@@ -43,10 +43,15 @@ def task_factors(ctx, name: str):
 
 
 def sum_factors(ctx, name: str):
-    """Thin SVD (U, S, Vh) of Σ_t τ_t for one parameter, computed once per inputs.
+    """Thin SVD (U, S, Vh) of Σ_t τ_t for one parameter, computed once.
 
-    Built from the task deltas themselves (not the truncated cached factors),
-    so it is exact whatever the cache holds."""
+    From the SpectralCache when it covers `name` (its sum factors are built
+    from the task deltas themselves, not the cached truncated factors, and
+    kept on disk); otherwise computed once and kept in the memo."""
+    cache = ctx.cache
+    if cache is not None and name in cache.names:
+        u, s, vh = cache.sum_factors(name)
+        return u.to(ctx.device), s.to(ctx.device), vh.to(ctx.device)
     key = ("sum_svd", name)
     if key not in ctx.memo:
         ctx.memo[key] = thin_svd(as_matrix(ctx.inputs.deltas(name).sum(0)))
