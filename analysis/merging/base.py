@@ -138,6 +138,9 @@ class MergeMethod:
     - `prepare(inputs, params, ctx)`: an optional pass over the whole model
       before the loop (TIES' model-wide trim threshold); its return value is
       `ctx.state`. `peak_memory` documents what such a pass holds at once.
+    - `check(params)`: optional constraints between knobs (DELLA's
+      density ± ε inside (0, 1)), run by `validate` after every knob passed
+      its own range; raises HyperparameterError naming the knobs.
     """
 
     name: str
@@ -152,6 +155,7 @@ class MergeMethod:
     per_task: bool = False         # one model per task (TSV-C); scored per task
     reference: str = ""
     peak_memory: str = "one parameter group (T deltas of one tensor, or of one shape group)"
+    check: Callable | None = None
 
     def knob(self, name: str) -> Hyperparameter:
         for hp in self.hyperparameters:
@@ -180,6 +184,8 @@ class MergeMethod:
         out = self.defaults(n_tasks)
         for key, value in params.items():
             out[key] = self.knob(key).validate(value, self.name)
+        if self.check is not None:
+            self.check(out)
         return out
 
 
