@@ -308,3 +308,13 @@ def test_karcher_satisfies_the_first_order_condition():
     early = merge(tvs, "karcher", max_iter=1, tol=0.0, device="cpu")["w"].double()
     assert float((early / early.norm() - u).norm()) < 1e-2
     assert out.norm() == pytest.approx(sum(float(v.float().norm()) for v in vs) / 5, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["breadcrumbs", "della", "model_stock", "karcher"])
+def test_alpha_is_a_plain_scale(name):
+    """benchmarks/demo_table.py tunes these methods' α by scaling one merge at α = 1."""
+    tvs = random_set(n_tasks=3)
+    one = merge(tvs, name, alpha=1.0, device="cpu")
+    scaled = merge(tvs, name, alpha=1.7, device="cpu")
+    for p in tvs.param_names:
+        torch.testing.assert_close(scaled[p], 1.7 * one[p], rtol=1e-6, atol=1e-8)
