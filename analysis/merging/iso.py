@@ -11,7 +11,8 @@ Iso-CTS, per matrix parameter (r = min(m, n)):
   the rank split of the published code (Marczak et al.'s `iso_cts`):
   s = round((r − int(c·r))/T) directions per task (Python's round, halves to
   even; int truncates), common = r − T·s, so common + T·s = r always and the
-  common size moves from ⌊c·r⌋ by at most T/2, either way. E.g. r = 384,
+  common size moves from ⌊c·r⌋ by at most T/2, either way (below T under
+  the cap that follows). E.g. r = 384,
   T = 8, c = 0.8: int(307.2) = 307, round(77/8) = 10, common = 304.
   Where rounding up would give the tasks more than r directions (T·s > r,
   small c: r = 28, T = 8, c = 0 rounds 3.5 up to 4) the published code takes
