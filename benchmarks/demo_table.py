@@ -41,7 +41,13 @@ ALPHA_GRIDS = {
     "fisher": [1.0, 1.5, 2.0, 2.5, 3.0],
     "regmean": [1.0, 1.5, 2.0, 2.5, 3.0],
     "epimer": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0],
+    # sums like Task Arithmetic / elect-and-average like TIES / averages (Model Stock's t shrinks the mean further)
+    "breadcrumbs": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0],
+    "della": [0.6, 0.8, 1.0, 1.3, 1.6],
+    "model_stock": [1.0, 1.5, 2.0, 2.5, 3.0],
+    "karcher": [1.0, 1.5, 2.0, 2.5, 3.0],
 }
+# LiNeS has no global α (its α is the paper's norm rule; β is not linear): it is listed at its defaults
 # RegMean++ is not linear in α (deeper blocks' Grams come from the α-scaled merge): each α is a new merge
 REMERGE_GRIDS = {"regmean_pp": [1.0, 2.0, 3.0]}
 KEEP_MARKER = "<!-- kept by benchmarks/demo_table.py: text below this line is not regenerated -->"

@@ -253,9 +253,10 @@ def test_iso_cts_with_c_1_is_iso_c():
 
 
 def test_iso_cts_split_and_flat_spectrum():
-    assert split_rank(768, 8, 0.8) == (616, 19)   # ⌊0.8·768⌋ = 614, (768-614)//8 = 19, 768 - 152 = 616
-    assert split_rank(10, 3, 0.5) == (7, 1)       # ⌊5⌋, (10-5)//3 = 1, 10 - 3 = 7
-    assert split_rank(10, 3, 0.0) == (1, 3)       # the rest must divide by T: 1 common direction
+    assert split_rank(768, 8, 0.8) == (616, 19)   # int(614.4) = 614, round(154/8) = 19, 768 - 152 = 616
+    assert split_rank(10, 3, 0.5) == (4, 2)       # int(5), round(5/3) = 2, 10 - 6 = 4
+    assert split_rank(10, 3, 0.0) == (1, 3)       # round(10/3) = 3: 1 common direction
+    assert split_rank(10, 3, 0.5, "exact_fill") == (7, 1)   # (10-5)//3 = 1, 10 - 3 = 7
     tvs = random_set(n_tasks=3)
     for c in (0.0, 0.5, 0.8):
         out = merge(tvs, "iso_cts", common_fraction=c, alpha=1.0, device="cpu")

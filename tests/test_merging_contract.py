@@ -50,6 +50,40 @@ def test_every_method_runs_through_the_engine(name, inputs, tiny_workspace):
     assert len(delta_stats(tvs, result))
 
 
+def knob_extremes(hp, n_tasks: int) -> list:
+    """The values a knob's declaration promises to accept at its edges."""
+    if hp.type in ("float", "int"):
+        return [hp.low, hp.high_for(n_tasks)]
+    if hp.type == "bool":
+        return [False, True]
+    return list(hp.choices)
+
+
+def knob_just_outside(hp, n_tasks: int) -> list:
+    if hp.type in ("float", "int"):
+        step = hp.step or 1
+        return [hp.low - step, hp.high_for(n_tasks) + step]
+    return ["no-such-value"]
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_knob_runs_at_its_declared_extremes_and_is_refused_past_them(name, inputs, tiny_workspace):
+    """Each knob at its low and high end (every choice, both booleans), the
+    others at their defaults, merges to finite tensors; one step past either
+    end raises HyperparameterError naming the knob, before anything runs."""
+    method = METHODS[name]
+    if unavailable(name, len(inputs.tasks), has_data=True):
+        inputs = MergeInputs(inputs.tvs.subset(inputs.tasks[:2]), tiny_workspace.evaluator, device="cpu")
+    for hp in method.hyperparameters:
+        for value in knob_extremes(hp, len(inputs.tasks)):
+            result = merge(inputs, name, **{hp.name: value})
+            for task in inputs.tasks:
+                assert all(torch.isfinite(d).all() for d in result.for_task(task).values()), (name, hp.name, value)
+        for value in knob_just_outside(hp, len(inputs.tasks)):
+            with pytest.raises(HyperparameterError, match=rf"'{hp.name}'"):
+                merge(inputs, name, **{hp.name: value})
+
+
 def test_the_availability_check_follows_the_declared_needs():
     for name, method in METHODS.items():
         needs = method.needs

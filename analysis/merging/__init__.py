@@ -36,13 +36,18 @@ from __future__ import annotations
 from analysis.errors import HyperparameterError
 from analysis.merging.base import Hyperparameter, MergeContext, MergeMethod, Needs
 from analysis.merging.basic import TASK_ARITHMETIC, WEIGHT_AVERAGING
+from analysis.merging.breadcrumbs import BREADCRUMBS
 from analysis.merging.consensus import CONSENSUS
 from analysis.merging.dare import DARE
+from analysis.merging.della import DELLA
 from analysis.merging.fisher import FISHER
 from analysis.merging.engine import MergeResult, ParamGroup, run
 from analysis.merging.epimer import EPIMER
 from analysis.merging.inputs import MergeInputs, as_inputs
 from analysis.merging.iso import ISO_C, ISO_CTS
+from analysis.merging.karcher import KARCHER
+from analysis.merging.lines import LINES
+from analysis.merging.model_stock import MODEL_STOCK
 from analysis.merging.regmean import REGMEAN, REGMEAN_PP
 from analysis.merging.slerp import SLERP
 from analysis.merging.ties import TIES
@@ -52,13 +57,18 @@ _REGISTRY = (
     WEIGHT_AVERAGING,
     TASK_ARITHMETIC,
     TIES,
+    LINES,
     DARE,
+    DELLA,
+    BREADCRUMBS,
     CONSENSUS,
     TSV_M,
     TSV_C,
     ISO_C,
     ISO_CTS,
     SLERP,
+    KARCHER,
+    MODEL_STOCK,
     FISHER,
     REGMEAN,
     REGMEAN_PP,

@@ -22,7 +22,9 @@ class Hyperparameter:
     """One knob of a method.
 
     `default` may be a callable of the number of tasks (e.g. `lambda T: 1 / T`);
-    use `default_for(n_tasks)` to get the value. `low`/`high` are inclusive.
+    use `default_for(n_tasks)` to get the value. `low`/`high` are inclusive;
+    `capped_by_tasks` marks a knob that counts tasks, whose upper end is also
+    T (`high_for(n_tasks)`; `MergeMethod.validate` enforces it).
     """
 
     name: str
@@ -33,6 +35,7 @@ class Hyperparameter:
     step: float | None = None
     help: str = ""
     choices: tuple = ()
+    capped_by_tasks: bool = False
 
     def __post_init__(self):
         if self.type not in TYPES:
@@ -46,6 +49,10 @@ class Hyperparameter:
             # keep a computed default (1/T) on the slider's grid and in range
             value = min(max(value, self.low), self.high)
         return value
+
+    def high_for(self, n_tasks: int):
+        """The largest accepted value on a set of `n_tasks` tasks."""
+        return min(self.high, n_tasks) if self.capped_by_tasks else self.high
 
     def validate(self, value: Any, method: str = "") -> Any:
         """The value, coerced to the declared type; HyperparameterError otherwise."""
@@ -80,7 +87,8 @@ class Hyperparameter:
 
     def as_dict(self) -> dict:
         return {"name": self.name, "type": self.type, "default": self.default, "low": self.low,
-                "high": self.high, "step": self.step, "help": self.help, "choices": list(self.choices)}
+                "high": self.high, "step": self.step, "help": self.help, "choices": list(self.choices),
+                "capped_by_tasks": self.capped_by_tasks}
 
 
 @dataclass(frozen=True)
@@ -138,6 +146,9 @@ class MergeMethod:
     - `prepare(inputs, params, ctx)`: an optional pass over the whole model
       before the loop (TIES' model-wide trim threshold); its return value is
       `ctx.state`. `peak_memory` documents what such a pass holds at once.
+    - `check(params)`: optional constraints between knobs (DELLA's
+      density ± ε inside (0, 1)), run by `validate` after every knob passed
+      its own range; raises HyperparameterError naming the knobs.
     """
 
     name: str
@@ -152,6 +163,7 @@ class MergeMethod:
     per_task: bool = False         # one model per task (TSV-C); scored per task
     reference: str = ""
     peak_memory: str = "one parameter group (T deltas of one tensor, or of one shape group)"
+    check: Callable | None = None
 
     def knob(self, name: str) -> Hyperparameter:
         for hp in self.hyperparameters:
@@ -179,7 +191,13 @@ class MergeMethod:
             raise HyperparameterError(f"{self.name} {why}")
         out = self.defaults(n_tasks)
         for key, value in params.items():
-            out[key] = self.knob(key).validate(value, self.name)
+            hp = self.knob(key)
+            out[key] = hp.validate(value, self.name)
+            if hp.capped_by_tasks and out[key] > hp.high_for(n_tasks):
+                raise HyperparameterError(f"{self.name}: hyperparameter {key!r} = {value!r} is out of range: "
+                                          f"at most the number of tasks ({n_tasks})")
+        if self.check is not None:
+            self.check(out)
         return out
 
 

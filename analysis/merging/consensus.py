@@ -6,15 +6,7 @@ at least k masks form the consensus mask; the merge is α × (τ_MTL ⊙ mask).
 """
 from __future__ import annotations
 
-from analysis.errors import HyperparameterError
 from analysis.merging.base import Hyperparameter, MergeMethod, alpha
-
-
-def _check_agreement(inputs, params, ctx):
-    k, n_tasks = params["agreement"], len(inputs.tasks)
-    if k > n_tasks:
-        raise HyperparameterError(f"consensus: hyperparameter 'agreement' = {k} is out of range: at most the "
-                                  f"number of tasks ({n_tasks}) masks can agree")
 
 
 def _consensus(group, params, ctx):
@@ -33,6 +25,7 @@ CONSENSUS = MergeMethod(
     "consensus", "keep entries that at least k tasks' TALL masks select; α × the masked sum", _consensus,
     (Hyperparameter("tall_lambda", "float", 0.4, 0.0, 5.0, 0.05,
                     "TALL mask λ: task t keeps entries where |τ_t| ≥ λ·|Σ_s τ_s − τ_t|"),
-     Hyperparameter("agreement", "int", 2, 0, 64, 1, "k: keep entries selected by at least k task masks (≤ T)"),
+     Hyperparameter("agreement", "int", 2, 0, 64, 1, "k: keep entries selected by at least k task masks (≤ T)",
+                    capped_by_tasks=True),
      alpha(0.3)),
-    prepare=_check_agreement, reference="Wang et al., Localizing task information for improved model merging and compression, ICML 2024")
+    reference="Wang et al., Localizing task information for improved model merging and compression, ICML 2024")

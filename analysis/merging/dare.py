@@ -17,15 +17,21 @@ from analysis.merging.base import Hyperparameter, MergeMethod, alpha
 from analysis.merging.ties import density, model_thresholds, scope, ties_group
 
 
+def mask_generator(seed: int, task_index: int, name: str) -> torch.Generator:
+    """The CPU generator of one (task, parameter) random mask: fixed by (seed,
+    task index, parameter name), so a merge is reproducible and independent of
+    the order parameters are visited in (DARE, DELLA)."""
+    return torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + task_index * 7919
+                                                      + zlib.crc32(name.encode())) % (2 ** 63 - 1))
+
+
 def drop_and_rescale(tau: torch.Tensor, p: float, seed: int, name: str) -> torch.Tensor:
     """(T, *shape) -> the same with entries dropped w.p. p, kept ones × 1/(1−p)."""
     if p == 0.0:
         return tau
     out = torch.empty_like(tau)
     for t in range(tau.shape[0]):
-        g = torch.Generator(device="cpu").manual_seed((seed * 1_000_003 + t * 7919 + zlib.crc32(name.encode()))
-                                                      % (2 ** 63 - 1))
-        keep = torch.rand(tau.shape[1:], generator=g) >= p
+        keep = torch.rand(tau.shape[1:], generator=mask_generator(seed, t, name)) >= p
         out[t] = torch.where(keep.to(tau.device), tau[t] / (1.0 - p), torch.zeros_like(tau[t]))
     return out
 

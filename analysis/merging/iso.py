@@ -8,9 +8,21 @@ whole thin SVD, and on a rank-deficient one the output keeps the sum's span
 instead of inventing directions for zero singular values.
 
 Iso-CTS, per matrix parameter (r = min(m, n)):
-  common size: ⌊c·r⌋, then adjusted up so the rest divides by T:
-  s = ⌊(r − ⌊c·r⌋)/T⌋ directions per task, common = r − T·s;
-  common subspace: the sum's top `common` triplets (U_c, S_c, V_c);
+  the rank split of the published code (Marczak et al.'s `iso_cts`):
+  s = round((r − int(c·r))/T) directions per task (Python's round, halves to
+  even; int truncates), common = r − T·s, so common + T·s = r always and the
+  common size moves from ⌊c·r⌋ by at most T/2, either way (below T under
+  the cap that follows). E.g. r = 384,
+  T = 8, c = 0.8: int(307.2) = 307, round(77/8) = 10, common = 304.
+  Where rounding up would give the tasks more than r directions (T·s > r,
+  small c: r = 28, T = 8, c = 0 rounds 3.5 up to 4) the published code takes
+  a negative common size and fails; here s is capped at ⌊r/T⌋ (common ≥ 0).
+  So U*, V* below always have exactly r columns (never more than rows: their
+  polar factors have orthonormal columns) and no task takes more directions
+  than its projected residual has (s ≤ r − common).
+  The `split` knob's other rule, "exact_fill", never puts common below ⌊c·r⌋:
+  s = ⌊(r − ⌊c·r⌋)/T⌋, common = r − T·s.
+  Then: common subspace: the sum's top `common` triplets (U_c, S_c, V_c);
   task t: the top s triplets of (I − U_c U_cᵀ) τ_t (common subspace projected out);
   concatenate U* = [U_c, X_1 … X_T], V* likewise (m × r, n × r), replace them
   by their polar factors (every X_t is orthogonal to U_c by construction, so
@@ -58,9 +70,23 @@ def numerical_rank(s: torch.Tensor, m: int, n: int) -> int:
     return max(1, int((s > tol).sum()))
 
 
-def split_rank(rank: int, n_tasks: int, common_fraction: float) -> tuple[int, int]:
-    """(common, per_task) with common + n_tasks·per_task = rank."""
-    per_task = (rank - int(math.floor(common_fraction * rank + 1e-9))) // n_tasks
+SPLIT_RULES = ("published", "exact_fill")
+
+
+def split_rank(rank: int, n_tasks: int, common_fraction: float, rule: str = "published") -> tuple[int, int]:
+    """(common, per_task) with common + n_tasks·per_task = rank (see the module docstring).
+
+    "published": per_task = round((rank − int(c·rank))/T), capped at ⌊rank/T⌋,
+    the arithmetic of the authors' code; "exact_fill": ⌊(rank − ⌊c·rank⌋)/T⌋."""
+    if rank < 0 or n_tasks < 1 or not 0.0 <= common_fraction <= 1.0:
+        raise ValueError(f"split_rank: need rank >= 0, n_tasks >= 1, 0 <= common_fraction <= 1; "
+                         f"got rank={rank!r}, n_tasks={n_tasks!r}, common_fraction={common_fraction!r}")
+    if rule == "published":
+        per_task = min(round((rank - int(rank * common_fraction)) / n_tasks), rank // n_tasks)
+    elif rule == "exact_fill":
+        per_task = (rank - int(math.floor(common_fraction * rank + 1e-9))) // n_tasks
+    else:
+        raise ValueError(f"split_rank: rule {rule!r} is not one of {list(SPLIT_RULES)}")
     return rank - n_tasks * per_task, per_task
 
 
@@ -90,13 +116,13 @@ def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int):
 
 def _iso_cts(group, params, ctx):
     c, a = params["common_fraction"], params["alpha"]
-    slot = unscaled_slot(ctx, "iso_cts", (c, params["include_embeddings"], ctx.polar))
+    slot = unscaled_slot(ctx, "iso_cts", (c, params["split"], params["include_embeddings"], ctx.polar))
     if not all(name in slot for name in group.names):
         n_tasks = group.n_tasks
         shape = group.shape(group.names[0])
         m, n = shape[0], int(math.prod(shape[1:]))
         r = min(m, n)
-        common, per_task = split_rank(r, n_tasks, c)
+        common, per_task = split_rank(r, n_tasks, c, params["split"])
         parts: dict[int, list] = {}          # by common width kc (the sum's numerical rank may cut it)
         for name in group.names:
             u_sum, s_sum, vh_sum = sum_factors(ctx, name)
@@ -131,5 +157,8 @@ ISO_CTS = MergeMethod(
     "iso_cts", "common subspace of the sum + each task's own directions, orthogonalised, flat spectrum", _iso_cts,
     (Hyperparameter("common_fraction", "float", 0.8, 0.0, 1.0, 0.01,
                     "c: fraction of each layer's rank given to the common subspace of the summed task vector"),
-     alpha(1.0), include_embeddings()),
+     alpha(1.0), include_embeddings(),
+     Hyperparameter("split", "choice", "published", choices=SPLIT_RULES,
+                    help="rank split: 'published' (the authors' code: T·round((r − ⌊c·r⌋)/T) task "
+                         "directions) or 'exact_fill' (⌊(r − ⌊c·r⌋)/T⌋ per task, common never below ⌊c·r⌋)")),
     needs=Needs(spectra=True), covers=decomposed, group_by="shape", reference="Marczak et al., No task left behind: isotropic model merging, ICML 2025")
