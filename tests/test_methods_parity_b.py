@@ -14,7 +14,7 @@ from analysis.merging.adamerging import fit_coefficients
 from analysis.merging.knots import shared_basis
 from analysis.merging.regmean import regmean_solve
 from analysis.merging.ties import disjoint_merge, topk_thresholds
-from analysis.merging.wudi import wudi_adam, wudi_closed_form, wudi_grams, wudi_loss
+from analysis.merging.wudi import normal_equations, wudi_adam, wudi_closed_form, wudi_loss
 from analysis.taskvectors import TaskVectorSet
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny tensors: one thread is faster on a busy CPU
@@ -99,6 +99,20 @@ def test_cart_lambda_change_reuses_the_svds(monkeypatch):
 
 
 # ================================================================ WUDI
+def wudi_grams(taus: torch.Tensor) -> torch.Tensor:
+    """The paper's proxy Grams, written out: G_t = τ_tᵀτ_t / ‖τ_t‖²_F, (T, in, in) float64."""
+    t = taus.double()
+    return (t.mT @ t) / t.pow(2).sum((1, 2))[:, None, None]
+
+
+def test_wudi_normal_equations_accumulate_the_papers_grams():
+    for shape in ((3, 6, 5), (3, 5, 6)):        # both orders of the τ_t G_t product
+        taus = torch.randn(*shape, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+        gram, rhs = normal_equations(taus)
+        close(gram, wudi_grams(taus).sum(0), tol=1e-12)
+        close(rhs, (taus @ wudi_grams(taus)).sum(0), tol=1e-12)
+
+
 def test_wudi_on_disjoint_input_columns_is_the_sum():
     g = torch.Generator().manual_seed(4)
     taus = torch.zeros(3, 5, 8)

@@ -40,7 +40,7 @@ from dataclasses import dataclass
 
 import torch
 
-from analysis.merging.base import Hyperparameter, MergeMethod, Needs
+from analysis.merging.base import Hyperparameter, MergeContext, MergeMethod, Needs
 from analysis.merging.common import unscaled_slot
 from analysis.merging.inputs import as_inputs
 
@@ -126,9 +126,8 @@ def fit_coefficients(source, **knobs) -> AdaMergingFit:
 
 
 def _memoised_fit(inputs, params, memo) -> AdaMergingFit:
-    from analysis.merging.base import MergeContext
-    ctx = MergeContext(device=inputs.device, inputs=inputs, memo=memo)
-    slot = unscaled_slot(ctx, "adamerging", tuple(sorted(params.items())))
+    slot = unscaled_slot(MergeContext(device=inputs.device, inputs=inputs, memo=memo), "adamerging",
+                         tuple(sorted(params.items())))
     if "fit" not in slot:
         slot["fit"] = _fit(inputs, params)
     return slot["fit"]

@@ -40,23 +40,23 @@ from analysis.spectra import thin_svd
 
 
 def low_rank_centred_sum(taus: torch.Tensor, fraction: float) -> torch.Tensor:
-    """(B, T, m, n) task matrices -> (B, m, n): Σ_t SVD_k(τ_t − τ̄), k = max(1, ⌊f·min(m, n)⌋)."""
-    centred = taus - taus.mean(1, keepdim=True)
-    u, s, vh = thin_svd(centred)
+    """(T, m, n) task matrices -> (m, n): Σ_t SVD_k(τ_t − τ̄), k = max(1, ⌊f·min(m, n)⌋)."""
+    u, s, vh = thin_svd(taus - taus.mean(0, keepdim=True))
     k = kept_rank(fraction, s.shape[-1])
-    return ((u[..., :k] * s[..., None, :k]) @ vh[..., :k, :]).sum(1)
+    return ((u[..., :k] * s[..., None, :k]) @ vh[..., :k, :]).sum(0)
 
 
 def _cart(group, params, ctx):
     f, lam = params["rank_fraction"], params["lam"]
     slot = unscaled_slot(ctx, "cart", (f, params["include_embeddings"]))
-    missing = [name for name in group.names if name not in slot]
-    if missing:
-        stacked = torch.stack([group.deltas(n) for n in missing])          # (B, T, *shape)
-        sums = low_rank_centred_sum(stacked.reshape(*stacked.shape[:3], -1), f)
-        for i, name in enumerate(missing):
-            slot[name] = sums[i].reshape(group.shape(name))
-    return {name: group.deltas(name).mean(0) + lam * slot[name] for name in group.names}
+    out = {}
+    for name in group.names:
+        taus = group.deltas(name)
+        if name not in slot:
+            slot[name] = low_rank_centred_sum(taus.reshape(taus.shape[0], taus.shape[1], -1), f).reshape(
+                group.shape(name))
+        out[name] = taus.mean(0) + lam * slot[name]
+    return out
 
 
 CART = MergeMethod(
@@ -67,5 +67,5 @@ CART = MergeMethod(
      Hyperparameter("lam", "float", 2.0, 0.0, 5.0, 0.05,
                     "λ: scale of the summed low-rank centred task vectors (δ = τ̄ + λ·Σ_t SVD_k(τ_t − τ̄))"),
      include_embeddings()),
-    covers=decomposed, group_by="shape",
+    covers=decomposed,
     reference="Choi et al., Revisiting weight averaging for model merging (CART), arXiv 2412.12153")

@@ -52,7 +52,8 @@ def shared_basis(taus: torch.Tensor) -> torch.Tensor:
     """(T, out, in) task updates -> U (out, r): the left singular vectors of
     [τ_1 … τ_T] with numerically non-zero singular values, in descending order."""
     t = taus.double()
-    gram = (t @ t.mT).sum(0)                                  # Σ_t τ_t τ_tᵀ = M Mᵀ
+    concat = t.permute(1, 0, 2).reshape(t.shape[1], -1)      # M = [τ_1 … τ_T]  (out, T·in)
+    gram = concat @ concat.mT                                 # M Mᵀ = Σ_t τ_t τ_tᵀ
     evals, evecs = torch.linalg.eigh(gram)
     evals, evecs = evals.flip(0), evecs.flip(1)
     sigma = evals.clamp_min(0).sqrt()

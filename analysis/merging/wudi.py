@@ -46,18 +46,23 @@ from analysis.merging.common import unscaled_slot
 EPS32 = torch.finfo(torch.float32).eps
 
 
-def wudi_grams(taus: torch.Tensor) -> torch.Tensor:
-    """(T, out, in) -> (T, in, in) float64: τ_tᵀτ_t / ‖τ_t‖²_F (0 for a zero τ_t)."""
-    t = taus.double()
-    norms = t.pow(2).sum((1, 2)).clamp_min(torch.finfo(torch.float64).tiny)
-    return (t.mT @ t) / norms[:, None, None]
+def normal_equations(taus: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(G, R) = (Σ_t G_t, Σ_t τ_t G_t) with G_t = τ_tᵀτ_t / ‖τ_t‖²_F (0 for a zero τ_t), float64,
+    one task at a time (in² + out·in floats held)."""
+    gram = rhs = 0.0
+    for tau in taus.double():
+        w = 1.0 / float(tau.pow(2).sum()) if bool(tau.any()) else 0.0
+        g_t = w * (tau.mT @ tau)
+        # τ_t G_t through the smaller inner product
+        r_t = tau @ g_t if tau.shape[1] <= tau.shape[0] else w * ((tau @ tau.mT) @ tau)
+        gram, rhs = gram + g_t, rhs + r_t
+    return gram, rhs
 
 
 def wudi_closed_form(taus: torch.Tensor) -> torch.Tensor:
     """(T, out, in) task matrices -> the minimum-norm minimiser (Σ τ_t G_t) G⁺, float32."""
-    grams = wudi_grams(taus)
-    rhs = (taus.double() @ grams).sum(0)                 # Σ_t τ_t G_t  (out, in)
-    evals, evecs = torch.linalg.eigh(grams.sum(0))       # G symmetric PSD
+    gram, rhs = normal_equations(taus)
+    evals, evecs = torch.linalg.eigh(gram)               # G symmetric PSD
     floor = float(evals.max().clamp_min(0)) * (max(taus.shape[1:]) * EPS32) ** 2
     keep = evals > floor
     inv = torch.where(keep, 1.0 / evals.clamp_min(torch.finfo(torch.float64).tiny), torch.zeros_like(evals))
@@ -76,8 +81,7 @@ def wudi_adam(taus: torch.Tensor, steps: int, lr: float) -> torch.Tensor:
     The gradient is the loss's own, 2(τ_m G − Σ_t τ_t G_t), from the Grams
     computed once (one out × in × in product per step instead of autograd
     through T products)."""
-    grams = wudi_grams(taus)
-    gram, rhs = grams.sum(0).to(taus.dtype), (taus.double() @ grams).sum(0).to(taus.dtype)
+    gram, rhs = (x.to(taus.dtype) for x in normal_equations(taus))
     merged = torch.nn.Parameter(taus.sum(0).clone())
     opt = torch.optim.Adam([merged], lr=lr)
     for _ in range(steps):
