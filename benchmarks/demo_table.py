@@ -2,18 +2,19 @@
 
 Per task and on average, absolute and normalised (÷ fine-tuned) accuracy on
 the test split for: zero-shot (linear probe), fine-tuned (each task's own
-model), every merging method at its declared defaults, and Task Arithmetic,
-TIES, TSV-M and Iso-C with α chosen on the validation split (grid below;
-mean validation accuracy, ties broken by the smaller α). TSV-C is a
-compression view: each task is scored with its own rank-⌊r/T⌋ model.
+model), every merging method at its declared defaults, and the methods of
+ALPHA_GRIDS and REMERGE_GRIDS with α (CART: λ) chosen on the validation split
+(grids below; mean validation accuracy, ties broken by the smaller value).
+TSV-C is a compression view: each task is scored with its own rank-⌊r/T⌋
+model; EMR scores each task with its own masked, rescaled unified vector.
 slerp is listed only when the demo has exactly two tasks.
 
     python benchmarks/demo_table.py [--quick | --full] [--val-subsample N]
 
 Needs a finished demo build (`python -m analysis.zoo build [--quick]`).
 Every α of ALPHA_GRIDS is applied as evaluate_delta(merge(..., alpha=1), alpha=a):
-those methods are linear in α (vector parameters included); RegMean++ is not,
-so each of its α values is merged anew. The data statistics (Fishers, Grams)
+those methods are linear in α (vector parameters included); RegMean++ and
+CART's λ are not, so each of their values is merged anew. The data statistics (Fishers, Grams)
 are computed once, timed, and reported.
 """
 from __future__ import annotations
@@ -46,10 +47,15 @@ ALPHA_GRIDS = {
     "della": [0.6, 0.8, 1.0, 1.3, 1.6],
     "model_stock": [1.0, 1.5, 2.0, 2.5, 3.0],
     "karcher": [1.0, 1.5, 2.0, 2.5, 3.0],
+    # WUDI's exact minimiser has an average's scale, like RegMean; KnOTS (TIES inside) is scaled like TIES
+    "wudi": [1.0, 1.5, 2.0, 2.5, 3.0],
+    "knots": [0.6, 0.8, 1.0, 1.3, 1.6],
 }
-# LiNeS has no global α (its α is the paper's norm rule; β is not linear): it is listed at its defaults
-# RegMean++ is not linear in α (deeper blocks' Grams come from the α-scaled merge): each α is a new merge
-REMERGE_GRIDS = {"regmean_pp": [1.0, 2.0, 3.0]}
+# LiNeS has no global α (its α is the paper's norm rule; β is not linear): it is listed at its defaults.
+# RegMean++ is not linear in α (deeper blocks' Grams come from the α-scaled merge): each α is a new merge.
+# CART's λ scales only the low-rank part (δ = τ̄ + λ·…); its SVDs are memoised, so a λ is cheap.
+REMERGE_GRIDS = {"regmean_pp": [1.0, 2.0, 3.0], "cart": [1.0, 2.0, 3.0]}
+REMERGE_KNOB = {"cart": "lam"}   # the knob a REMERGE_GRIDS grid sets (default: alpha)
 KEEP_MARKER = "<!-- kept by benchmarks/demo_table.py: text below this line is not regenerated -->"
 OUT = Path(__file__).resolve().parents[1] / "docs" / "results_merge.md"
 
@@ -137,19 +143,21 @@ def main(argv=None) -> int:
         add(f"{name} (defaults)", name, knobs, acc, t_merge)
         log(f"  merge {t_merge:.1f} s, total {time.perf_counter() - t0:.1f} s")
         if name in REMERGE_GRIDS:
+            knob = REMERGE_KNOB.get(name, "alpha")
             best, best_mean = None, -1.0
             for a in REMERGE_GRIDS[name]:
                 t0 = time.perf_counter()
-                cand = merge(inputs, name, alpha=a)
+                cand = merge(inputs, name, **{knob: a})
                 t_cand = time.perf_counter() - t0
                 acc_v = merged_accuracy(ev, cand, split="validation", subsample=args.val_subsample)
                 mean_v = sum(acc_v[t] for t in tasks) / len(tasks)
-                log(f"  {name} α={a}: validation mean {mean_v:.4f} ({time.perf_counter() - t0:.1f} s)")
+                log(f"  {name} {knob}={a}: validation mean {mean_v:.4f} ({time.perf_counter() - t0:.1f} s)")
                 if mean_v > best_mean + 1e-12:
                     best, best_mean, best_delta, best_s = a, mean_v, cand, t_cand
             rest = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                             for k, v in defaults.items() if k != "alpha")
-            add(f"{name} (α on validation)", name, f"alpha={best} (val mean {best_mean:.4f})" + (f", {rest}" if rest else ""),
+                             for k, v in defaults.items() if k != knob)
+            add(f"{name} ({knob} on validation)", name,
+                f"{knob}={best} (val mean {best_mean:.4f})" + (f", {rest}" if rest else ""),
                 merged_accuracy(ev, best_delta, split="test"), best_s)
         if name in ALPHA_GRIDS:
             t0 = time.perf_counter()
@@ -194,9 +202,12 @@ def main(argv=None) -> int:
         f"Test examples per task: {sizes}." if sizes else "",
         "α chosen on the " + ("full validation split" if args.val_subsample is None
                               else f"validation subsample of {args.val_subsample} per task") +
-        " by mean accuracy over the grids " + "; ".join(f"{k}: {v}" for k, v in ALPHA_GRIDS.items()) + ".",
+        " by mean accuracy over the grids " + "; ".join(f"{k}: {v}" for k, v in ALPHA_GRIDS.items()) +
+        "; re-merged per value: " + "; ".join(f"{k} {REMERGE_KNOB.get(k, 'alpha')}: {v}"
+                                             for k, v in REMERGE_GRIDS.items()) + ".",
         "Normalised accuracy = merged ÷ fine-tuned accuracy of that task (%). "
-        "TSV-C rows score each task with its own compressed model (not a merge).",
+        "TSV-C and EMR rows score each task with its own model (not one merge). AdaMerging learns its "
+        "coefficients from the entropy of the test inputs' predictions (no labels), as the paper does.",
         *([("Factors and data statistics (computed once, cached by content; statistics on the train split): "
             + "; ".join(f"{k}: {v:.1f} s" for k, v in stats_seconds.items()) + ".")] if stats_seconds else []),
         "",

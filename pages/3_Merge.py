@@ -182,7 +182,7 @@ with right:
     normalized = scale != "absolute"
     where = f"full {split} split" if n is None else f"{split} subsample of {n} per task"
     if delta.per_task:
-        where += " · each task scored with its own compressed model"
+        where += " · each task scored with its own model (per-task method)"
     st.plotly_chart(accuracy_bars(table, normalized=normalized, title=f"{method_name} · {where}"),
                     width="stretch")
     shown = wide(table, "normalized" if normalized else "accuracy")

@@ -34,24 +34,29 @@ Adding a method: its own module with a `MergeMethod(...)`, plus one line in
 from __future__ import annotations
 
 from analysis.errors import HyperparameterError
+from analysis.merging.adamerging import ADAMERGING
 from analysis.merging.base import Hyperparameter, MergeContext, MergeMethod, Needs
 from analysis.merging.basic import TASK_ARITHMETIC, WEIGHT_AVERAGING
 from analysis.merging.breadcrumbs import BREADCRUMBS
+from analysis.merging.cart import CART
 from analysis.merging.consensus import CONSENSUS
 from analysis.merging.dare import DARE
 from analysis.merging.della import DELLA
+from analysis.merging.emr import EMR
 from analysis.merging.fisher import FISHER
 from analysis.merging.engine import MergeResult, ParamGroup, run
 from analysis.merging.epimer import EPIMER
 from analysis.merging.inputs import MergeInputs, as_inputs
 from analysis.merging.iso import ISO_C, ISO_CTS
 from analysis.merging.karcher import KARCHER
+from analysis.merging.knots import KNOTS
 from analysis.merging.lines import LINES
 from analysis.merging.model_stock import MODEL_STOCK
 from analysis.merging.regmean import REGMEAN, REGMEAN_PP
 from analysis.merging.slerp import SLERP
 from analysis.merging.ties import TIES
 from analysis.merging.tsv import TSV_C, TSV_M
+from analysis.merging.wudi import WUDI
 
 _REGISTRY = (
     WEIGHT_AVERAGING,
@@ -73,6 +78,11 @@ _REGISTRY = (
     REGMEAN,
     REGMEAN_PP,
     EPIMER,
+    CART,
+    WUDI,
+    ADAMERGING,
+    EMR,
+    KNOTS,
 )
 METHODS: dict[str, MergeMethod] = {m.name: m for m in _REGISTRY}
 
