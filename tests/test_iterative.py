@@ -204,3 +204,18 @@ def test_bad_merge_knob_is_a_hyperparameter_error(toy_eval, tmp_path):
         run(_cfg(merge_knobs={"alpha": -1.0}), toy_eval, tmp_path)
     with pytest.raises(HyperparameterError, match="unknown merging method 'nope'"):
         run(_cfg(merge_method="nope"), toy_eval, tmp_path)
+
+
+def test_cli_runs_cold_fusion_on_the_tiny_demo_and_writes_the_table(tiny_demo_dir, tmp_path, capsys):
+    from analysis.zoo.__main__ import main
+    out = tmp_path / "rounds.csv"
+    args = ["cold-fusion", "--tiny", "--cache-dir", str(tiny_demo_dir), "--steps", "2", "--heldout-steps", "2",
+            "--heldout", "toy_animal", "--csv", str(out)]
+    assert main(args) == 0
+    table = pd.read_csv(out)
+    assert list(table.columns) == runner.COLUMNS and sorted(table["round"].unique()) == [0, 1, 2]
+    assert set(table.loc[table["metric"] == "heldout_probe_accuracy", "task"]) == {"toy_animal", "mean"}
+    printed = capsys.readouterr().out
+    assert "heldout_probe_accuracy" in printed and "iterative/cold_fusion-" in printed
+    assert main(["atm", "--tiny", "--cache-dir", str(tiny_demo_dir), "--method", "nope"]) == 1
+    assert "unknown merging method 'nope'" in capsys.readouterr().err

@@ -43,7 +43,7 @@ CPU-sized comparison on the zoo's benchmark):
   fine-tuning and a resumed run equals an uninterrupted one.
 """
 from analysis.iterative.config import DEFAULT_MERGE, PRESETS, PROCEDURES, IterativeConfig, preset, round_seed
-from analysis.iterative.runner import IterativeRun, check, load_run, run, run_folder, source_key
+from analysis.iterative.runner import IterativeRun, check, load_run, model_delta, run, run_folder, source_key
 
 __all__ = ["DEFAULT_MERGE", "PRESETS", "PROCEDURES", "IterativeConfig", "IterativeRun", "check", "load_run",
-           "preset", "round_seed", "run", "run_folder", "source_key"]
+           "model_delta", "preset", "round_seed", "run", "run_folder", "source_key"]

@@ -125,11 +125,22 @@ class IterativeRun:
 
     def final_delta(self, tvs: TaskVectorSet) -> dict[str, torch.Tensor]:
         """The final model as a delta on `tvs`' base, over its parameters (for Merge history and export)."""
-        state = self.final_state()
-        missing = [n for n in tvs.param_names if n not in state]
-        if missing:
-            raise ValidationError(f"{self.model_path} lacks parameter {missing[0]!r} of the loaded set")
-        return {n: state[n].float() - tvs.base_tensor(n).float() for n in tvs.param_names}
+        if self.model_path is None:
+            raise ValidationError(f"{self.folder}: no round has finished yet, so there is no merged model")
+        return model_delta(self.model_path, tvs)
+
+
+def model_delta(path: str | Path, tvs: TaskVectorSet) -> dict[str, torch.Tensor]:
+    """A saved backbone (safetensors state dict) as a delta on `tvs`' base, over the set's parameters."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValidationError(f"{path}: the saved model of an iterative run is gone (its cache folder was "
+                              "cleared or the run continued); run it again on the Iterative page")
+    state = load_file(str(path))
+    missing = [n for n in tvs.param_names if n not in state]
+    if missing:
+        raise ValidationError(f"{path} lacks parameter {missing[0]!r} of the loaded set")
+    return {n: state[n].float() - tvs.base_tensor(n).float() for n in tvs.param_names}
 
 
 def _round_name(r: int) -> str:
