@@ -10,9 +10,12 @@ of re-merging.
 """
 from __future__ import annotations
 
+import copy
+
 import streamlit as st
 
 from analysis.errors import MergescopeError
+from analysis.evaluation import Evaluator
 from analysis.iterative import PRESETS, load_run, preset, run, run_folder, source_key
 from analysis.merging import METHODS, available_methods
 from analysis.plots.iterative import accuracy_curves, geometry_curves, heldout_curves
@@ -164,6 +167,9 @@ with right:
                 draw(partial)
             label = "Resume" if partial is not None and len(partial.table) else "Start"
             if st.button(f"{label} {config.procedure} ({config.rounds} rounds)", type="primary", key="it_start"):
-                jobs[str(folder)] = BackgroundJob(lambda report: run(config, ev, progress=report, source=source),
+                # the job scores with its own copy of the backbone: the workspace's evaluator swaps tensors
+                # into its module for every score, and other pages keep using it while the job runs
+                own = Evaluator(copy.deepcopy(ev.backbone), ev.data, ev.heads, device=ev.device)
+                jobs[str(folder)] = BackgroundJob(lambda report: run(config, own, progress=report, source=source),
                                                   f"iterative-{config.procedure}")
                 st.rerun()
