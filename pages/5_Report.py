@@ -18,6 +18,7 @@ from pathlib import Path
 import streamlit as st
 
 from analysis.errors import MergescopeError
+from analysis.iterative import model_delta
 from analysis.plots.report import grouped_bars, radar
 from analysis.report import (METRIC_TITLES, comparison_table, export_status, figure_bytes, html_report, wide_table,
                              write_hf_model)
@@ -160,7 +161,10 @@ else:
             if merge is None:
                 raise MergescopeError("merging methods are not available in this installation")
             with st.spinner(f"Merging with {cfg['method']} and writing {out}…"):
-                delta = merge(merge_inputs(ws, ws.key), cfg["method"], **dict(cfg["knobs"]))
+                if cfg.get("model_file"):   # an iterative run: its saved model, not a registry merge
+                    delta = model_delta(cfg["model_file"], tvs)
+                else:
+                    delta = merge(merge_inputs(ws, ws.key), cfg["method"], **dict(cfg["knobs"]))
                 folder = write_hf_model(out, tvs.apply(delta), base_dir, heads=ws.extras.get("heads"),
                                         metadata={**cfg, "workspace": config["workspace"]})
         except MergescopeError as exc:

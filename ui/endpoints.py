@@ -27,15 +27,17 @@ def registry():
 
 
 def history_configs(history) -> dict[str, dict]:
-    """label -> {"method", "knobs"} for each configuration tried on the Merge page."""
+    """label -> {"method", "knobs"} (+ "model_file" for an iterative run) per configuration in the history."""
     out = {}
     for i, entry in enumerate(history or [], start=1):
         if not isinstance(entry, Mapping) or "method" not in entry:
             continue
         knobs = dict(entry.get("knobs") or {})
         text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in knobs.items())
-        out[f"{MERGE_PREFIX}#{i} {entry['method']}" + (f" ({text})" if text else "")] = {"method": entry["method"],
-                                                                                      "knobs": knobs}
+        cfg = {"method": entry["method"], "knobs": knobs}
+        if entry.get("model_file"):   # an iterative run's saved model (pages/8_Iterative.py): read, not re-merged
+            cfg["model_file"] = str(entry["model_file"])
+        out[f"{MERGE_PREFIX}#{i} {entry['method']}" + (f" ({text})" if text else "")] = cfg
     return out
 
 
@@ -87,6 +89,9 @@ def delta_of(ws, spec: Mapping, inputs=None) -> dict[str, torch.Tensor]:
         delta = dict(tvs.task_vector(spec["task"]))
     elif kind == "sum":
         delta = dict(tvs.sum())
+    elif kind == "merge" and spec.get("model_file"):
+        from analysis.iterative import model_delta
+        delta = model_delta(spec["model_file"], tvs)
     elif kind == "merge":
         methods, merge = registry()
         if merge is None:

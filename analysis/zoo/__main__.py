@@ -1,4 +1,5 @@
-"""`python -m analysis.zoo build [--quick] [--cache-dir D]`"""
+"""`python -m analysis.zoo build [--quick] [--cache-dir D]`; `python -m analysis.zoo atm|cold-fusion [--quick|--full]`
+(iterative merging on the built demo: analysis/iterative)."""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,11 @@ def main(argv=None) -> int:
     b.add_argument("--device", default=None, help="cuda | mps | cpu (default: the best available)")
     b.add_argument("--csv", action="append", default=[], metavar="PATH",
                    help="add your own task: a CSV with text,label columns (repeatable; task name = file stem)")
+    from analysis.iterative.cli import add_parsers
+    add_parsers(sub)
     args = parser.parse_args(argv)
+    if hasattr(args, "handler"):
+        return args.handler(args)
 
     import dataclasses
     config = preset("tiny" if args.tiny else "quick" if args.quick else "full")

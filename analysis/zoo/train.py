@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis.evaluation import EncodedSplit, Head, pooled_features
+from analysis.evaluation import EncodedSplit, Head, Split, _to, features
 from analysis.zoo.data import TaskData
 
 Progress = Callable[[float, str], None]
@@ -38,16 +38,16 @@ def encode_task(tokenizer, task: TaskData, max_length: int) -> dict[str, Encoded
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, data: EncodedSplit, device: torch.device, batch_size: int = 64) -> torch.Tensor:
+def extract_features(backbone: nn.Module, data: Split, device: torch.device, batch_size: int = 64,
+                     params: dict | None = None) -> torch.Tensor:
+    """Pooled features (N, H) of every example of `data`, in data order (any split kind:
+    token data or tensor features); `params` swaps in backbone tensors (functional_call)."""
     backbone.eval()
     order = torch.argsort(data.lengths(), descending=True, stable=True)  # batch similar lengths
     feats = []
     for start in range(0, len(data), batch_size):
-        b = order[start:start + batch_size]
-        mask = data.attention_mask[b]
-        width = int(mask.sum(1).max())
-        ids = data.input_ids[b, :width]
-        feats.append(pooled_features(backbone, ids.to(device), mask[:, :width].to(device)).float().cpu())
+        inputs, _ = data.batch(order[start:start + batch_size])
+        feats.append(features(backbone, _to(inputs, device), params).float().cpu())
     if not feats:
         return torch.zeros(0, 0)
     return torch.cat(feats)[torch.argsort(order)]  # back to data order
@@ -106,7 +106,7 @@ def _length_bucketed_batches(lengths: torch.Tensor, batch_size: int, g: torch.Ge
 
 
 class _Classifier(nn.Module):
-    """Backbone + mean pooling + a frozen linear head."""
+    """Backbone + pooling + a frozen linear head."""
 
     def __init__(self, backbone: nn.Module, head: Head):
         super().__init__()
@@ -117,11 +117,11 @@ class _Classifier(nn.Module):
             self.head.bias.copy_(head.bias)
         self.head.requires_grad_(False)
 
-    def forward(self, ids, mask):
-        return self.head(pooled_features(self.backbone, ids, mask))
+    def forward(self, inputs):
+        return self.head(features(self.backbone, inputs))
 
 
-def finetune(backbone: nn.Module, head: Head, train: EncodedSplit, device: torch.device, steps: int,
+def finetune(backbone: nn.Module, head: Head, train: Split, device: torch.device, steps: int,
              lr: float, batch_size: int, seed: int, weight_decay: float = 0.01, warmup: float = 0.1,
              progress: Progress | None = None) -> dict:
     """Train every backbone parameter for `steps` AdamW steps; the head stays frozen.
@@ -147,11 +147,8 @@ def finetune(backbone: nn.Module, head: Head, train: EncodedSplit, device: torch
         if not batches:
             batches = _length_bucketed_batches(lengths, batch_size, g)
         b = batches.pop()
-        mask = train.attention_mask[b]
-        width = int(mask.sum(1).max())
-        ids = train.input_ids[b, :width].to(device)
-        mask = mask[:, :width].to(device)
-        logits = model(ids, mask)
+        inputs, _ = train.batch(b)   # token data cut to the batch's longest row
+        logits = model(_to(inputs, device))
         loss = nn.functional.cross_entropy(logits, train.labels[b].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
