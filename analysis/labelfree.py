@@ -116,7 +116,8 @@ def compare_on_text(probe: TextProbe, tvs, result) -> pd.DataFrame:
 
 
 def layer_distances(tvs, result) -> pd.DataFrame:
-    """task, depth (block index, or "outside blocks"), parameters, relative_distance, cosine (see module doc)."""
+    """task, depth (block index, or "outside blocks"), parameters, distance ‖δ − τ_t‖, task_vector_norm ‖τ_t‖,
+    relative_distance, cosine (see the module docstring)."""
     from analysis.merging.scoring import as_result
     result = as_result(result, tvs.tasks)
     sums: dict[tuple[str, object], list[float]] = {}
@@ -135,10 +136,19 @@ def layer_distances(tvs, result) -> pd.DataFrame:
             acc[4] += d.numel()
     rows = []
     for (task, depth), (diff, tau2, dot, d2, n) in sums.items():
-        rows.append({"task": task, "depth": depth, "parameters": int(n),
+        rows.append({"task": task, "depth": depth, "parameters": int(n), "distance": diff ** 0.5,
+                     "task_vector_norm": tau2 ** 0.5,
                      "relative_distance": (diff / tau2) ** 0.5 if tau2 > 0 else float("nan"),
                      "cosine": dot / (d2 * tau2) ** 0.5 if d2 > 0 and tau2 > 0 else float("nan")})
-    df = pd.DataFrame(rows, columns=["task", "depth", "parameters", "relative_distance", "cosine"])
+    df = pd.DataFrame(rows, columns=["task", "depth", "parameters", "distance", "task_vector_norm",
+                                     "relative_distance", "cosine"])
     df["_task"] = df["task"].map(tvs.tasks.index)
     df["_depth"] = df["depth"].map(lambda d: -1 if d == OUTSIDE else d)  # embeddings, pooler: first
     return df.sort_values(["_task", "_depth"], kind="stable").drop(columns=["_task", "_depth"]).reset_index(drop=True)
+
+
+def overall_distance(layers: pd.DataFrame) -> pd.Series:
+    """task -> ‖δ − τ_t‖ / ‖τ_t‖ over all parameters, from `layer_distances`' per-block sums."""
+    g = layers.groupby("task", sort=False)
+    return (g["distance"].apply(lambda d: float((d ** 2).sum()) ** 0.5)
+            / g["task_vector_norm"].apply(lambda d: float((d ** 2).sum()) ** 0.5))
