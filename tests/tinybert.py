@@ -50,8 +50,8 @@ def write_csv(path: Path, rows, labelled: bool = True) -> Path:
     return path
 
 
-def build(root: Path, n_rows: int = 80, steps: int = 40, seed: int = 0) -> dict:
-    """Writes root/{base,sentiment,topic,data}; returns their paths."""
+def build(root: Path, n_rows: int = 80, steps: int = 30, seed: int = 0) -> dict:
+    """Writes root/{base,sentiment,topic,data}; returns {"base", "tasks": {task: folder}, "data": {task: csv}}."""
     from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
     from transformers.utils import logging
     logging.disable_progress_bar()
@@ -95,3 +95,25 @@ if __name__ == "__main__":
     print(f"base = {paths['base']}")
     for t, p in paths["tasks"].items():
         print(f"{t} = {p}    data: {paths['data'][t]}")
+
+
+def transformers_log(load):
+    """(result of load(), what transformers logged meanwhile at warning level and above).
+
+    The level is set here: another test may have silenced transformers (the zoo builder does)."""
+    import io
+    import logging
+
+    from transformers.utils import logging as hf_logging
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_warning()
+    buf = io.StringIO()
+    handler = logging.StreamHandler(buf)
+    handler.setLevel(logging.WARNING)
+    logger = logging.getLogger("transformers")
+    logger.addHandler(handler)
+    try:
+        return load(), buf.getvalue()
+    finally:
+        logger.removeHandler(handler)
+        hf_logging.set_verbosity(before)
