@@ -118,19 +118,6 @@ class OwnSet:
         _quiet_transformers()
         return AutoTokenizer.from_pretrained(str(self.tokenizer_folder))
 
-    def describe_heads(self) -> pd.DataFrame:
-        rows = []
-        for t in self.tasks:
-            if t in self.heads:
-                h = self.heads[t]
-                rows.append({"task": t, "head": f"from the checkpoint ({self.head_keys[t][0].rsplit('.', 1)[0]}, "
-                                                f"{h.weight.shape[0]} classes, on the pooler output)",
-                             "classes": ", ".join(map(str, h.labels))})
-            else:
-                rows.append({"task": t, "head": f"linear probe on the fine-tuned model's features — "
-                                                f"{self.why_no_head[t]}", "classes": ""})
-        return pd.DataFrame(rows)
-
 
 def _return_pooler_output(model: nn.Module) -> None:
     """The module's forward returns pooler_output (B, H): `features` takes a 2-D output as the pooled features.

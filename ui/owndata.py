@@ -113,12 +113,15 @@ def own_summary(ws: Workspace) -> None:
         return
     cards = ws.extras.get("own_cards", {})
     with st.expander("Your heads, data and splits", expanded=True):
-        heads = own.describe_heads()
-        for task, card in cards.items():
+        for t in own.tasks:
+            card = cards.get(t, {})
             if card.get("labelled"):
-                heads.loc[heads["task"] == task, "head"] = card["head"]
-        heads["data"] = [(_card_text(cards[t]) if t in cards else "none attached") for t in heads["task"]]
-        st.dataframe(heads, hide_index=True, key="home_own_heads")
+                head = card["head"]
+            elif t in own.heads:
+                head = f"from the checkpoint: {own.head_keys[t][0].rsplit('.', 1)[0]} on the pooler output"
+            else:
+                head = f"none ({own.why_no_head[t]}); attach labelled data to fit a linear probe"
+            st.markdown(f"- **{t}** — head: {head}  \n  data: {_card_text(card) if card else 'none attached'}")
         if any(c.get("labelled") for c in cards.values()):
             st.caption(ws.extras.get("split_rule", ""))
         if ws.evaluator is None:
