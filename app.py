@@ -203,13 +203,20 @@ def checkpoints_section() -> None:
                 raise ValidationError(f"the exclude pattern {p!r} is not a valid regular expression: {exc}") from exc
         form = {"base": base, "lines": lines, "exclude": exclude, "trust": trust, "data": data_text, "seed": seed,
                 "max_len": max_len}
+        new = None
         if wants_own_models(base.strip(), pairs):
             # runnable: task vectors over the AutoModel's names, heads from the checkpoints, data if given
             data = data_paths(data_text, data_uploads, [name for name, _ in pairs])
-            with st.spinner("Opening checkpoints and checking keys, shapes and dtypes…"):
-                new = load_own_workspace(base.strip(), pairs, data, seed, max_len, form)
-            tvs = new.tvs
-        else:
+            try:
+                with st.spinner("Opening checkpoints and checking keys, shapes and dtypes…"):
+                    new = load_own_workspace(base.strip(), pairs, data, seed, max_len, form, patterns)
+                tvs = new.tvs
+            except MergescopeError as exc:
+                if data:
+                    raise
+                # not runnable as an AutoModel set (e.g. a custom architecture): task vectors only
+                st.caption(f"Loaded as task vectors only (no model to run): {exc}")
+        if new is None:
             if data_text.strip() or data_uploads:
                 raise ValidationError("attaching data needs Hugging Face folders (config.json + weights) for the "
                                       "base and every task, so the model can be run on your text")

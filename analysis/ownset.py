@@ -181,8 +181,9 @@ def _linear_head(src: TensorSource, other: list[str], hidden: int, has_pooler: b
     return Head(src.get(w).float(), src.get(b).float(), labels), (w, b), ""
 
 
-def open_hf_set(base: str | Path, tasks: Mapping[str, str | Path]) -> OwnSet:
-    """Base + {task: fine-tuned folder} of one Hugging Face architecture (see the module docstring)."""
+def open_hf_set(base: str | Path, tasks: Mapping[str, str | Path], exclude=()) -> OwnSet:
+    """Base + {task: fine-tuned folder} of one Hugging Face architecture (see the module docstring);
+    `exclude`: regexes of backbone parameters kept at the base's values (never merged)."""
     from transformers import AutoConfig
     _quiet_transformers()
     base = Path(base).expanduser()
@@ -219,7 +220,7 @@ def open_hf_set(base: str | Path, tasks: Mapping[str, str | Path]) -> OwnSet:
             heads[task], head_keys[task] = head, keys
         else:
             why[task] = reason
-    tvs = TaskVectorSet.from_sources(base_view, views)
+    tvs = TaskVectorSet.from_sources(base_view, views, exclude)
     tok = next((p for p in [base, *paths.values()] if any((p / f).is_file() for f in TOKENIZER_FILES)), None)
     return OwnSet(base, paths, config, prefix, tvs, heads, head_keys, why, "pooler" if heads else "mean", tok)
 

@@ -86,9 +86,9 @@ def data_paths(data_text: str, uploads: list, tasks: list[str]) -> dict[str, Pat
 
 
 def load_own_workspace(base: str, pairs: list[tuple[str, str]], data: dict[str, Path], seed: int, max_len: int,
-                       form: dict) -> Workspace:
+                       form: dict, exclude=()) -> Workspace:
     """Open the set, read its data, fit what needs fitting, score the references (with a progress bar)."""
-    own = open_hf_set(base, dict(pairs))
+    own = open_hf_set(base, dict(pairs), exclude)
     examples = {task: read_task_data(path) for task, path in data.items()}
     bar = st.progress(0.0, text="Preparing your data…")
     try:
