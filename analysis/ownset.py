@@ -97,7 +97,7 @@ class OwnSet:
     def backbone(self) -> nn.Module:
         """A fresh AutoModel with the base's weights, returning the pooled features the heads read."""
         from transformers import AutoModel
-        _quiet_transformers()
+        _no_progress_bars()
         model = AutoModel.from_config(self.config)
         sd = {k: self.tvs.base.get(k) for k in self.tvs.base.keys()}
         missing, unexpected = model.load_state_dict(sd, strict=False)
@@ -115,7 +115,7 @@ class OwnSet:
             raise ValidationError(f"no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, …) in {self.base} or any "
                                   "task folder; save one there with tokenizer.save_pretrained(folder)")
         from transformers import AutoTokenizer
-        _quiet_transformers()
+        _no_progress_bars()
         return AutoTokenizer.from_pretrained(str(self.tokenizer_folder))
 
 
@@ -130,7 +130,7 @@ def _return_pooler_output(model: nn.Module) -> None:
     model.forward = pooled
 
 
-def _quiet_transformers() -> None:
+def _no_progress_bars() -> None:
     from transformers.utils import logging
     logging.disable_progress_bar()
 
@@ -185,7 +185,7 @@ def open_hf_set(base: str | Path, tasks: Mapping[str, str | Path], exclude=()) -
     """Base + {task: fine-tuned folder} of one Hugging Face architecture (see the module docstring);
     `exclude`: regexes of backbone parameters kept at the base's values (never merged)."""
     from transformers import AutoConfig
-    _quiet_transformers()
+    _no_progress_bars()
     base = Path(base).expanduser()
     paths = {t: Path(p).expanduser() for t, p in tasks.items()}
     for label, p in [("base", base), *paths.items()]:
@@ -276,8 +276,10 @@ def build_evaluation(own: OwnSet, data: Mapping[str, Examples], seed: int = 0, m
     unknown = [t for t in data if t not in own.tasks]
     if unknown:
         raise ValidationError(f"data given for {unknown[0]!r}, which is not a task of this set ({own.tasks})")
+    if not data:  # nothing to run the model on: no backbone to build
+        return OwnEvaluation(None, pd.DataFrame(columns=["task", "model", "split", "metric", "value", "n"]), {}, {})
     device = get_device(device)
-    tok = own.tokenizer() if data else None
+    tok = own.tokenizer()
     backbone = own.backbone().to(device)
     encoded, heads, cards, unlabelled, notes = {}, {}, {}, {}, []
     for i, (task, ex) in enumerate(data.items()):
@@ -320,7 +322,7 @@ def build_evaluation(own: OwnSet, data: Mapping[str, Examples], seed: int = 0, m
                               "n": r.n} for r in df.itertuples()]
     probe = None
     if unlabelled:
-        probe = TextProbe(backbone, unlabelled, {t: h for t, h in own.heads.items()}, device=device)
+        probe = TextProbe(backbone, unlabelled, own.heads, device=device)
         notes.append(f"unlabelled text for {sorted(unlabelled)}: label-free comparisons on the Merge page")
     report(1.0, "done")
     reference = pd.DataFrame(rows, columns=["task", "model", "split", "metric", "value", "n"])
