@@ -18,6 +18,7 @@ from analysis.merging.scoring import reference_accuracy
 from analysis.report import set_summary
 from analysis.taskvectors import TaskVectorSet
 from ui.jobs import BackgroundJob
+from ui.owndata import data_paths, data_widgets, load_own_workspace, own_summary, upload_section, wants_own_models
 from ui.state import Workspace, cache_root, device_label, device_summary, get_workspace, set_workspace, sidebar_status
 
 ASSETS = Path(__file__).parent / "assets"
@@ -150,7 +151,8 @@ def demo_section() -> None:
         return
     set_workspace(Workspace(name="demo", tvs=demo.tvs, evaluator=demo.evaluator, reference=demo.reference,
                             extras={"demo": demo, "folder": str(folder), "heads": demo.evaluator.heads,
-                                    "hf_base": str(demo.base_path), "cards": demo.cards}))
+                                    "hf_base": str(demo.base_path), "cards": demo.cards,
+                                    "hf_fill": [str(p) for p in demo.export_fill]}))
     st.success(f"Demo loaded from `{folder}`.")
 
 
@@ -171,6 +173,7 @@ def show_build_progress(root: str) -> None:
 def checkpoints_section() -> None:
     ws = get_workspace()
     prev = ws.extras.get("form", {}) if ws is not None and ws.name != "demo" else {}
+    upload_section()
     with st.form("load_checkpoints"):
         base = st.text_input("Base (pretrained) model: a .safetensors / .bin / .pt file or a Hugging Face folder",
                              value=prev.get("base", ""), key="home_base", placeholder="/models/base")
@@ -181,6 +184,10 @@ def checkpoints_section() -> None:
                                 value=prev.get("exclude", ""), key="home_exclude", placeholder=r"^classifier\.")
         trust = st.checkbox("Trust pickled checkpoints (whole-module pickles run code when loaded: only for files "
                             "you made or trust)", value=prev.get("trust", False), key="home_trust")
+        st.markdown("**Your data** — with Hugging Face folders for the base and every task, attach labelled "
+                    "text per task: heads come from the checkpoints (`AutoModelForSequenceClassification`) or are "
+                    "fitted as linear probes, and every page works as on the demo.")
+        data_text, data_uploads, seed, max_len = data_widgets(prev)
         submitted = st.form_submit_button("Load", type="primary")
     if not submitted:
         return
@@ -194,12 +201,30 @@ def checkpoints_section() -> None:
                 re.compile(p)
             except re.error as exc:
                 raise ValidationError(f"the exclude pattern {p!r} is not a valid regular expression: {exc}") from exc
-        with st.spinner("Opening checkpoints and checking keys, shapes and dtypes…"):
-            tvs = load_checkpoint_set(base.strip(), tuple(pairs), patterns, bool(trust),
-                                      _stamp([base.strip()] + [p for _, p in pairs]))
-        label = Path(base.strip()).stem or "checkpoints"
-        new = Workspace(name=label, tvs=tvs, extras={"form": {"base": base, "lines": lines, "exclude": exclude,
-                                                              "trust": trust}})
+        form = {"base": base, "lines": lines, "exclude": exclude, "trust": trust, "data": data_text, "seed": seed,
+                "max_len": max_len}
+        new = None
+        if wants_own_models(base.strip(), pairs):
+            # runnable: task vectors over the AutoModel's names, heads from the checkpoints, data if given
+            data = data_paths(data_text, data_uploads, [name for name, _ in pairs])
+            try:
+                with st.spinner("Opening checkpoints and checking keys, shapes and dtypes…"):
+                    new = load_own_workspace(base.strip(), pairs, data, seed, max_len, form, patterns)
+                tvs = new.tvs
+            except MergescopeError as exc:
+                if data:
+                    raise
+                # not runnable as an AutoModel set (e.g. a custom architecture): task vectors only
+                st.caption(f"Loaded as task vectors only (no model to run): {exc}")
+        if new is None:
+            if data_text.strip() or data_uploads:
+                raise ValidationError("attaching data needs Hugging Face folders (config.json + weights) for the "
+                                      "base and every task, so the model can be run on your text")
+            with st.spinner("Opening checkpoints and checking keys, shapes and dtypes…"):
+                tvs = load_checkpoint_set(base.strip(), tuple(pairs), patterns, bool(trust),
+                                          _stamp([base.strip()] + [p for _, p in pairs]))
+            label = Path(base.strip()).stem or "checkpoints"
+            new = Workspace(name=label, tvs=tvs, extras={"form": form})
         summarise(new)  # reads every tensor once: NaN/Inf and truncated data show up here, not on a later page
     except MergescopeError as exc:
         st.error(f"Could not load the checkpoints: {exc}")
@@ -208,7 +233,8 @@ def checkpoints_section() -> None:
         st.error(f"Could not load the checkpoints ({type(exc).__name__}): {exc}")
         return
     set_workspace(new)
-    st.success(f"Loaded {len(tvs.tasks)} task vectors over `{base.strip()}`.")
+    scored = f"; scored on labelled data for {len(new.evaluator.tasks)} task(s)" if new.evaluator is not None else ""
+    st.success(f"Loaded {len(tvs.tasks)} task vectors over `{base.strip()}`{scored}.")
 
 
 def summary_section(ws: Workspace) -> None:
@@ -242,6 +268,7 @@ def summary_section(ws: Workspace) -> None:
                     "(zero-shot) and fine-tuned backbones")
         table = reference_accuracy(ws.reference, split)
         st.dataframe((table * 100).round(1), key="summary_reference")
+    own_summary(ws)
     if "cards" in ws.extras:
         with st.expander("Data cards of the demo tasks"):
             demo = ws.extras.get("demo")

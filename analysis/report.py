@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from safetensors.torch import save_file
 
+from analysis.checkpoints import open_checkpoint
 from analysis.errors import MergescopeError, ValidationError
 from analysis.merging.scoring import accuracy_by_task, reference_accuracy
 
@@ -277,14 +278,25 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json
 
 
 def write_hf_model(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], config_from: str | Path | Mapping,
-                   heads: Mapping[str, object] | None = None, metadata: Mapping | None = None) -> Path:
+                   heads: Mapping[str, object] | None = None, metadata: Mapping | None = None,
+                   fill_from: Sequence[str | Path] = (), head_usage: str = "logits = mean_pool(last_hidden_state) @ W.T + b"
+                   ) -> Path:
     """Write a merged backbone as a Hugging Face model folder.
 
     `config_from`: the base model folder (config.json and tokenizer files are
     copied; its weights are not) or a config dict. `heads`: {task: object with
     .weight, .bias (and optional .labels)} saved to heads.safetensors as
-    `<task>.weight` / `<task>.bias`. `metadata` (method, knobs, sources) goes to
-    mergescope.json. Refuses to write into the folder the config comes from.
+    `<task>.weight` / `<task>.bias` (`head_usage` says how they read the model).
+    `metadata` (method, knobs, sources) goes to mergescope.json. Refuses to
+    write into the folder the config comes from.
+
+    Tensors `transformers.AutoModel` builds for this config but the state dict
+    lacks (the demo's pooler: its backbone was saved without one, and the heads
+    read mean-pooled token states, so fine-tuning never changed it) are copied
+    unchanged from the first checkpoint of `fill_from` that holds them (the
+    MiniLM the demo was built from), so the folder loads without a
+    missing-weight warning. mergescope.json lists what was filled from where
+    (`filled_from`) and anything still missing (`missing_on_load`).
     """
     out = Path(out_dir).expanduser().resolve()
     if isinstance(config_from, (str, Path)):
@@ -304,6 +316,7 @@ def write_hf_model(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], 
             if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES):
                 shutil.copy2(f, out / f.name)
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
+    filled, still_missing = _complete_for_auto_model(tensors, out / "config.json", fill_from)
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     if heads:
         head_tensors, labels = {}, {}
@@ -312,6 +325,39 @@ def write_hf_model(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], 
             head_tensors[f"{task}.bias"] = h.bias.detach().float().cpu().contiguous()
             labels[task] = [str(x) for x in getattr(h, "labels", ())]
         save_file(head_tensors, str(out / "heads.safetensors"),
-                  metadata={"labels": json.dumps(labels), "usage": "logits = mean_pool(last_hidden_state) @ W.T + b"})
-    (out / "mergescope.json").write_text(json.dumps(dict(metadata or {}), indent=2, default=str))
+                  metadata={"labels": json.dumps(labels), "usage": head_usage})
+    meta = {**dict(metadata or {}), "filled_from": filled, "missing_on_load": still_missing}
+    (out / "mergescope.json").write_text(json.dumps(meta, indent=2, default=str))
     return out
+
+
+def _complete_for_auto_model(tensors: dict[str, torch.Tensor], config_json: Path,
+                             fill_from: Sequence[str | Path]) -> tuple[dict[str, str], list[str]]:
+    """Add, in place, the floating tensors AutoModel(config) expects and `tensors` lacks, from
+    `fill_from` (names with or without the model's base-model prefix). Returns ({name: source},
+    names still missing). A config transformers cannot build is left alone (nothing to check)."""
+    try:
+        from transformers import AutoConfig, AutoModel
+        config = AutoConfig.from_pretrained(str(config_json.parent))
+        with torch.device("meta"):
+            model = AutoModel.from_config(config)
+    except Exception:  # noqa: BLE001 -- not a transformers architecture: written as given
+        return {}, []
+    prefix = getattr(type(model), "base_model_prefix", "") or ""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+
+    def present(k):
+        return k in tensors or (prefix and f"{prefix}.{k}" in tensors)
+    missing = [k for k in expected if not present(k)]
+    filled: dict[str, str] = {}
+    for path in fill_from:
+        if not missing:
+            break
+        src = open_checkpoint(path)
+        for k in list(missing):
+            name = k if k in src else f"{prefix}.{k}" if prefix and f"{prefix}.{k}" in src else None
+            if name is not None and tuple(src.shape(name)) == expected[k]:
+                tensors[k] = src.get(name).to(next(iter(tensors.values())).dtype if tensors else torch.float32)
+                filled[k] = str(src.where(name))
+                missing.remove(k)
+    return filled, missing

@@ -194,6 +194,14 @@ class TaskVectorSet:
         return cls._validated(base, tasks, exclude)
 
     @classmethod
+    def from_sources(cls, base: TensorSource, finetuned: Mapping[str, TensorSource],
+                     exclude: Iterable[str] = ()) -> "TaskVectorSet":
+        """Base + {task: full fine-tuned model} given as opened TensorSources (e.g. renamed views
+        of Hugging Face checkpoints, `analysis.ownset`); checked like `from_checkpoints`."""
+        tasks = {task: _FullModelDeltas(src) for task, src in _unique_tasks(finetuned).items()}
+        return cls._validated(base, tasks, exclude)
+
+    @classmethod
     def from_lora(cls, base_path: str | Path, adapters: Mapping[str, str | Path], exclude: Iterable[str] = ()) -> "TaskVectorSet":
         for task, folder in _unique_tasks(adapters).items():
             if not is_lora_adapter(folder):

@@ -30,8 +30,9 @@ import streamlit as st
 
 from analysis.errors import HyperparameterError, MergescopeError
 from analysis.merging import METHODS, available_methods, merge, unavailable
-from analysis.merging.scoring import comparison_table, delta_stats, merged_accuracy, wide
-from analysis.plots.merge import accuracy_bars, delta_norms
+from analysis.merging.scoring import comparison_table, merged_accuracy, wide
+from analysis.plots.merge import accuracy_bars
+from ui.labelfree import label_free_view
 from ui.state import merge_inputs, require_workspace, start_page, with_progress
 
 HISTORY_KEY = "merge_history"
@@ -161,11 +162,7 @@ except MergescopeError as exc:
 
 with right:
     if not has_eval:
-        st.info("No labelled data for this workspace (your own checkpoints have no task heads or datasets), "
-                "so accuracy cannot be measured. Showing the merged delta's statistics instead.")
-        stats = delta_stats(tvs, delta)
-        st.plotly_chart(delta_norms(stats), width="stretch")
-        st.dataframe(stats, width="stretch", hide_index=True)
+        label_free_view(ws, delta, method_name, params)  # agreement with each fine-tuned model, per-layer distances
         st.stop()
 
     evaluate_full = st.session_state.get("merge_full_for") == (method_name, knob_key, split) or full

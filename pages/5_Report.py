@@ -9,21 +9,16 @@ Choices live in the URL (rp_* query parameters).
 """
 from __future__ import annotations
 
-import io
 import json
-import tempfile
-import zipfile
-from pathlib import Path
 
 import streamlit as st
 
 from analysis.errors import MergescopeError
-from analysis.iterative import model_delta
 from analysis.plots.report import grouped_bars, radar
-from analysis.report import (METRIC_TITLES, comparison_table, export_status, figure_bytes, html_report, wide_table,
-                             write_hf_model)
-from ui.endpoints import history_configs, registry
-from ui.state import merge_inputs, require_workspace, start_page
+from analysis.report import METRIC_TITLES, comparison_table, export_status, figure_bytes, html_report, wide_table
+from ui.export import merged_model_section
+from ui.labelfree import history_table as label_free_table
+from ui.state import require_workspace, start_page
 
 start_page("Report")
 ws = require_workspace()
@@ -34,6 +29,14 @@ QP = st.query_params
 if not history and (ws.reference is None or not len(ws.reference)):
     st.info("Nothing to compare yet: try configurations on the **Merge** page; each one tried appears here.")
     st.stop()
+if not any(e.get("per_task") for e in history) and (ws.reference is None or not len(ws.reference)):
+    # no labelled data: the label-free comparisons of each configuration, and its merged model
+    st.info("This set has no labelled data, so there are no accuracies to compare. Each configuration looked "
+            "at on the **Merge** page is listed with its label-free comparisons (means over tasks).")
+    st.dataframe(label_free_table([e for e in history if e.get("label_free")]), hide_index=True, key="rp_label_free")
+    merged_model_section(ws, history, {"name": ws.name, "tasks": list(tvs.tasks), "sources": dict(tvs.sources)})
+    st.stop()
+history = [e for e in history if e.get("per_task")] or history  # label-free rows have no accuracies to chart
 if not history:
     st.info("No merge configuration tried yet in this session: the **Merge** page adds each one it evaluates. "
             "Meanwhile the reference models are shown.")
@@ -139,48 +142,7 @@ e3.download_button("Report (self-contained HTML)", report_html, "mergescope_repo
 e3.caption("Figures are interactive and work offline; the configuration JSON at the end reproduces them.")
 
 # ---------------------------------------------------------------- merged model
-st.subheader("Merged model for transformers")
-configs = history_configs(history)
-base_folder = ws.extras.get("hf_base") or tvs.sources.get("base", "")
-base_dir = Path(base_folder) if base_folder and not str(base_folder).startswith("<") else None
-if base_dir is not None and base_dir.is_file():
-    base_dir = base_dir.parent
-if not configs:
-    st.info("Try a configuration on the **Merge** page to export its merged backbone.")
-elif base_dir is None or not (base_dir / "config.json").is_file():
-    st.info("The merged backbone can be written as a Hugging Face folder when the base model is one "
-            "(a folder with config.json); this set's base is not.")
-else:
-    label = st.selectbox("Configuration", list(configs), index=len(configs) - 1, key="rp_export_config")
-    out = st.text_input("Output folder (on the machine running the app)",
-                        value=str(Path(tempfile.gettempdir()) / "mergescope-merged"), key="rp_export_dir")
-    if st.button("Write merged model", key="rp_export"):
-        cfg = configs[label]
-        _, merge = registry()
-        try:
-            if merge is None:
-                raise MergescopeError("merging methods are not available in this installation")
-            with st.spinner(f"Merging with {cfg['method']} and writing {out}…"):
-                if cfg.get("model_file"):   # an iterative run: its saved model, not a registry merge
-                    delta = model_delta(cfg["model_file"], tvs)
-                else:
-                    delta = merge(merge_inputs(ws, ws.key), cfg["method"], **dict(cfg["knobs"]))
-                folder = write_hf_model(out, tvs.apply(delta), base_dir, heads=ws.extras.get("heads"),
-                                        metadata={**cfg, "workspace": config["workspace"]})
-        except MergescopeError as exc:
-            st.error(f"Could not write the merged model: {exc}")
-        except OSError as exc:
-            st.error(f"Could not write the merged model to {out}: {exc}")
-        else:
-            st.success(f"Wrote `{folder}`: config.json, model.safetensors, heads.safetensors, mergescope.json.")
-            st.code(f"from transformers import AutoModel\nmodel = AutoModel.from_pretrained({str(folder)!r})",
-                    language="python")
-            buf = io.BytesIO()
-            with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
-                for f in sorted(folder.iterdir()):
-                    z.write(f, f"{folder.name}/{f.name}")
-            st.download_button("Download the folder (zip)", buf.getvalue(), f"{folder.name}.zip", "application/zip",
-                               key="rp_zip", on_click="ignore")
+merged_model_section(ws, history, config["workspace"])
 
 with st.expander("Configuration (JSON)"):
     st.code(json.dumps(config, indent=2, default=str), language="json")

@@ -16,7 +16,7 @@ from analysis.permutation import c2m3, mlp_spec_from_state_dict
 from analysis.permutation.mlp import evaluate_mlp
 from analysis.permutation.pipeline import aligned_planes, compare_paths, cycle_errors, merge_models
 from analysis.plots.alignment import interpolation_figure, plane_figure
-from ui.state import start_page
+from ui.state import get_workspace, start_page
 
 start_page("Alignment", "Permutation alignment")
 st.caption("Models from different random seeds differ by a permutation of their hidden units. Align them "
@@ -62,6 +62,12 @@ def load_source() -> tuple[dict, str]:
 src, src_key = load_source()
 names = list(src["models"])
 st.caption(f"Models: {src.get('label', 'injected')} — {len(names)} seeds.")
+loaded = get_workspace()
+if loaded is not None and loaded.name != "demo" and not st.session_state.get("alignment_models"):
+    st.info(f"This page always shows the **built-in demo's MNIST MLPs**, not your loaded set **{loaded.name}**: "
+            "permutation alignment needs models trained from different random seeds of one MLP architecture "
+            "(`layers.<i>.weight`), while a task-vector set holds fine-tuned copies of one pretrained model, "
+            "which share their units already and need no alignment.")
 
 
 def eval_fn_for(n_eval: int):

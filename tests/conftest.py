@@ -212,3 +212,11 @@ def tiny_demo_workspace(tiny_demo_dir):
     return Workspace(name="demo", tvs=demo.tvs, evaluator=demo.evaluator, reference=demo.reference,
                      extras={"demo": demo, "folder": str(demo.root), "heads": demo.evaluator.heads,
                              "hf_base": str(demo.base_path), "cards": demo.cards})
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory):
+    """A user's own tiny BERT set (tests/tinybert.py): base BertModel folder, two fine-tuned
+    BertForSequenceClassification folders, a labelled CSV per task. Read-only for tests."""
+    import tinybert
+    return tinybert.build(tmp_path_factory.mktemp("tinybert"))

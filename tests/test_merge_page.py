@@ -91,10 +91,15 @@ def test_every_method_renders_with_its_declared_widgets(tiny_workspace):
             assert f"merge_{name}_{hp.name}" in keys, (name, hp.name)
 
 
-def test_without_labelled_data_shows_delta_statistics(tiny_workspace):
-    ws = replace(tiny_workspace, evaluator=None, reference=None)
-    at = _page(ws, {"method": "iso_c"})
+def test_without_labelled_data_shows_label_free_comparisons(tiny_workspace):
+    """No labels and no text: per-block distances to each fine-tuned model, and a history row the Report lists."""
+    ws = replace(tiny_workspace, evaluator=None, reference=None, extras={})
+    at = _page(ws, {"method": "task_arithmetic"})
     assert not at.exception, at.exception
     assert any("No labelled data" in i.value for i in at.info)
-    stats = [d.value for d in at.dataframe if "merged_norm" in getattr(d.value, "columns", [])]
-    assert stats and len(stats[0]) == len(ws.tvs.param_names)
+    layers = [d.value for d in at.dataframe if "relative_distance" in getattr(d.value, "columns", [])]
+    assert layers and set(layers[0]["task"]) == set(ws.tvs.tasks)
+    # task arithmetic at α: δ = α Σ τ; nothing meaningless like ‖δ‖/‖Σ τ‖ = α is shown
+    assert not any("merged_norm" in getattr(d.value, "columns", []) for d in at.dataframe)
+    hist = at.session_state["merge_history"]
+    assert hist[-1]["split"] == "label-free" and set(hist[-1]["label_free"]) == set(ws.tvs.tasks)

@@ -55,6 +55,20 @@ class Demo:
     def mnist_dataset(self) -> str | None:
         return self.manifest["config"].get("mnist_dataset")
 
+    @property
+    def export_fill(self) -> list[Path]:
+        """Checkpoints holding tensors `transformers.AutoModel` expects that the backbone was saved
+        without: the pooler of the MiniLM the build started from (the heads read mean-pooled token
+        states, so fine-tuning never changed it). See `analysis.report.write_hf_model`."""
+        if self.manifest.get("config", {}).get("backbone") != "minilm":
+            return []  # the tiny test backbone was made without a pooler: there is none to copy
+        from analysis.errors import CheckpointError
+        from analysis.zoo.sources import minilm_folder
+        try:
+            return [minilm_folder()]
+        except CheckpointError:
+            return []
+
     def cards_table(self) -> pd.DataFrame:
         return cards_table(self.cards)
 
