@@ -85,7 +85,7 @@ def test_wrap_label_breaks_long_legend_entries():
     text = "#3 tsv_m (alpha=1, rank_fraction=0.125, overflow=cap, include_embeddings=False) [subsample 64]"
     lines = wrap_label(text, 36).split("<br>")
     assert len(lines) > 1 and all(len(line) <= 40 for line in lines)
-    assert "".join(lines).replace(" ", "") == text.replace(" ", "")
+    assert " ".join(lines) == text
     assert wrap_label("short") == "short"
 
 

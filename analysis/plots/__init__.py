@@ -89,16 +89,16 @@ def data_range(values: Iterable[float], pad: float = 0.1, floor: float | None = 
 
 
 def wrap_label(text: str, width: int = 36) -> str:
-    """A long legend label broken into lines (at ', ' or spaces) of about `width` characters (plotly's <br>)."""
-    words, lines, line = text.replace(", ", ",\u0000").replace(" ", "\u0000 ").split("\u0000"), [], ""
-    for w in words:
-        if line and len(line) + len(w) > width:
-            lines.append(line.rstrip())
-            line = w.lstrip()
+    """A long legend label broken at spaces into lines of about `width` characters (plotly's <br>)."""
+    lines, line = [], ""
+    for word in text.split(" "):
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
         else:
-            line += w
-    lines.append(line.rstrip())
-    return "<br>".join(x for x in lines if x)
+            line = f"{line} {word}" if line else word
+    lines.append(line)
+    return "<br>".join(lines)
 
 
 def cluster_order(rows: np.ndarray) -> list[int]:

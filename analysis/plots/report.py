@@ -87,7 +87,10 @@ def radar(comparison: pd.DataFrame, metric: str = "accuracy", tasks: Sequence[st
                                       hovertemplate="%{theta}: %{r:.2f} %<extra>" + config + "</extra>"))
     lo, hi = _range(shown, metric)
     # the metric goes in the title: a radial-axis title collides with its ticks
-    fig.update_layout(polar=dict(radialaxis=dict(range=[lo, hi], ticksuffix=" %", angle=90, tickangle=90, nticks=5),
+    # the radial axis runs between the first and the last task, so its tick labels cover no task name
+    between = 90 + 180 / max(len(order), 1)
+    fig.update_layout(polar=dict(radialaxis=dict(range=[lo, hi], ticksuffix=" %", angle=between, tickangle=between,
+                                                 nticks=5, tickfont=dict(size=12, color="#555555")),
                                  angularaxis=dict(direction="clockwise", rotation=90)))
     return apply_theme(fig, height=height, title=title or METRIC_TITLES.get(metric, metric),
                        subtitle=subtitle or f"radial axis from {lo:g} % (centre) to {hi:g} %")
