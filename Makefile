@@ -30,8 +30,9 @@ browser:
 demo: setup
 	$(PY) -m analysis.zoo build --quick
 
+# the server runs headless (.streamlit/config.toml); ui/launch.py opens a browser where a display exists
 app: demo
-	$(VENV)/bin/streamlit run app.py
+	$(PY) -m ui.launch
 
 test: setup browser
 	$(PY) -m pytest -q

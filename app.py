@@ -264,10 +264,19 @@ def summary_section(ws: Workspace) -> None:
     if ws.reference is not None and len(ws.reference):
         splits = set(ws.reference["split"])
         split = "test" if "test" in splits else sorted(splits)[0]
-        st.markdown(f"**Reference accuracy ({split} split)** — frozen per-task heads on the pretrained "
-                    "(zero-shot) and fine-tuned backbones")
-        table = reference_accuracy(ws.reference, split)
-        st.dataframe((table * 100).round(1), key="summary_reference")
+        demo = ws.extras.get("demo")
+        finished = getattr(demo, "manifest", {}).get("finished") if demo is not None else None
+        st.markdown(f"**Reference accuracy (%), {split} split, every example of it** — frozen per-task heads on the "
+                    "pretrained (zero-shot) and fine-tuned backbones" + (f", build finished {finished}" if finished else ""))
+        table = (reference_accuracy(ws.reference, split) * 100).round(1)
+        rows = ws.reference[(ws.reference["split"] == split) & (ws.reference["metric"] == "accuracy")]
+        if "n" in rows:
+            table["examples"] = rows.groupby("task")["n"].max().reindex(table.index)
+        st.dataframe(table, key="summary_reference")
+        if demo is not None:
+            st.caption("The numbers of the build on disk. Fine-tuning on a CPU is not bit-reproducible (thread count; "
+                       "dropout draws depend on what ran before in the build), so a rebuild of the same configuration "
+                       "scores a little differently: see the README's quick-build table.")
     own_summary(ws)
     if "cards" in ws.extras:
         with st.expander("Data cards of the demo tasks"):

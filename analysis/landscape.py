@@ -5,11 +5,10 @@ Generic over the model: every function takes an `evaluate` callable
 `functools.partial(evaluator.evaluate, split="validation", subsample=64)`),
 so the same code serves the text backbone and the MNIST MLPs.
 
-Barriers (per task and metric, on a grid of λ that contains 0 and 1):
-- midpoint: max_λ L(λ) − ½(L(0) + L(1))
-- linear:   max_λ L(λ) − ((1−λ) L(0) + λ L(1))
-For accuracy, where lower is worse, the same definitions are applied to the
-accuracy *drop* (−A), so a positive barrier always means "worse than the ends".
+Barriers (per task and metric, on a grid of λ that contains 0 and 1): the
+max-over-path and midpoint barriers of `analysis.barriers`, where both are
+defined once for every page. For accuracy they are applied to the accuracy
+*drop* (−A), so a positive barrier always means "worse than the ends".
 """
 from __future__ import annotations
 
@@ -19,17 +18,12 @@ import numpy as np
 import pandas as pd
 import torch
 
+from analysis.barriers import BARRIERS, HIGHER_IS_BETTER, barrier_values
 from analysis.errors import ValidationError
 
 Evaluate = Callable[[Mapping[str, torch.Tensor]], pd.DataFrame]
 Progress = Callable[[float, str], None] | None
 
-BARRIER_DEFINITIONS = {
-    "midpoint": "max_λ L(λ) − ½(L(0)+L(1))",
-    "linear": "max_λ L(λ) − ((1−λ)L(0)+λL(1))",
-}
-# metrics where larger is better; their barrier is computed on the negated curve
-HIGHER_IS_BETTER = {"accuracy"}
 
 
 def lambda_grid(points: int) -> np.ndarray:
@@ -114,44 +108,65 @@ def scaling_path(evaluate: Evaluate, base: Mapping[str, torch.Tensor], delta: Ma
 
 
 def barriers(curves: pd.DataFrame, coord: str = "lam") -> pd.DataFrame:
-    """Both barrier definitions per task and metric of a path table.
+    """Both barrier definitions (`analysis.barriers.BARRIERS`) per task and metric of a path table.
 
-    Tidy: task, metric, definition ('midpoint' | 'linear'), value, at (the λ of
-    the maximum). Needs λ = 0 and λ = 1 on the grid.
+    Tidy: task, metric, definition ('path' | 'midpoint'), value, at (the λ
+    where it is taken). Needs λ = 0 and λ = 1 on the grid.
     """
     _check_tidy(curves)
-    lams = np.unique(curves[coord].to_numpy(dtype=float))
-    if not (np.isclose(lams.min(), 0.0) and np.isclose(lams.max(), 1.0)):
-        raise ValidationError(f"barriers need the path's ends λ=0 and λ=1 on the grid; it spans "
-                              f"[{lams.min():.3g}, {lams.max():.3g}]")
     rows = []
     for (task, metric), g in curves.groupby(["task", "metric"], sort=False):
         g = g.groupby(coord)["value"].mean().sort_index()
-        lam = g.index.to_numpy(dtype=float)
-        sign = -1.0 if metric in HIGHER_IS_BETTER else 1.0
-        y = sign * g.to_numpy(dtype=float)
-        y0, y1 = y[0], y[-1]
-        for definition, ref in (("midpoint", np.full_like(y, 0.5 * (y0 + y1))),
-                                ("linear", (1.0 - lam) * y0 + lam * y1)):
-            excess = y - ref
-            i = int(np.nanargmax(excess))
-            rows.append({"task": task, "metric": metric, "definition": definition,
-                         "value": float(excess[i]), "at": float(lam[i])})
+        found = barrier_values(g.index.to_numpy(dtype=float), g.to_numpy(dtype=float), metric in HIGHER_IS_BETTER)
+        for definition, (value, at) in found.items():
+            rows.append({"task": task, "metric": metric, "definition": definition, "value": value, "at": at})
     return pd.DataFrame(rows, columns=["task", "metric", "definition", "value", "at"])
 
 
-def barrier_table(barrier_df: pd.DataFrame, metric: str = "loss") -> pd.DataFrame:
-    """Display form: one row per task, one column per definition (labelled with its formula)."""
+def barrier_table(barrier_df: pd.DataFrame, metric: str = "loss", scale: float = 1.0) -> pd.DataFrame:
+    """Display form: one row per task, one column per definition (its shared name),
+    and the λ where the max-over-path barrier is taken; values × `scale` (100 for accuracy in points)."""
     sub = barrier_df[barrier_df["metric"] == metric]
     order = list(dict.fromkeys(sub["task"]))  # the path table's task order, not alphabetical
     wide = sub.pivot(index="task", columns="definition", values="value").reindex(order)
     at = sub.pivot(index="task", columns="definition", values="at").reindex(order)
     out = pd.DataFrame(index=wide.index)
-    for d in ("midpoint", "linear"):
-        if d in wide:
-            out[f"{d}: {BARRIER_DEFINITIONS[d]}"] = wide[d]
-            out[f"λ at max ({d})"] = at[d]
+    for key, b in BARRIERS.items():
+        if key in wide:
+            out[b.label] = wide[key] * scale
+    if "path" in at:
+        out[f"λ of the {BARRIERS['path'].label}"] = at["path"]
     return out.reset_index()
+
+
+def best_scale(curves: pd.DataFrame, coord: str = "alpha", metric: str = "accuracy") -> dict:
+    """The grid point with the best mean `metric` over tasks on a scaling path,
+    with how sure that is at the sample size used.
+
+    Returns {"at", "mean", "se", "n_per_task": {task: n}, "tied": [grid points whose
+    mean is within 2 standard errors of the best]}. The standard error of a mean
+    of per-task accuracies p_t on n_t examples is √(Σ_t p_t(1−p_t)/n_t) / T
+    (binomial, tasks independent); it needs the table's `n` column, and is NaN without it.
+    """
+    sub = curves[curves["metric"] == metric]
+    if sub.empty:
+        raise ValidationError(f"no {metric!r} rows in the path table")
+    per = sub.groupby([coord, "task"], sort=True)["value"].mean().unstack("task")
+    means = per.mean(axis=1)
+    best = float(means.idxmax())
+    n = sub.groupby("task")["n"].max() if "n" in sub else None
+
+    def se(row) -> float:
+        if n is None:
+            return float("nan")
+        p = row.to_numpy(dtype=float)
+        return float(np.sqrt(np.sum(p * (1 - p) / n.reindex(row.index).to_numpy(dtype=float))) / len(p))
+
+    ses = per.apply(se, axis=1)
+    gap = 2 * np.sqrt(ses ** 2 + float(ses[best]) ** 2)
+    tied = [float(x) for x in means.index if x != best and means[best] - means[x] <= gap[x]]
+    return {"at": best, "mean": float(means[best]), "se": float(ses[best]),
+            "n_per_task": {} if n is None else {t: int(v) for t, v in n.items()}, "tied": tied}
 
 
 def _check_tidy(df: pd.DataFrame) -> None:

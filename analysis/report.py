@@ -179,8 +179,11 @@ def _series(x) -> pd.Series:
     return pd.Series(x)
 
 
-def wide_table(comparison: pd.DataFrame, metric: str = "accuracy", tasks: Sequence[str] | None = None) -> pd.DataFrame:
-    """Display form: one row per configuration, one column per task, plus the mean over tasks."""
+def wide_table(comparison: pd.DataFrame, metric: str = "accuracy", tasks: Sequence[str] | None = None,
+               percent: bool = False) -> pd.DataFrame:
+    """Display form: one row per configuration, one column per task, plus the mean over tasks.
+
+    `percent`: values × 100, as every METRIC_TITLES heading says (the tidy table keeps fractions)."""
     sub = comparison[comparison["metric"] == metric]
     if sub.empty:
         return pd.DataFrame(columns=["config", "method", "knobs", "mean"])
@@ -190,6 +193,9 @@ def wide_table(comparison: pd.DataFrame, metric: str = "accuracy", tasks: Sequen
     wide["mean"] = wide.mean(axis=1)
     order = list(dict.fromkeys(sub["config"]))
     wide = wide.reset_index().set_index("config").loc[order].reset_index()
+    if percent:
+        values = cols + ["mean"]
+        wide[values] = wide[values] * 100.0
     return wide
 
 
@@ -224,8 +230,13 @@ def export_status() -> tuple[bool, str]:
     return True, f"figures are rendered by kaleido with {browser}"
 
 
-def figure_bytes(fig, fmt: str = "png", width: int = 1400, height: int | None = None, scale: float = 1.0) -> bytes:
-    """Render a plotly figure to PNG or SVG bytes with kaleido and a local browser."""
+def figure_bytes(fig, fmt: str = "png", width: int = 1400, height: int | None = None,
+                 scale: float | None = None) -> bytes:
+    """Render a plotly figure to PNG or SVG bytes with kaleido and a local browser.
+
+    The figure keeps its own layout (the shared theme: title, legend at the right),
+    so the file looks like the app. PNGs default to print resolution
+    (`analysis.plots.EXPORT_SCALE` = 3: 4 200 px for the default width, 300 dpi at 14 in)."""
     if fmt not in ("png", "svg"):
         raise ValidationError(f"image format must be 'png' or 'svg', got {fmt!r}")
     ok, why = export_status()
@@ -233,6 +244,9 @@ def figure_bytes(fig, fmt: str = "png", width: int = 1400, height: int | None = 
         raise ExportUnavailable(why)
     os.environ.setdefault("BROWSER_PATH", find_browser())  # kaleido/choreographer read it
     height = height or fig.layout.height or 560
+    if scale is None:
+        from analysis.plots import EXPORT_SCALE
+        scale = EXPORT_SCALE if fmt == "png" else 1.0
     try:
         return fig.to_image(format=fmt, width=width, height=height, scale=scale)
     except Exception as exc:  # kaleido raises several types; the page needs one readable message
@@ -263,7 +277,8 @@ def html_report(title: str, figures: Mapping[str, object], tables: Mapping[str, 
         first = False
     for name, df in tables.items():
         parts.append(f"<h2>{html.escape(name)}</h2>")
-        parts.append(df.to_html(index=False, float_format=lambda v: f"{v:.4f}", border=0))
+        parts.append(df.to_html(index=False, float_format=lambda v: f"{v:.2f}" if abs(v) >= 1 else f"{v:.4g}",
+                                border=0))
     cfg = json.dumps(config, indent=2, sort_keys=True, default=str)
     parts.append("<h2>Configuration (reproduces the numbers above)</h2>")
     parts.append(f"<pre id='mergescope-config'>{html.escape(cfg)}</pre>")

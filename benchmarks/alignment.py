@@ -152,8 +152,8 @@ def main(argv=None) -> int:
                    **{f"acc_{k}": v for k, v in ba.items()}, "loss_mid": float(mid["loss"]),
                    "acc_mid": float(mid["accuracy"]), "curve": curve.to_dict("list")}
             res["barriers"].append(row)
-            log(f"pair {pair} {label}: loss barrier (mean def) {bl['barrier_mean']:.4f}, "
-                f"(linear def) {bl['barrier_linear']:.4f}; acc at 0.5 {row['acc_mid']:.4f}")
+            log(f"pair {pair} {label}: loss max-over-path barrier {bl['path']:.4f}, "
+                f"midpoint barrier {bl['midpoint']:.4f}; acc at 0.5 {row['acc_mid']:.4f}")
         res.setdefault("pair_times", []).append({"pair": pair, "wm_s": t_wm, "c2m3_2_s": t_c2,
                                                  "c2m3_2_iters": r2.iterations})
         save(res)
@@ -235,14 +235,14 @@ def render(res: dict) -> str:
               f"**{sa['wm_recovers']}**; C2M3 on the three recovers both exactly: **{sa['c2m3_recovers']}** "
               f"({sa['c2m3_iterations']} Frank-Wolfe iterations)."]
     L += ["", "## Test-loss barrier between two seeds", "",
-          "Barrier definitions: *mean* = max_λ L(λ) − ½(L(0)+L(1)); *linear* = max_λ L(λ) − ((1−λ)L(0)+λL(1)); "
-          f"λ on a grid of {m.get('lambdas', 11)} points. Accuracy barrier = max_λ of (linear interpolation of "
-          "endpoint accuracies − accuracy(λ)). REPAIR resets each hidden unit's pre-activation mean/std at every interior λ to the "
+          "Barrier definitions (analysis/barriers.py): *max-over-path* = max_λ [L(λ) − ((1−λ)L(0)+λL(1))]; "
+          f"*midpoint* = L(½) − ½(L(0)+L(1)); λ on a grid of {m.get('lambdas', 11)} points. Accuracy barrier = "
+          "max_λ of (linear interpolation of endpoint accuracies − accuracy(λ)). REPAIR resets each hidden unit's pre-activation mean/std at every interior λ to the "
           "(1−λ, λ) interpolation of the endpoints' statistics.", "",
-          "| pair | method | loss barrier (mean) | loss barrier (linear) | loss at λ=½ | accuracy at λ=½ | "
-          "accuracy barrier (linear) |", "|---|---|---|---|---|---|---|"]
-    L += [f"| {r['pair']} | {r['method']} | {r['loss_barrier_mean']:.4f} | {r['loss_barrier_linear']:.4f} | "
-          f"{r['loss_mid']:.4f} | {r['acc_mid']:.4f} | {r['acc_barrier_linear']:.4f} |" for r in res.get("barriers", [])]
+          "| pair | method | loss: max-over-path barrier | loss: midpoint barrier | loss at λ=½ | accuracy at λ=½ | "
+          "accuracy: max-over-path barrier |", "|---|---|---|---|---|---|---|"]
+    L += [f"| {r['pair']} | {r['method']} | {r['loss_path']:.4f} | {r['loss_midpoint']:.4f} | "
+          f"{r['loss_mid']:.4f} | {r['acc_mid']:.4f} | {r['acc_path']:.4f} |" for r in res.get("barriers", [])]
     L += ["", "| pair | weight matching (s) | C2M3, 2 models (s) | C2M3 iterations |", "|---|---|---|---|"]
     L += [f"| {t['pair']} | {t['wm_s']:.2f} | {t['c2m3_2_s']:.2f} | {t['c2m3_2_iters']} |" for t in res.get("pair_times", [])]
     L += ["", "## Merging N models (uniform average)", "",

@@ -70,8 +70,9 @@ st.subheader(f"TSV-C at rank fraction {f:.2f}")
 st.caption("Each task matrix truncated to its top ⌊f·k⌋ singular triplets: relative Frobenius error "
            "‖Δ − Δ_r‖_F / ‖Δ‖_F (= √(1 − energy kept), Eckart–Young) and the share of numbers stored, r(m+n+1)/(mn).")
 errors = _tsvc_errors(cache, ws.key, float(f))
-summary = (errors.groupby("task", sort=False)[["rel_error", "storage"]].mean()
-           .reindex(tasks).reset_index().rename(columns={"rel_error": "mean rel. error", "storage": "mean storage"}))
+summary = (100 * errors.groupby("task", sort=False)[["rel_error", "storage"]].mean()).round(2) \
+    .reindex(tasks).reset_index().rename(columns={"rel_error": "mean relative error (%)",
+                                                  "storage": "mean storage (% of the dense matrix)"})
 st.dataframe(summary, hide_index=True, key="spectra_tsvc_summary")
 with st.expander("Per layer"):
     st.dataframe(errors, hide_index=True, key="spectra_tsvc_layers")
@@ -107,7 +108,10 @@ else:
         acc = stored[1]
         st.plotly_chart(tsvc_accuracy_figure(acc, tasks), width="stretch", key="spectra_tsvc_fig")
         wide = acc[acc.metric == "accuracy"].pivot_table(index="task", columns="rank_fraction", values="value")
-        st.dataframe(wide.reindex([t for t in tasks if t in wide.index]), key="spectra_tsvc_acc_table")
+        wide.columns = [f"{100 * c:g} % of the rank" for c in wide.columns]
+        st.dataframe((100 * wide.reindex([t for t in tasks if t in wide.index])).round(2),
+                     key="spectra_tsvc_acc_table")
+        st.caption("Accuracy (%) of each task's own compressed model, by the share of the rank kept.")
 
 r_example = truncation_rank(cache.singular_values(layer).shape[-1], float(f))
 st.caption(f"At f = {f:.2f}, layer {layer} keeps rank {r_example} per task.")

@@ -10,7 +10,7 @@ import streamlit as st
 
 from analysis.interference import (cosine_table, sar_by, sign_conflict_table, sti_tables, subspace_alignment_table,
                                    task_pair_stats)
-from analysis.plots.spectra import layer_pair_heatmap, sar_depth_figure, sti_depth_figure, task_heatmap
+from analysis.plots.spectra import pair_depth_heatmap, sar_depth_figure, sti_depth_figure, task_heatmap
 from ui.state import require_workspace, spectral_cache, start_page
 
 start_page("Interference")
@@ -63,7 +63,9 @@ if cache.names:
         whole = pairs.groupby(["task", "task_b"], sort=False)["sti"].sum().reset_index()
         st.plotly_chart(task_heatmap(whole, "sti", tasks, title="Pairwise STI, summed over layers"),
                         width="stretch", key="interference_sti_pairs")
-    st.plotly_chart(layer_pair_heatmap(pairs, "sti", tasks), width="stretch", key="interference_sti_layers")
+    if pairs["depth"].notna().any():
+        st.plotly_chart(pair_depth_heatmap(pairs, "sti", tasks, title="Pairwise STI by block"), width="stretch",
+                        key="interference_sti_layers")
 else:
     st.info("No matrix parameters: STI needs matrices.")
 
@@ -91,12 +93,13 @@ c1.plotly_chart(task_heatmap(cos, "cosine", tasks, title=f"Cosine similarity —
                 width="stretch", key="interference_cos")
 c2.plotly_chart(task_heatmap(conf, "conflict_rate", tasks, title=f"Sign-conflict rate — {scope}"),
                 width="stretch", key="interference_conf")
-by_layer = st.radio("By layer", ["cosine similarity", "sign-conflict rate"], horizontal=True, key="interference_by_layer")
+by_layer = st.radio("By block", ["cosine similarity", "sign-conflict rate"], horizontal=True, key="interference_by_layer")
 if by_layer == "cosine similarity":
-    st.plotly_chart(layer_pair_heatmap(cosine_table(stats, "param"), "cosine", tasks), width="stretch",
-                    key="interference_cos_layers")
+    st.plotly_chart(pair_depth_heatmap(cosine_table(stats, "depth"), "cosine", tasks, title="Cosine similarity by block"),
+                    width="stretch", key="interference_cos_layers")
 else:
-    st.plotly_chart(layer_pair_heatmap(sign_conflict_table(stats, "param"), "conflict_rate", tasks),
+    st.plotly_chart(pair_depth_heatmap(sign_conflict_table(stats, "depth"), "conflict_rate", tasks,
+                                       title="Sign-conflict rate by block"),
                     width="stretch", key="interference_conf_layers")
 
 # ------------------------------------------------------------------ SAR

@@ -101,10 +101,9 @@ if "merge_subsample" not in st.session_state:
 
 left, right = st.columns([1, 2.4])
 with left:
-    method_name = st.selectbox("Method", available, key="merge_method",
-                               format_func=lambda n: f"{n} — {METHODS[n].summary}")
+    method_name = st.selectbox("Method", available, key="merge_method")   # the name only: it fits the box
     spec = METHODS[method_name]
-    st.caption(spec.reference)
+    st.caption(f"{spec.summary}. {spec.reference}")
     knobs = {}
     for hp in spec.hyperparameters:
         key = f"merge_{method_name}_{hp.name}"
@@ -180,7 +179,7 @@ with right:
     where = f"full {split} split" if n is None else f"{split} subsample of {n} per task"
     if delta.per_task:
         where += " · each task scored with its own model (per-task method)"
-    st.plotly_chart(accuracy_bars(table, normalized=normalized, title=f"{method_name} · {where}"),
+    st.plotly_chart(accuracy_bars(table, normalized=normalized, title=method_name, subtitle=where),
                     width="stretch")
     shown = wide(table, "normalized" if normalized else "accuracy")
     st.dataframe(shown.style.format("{:.2%}", na_rep="–"), width="stretch")
@@ -195,5 +194,7 @@ with right:
 st.subheader("Configurations tried in this session")
 rows = [{"#": i, "method": h["method"], "knobs": ", ".join(f"{k}={url_text(v)}" for k, v in h["knobs"].items()),
          "split": h["split"], "examples": "full" if h.get("subsample") is None else h["subsample"],
-         "mean accuracy": h["mean"], **h["per_task"]} for i, h in enumerate(st.session_state[HISTORY_KEY], 1)]
-st.dataframe(pd.DataFrame(rows), width="stretch", hide_index=True)
+         "mean accuracy (%)": 100 * h["mean"], **{t: 100 * a for t, a in h["per_task"].items()}}
+        for i, h in enumerate(st.session_state[HISTORY_KEY], 1)]
+st.dataframe(pd.DataFrame(rows).round(2), width="stretch", hide_index=True)
+st.caption("Accuracy in %, on the split and number of examples per task of each row.")

@@ -15,7 +15,8 @@ import pandas as pd
 import streamlit as st
 
 from analysis.errors import MergescopeError
-from analysis.landscape import BARRIER_DEFINITIONS, barrier_table, barriers, delta_path, lambda_grid, scaling_path
+from analysis.barriers import BARRIERS
+from analysis.landscape import barrier_table, barriers, best_scale, delta_path, lambda_grid, scaling_path
 from analysis.plots.landscape import path_figure
 from ui.endpoints import PRETRAINED, delta_of, endpoint_options, spec_key
 from ui.state import merge_inputs, require_workspace, start_page
@@ -81,7 +82,7 @@ d1, d2, d3 = st.columns([1, 1, 2])
 split = d1.selectbox("Split", ["validation", "test"], key="ll_split",
                      index=["validation", "test"].index(from_query("ll_split", ["validation", "test"], default="validation")))
 subsample = d2.select_slider("Live subsample (examples per task)", [8, 16, 32, 64, 128, 256], key="ll_sub",
-                             value=int(from_query("ll_sub", cast=int, default=16)),
+                             value=int(from_query("ll_sub", cast=int, default=128)),
                              help="live evaluation cost grows with points × tasks × examples; the full split is a toggle below")
 tasks = d3.multiselect("Tasks", tasks_all, default=tasks_all, key="ll_tasks")
 remember(ll_split=split, ll_sub=subsample)
@@ -155,30 +156,33 @@ st.caption(f"{split} split, {scope}{f' (n ≤ {n_used})' if n_used else ''} · {
 
 if path_kind == LINE:
     title = f"{start} → {end}"
-    fig = path_figure(curves, tasks_all, "lam", title=title, start_label="start", end_label="end")
+    fig = path_figure(curves, tasks_all, "lam", title=title, start_label="start", end_label="end",
+                      subtitle=f"{split} split, {scope}")
     st.plotly_chart(fig, key="ll_figure", config={"displaylogo": False})
     bar_df = cached_barriers(curves)
     st.subheader("Barriers")
-    st.markdown(f"- **midpoint**: {BARRIER_DEFINITIONS['midpoint']}  \n- **linear**: {BARRIER_DEFINITIONS['linear']}  \n"
-                "For accuracy the same is applied to the accuracy drop, so a positive barrier is always "
-                "*worse than the ends*; accuracy in percentage points.")
+    for b in BARRIERS.values():
+        st.markdown(f"**{b.label}**")
+        st.latex(b.latex)
+    st.caption("The same two definitions, by the same names, on the Alignment page (analysis/barriers.py). "
+               "For accuracy they are applied to the accuracy drop, so a positive barrier is always *worse than "
+               "the ends*; accuracy barriers in percentage points. A monotone straight-line path has 0 under both.")
     t_loss, t_acc = st.tabs(["loss (nats)", "accuracy (points)"])
     with t_loss:
         st.dataframe(barrier_table(bar_df, "loss").round(4), hide_index=True)
     with t_acc:
-        acc = barrier_table(bar_df, "accuracy")
-        for c in acc.columns:
-            if c.startswith(("midpoint", "linear")):
-                acc[c] = acc[c] * 100
-        st.dataframe(acc.round(3), hide_index=True)
+        st.dataframe(barrier_table(bar_df, "accuracy", scale=100.0).round(2), hide_index=True)
     ws.extras["landscape_last"] = {"title": title, "curves": curves, "barriers": bar_df}
 else:
-    fig = path_figure(curves, tasks_all, "alpha", title=f"θ₀ + α·δ, δ = {delta_label}")
+    fig = path_figure(curves, tasks_all, "alpha", title=f"θ₀ + α·δ, δ = {delta_label}", subtitle=f"{split} split, {scope}")
     st.plotly_chart(fig, key="ll_figure", config={"displaylogo": False})
-    acc = curves[curves["metric"] == "accuracy"].groupby("alpha")["value"].mean()
-    best = float(acc.idxmax())
-    st.markdown(f"Best mean accuracy over the chosen tasks: **{acc.max() * 100:.1f}%** at **α = {best:.3g}** "
-                f"({split}, {scope}).")
+    best = best_scale(curves, "alpha")
+    n_text = ", ".join(f"{t} {n}" for t, n in best["n_per_task"].items())
+    tied = ", ".join(f"{a:.3g}" for a in best["tied"])
+    st.markdown(f"Best mean accuracy over the chosen tasks: **{best['mean'] * 100:.1f} %** (± {best['se'] * 100:.1f}, "
+                f"one standard error) at **α = {best['at']:.3g}**, on the {split} split, examples per task: {n_text}."
+                + (f" Within two standard errors of it, so not resolved at this sample size: α = {tied}." if tied
+                   else ""))
     ws.extras["landscape_last"] = {"title": f"scaling path of {delta_label}", "curves": curves}
 
 with st.expander("Data (tidy table)"):

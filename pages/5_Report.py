@@ -87,13 +87,11 @@ if chart == "radar" and n_tasks < 3:
     chart_used = "grouped bars"
 else:
     chart_used = chart
-fig = grouped_bars(comp, metric, tasks) if chart_used == "grouped bars" else radar(comp, metric, tasks)
-fig.update_layout(title=f"{METRIC_TITLES.get(metric, metric)} per task · {split} split")
+figure_of = grouped_bars if chart_used == "grouped bars" else radar
+fig = figure_of(comp, metric, tasks, title=f"{METRIC_TITLES.get(metric, metric)} per task", subtitle=f"{split} split")
 st.plotly_chart(fig, key="rp_figure", config={"displaylogo": False})
 
-shown = wide.copy()
-num = [c for c in shown.columns if c not in ("config", "method", "knobs")]
-shown[num] = shown[num] * 100
+shown = wide_table(comp, metric, tasks, percent=True)
 st.dataframe(shown.round(1), hide_index=True, key="rp_table",
              column_config={"knobs": st.column_config.TextColumn("knobs (JSON)")})
 st.caption(f"{METRIC_TITLES.get(metric, metric)}; 'mean' is the unweighted mean over tasks.")
@@ -108,12 +106,12 @@ config = {"workspace": {"name": ws.name, "tasks": list(tvs.tasks), "sources": di
 e1, e2, e3 = st.columns(3)
 e1.download_button("Table (CSV, tidy)", comp.to_csv(index=False).encode(), "mergescope_comparison.csv", "text/csv",
                    key="rp_csv_tidy", on_click="ignore")
-e1.download_button("Table (CSV, as shown)", wide.to_csv(index=False).encode(), f"mergescope_{metric}.csv",
+e1.download_button("Table (CSV, as shown, %)", shown.to_csv(index=False).encode(), f"mergescope_{metric}.csv",
                    "text/csv", key="rp_csv_wide", on_click="ignore")
 
 ok, why = export_status()
 if ok:
-    e2.download_button("Figure (PNG)", lambda: figure_bytes(fig, "png", scale=2), f"mergescope_{metric}.png",
+    e2.download_button("Figure (PNG, print resolution)", lambda: figure_bytes(fig, "png"), f"mergescope_{metric}.png",
                        "image/png", key="rp_png", on_click="ignore")
     e2.download_button("Figure (SVG)", lambda: figure_bytes(fig, "svg"), f"mergescope_{metric}.svg",
                        "image/svg+xml", key="rp_svg", on_click="ignore")
@@ -125,7 +123,8 @@ else:
 def report_html() -> bytes:
     figures = {f"{METRIC_TITLES.get(metric, metric)} (grouped bars)": grouped_bars(comp, metric, tasks),
                f"{METRIC_TITLES.get(metric, metric)} (radar)": radar(comp, metric, tasks)}
-    tables = {f"{METRIC_TITLES.get(m, m)}": wide_table(comp, m, tasks) for m in dict.fromkeys(comp["metric"])}
+    tables = {f"{METRIC_TITLES.get(m, m)}": wide_table(comp, m, tasks, percent=True)
+              for m in dict.fromkeys(comp["metric"])}
     last = ws.extras.get("landscape_last")
     if last is not None:
         from analysis.landscape import barrier_table
@@ -134,6 +133,7 @@ def report_html() -> bytes:
         figures[f"Loss landscape: {last['title']}"] = path_figure(last["curves"], tasks, coord, title=last["title"])
         if "barriers" in last:
             tables["Loss barriers (nats)"] = barrier_table(last["barriers"], "loss")
+            tables["Accuracy barriers (percentage points)"] = barrier_table(last["barriers"], "accuracy", scale=100.0)
     return html_report(f"mergescope report · {ws.name}", figures, tables, config).encode()
 
 

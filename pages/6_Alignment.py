@@ -11,6 +11,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from analysis.barriers import BARRIERS, barrier_labels
 from analysis.errors import MergescopeError
 from analysis.permutation import c2m3, mlp_spec_from_state_dict
 from analysis.permutation.mlp import evaluate_mlp
@@ -132,10 +133,15 @@ try:
             f1.plotly_chart(interpolation_figure(curves, "loss"), width="stretch")
             f2.plotly_chart(interpolation_figure(curves, "accuracy", title="Test accuracy along the path A → B"),
                             width="stretch")
-            st.markdown("**Barriers** — *mean*: max_λ L(λ) − ½(L(0)+L(1)); *linear*: max_λ L(λ) − "
-                        "((1−λ)L(0)+λL(1)); for accuracy, the dip below the endpoints' interpolation.")
-            st.dataframe(bars.rename(columns={"barrier_mean": "barrier (mean)", "barrier_linear": "barrier (linear)"}),
-                         hide_index=True, width="stretch")
+            st.markdown("**Barriers** (the same two definitions, by the same names, as on the Loss Landscape page)")
+            for bdef in BARRIERS.values():
+                st.latex(rf"\text{{{bdef.label}:}}\quad {bdef.latex}")
+            st.caption("For accuracy: the dip below the ends, in percentage points. Loss in nats.")
+            shown = bars.rename(columns=barrier_labels())
+            is_acc = shown["metric"] == "accuracy"
+            for label in barrier_labels().values():
+                shown.loc[is_acc, label] = shown.loc[is_acc, label] * 100
+            st.dataframe(shown.round(4), hide_index=True, width="stretch")
 
     with plane_tab:
         if len(names) < 3:
@@ -159,7 +165,9 @@ try:
         elif st.toggle("Compute the merge", value=False, key="al_merge_on",
                        help="C2M3 on MNIST-sized MLPs takes minutes on a CPU; the result is cached"):
             table, cyc = merges(src_key, tuple(chosen), method, use_repair, n_eval, n_rep)
-            st.dataframe(table, hide_index=True, width="stretch")
+            st.dataframe(table.assign(accuracy=table["accuracy"] * 100), hide_index=True, width="stretch",
+                         column_config={"accuracy": st.column_config.NumberColumn("accuracy (%)", format="%.2f %%"),
+                                        "loss": st.column_config.NumberColumn("loss (nats)", format="%.4f")})
             if cyc is not None:
                 st.markdown(f"**Cycle error** around {' → '.join(chosen)} → {chosen[0]}: fraction of hidden units "
                             "that do not come back to themselves (0 = cycle-consistent).")

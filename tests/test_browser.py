@@ -7,6 +7,10 @@ slider on the Loss Landscape page and times slider -> re-rendered figure,
 screenshots every page, fails on any Streamlit exception box, and opens the
 exported HTML report in the browser.
 
+`test_screenshots_of_the_quick_demo` takes the README's screenshots of every
+page on the built quick demo (skipped when it is not built); with
+MERGESCOPE_SCREENSHOTS=1 it writes them to docs/screenshots/.
+
 Also a script, for the screenshots and timings in docs/results_app.md:
     python tests/test_browser.py --cache ~/.cache/mergescope --out docs/screenshots
 """
@@ -30,6 +34,7 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"
                  "--disable-component-update", "--disable-sync"]
 EXCEPTION = '[data-testid="stException"]'
 PAGE_TIMEOUT = 90.0  # seconds a page may run; the script mode raises it (first SVDs of the real demo)
+START_TIMEOUT = 60.0  # seconds the server may take to answer; raised for the real demo on a busy machine
 
 
 def free_port() -> int:
@@ -66,7 +71,7 @@ def wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float = 
 def start_app(cache: Path, port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "MERGESCOPE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(start_app_cmd(port), cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    wait_healthy(proc, port, log)
+    wait_healthy(proc, port, log, START_TIMEOUT)
     return proc
 
 
@@ -92,10 +97,15 @@ def check_no_exception(page, where: str) -> None:
         raise AssertionError(f"Streamlit exception on {where}: {boxes.first.inner_text()[:2000]}")
 
 
+def page_height(page) -> int:
+    """Height in px of the page's content (Streamlit scrolls inside its main container)."""
+    return int(page.evaluate("() => { const m = document.querySelector('[data-testid=\"stMain\"]');"
+                             " return m ? m.scrollHeight : document.body.scrollHeight; }"))
+
+
 def full_screenshot(page, path: Path, width: int = 1400, max_height: int = 6000) -> None:
     """The whole page: Streamlit scrolls inside its main container, so grow the viewport to its height."""
-    height = page.evaluate("() => { const m = document.querySelector('[data-testid=\"stMain\"]');"
-                           " return m ? m.scrollHeight : document.body.scrollHeight; }")
+    height = page_height(page)
     page.set_viewport_size({"width": width, "height": int(min(max(900, height), max_height))})
     time.sleep(0.5)  # let plotly settle at the new size
     page.screenshot(path=str(path), full_page=True)
@@ -114,7 +124,7 @@ def drive(cache: Path, out: Path, log: Path, moves: int = 1) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     port = free_port()
     proc = start_app(cache, port, log)
-    results = {"screenshots": [], "pages": [], "slider_to_figure_s": []}
+    results = {"screenshots": [], "pages": [], "slider_to_figure_s": [], "heights": {}}
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -143,6 +153,7 @@ def drive(cache: Path, out: Path, log: Path, moves: int = 1) -> dict:
                     results["html_report"] = open_exported_report(page, ctx, out)
                     check_no_exception(page, f"{label} after the export")
                 idx = len(results["pages"]) + 1
+                results["heights"][name] = page_height(page)
                 shot = out / f"{idx}_{name}.png"
                 full_screenshot(page, shot)
                 results["screenshots"].append(str(shot))
@@ -208,6 +219,50 @@ def test_every_page_in_chromium(tiny_demo_dir, tmp_path):
         assert Path(shot).stat().st_size > 10_000  # a rendered page, not a blank one
     assert len(res["slider_to_figure_s"]) == 1
     assert res["html_report"]["plots"] >= 2 and "configurations" in res["html_report"]["config_keys"]
+
+
+def quick_demo_cache(tmp: Path) -> Path | None:
+    """A cache folder that holds only the user's finished quick build (linked, not copied), or None."""
+    real = Path(os.environ.get("MERGESCOPE_REAL_CACHE", Path.home() / ".cache" / "mergescope")).expanduser()
+    builds = sorted(p for p in real.glob("zoo-quick-*") if (p / "manifest.json").is_file()) if real.is_dir() else []
+    if not builds:
+        return None
+    cache = tmp / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / builds[-1].name).symlink_to(builds[-1], target_is_directory=True)
+    return cache
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(3000)
+def test_screenshots_of_the_quick_demo(tmp_path):
+    """Every page of the built quick demo at the shared plot theme, as the README shows them; the
+    Interference page stays of reasonable height with 8 tasks (28 pairs)."""
+    global PAGE_TIMEOUT, START_TIMEOUT
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is absent (Debian: apt-get install chromium)")
+    cache = quick_demo_cache(tmp_path)
+    if cache is None:
+        pytest.skip("the quick demo is not built (python -m analysis.zoo build --quick)")
+    update = os.environ.get("MERGESCOPE_SCREENSHOTS") == "1"
+    out = ROOT / "docs" / "screenshots" if update else tmp_path / "shots"
+    saved = PAGE_TIMEOUT, START_TIMEOUT
+    PAGE_TIMEOUT, START_TIMEOUT = 900.0, 300.0     # first SVDs and scores of the real demo on a shared CPU
+    try:
+        res = drive(cache, out, tmp_path / "streamlit.log", moves=0)
+    finally:
+        PAGE_TIMEOUT, START_TIMEOUT = saved
+    print(json.dumps(res, indent=1))
+    assert res["pages"][:6] == ["Spectra", "Interference", "Merge", "Loss_Landscape", "Report", "Alignment"]
+    assert len(res["screenshots"]) == len(res["pages"]) + 1
+    for shot in res["screenshots"]:
+        assert Path(shot).stat().st_size > 20_000
+    assert res["heights"]["Interference"] < 5000, res["heights"]
+    if update:
+        from PIL import Image  # docs copies: 256-colour palette PNGs, a fraction of the size
+        for shot in res["screenshots"] + [str(out / "report_html.png")]:
+            Image.open(shot).convert("RGB").quantize(256).save(shot, optimize=True)
+        (out / "report.html").unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

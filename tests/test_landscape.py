@@ -23,30 +23,42 @@ def quadratic_eval(params, c=5.0):
 
 def test_quadratic_barriers_match_closed_form():
     # a = -1, b = 2: θ0(λ) = 3λ − 1, L(λ) = c − (3λ−1)², L(0) = c−1, L(1) = c−4.
-    # midpoint: max L − ½(L0+L1) = c − (c − 2.5) = 2.5 at λ = 1/3
-    # linear:   max −9λ² + 9λ = 9/4 at λ = 1/2
+    # max over path: max_λ L(λ) − ((1−λ)L0 + λL1) = max −9λ² + 9λ = 9/4 at λ = 1/2
+    # midpoint:      L(½) − ½(L0+L1) = (c − 0.25) − (c − 2.5) = 2.25
     a, b = {"w": torch.tensor([-1.0, 0.0])}, {"w": torch.tensor([2.0, 0.0])}
-    grid = np.arange(7) / 6.0  # holds 1/3 and 1/2
+    grid = np.arange(7) / 6.0  # holds 1/2
     curves = linear_path(quadratic_eval, a, b, grid)
     assert len(curves) == 7 * 2 and set(curves.columns) >= {"lam", "task", "metric", "value"}
     bar = barriers(curves).set_index(["metric", "definition"])
-    assert bar.loc[("loss", "midpoint"), "value"] == pytest.approx(2.5)
-    assert bar.loc[("loss", "midpoint"), "at"] == pytest.approx(1 / 3)
-    assert bar.loc[("loss", "linear"), "value"] == pytest.approx(2.25)
-    assert bar.loc[("loss", "linear"), "at"] == pytest.approx(0.5)
+    assert bar.loc[("loss", "path"), "value"] == pytest.approx(2.25)
+    assert bar.loc[("loss", "path"), "at"] == pytest.approx(0.5)
+    assert bar.loc[("loss", "midpoint"), "value"] == pytest.approx(2.25)
+    assert bar.loc[("loss", "midpoint"), "at"] == pytest.approx(0.5)
     # "accuracy" here is −L: higher is better, so its barrier is the same drop
-    assert bar.loc[("accuracy", "midpoint"), "value"] == pytest.approx(2.5)
-    assert bar.loc[("accuracy", "linear"), "value"] == pytest.approx(2.25)
+    assert bar.loc[("accuracy", "path"), "value"] == pytest.approx(2.25)
+    assert bar.loc[("accuracy", "midpoint"), "value"] == pytest.approx(2.25)
     wide = barrier_table(barriers(curves))
-    assert wide.shape[0] == 1 and any("½(L(0)+L(1))" in c for c in wide.columns)
+    assert wide.shape[0] == 1
+    assert list(wide.columns) == ["task", "max-over-path barrier", "midpoint barrier", "λ of the max-over-path barrier"]
+    assert barrier_table(barriers(curves), "accuracy", scale=100)["midpoint barrier"].iloc[0] == pytest.approx(225.0)
 
 
-def test_convex_path_has_no_positive_linear_barrier():
-    # L = θ0²: convex, so L(λ) ≤ the chord everywhere; the linear barrier is 0 (at an end)
+def test_monotone_linear_curve_has_no_barrier_under_either_definition():
+    # the endpoint bug: L rising linearly from 0.2 to 0.264 used to read a "barrier" of 0.032 at λ = 1
+    ev = lambda p: pd.DataFrame([{"task": "q", "metric": "loss", "value": 0.2 + 0.064 * float(p["w"][0])},
+                                 {"task": "q", "metric": "accuracy", "value": 0.9 - 0.1 * float(p["w"][0])}])
+    for points in (5, 6, 11):   # 6: λ = ½ is not on the grid and is read off its neighbours
+        bar = barriers(linear_path(ev, {"w": torch.tensor([0.0])}, {"w": torch.tensor([1.0])}, points))
+        assert np.allclose(bar["value"], 0.0, atol=1e-6), (points, bar)
+
+
+def test_convex_path_has_no_positive_max_over_path_barrier():
+    # L = θ0²: convex, so L(λ) ≤ the chord everywhere; the max-over-path barrier is 0 (at an end),
+    # the midpoint barrier negative (the path bends below the chord)
     ev = lambda p: pd.DataFrame([{"task": "q", "metric": "loss", "value": float(p["w"][0]) ** 2}])
-    bar = barriers(linear_path(ev, {"w": torch.tensor([-1.0])}, {"w": torch.tensor([3.0])}, 11))
-    lin = bar[bar.definition == "linear"].iloc[0]
-    assert lin.value == pytest.approx(0.0, abs=1e-12)
+    bar = barriers(linear_path(ev, {"w": torch.tensor([-1.0])}, {"w": torch.tensor([3.0])}, 11)).set_index("definition")
+    assert bar.loc["path", "value"] == pytest.approx(0.0, abs=1e-12)
+    assert bar.loc["midpoint", "value"] == pytest.approx(1.0 - 5.0)   # L(½) = 1, ½(1 + 9) = 5
 
 
 def test_identical_endpoints_have_zero_barrier(tiny_workspace):
@@ -94,7 +106,7 @@ def test_interpolate_keeps_buffers_and_rejects_mismatch():
 
 def test_barriers_need_both_ends_and_tidy_input():
     df = pd.DataFrame({"lam": [0.0, 0.5], "task": "t", "metric": "loss", "value": [1.0, 2.0]})
-    with pytest.raises(ValidationError, match="λ=0 and λ=1"):
+    with pytest.raises(ValidationError, match="λ = 0 and λ = 1"):
         barriers(df)
     with pytest.raises(ValidationError, match="tidy"):
         linear_path(lambda p: pd.DataFrame({"x": [1]}), {"w": torch.zeros(1)}, {"w": torch.ones(1)}, 2)

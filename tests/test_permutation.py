@@ -130,8 +130,8 @@ def test_weight_matching_recovers_a_random_permutation(models, digits):
     lams = [0.0, 0.25, 0.5, 0.75, 1.0]
     aligned_b = barriers(interpolation_curve(_loss_fn(digits), a, aligned, lams))
     naive_b = barriers(interpolation_curve(_loss_fn(digits), a, b, lams))
-    assert abs(aligned_b["barrier_mean"]) < 1e-5 and abs(aligned_b["barrier_linear"]) < 1e-5
-    assert naive_b["barrier_mean"] > 0.1  # the naive path really has a barrier
+    assert abs(aligned_b["midpoint"]) < 1e-5 and abs(aligned_b["path"]) < 1e-5
+    assert naive_b["path"] > 0.1  # the naive path really has a barrier
 
 
 def test_weight_matching_is_seedable_and_improves_the_objective(models):
@@ -156,7 +156,7 @@ def test_c2m3_recovers_permutations_of_three_copies(models, digits):
     assert same(merged, a, atol=1e-6)
     aligned = apply_permutation(copies[1], spec, res.pairwise(0, 1))
     b = barriers(interpolation_curve(_loss_fn(digits), a, aligned, [0.0, 0.5, 1.0]))
-    assert abs(b["barrier_mean"]) < 1e-5
+    assert abs(b["path"]) < 1e-5
 
 
 def test_c2m3_is_cycle_consistent_and_pairwise_matching_is_not(models, capsys):
@@ -230,14 +230,16 @@ def test_repair_of_a_model_against_itself_changes_nothing(models, digits):
 def test_barrier_definitions_on_a_hand_made_curve():
     curve = pd.DataFrame({"lam": [0.0, 0.5, 1.0], "metric": "loss", "value": [1.0, 2.5, 3.0]})
     b = barriers(curve)
-    assert b["barrier_mean"] == pytest.approx(1.0)      # at lam = 1: 3 - (1 + 3) / 2 (the endpoints count)
-    assert b["barrier_linear"] == pytest.approx(0.5)    # at lam = 0.5: 2.5 - 2.0
-    curve["value"] = [1.0, 1.5, 3.0]
-    assert barriers(curve)["barrier_mean"] == pytest.approx(1.0)   # max at lam = 1: 3 - 2
-    assert barriers(curve)["barrier_linear"] == pytest.approx(0.0)
+    assert b["path"] == pytest.approx(0.5)       # at lam = 0.5: 2.5 - 2.0 (the ends are never a barrier)
+    assert b["midpoint"] == pytest.approx(0.5)   # L(1/2) - (1 + 3) / 2
+    curve["value"] = [1.0, 2.0, 3.0]             # monotone and linear: no barrier under either definition
+    assert barriers(curve) == {"path": pytest.approx(0.0), "midpoint": pytest.approx(0.0)}
+    curve["value"] = [1.0, 1.5, 3.0]             # below the chord
+    assert barriers(curve)["path"] == pytest.approx(0.0)
+    assert barriers(curve)["midpoint"] == pytest.approx(-0.5)
     acc = pd.DataFrame({"lam": [0.0, 0.5, 1.0], "metric": "accuracy", "value": [0.9, 0.5, 0.8]})
-    assert barriers(acc, "accuracy")["barrier_linear"] == pytest.approx(0.35)
-    with pytest.raises(ValidationError, match="endpoints"):
+    assert barriers(acc, "accuracy")["path"] == pytest.approx(0.35)
+    with pytest.raises(ValidationError, match="ends"):
         barriers(curve[curve["lam"] < 1.0])
 
 
@@ -295,5 +297,5 @@ def test_barriers_agree_with_the_landscape_module():
     theirs = landscape.barriers(curve.assign(task="mnist")).set_index(["metric", "definition"])["value"]
     for metric in ("loss", "accuracy"):
         ours = barriers(curve, metric)
-        assert ours["barrier_mean"] == pytest.approx(theirs[(metric, "midpoint")])
-        assert ours["barrier_linear"] == pytest.approx(theirs[(metric, "linear")])
+        assert ours["midpoint"] == pytest.approx(theirs[(metric, "midpoint")])
+        assert ours["path"] == pytest.approx(theirs[(metric, "path")])

@@ -1,11 +1,12 @@
 """Figures for spectra and interference: the right traces, axes and colours."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from analysis.interference import cosine_table, pairwise_sti_table, sign_conflict_table, sti_table, task_pair_stats
 from analysis.plots import task_color
-from analysis.plots.spectra import (effective_rank_figure, energy_figure, layer_pair_heatmap, spectrum_figure,
+from analysis.plots.spectra import (effective_rank_figure, energy_figure, pair_depth_heatmap, spectrum_figure,
                                     sti_depth_figure, task_heatmap)
 from analysis.spectra import SpectralCache, effective_rank_table, energy_table, singular_values_table
 from analysis.taskvectors import TaskVectorSet
@@ -50,12 +51,18 @@ def test_interference_figures(tmp_path):
     fig = sti_depth_figure(sti)
     assert {t.name for t in fig.data} == {"q.weight", "o.weight"} and "depth" in fig.layout.xaxis.title.text
     pairs = pairwise_sti_table(cache.tvs, 0.5, cache=cache)
-    heat = layer_pair_heatmap(pairs, "sti", list(TASKS))
-    assert list(heat.data[0].x) == ["a × b", "a × c", "b × c"]
-    assert list(heat.data[0].y) == cache.names
+    heat = pair_depth_heatmap(pairs, "sti", list(TASKS))
+    assert sorted(heat.data[0].y) == ["a × b", "a × c", "b × c"]     # one horizontal row per pair
+    assert list(heat.data[0].x) == [0, 1]                             # one column per block
+    # STI is additive: a block's cell is the sum over its layers
+    ab = pairs[(pairs.task == "a") & (pairs.task_b == "b") & (pairs.depth == 0)]["sti"].sum()
+    row = list(heat.data[0].y).index("a × b")
+    assert heat.data[0].z[row][0] == pytest.approx(ab)
+    with pytest.raises(ValueError, match="not additive"):
+        pair_depth_heatmap(cosine_table(task_pair_stats(cache.tvs, device="cpu"), "param"), "cosine", list(TASKS))
     stats = task_pair_stats(cache.tvs, device="cpu")
     cos = task_heatmap(cosine_table(stats), "cosine", list(TASKS))
     z = cos.data[0].z
-    assert z[0][0] == 1.0 and cos.data[0].zmid == 0.0
+    assert z[0][0] == pytest.approx(1.0) and cos.data[0].zmid == 0.0
     conf = task_heatmap(sign_conflict_table(stats), "conflict_rate", list(TASKS))
     assert conf.data[0].z[1][1] != conf.data[0].z[1][1]   # the diagonal is blank (NaN)

@@ -1,19 +1,17 @@
 """Straight-line paths between two parameter sets and their loss barriers.
 
-Two definitions, both reported and labelled:
-- `barrier_mean`:   max_lam L(lam) - (L(0) + L(1)) / 2
-- `barrier_linear`: max_lam L(lam) - ((1 - lam) L(0) + lam L(1))
-For accuracy the sign flips (a barrier is a dip): interpolated endpoint
-accuracy minus the path's accuracy, maximised over lam.
+Both barrier definitions come from `analysis.barriers` (defined once for every
+page): "path" = max-over-path barrier, "midpoint" = midpoint barrier. For
+accuracy the sign flips (a barrier is a dip below the ends).
 """
 from __future__ import annotations
 
 from typing import Callable, Mapping, Sequence
 
-import numpy as np
 import pandas as pd
 import torch
 
+from analysis.barriers import HIGHER_IS_BETTER, barrier_values
 from analysis.errors import ValidationError
 from analysis.permutation.specs import StateDict
 
@@ -42,13 +40,7 @@ def interpolation_curve(eval_fn: EvalFn, sd_a: StateDict, sd_b: StateDict, lambd
 
 
 def barriers(curve: pd.DataFrame, metric: str = "loss") -> dict[str, float]:
-    """Both barrier definitions from a curve (needs lam = 0 and lam = 1)."""
+    """Both barrier definitions of one metric's curve: {"path": …, "midpoint": …} (needs lam = 0 and lam = 1)."""
     c = curve[curve["metric"] == metric].sort_values("lam")
-    lam, v = c["lam"].to_numpy(), c["value"].to_numpy()
-    if len(lam) < 2 or lam[0] != 0.0 or lam[-1] != 1.0:
-        raise ValidationError(f"a barrier needs the path's endpoints lam=0 and lam=1; got lam={lam.tolist()}")
-    sign = -1.0 if metric == "accuracy" else 1.0
-    v0, v1 = v[0], v[-1]
-    mean = float(np.max(sign * (v - 0.5 * (v0 + v1))))
-    linear = float(np.max(sign * (v - ((1 - lam) * v0 + lam * v1))))
-    return {"barrier_mean": mean, "barrier_linear": linear}
+    found = barrier_values(c["lam"].to_numpy(), c["value"].to_numpy(), metric in HIGHER_IS_BETTER)
+    return {key: value for key, (value, _) in found.items()}

@@ -63,7 +63,7 @@ def compare_paths(sd_a: StateDict, sd_b: StateDict, spec: PermutationSpec, eval_
     """Interpolation curves A -> B: always the naive path, plus the path after
     aligning B to A with `method`, plus (with `repair_x`) that path with REPAIR
     at every interior point. Returns (curves: lam, metric, value, method;
-    barriers: method, metric, barrier_mean, barrier_linear)."""
+    barriers: method, metric, path, midpoint; see analysis.barriers)."""
     import pandas as pd
 
     from analysis.permutation.barrier import barriers, interpolation_curve

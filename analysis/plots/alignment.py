@@ -7,16 +7,10 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-try:  # the shared look, when the plots package provides it
-    from analysis.plots import PALETTE, apply_theme
-except ImportError:  # pragma: no cover - the package always has it in this tree
-    PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7"]
+from analysis.plots import PALETTE, apply_theme
 
-    def apply_theme(fig, height=520):
-        fig.update_layout(height=height)
-        return fig
-
-METRIC_LABEL = {"loss": "cross-entropy loss", "accuracy": "accuracy"}
+METRIC_LABEL = {"loss": "cross-entropy loss (nats)", "accuracy": "accuracy (%)"}
+SCALE = {"accuracy": 100.0}   # accuracy is shown in %, as on every page
 
 
 def interpolation_figure(curves: pd.DataFrame, metric: str = "loss", title: str | None = None) -> go.Figure:
@@ -25,11 +19,11 @@ def interpolation_figure(curves: pd.DataFrame, metric: str = "loss", title: str 
     fig = go.Figure()
     for k, (method, d) in enumerate(c.groupby("method", sort=False)):
         d = d.sort_values("lam")
-        fig.add_trace(go.Scatter(x=d["lam"], y=d["value"], mode="lines+markers", name=str(method),
-                                 line=dict(color=PALETTE[k % len(PALETTE)], width=3)))
-    fig.update_layout(title=title or f"Test {METRIC_LABEL.get(metric, metric)} along the straight path A → B",
-                      xaxis_title="λ (0 = model A, 1 = model B)", yaxis_title=METRIC_LABEL.get(metric, metric))
-    return apply_theme(fig)
+        fig.add_trace(go.Scatter(x=d["lam"], y=d["value"] * SCALE.get(metric, 1.0), mode="lines+markers",
+                                 name=str(method), line=dict(color=PALETTE[k % len(PALETTE)], width=3)))
+    fig.update_layout(xaxis_title="λ (0 = model A, 1 = model B)", yaxis_title=METRIC_LABEL.get(metric, metric))
+    what = METRIC_LABEL.get(metric, metric).split(" (")[0]
+    return apply_theme(fig, title=title or f"Test {what} along the path A → B")
 
 
 def plane_figure(planes: dict[str, tuple[pd.DataFrame, pd.DataFrame]], metric: str = "loss",
@@ -42,13 +36,13 @@ def plane_figure(planes: dict[str, tuple[pd.DataFrame, pd.DataFrame]], metric: s
     grids = {lab: g[g["metric"] == metric] for lab, (g, _) in planes.items()}
     vals = np.concatenate([g["value"].to_numpy() for g in grids.values()])
     is_log = log_scale and metric == "loss"
-    tr = (lambda v: np.log10(np.maximum(v, 1e-6))) if is_log else (lambda v: v)
+    tr = (lambda v: np.log10(np.maximum(v, 1e-6))) if is_log else (lambda v: v * SCALE.get(metric, 1.0))
     lo, hi = float(np.min(tr(vals))), float(np.quantile(tr(vals), 0.95))
     for k, lab in enumerate(labels):
         g = grids[lab]
         xs, ys = np.sort(g["x"].unique()), np.sort(g["y"].unique())
         z = g.pivot(index="y", columns="x", values="value").reindex(index=ys, columns=xs).to_numpy()
-        bar_title = f"log10 {metric}" if is_log else METRIC_LABEL.get(metric, metric)
+        bar_title = f"log₁₀ {metric}" if is_log else METRIC_LABEL.get(metric, metric)
         fig.add_trace(go.Contour(x=xs, y=ys, z=tr(z), zmin=lo, zmax=hi, colorscale="Viridis",
                                  reversescale=metric == "accuracy", showscale=k == len(labels) - 1,
                                  colorbar=dict(title=bar_title), contours=dict(coloring="heatmap"),
@@ -61,5 +55,5 @@ def plane_figure(planes: dict[str, tuple[pd.DataFrame, pd.DataFrame]], metric: s
                                  textfont=dict(color="white", size=16), showlegend=False), row=1, col=k + 1)
         fig.update_xaxes(title_text="distance along B − A", row=1, col=k + 1)
     fig.update_yaxes(title_text="distance along C − A (orthogonal part)", row=1, col=1)
-    fig.update_layout(title=f"Test {METRIC_LABEL.get(metric, metric)} on the plane through three models")
-    return apply_theme(fig, height=560)
+    what = METRIC_LABEL.get(metric, metric).split(" (")[0]
+    return apply_theme(fig, height=560, title=f"Test {what} on the plane through three models")

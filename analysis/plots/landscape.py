@@ -7,6 +7,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from analysis.barriers import BARRIERS
 from analysis.plots import apply_theme, task_color
 
 METRIC_LABELS = {"loss": "cross-entropy loss (nats)", "accuracy": "accuracy (%)"}
@@ -14,7 +15,8 @@ COORD_LABELS = {"lam": "λ (0 = start, 1 = end)", "alpha": "α (scale of the mer
 
 
 def path_figure(curves: pd.DataFrame, tasks: Sequence[str], coord: str = "lam", title: str = "",
-                start_label: str = "start", end_label: str = "end", height: int = 560) -> go.Figure:
+                start_label: str = "start", end_label: str = "end", height: int = 560,
+                subtitle: str | None = None) -> go.Figure:
     """Loss (left) and accuracy (right) along a path, one line per task, same colour per task on both."""
     metrics = [m for m in ("loss", "accuracy") if m in set(curves["metric"])]
     fig = make_subplots(rows=1, cols=len(metrics), horizontal_spacing=0.1,
@@ -37,24 +39,24 @@ def path_figure(curves: pd.DataFrame, tasks: Sequence[str], coord: str = "lam", 
             fig.update_xaxes(tickvals=[0, 0.25, 0.5, 0.75, 1.0],
                              ticktext=[f"0<br>{start_label}", "0.25", "0.5", "0.75", f"1<br>{end_label}"],
                              row=1, col=col)
-    if title:
-        fig.update_layout(title=title)
-    apply_theme(fig, height=height)
-    # legend above the plots, title above the legend: neither covers data
-    fig.update_layout(margin=dict(t=150 if title else 110, b=110))
-    fig.update_layout(legend=dict(y=1.12))
+    apply_theme(fig, height=height, title=title or None, subtitle=subtitle)
+    # the two panel titles are annotations just above each panel: smaller than the figure title
+    fig.update_annotations(font_size=15)
     return fig
 
 
 def barrier_figure(barrier_df: pd.DataFrame, tasks: Sequence[str], metric: str = "loss", height: int = 460) -> go.Figure:
-    """Grouped bars: both barrier definitions per task."""
+    """Grouped bars: both barrier definitions (analysis.barriers) per task; accuracy in points."""
     sub = barrier_df[barrier_df["metric"] == metric]
+    scale = 100.0 if metric == "accuracy" else 1.0
     fig = go.Figure()
-    patterns = {"midpoint": "", "linear": "/"}
+    patterns = {"path": "", "midpoint": "/"}
     for definition, g in sub.groupby("definition", sort=False):
-        fig.add_trace(go.Bar(x=g["task"], y=g["value"], name=f"{definition} barrier",
+        label = BARRIERS[definition].label if definition in BARRIERS else definition
+        fig.add_trace(go.Bar(x=g["task"], y=g["value"] * scale, name=label,
                              marker=dict(color=[task_color(t, tasks) for t in g["task"]],
                                          pattern=dict(shape=patterns.get(definition, ""))),
-                             hovertemplate="%{x}: %{y:.4g}<extra>" + definition + "</extra>"))
-    fig.update_layout(barmode="group", yaxis_title=f"barrier ({METRIC_LABELS[metric]})", xaxis_title="task")
-    return apply_theme(fig, height=height)
+                             hovertemplate="%{x}: %{y:.4g}<extra>" + label + "</extra>"))
+    unit = "accuracy points" if metric == "accuracy" else METRIC_LABELS[metric]
+    fig.update_layout(barmode="group", yaxis_title=f"barrier ({unit})", xaxis_title="")
+    return apply_theme(fig, height=height, title=f"Barriers of the {metric} along the path")
