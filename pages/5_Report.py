@@ -5,7 +5,8 @@ workspace's reference (zero-shot / fine-tuned). Exports: CSV tables, each
 figure as PNG / SVG (kaleido + a local Chromium), one self-contained HTML
 report with the configuration that reproduces it, and a merged backbone as a
 Hugging Face folder (config.json + model.safetensors + heads.safetensors).
-Choices live in the URL (rp_* query parameters).
+Choices live in the URL (rp_* query parameters, ui/url.py); rows of the
+history can be removed here.
 """
 from __future__ import annotations
 
@@ -21,14 +22,15 @@ from analysis.errors import MergescopeError
 from analysis.plots.report import grouped_bars, radar
 from analysis.report import (METRIC_TITLES, comparison_table, export_status, figure_bytes, html_report, wide_table,
                              write_hf_model)
+from ui import history as merge_history
+from ui import url
 from ui.endpoints import history_configs, registry
 from ui.state import merge_inputs, require_workspace, start_page
 
 start_page("Report")
 ws = require_workspace()
 tvs = ws.tvs
-history = list(st.session_state.get("merge_history", []))
-QP = st.query_params
+history = merge_history.entries()
 
 if not history and (ws.reference is None or not len(ws.reference)):
     st.info("Nothing to compare yet: try configurations on the **Merge** page; each one tried appears here.")
@@ -47,18 +49,12 @@ if not has_ref:
     metric_labels = {"absolute accuracy": "accuracy"}
 
 
-def qp_index(key, options, default=0):
-    v = QP.get(key)
-    return options.index(v) if v in options else default
-
-
 c1, c2, c3 = st.columns([1, 2, 1])
-split = c1.selectbox("Split", splits, index=qp_index("rp_split", splits), key="rp_split")
-metric_label = c2.radio("Score", list(metric_labels), horizontal=True, key="rp_metric",
-                        index=qp_index("rp_metric", list(metric_labels)))
-chart = c3.radio("View", ["grouped bars", "radar"], horizontal=True, key="rp_chart",
-                 index=qp_index("rp_chart", ["grouped bars", "radar"]))
-QP["rp_split"], QP["rp_metric"], QP["rp_chart"] = split, metric_label, chart
+split = url.widget(c1.selectbox, "Split", key="rp_split", options=splits, default=splits[0])
+metric_label = url.widget(c2.radio, "Score", key="rp_metric", options=list(metric_labels),
+                          default=list(metric_labels)[0], horizontal=True)
+chart = url.widget(c3.radio, "View", key="rp_chart", options=["grouped bars", "radar"], default="grouped bars",
+                   horizontal=True)
 metric = metric_labels[metric_label]
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -93,13 +89,14 @@ shown[num] = shown[num] * 100
 st.dataframe(shown.round(1), hide_index=True, key="rp_table",
              column_config={"knobs": st.column_config.TextColumn("knobs (JSON)")})
 st.caption(f"{METRIC_TITLES.get(metric, metric)}; 'mean' is the unweighted mean over tasks.")
+merge_history.removal_control("rp_history")
 
 # ---------------------------------------------------------------- exports
 st.subheader("Export")
 config = {"workspace": {"name": ws.name, "tasks": list(tvs.tasks), "sources": dict(tvs.sources)},
           "split": split, "score": metric, "view": chart, "configurations": [
               {"method": e.get("method"), "knobs": e.get("knobs", {}), "split": e.get("split")} for e in history],
-          "query": {"rp_split": split, "rp_metric": metric_label, "rp_chart": chart}}
+          "query": {k: st.query_params.get_all(k) for k in st.query_params}}   # this view's link (ui/url.py)
 
 e1, e2, e3 = st.columns(3)
 e1.download_button("Table (CSV, tidy)", comp.to_csv(index=False).encode(), "mergescope_comparison.csv", "text/csv",
@@ -150,7 +147,8 @@ elif base_dir is None or not (base_dir / "config.json").is_file():
     st.info("The merged backbone can be written as a Hugging Face folder when the base model is one "
             "(a folder with config.json); this set's base is not.")
 else:
-    label = st.selectbox("Configuration", list(configs), index=len(configs) - 1, key="rp_export_config")
+    label = url.widget(st.selectbox, "Configuration", key="rp_export_config", param="rp_export",
+                       options=list(configs), default=list(configs)[-1])
     out = st.text_input("Output folder (on the machine running the app)",
                         value=str(Path(tempfile.gettempdir()) / "mergescope-merged"), key="rp_export_dir")
     if st.button("Write merged model", key="rp_export"):
