@@ -5,8 +5,9 @@ workspace's reference (zero-shot / fine-tuned). Exports: CSV tables, each
 figure as PNG / SVG (kaleido + a local Chromium), one self-contained HTML
 report with the configuration that reproduces it, and a merged backbone as a
 Hugging Face folder (config.json + model.safetensors + heads.safetensors).
-Choices live in the URL (rp_* query parameters, ui/url.py); rows of the
-history can be removed here.
+Choices live in the URL (rp_* query parameters, ui/url.py), and so do the
+rows compared (rp_rows: each row's recipe and how it was scored), which a
+link opened in a new session scores again; rows can be removed here.
 """
 from __future__ import annotations
 
@@ -30,7 +31,13 @@ from ui.state import merge_inputs, require_workspace, start_page
 start_page("Report")
 ws = require_workspace()
 tvs = ws.tvs
+if url.first_run("rp_split"):   # a link opened in a new session: score the rows it was made with
+    merge_history.restore_from_link(ws, "rp_rows")
 history = merge_history.entries()
+if history:
+    url.set_param("rp_rows", [merge_history.entry_text(e) for e in history])
+else:
+    url.drop("rp_rows")
 
 if not history and (ws.reference is None or not len(ws.reference)):
     st.info("Nothing to compare yet: try configurations on the **Merge** page; each one tried appears here.")

@@ -164,3 +164,22 @@ def test_report_removes_history_rows(tiny_workspace):
     assert [h["knobs"]["alpha"] for h in at.session_state["merge_history"]] == [0.7]
     configs = set(at.dataframe[0].value["config"])
     assert "#1 task_arithmetic (alpha=0.7)" in configs and not any("0.3" in c for c in configs)
+
+
+def test_a_report_link_scores_the_rows_it_was_made_with(tiny_workspace):
+    from ui.history import entry_text, score_entry
+    from analysis.merging import METHODS
+    knobs = METHODS["ties"].validate({"density": 0.4, "alpha": 1.0}, 3)   # every knob, as the Merge page keeps them
+    row = score_entry(tiny_workspace, "ties", knobs, "validation", 16)
+    text = entry_text(row)
+    assert text.startswith("ties (") and text.endswith(" @ validation · 16")
+    at = run_page("5_Report.py", tiny_workspace, {"rp_rows": [text, "nope (x=1) @ validation · 16"],
+                                                  "rp_chart": "radar"})
+    assert not at.exception, at.exception
+    hist = at.session_state["merge_history"]
+    assert len(hist) == 1 and hist[0]["method"] == "ties" and hist[0]["subsample"] == 16
+    assert hist[0]["per_task"] == pytest.approx(row["per_task"])
+    assert hist[0]["knobs"] == row["knobs"]
+    assert any("nope (x=1)" in w.value for w in at.warning)
+    assert at.radio(key="rp_chart").value == "radar"
+    assert at.query_params["rp_rows"] in (text, [text])     # the bad row is not carried on

@@ -19,6 +19,7 @@ from typing import Mapping
 
 import streamlit as st
 
+from analysis.errors import MergescopeError
 from analysis.report import config_label
 
 HISTORY_KEY = "merge_history"
@@ -100,3 +101,60 @@ def removal_control(key: str) -> None:
     chosen = c1.multiselect("Remove configurations from the history", labels, key=pick_key,
                             placeholder="choose rows to remove")
     c2.button("Remove", key=f"{key}_remove", disabled=not chosen, on_click=_remove, args=(pick_key, labels))
+
+
+# ---------------------------------------------------------------- history rows in a link (the Report page)
+def entry_text(entry: Mapping) -> str:
+    """'tsv_m (alpha=1.0, rank_fraction=0.125) @ validation · 64': a row's recipe and how it was scored."""
+    from ui.endpoints import MERGE_PREFIX, recipe_label
+    n = entry.get("subsample")
+    return (f"{recipe_label(entry['method'], entry.get('knobs') or {}).removeprefix(MERGE_PREFIX)} @ "
+            f"{entry.get('split', 'validation')} · {'full' if n is None else int(n)}")
+
+
+def entry_from_text(text: str, tvs, has_data: bool) -> dict:
+    """{"method", "knobs", "split", "subsample"} a link's row names; ValueError saying what is wrong."""
+    from ui.endpoints import MERGE_PREFIX, endpoint_from_label
+    recipe, sep, scoring = text.rpartition(" @ ")
+    spec = endpoint_from_label(MERGE_PREFIX + recipe, tvs, has_data) if sep else None
+    if spec is None or "task" in spec:
+        raise ValueError("not a merge recipe of this set (a method offered here and valid knobs)")
+    split, sep, n = scoring.partition(" · ")
+    if split not in ("validation", "test") or not sep or not (n == "full" or n.isdigit()):
+        raise ValueError("expected '@ validation|test · full|<examples per task>' after the recipe")
+    return {"method": spec["method"], "knobs": spec["knobs"], "split": split,
+            "subsample": None if n == "full" else int(n)}
+
+
+def score_entry(ws, method: str, knobs: Mapping, split: str, subsample: int | None) -> dict:
+    """A history row scored as the Merge page scores it (same merge, same seeded subsample)."""
+    from analysis.merging import merge
+    from analysis.merging.scoring import merged_accuracy
+    from ui.state import merge_inputs
+    delta = merge(merge_inputs(ws, ws.key), method, **dict(knobs))
+    per_task = merged_accuracy(ws.evaluator, delta, split=split, subsample=subsample)
+    return {"method": method, "knobs": dict(knobs), "split": split, "subsample": subsample, "per_task": per_task,
+            "mean": sum(per_task.values()) / max(1, len(per_task))}
+
+
+def restore_from_link(ws, param: str) -> None:
+    """Score and add the rows a link lists in `param` that this session's history lacks (a link opened in a
+    new session shows the rows it was made with). Bad rows are reported and skipped."""
+    texts = [t for t in st.query_params.get_all(param) if t]
+    if not texts or ws.evaluator is None:
+        return
+    has_data = ws.evaluator is not None
+    present = {(recipe_key(e), e.get("subsample")) for e in entries()}
+    for text in texts:
+        try:
+            wanted = entry_from_text(text, ws.tvs, has_data)
+        except ValueError as exc:
+            st.warning(f"Ignoring the link's history row `{text}`: {exc}")
+            continue
+        if (recipe_key(wanted), wanted["subsample"]) in present:
+            continue
+        try:
+            with st.spinner(f"Scoring the link's configuration {text}…"):
+                _store(score_entry(ws, **wanted))
+        except MergescopeError as exc:
+            st.warning(f"Could not score the link's history row `{text}`: {exc}")
