@@ -63,7 +63,8 @@ d1, d2, d3 = st.columns([1, 1, 2])
 split = url.widget(d1.selectbox, "Split", key="ll_split", options=["validation", "test"], default="validation")
 subsample = url.widget(d2.select_slider, "Live subsample (examples per task)", key="ll_sub",
                        options=[8, 16, 32, 64, 128, 256], default=16,
-                       help="live evaluation cost grows with points × tasks × examples; the full split is a toggle below")
+                       help="live evaluation cost grows with points × tasks × examples; the full split is a toggle "
+                            "below")
 tasks = url.widget(d3.multiselect, "Tasks", key="ll_tasks", options=tasks_all, default=list(tasks_all))
 full = url.widget(st.toggle, "Full split (slower: every example of the split)", key="ll_full", default=False)
 if not tasks:

@@ -100,7 +100,8 @@ merge_history.removal_control("rp_history")
 
 # ---------------------------------------------------------------- exports
 st.subheader("Export")
-config = {"workspace": {"name": ws.name, "tasks": list(tvs.tasks), "sources": dict(tvs.sources)},
+config = {"workspace": {"name": ws.name, "tasks": list(tvs.tasks), "sources": dict(tvs.sources),
+                        "recipe": ws.recipe},
           "split": split, "score": metric, "view": chart, "configurations": [
               {"method": e.get("method"), "knobs": e.get("knobs", {}), "split": e.get("split")} for e in history],
           "query": {k: st.query_params.get_all(k) for k in st.query_params}}   # this view's link (ui/url.py)

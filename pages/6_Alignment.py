@@ -140,8 +140,9 @@ try:
             st.info("The plane needs three models.")
         else:
             c1, c2, c3, c4 = st.columns(4)
+            corners = [(c1, "A", "al_pa"), (c2, "B", "al_pb"), (c3, "C", "al_pc")]
             trio = tuple(url.widget(c.selectbox, label, key=key, options=names, default=names[i])
-                         for i, (c, label, key) in enumerate([(c1, "A", "al_pa"), (c2, "B", "al_pb"), (c3, "C", "al_pc")]))
+                         for i, (c, label, key) in enumerate(corners))
             resolution = url.widget(c4.slider, "Grid points per side", key="al_res", default=7, min_value=5,
                                     max_value=21, step=2)
             if len(set(trio)) < 3:
