@@ -12,6 +12,7 @@ it compared, which the new session scores again.
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import time
@@ -20,7 +21,7 @@ from urllib.parse import parse_qs, urlparse
 
 import pytest
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS, check_no_exception, free_port, start_app, wait_idle
+from test_browser import CHROMIUM, CHROMIUM_ARGS, check_no_exception, free_port, start_app_cmd, wait_healthy, wait_idle
 
 # every widget's value, the headings and the figure titles: what "the same view" means here
 SNAPSHOT_JS = """() => {
@@ -144,7 +145,10 @@ def open_in_new_context(browser, link: str) -> tuple[dict, str]:
 def drive(cache: Path, log: Path) -> dict:
     from playwright.sync_api import sync_playwright
     port = free_port()
-    proc = start_app(cache, port, log)
+    env = {**os.environ, "MERGESCOPE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(start_app_cmd(port), cwd=Path(__file__).resolve().parents[1], env=env,
+                            stdout=log.open("w"), stderr=subprocess.STDOUT)
+    wait_healthy(proc, port, log, timeout=300)   # a busy shared CPU can take minutes to import torch
     out = {"links": {}, "first": {}, "restored": {}}
     try:
         with sync_playwright() as pw:
@@ -178,7 +182,7 @@ def drive(cache: Path, log: Path) -> dict:
 
 
 @pytest.mark.browser
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)   # the tiny demo is built first (seconds on an idle CPU, minutes on a busy one)
 def test_every_page_link_restores_its_view_in_a_new_context(tiny_demo_dir, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is absent (Debian: apt-get install chromium)")

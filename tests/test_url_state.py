@@ -183,3 +183,15 @@ def test_a_report_link_scores_the_rows_it_was_made_with(tiny_workspace):
     assert any("nope (x=1)" in w.value for w in at.warning)
     assert at.radio(key="rp_chart").value == "radar"
     assert at.query_params["rp_rows"] in (text, [text])     # the bad row is not carried on
+
+
+def test_a_link_to_a_saved_set_reopens_it(tiny_workspace, tmp_path):
+    path = tiny_workspace.tvs.save(tmp_path / "sets" / "toy.safetensors")
+    at = run_page("2_Interference.py", query={"ws": "set", "ws_path": str(path), "if_by_layer": "sign-conflict rate"})
+    assert not at.exception, at.exception
+    ws = at.session_state["workspace"]
+    assert ws.tvs.tasks == tiny_workspace.tvs.tasks and ws.recipe == {"kind": "set", "path": str(path)}
+    assert at.radio(key="interference_by_layer").value == "sign-conflict rate"
+    at = run_page("2_Interference.py", query={"ws": "set", "ws_path": str(tmp_path / "nope.safetensors")})
+    assert not at.exception, at.exception
+    assert any("saved task-vector set" in w.value and "nope.safetensors" in w.value for w in at.warning)

@@ -97,7 +97,10 @@ def checkpoint_workspace(base: str, pairs, exclude=(), trust: bool = False, form
     pairs = [(str(n), str(p)) for n, p in pairs]
     tvs = load_checkpoint_set(str(base), tuple(pairs), tuple(exclude), bool(trust),
                               _stamp([base] + [p for _, p in pairs]))
-    return Workspace(name=Path(base).stem or "checkpoints", tvs=tvs, extras={"form": form or {}},
+    if form is None:   # opened from a link: the home page's form shows what was loaded
+        form = {"base": str(base), "lines": "\n".join(f"{n} = {p}" for n, p in pairs),
+                "exclude": next(iter(exclude), ""), "trust": bool(trust)}
+    return Workspace(name=Path(base).stem or "checkpoints", tvs=tvs, extras={"form": form},
                      recipe=checkpoint_recipe(base, pairs, exclude, trust))
 
 
