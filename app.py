@@ -16,10 +16,10 @@ import streamlit as st
 from analysis.errors import MergescopeError, ValidationError
 from analysis.merging.scoring import reference_accuracy
 from analysis.report import set_summary
-from analysis.taskvectors import TaskVectorSet
 from ui.jobs import BackgroundJob
 from ui.owndata import data_paths, data_widgets, load_own_workspace, own_summary, upload_section, wants_own_models
 from ui.state import Workspace, cache_root, device_label, device_summary, get_workspace, set_workspace, sidebar_status
+from ui.workspaces import checkpoint_workspace, demo_workspace, own_data_recipe, sync_workspace
 
 ASSETS = Path(__file__).parent / "assets"
 DEMO, OWN = "Built-in demo", "Your checkpoints"
@@ -34,33 +34,8 @@ if (ASSETS / "logo.svg").is_file():
     st.logo(str(ASSETS / "logo.svg"))
 
 
-# ---------------------------------------------------------------- loaders (cached, process-wide)
-def _stamp(paths) -> tuple:
-    """Modification times, so an edited checkpoint is re-read instead of served from the cache."""
-    out = []
-    for p in paths:
-        p = Path(p).expanduser()
-        try:
-            out.append(p.stat().st_mtime_ns if p.is_file() else max((f.stat().st_mtime_ns for f in p.iterdir()), default=0))
-        except OSError:
-            out.append(None)
-    return tuple(out)
-
-
-@st.cache_resource(show_spinner=False, max_entries=4)
-def load_checkpoint_set(base: str, tasks: tuple, exclude: tuple, trust_pickle: bool, stamp: tuple) -> TaskVectorSet:
-    tvs = TaskVectorSet.from_checkpoints(base, dict(tasks), exclude=list(exclude), trust_pickle=trust_pickle)
-    # kept stacked on the device once read (when they fit; else streamed): slider moves re-read nothing
-    tvs.keep_resident()
-    return tvs
-
-
-@st.cache_resource(show_spinner=False, max_entries=2)
-def open_demo_folder(folder: str):
-    from analysis.zoo import open_demo
-    return open_demo(folder)
-
-
+# ---------------------------------------------------------------- loaders (cached, process-wide: ui/workspaces.py,
+# shared with every page, which reopens a link's workspace through them)
 @st.cache_resource(show_spinner=False)
 def build_jobs() -> dict:
     """cache folder -> BackgroundJob; process-wide so a build runs once."""
@@ -132,8 +107,8 @@ def demo_section() -> None:
             st.rerun()
         return
     ws = get_workspace()
-    if ws is not None and ws.name == "demo" and ws.extras.get("folder") == str(folder):
-        st.success(f"Demo loaded from `{folder}`.")
+    if ws is not None and ws.name == "demo" and ws.extras.get("folder"):   # this build, or the one a link named
+        st.success(f"Demo loaded from `{ws.extras['folder']}`.")
         return
     if ws is not None and ws.name != "demo":
         st.info(f"Your own set **{ws.name}** is loaded.")
@@ -141,7 +116,7 @@ def demo_section() -> None:
             return
     try:
         with st.spinner("Opening the demo (backbone, heads, encoded data)…"):
-            demo = open_demo_folder(str(folder))
+            new = demo_workspace(folder)
     except MergescopeError as exc:
         st.error(f"The demo in `{folder}` could not be opened: {exc}")
         return
@@ -149,10 +124,7 @@ def demo_section() -> None:
         st.error(f"The demo in `{folder}` could not be opened ({type(exc).__name__}): {exc}. "
                  "Delete that folder and build again.")
         return
-    set_workspace(Workspace(name="demo", tvs=demo.tvs, evaluator=demo.evaluator, reference=demo.reference,
-                            extras={"demo": demo, "folder": str(folder), "heads": demo.evaluator.heads,
-                                    "hf_base": str(demo.base_path), "cards": demo.cards,
-                                    "hf_fill": [str(p) for p in demo.export_fill]}))
+    set_workspace(new)
     st.success(f"Demo loaded from `{folder}`.")
 
 
@@ -210,7 +182,7 @@ def checkpoints_section() -> None:
             try:
                 with st.spinner("Opening checkpoints and checking keys, shapes and dtypes…"):
                     new = load_own_workspace(base.strip(), pairs, data, seed, max_len, form, patterns)
-                tvs = new.tvs
+                new.recipe = own_data_recipe(base.strip(), pairs, patterns, data, seed, max_len)
             except MergescopeError as exc:
                 if data:
                     raise
@@ -221,10 +193,8 @@ def checkpoints_section() -> None:
                 raise ValidationError("attaching data needs Hugging Face folders (config.json + weights) for the "
                                       "base and every task, so the model can be run on your text")
             with st.spinner("Opening checkpoints and checking keys, shapes and dtypes…"):
-                tvs = load_checkpoint_set(base.strip(), tuple(pairs), patterns, bool(trust),
-                                          _stamp([base.strip()] + [p for _, p in pairs]))
-            label = Path(base.strip()).stem or "checkpoints"
-            new = Workspace(name=label, tvs=tvs, extras={"form": form})
+                new = checkpoint_workspace(base.strip(), pairs, patterns, bool(trust), form=form)
+        tvs = new.tvs
         summarise(new)  # reads every tensor once: NaN/Inf and truncated data show up here, not on a later page
     except MergescopeError as exc:
         st.error(f"Could not load the checkpoints: {exc}")
@@ -289,6 +259,10 @@ def summary_section(ws: Workspace) -> None:
 st.title("mergescope")
 st.caption("Explore interference, tune merges interactively, and present the results — on the built-in "
            "benchmark or on your own checkpoints.")
+
+problem = sync_workspace()   # a link's workspace (?ws=demo-quick, ?ws=own&ws_base=…) opens here too
+if problem:
+    st.warning(f"This link's workspace cannot be opened here: {problem}.")
 
 info = device_summary()
 c1, c2 = st.columns(2)

@@ -102,6 +102,15 @@ def _per_task(entry: Mapping) -> dict[str, float]:
                           f"mapping task -> accuracy); its keys are {sorted(entry)}")
 
 
+def config_label(i: int, entry: Mapping) -> str:
+    """'#i method (knobs) [subsample n]': how the i-th history entry is named in tables and figures."""
+    knobs = dict(entry.get("knobs") or entry.get("hyperparams") or {})
+    label = f"#{i} {entry['method']}" + (f" ({knobs_text(knobs)})" if knobs else "")
+    if entry.get("subsample"):
+        label += f" [subsample {entry['subsample']}]"  # scored on a subsample, not the whole split
+    return label
+
+
 def history_frame(history: Sequence[Mapping]) -> pd.DataFrame:
     """Tidy: config, method, knobs, split, task, accuracy — one row per task per configuration tried."""
     rows = []
@@ -109,9 +118,7 @@ def history_frame(history: Sequence[Mapping]) -> pd.DataFrame:
         if "method" not in entry:
             raise ValidationError(f"merge_history entry {i} has no 'method'; its keys are {sorted(entry)}")
         knobs = dict(entry.get("knobs") or entry.get("hyperparams") or {})
-        label = f"#{i} {entry['method']}" + (f" ({knobs_text(knobs)})" if knobs else "")
-        if entry.get("subsample"):
-            label += f" [subsample {entry['subsample']}]"  # scored on a subsample, not the whole split
+        label = config_label(i, entry)
         for task, acc in _per_task(entry).items():
             rows.append({"config": label, "method": entry["method"], "knobs": json.dumps(knobs, sort_keys=True),
                          "split": entry.get("split", ""), "task": task, "accuracy": acc})

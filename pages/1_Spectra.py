@@ -3,6 +3,8 @@ fraction, effective rank, and TSV-C compression (error and accuracy).
 
 Every view reads the cached per-task SVD factors; moving the rank-fraction
 slider only re-slices them (derived tables are cached per rank fraction).
+Choices live in the URL (sp_* query parameters, ui/url.py); `sp_acc=true`
+means the view showed TSV-C accuracy, which a link then evaluates again.
 """
 from __future__ import annotations
 
@@ -12,9 +14,11 @@ from analysis.plots.spectra import (effective_rank_figure, energy_figure, spectr
                                     tsvc_accuracy_figure)
 from analysis.spectra import (effective_rank_table, energy_table, singular_values_table, truncation_rank,
                               tsvc_accuracy_table, tsvc_error_table)
+from ui import url
 from ui.state import require_workspace, spectral_cache, start_page
 
 ENERGY_GRID = [i / 100 for i in range(1, 101)]
+QP = st.query_params
 
 start_page("Spectra")
 ws = require_workspace()
@@ -51,17 +55,20 @@ st.caption(f"{ws.name}: {len(tasks)} tasks, {len(cache.names)} matrices decompos
            "moving the slider re-slices the cached factors, no SVD is recomputed.")
 
 default_f = round(1.0 / max(len(tasks), 1), 2)
-f = st.slider("Rank fraction kept per task (of min(m, n))", min_value=0.01, max_value=1.0, value=default_f,
-              step=0.01, key="spectra_rank_fraction",
-              help="TSV keeps ⌊f·min(m, n)⌋ singular triplets of each task matrix; 1/T is the TSV-M default.")
+first_visit = url.first_run("spectra_rank_fraction")   # a fresh session or back from another page
+f = url.widget(st.slider, "Rank fraction kept per task (of min(m, n))", key="spectra_rank_fraction", param="sp_f",
+               default=default_f, min_value=0.01, max_value=1.0, step=0.01,
+               help="TSV keeps ⌊f·min(m, n)⌋ singular triplets of each task matrix; 1/T is the TSV-M default.")
 
 sv = _singular_values(cache, ws.key)
-layer = st.selectbox("Layer", cache.names, key="spectra_layer")
+layer = url.widget(st.selectbox, "Layer", key="spectra_layer", param="sp_layer", options=cache.names,
+                   default=cache.names[0])
 c1, c2 = st.columns(2)
 with c1:
     st.plotly_chart(spectrum_figure(sv, layer, tasks), width="stretch", key="spectra_spectrum")
 with c2:
-    scope = st.radio("Energy curve of", ["this layer", "mean over layers"], horizontal=True, key="spectra_scope")
+    scope = url.widget(st.radio, "Energy curve of", key="spectra_scope", param="sp_scope",
+                       options=["this layer", "mean over layers"], default="this layer", horizontal=True)
     energy = _energy(cache, ws.key)
     st.plotly_chart(energy_figure(energy, layer if scope == "this layer" else None, tasks, rank_fraction=f),
                     width="stretch", key="spectra_energy")
@@ -93,25 +100,36 @@ else:
     eval_tasks = [t for t in tasks if t in set(ws.evaluator.tasks)]
     presets = sorted({round(1.0 / len(tasks), 4), 0.1, 0.05, 0.01}, reverse=True)
     cols = st.columns(3)
-    fractions = cols[0].multiselect("Rank fractions", presets, default=presets, key="spectra_tsvc_fracs")
-    split = cols[1].selectbox("Split", ["validation", "test"], index=1, key="spectra_tsvc_split")
-    subsample = cols[2].number_input("Subsample (0 = full split)", 0, 100_000, 256, step=64, key="spectra_tsvc_sub")
-    if st.button("Evaluate compressed task models", key="spectra_tsvc_run"):
+    fractions = url.widget(cols[0].multiselect, "Rank fractions", key="spectra_tsvc_fracs", param="sp_fracs",
+                           options=presets, default=presets)
+    split = url.widget(cols[1].selectbox, "Split", key="spectra_tsvc_split", param="sp_split",
+                       options=["validation", "test"], default="test")
+    subsample = url.widget(cols[2].number_input, "Subsample (0 = full split)", key="spectra_tsvc_sub", param="sp_sub",
+                           default=256, min_value=0, max_value=100_000, step=64)
+    settings = (ws.key, tuple(fractions), split, int(subsample))
+    stored = st.session_state.get("spectra_tsvc_acc")
+    # the button, or a link to a view that showed the accuracy (sp_acc=true): evaluate these settings
+    if st.button("Evaluate compressed task models", key="spectra_tsvc_run") or (
+            first_visit and QP.get("sp_acc") == "true" and (not stored or stored[0] != settings)):
         bar = st.progress(0.0, text="evaluating…")
         acc = tsvc_accuracy_table(cache, ws.evaluator, fractions, split=split, subsample=int(subsample) or None,
                                   tasks=eval_tasks,
                                   progress=lambda d, t, what: bar.progress(d / t, text=f"evaluated {what}"))
         bar.empty()
-        st.session_state["spectra_tsvc_acc"] = (ws.key, acc)
-    stored = st.session_state.get("spectra_tsvc_acc")
-    if stored and stored[0] == ws.key:
+        st.session_state["spectra_tsvc_acc"] = stored = (settings, acc)
+    if stored and stored[0] == settings:
         acc = stored[1]
+        url.set_param("sp_acc", True)
         st.plotly_chart(tsvc_accuracy_figure(acc, tasks), width="stretch", key="spectra_tsvc_fig")
         wide = acc[acc.metric == "accuracy"].pivot_table(index="task", columns="rank_fraction", values="value")
         wide.columns = [f"{100 * c:g} % of the rank" for c in wide.columns]
         st.dataframe((100 * wide.reindex([t for t in tasks if t in wide.index])).round(2),
                      key="spectra_tsvc_acc_table")
         st.caption("Accuracy (%) of each task's own compressed model, by the share of the rank kept.")
+    else:
+        url.drop("sp_acc")
+        if stored and stored[0][0] == ws.key:
+            st.caption("The settings changed since the last evaluation: press the button to evaluate these.")
 
 r_example = truncation_rank(cache.singular_values(layer).shape[-1], float(f))
 st.caption(f"At f = {f:.2f}, layer {layer} keeps rank {r_example} per task.")

@@ -3,6 +3,7 @@
 Singular Task Interference (from the cached per-task SVD factors, re-sliced at
 the slider's rank fraction), cosine similarity, sign conflicts and the
 subspace alignment ratio. No SVD is recomputed when the slider moves.
+Choices live in the URL (if_* query parameters, ui/url.py).
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import streamlit as st
 from analysis.interference import (cosine_table, sar_by, sign_conflict_table, sti_tables, subspace_alignment_table,
                                    task_pair_stats)
 from analysis.plots.spectra import pair_depth_heatmap, sar_depth_figure, sti_depth_figure, task_heatmap
+from ui import url
 from ui.state import require_workspace, spectral_cache, start_page
 
 start_page("Interference")
@@ -43,9 +45,9 @@ if len(tasks) < 2:
 st.caption(f"{ws.name}: {len(tasks)} tasks, {len(cache.names)} matrices. STI reads the cached SVD factors: "
            "moving the slider never recomputes an SVD.")
 default_f = round(1.0 / len(tasks), 2)
-f = st.slider("Rank fraction kept per task (of min(m, n))", min_value=0.01, max_value=1.0, value=default_f,
-              step=0.01, key="interference_rank_fraction",
-              help="Each task's SVD is truncated to ⌊f·min(m, n)⌋ triplets before the concatenation.")
+f = url.widget(st.slider, "Rank fraction kept per task (of min(m, n))", key="interference_rank_fraction",
+               param="if_f", default=default_f, min_value=0.01, max_value=1.0, step=0.01,
+               help="Each task's SVD is truncated to ⌊f·min(m, n)⌋ triplets before the concatenation.")
 
 # ------------------------------------------------------------------ STI
 st.header("Singular Task Interference")
@@ -72,12 +74,13 @@ else:
 # ------------------------------------------------------------------ cosine and sign conflicts
 st.header("Cosine similarity and sign conflicts")
 c1, c2 = st.columns(2)
-density = c1.select_slider("Sign conflicts after keeping each task's top entries (TIES trim)",
-                           options=[0.05, 0.1, 0.2, 0.5, 1.0], value=1.0, key="interference_density",
-                           help="1.0 counts every entry; 0.2 keeps each task's top 20 % by magnitude first, as TIES does.")
+density = url.widget(c1.select_slider, "Sign conflicts after keeping each task's top entries (TIES trim)",
+                     key="interference_density", param="if_density", options=[0.05, 0.1, 0.2, 0.5, 1.0], default=1.0,
+                     help="1.0 counts every entry; 0.2 keeps each task's top 20 % by magnitude first, as TIES does.")
 scope_options = [WHOLE] + [f"block {int(d)}" for d in sorted({d for d in (tvs.depth(n) for n in tvs.param_names)
                                                                  if d is not None})] + list(tvs.param_names)
-scope = c2.selectbox("Scope", scope_options, key="interference_scope")
+scope = url.widget(c2.selectbox, "Scope", key="interference_scope", param="if_scope", options=scope_options,
+                   default=WHOLE)
 stats = _pair_stats(ws, ws.key, float(density))
 if scope == WHOLE:
     cos, conf = cosine_table(stats, "model"), sign_conflict_table(stats, "model")
@@ -93,7 +96,8 @@ c1.plotly_chart(task_heatmap(cos, "cosine", tasks, title=f"Cosine similarity —
                 width="stretch", key="interference_cos")
 c2.plotly_chart(task_heatmap(conf, "conflict_rate", tasks, title=f"Sign-conflict rate — {scope}"),
                 width="stretch", key="interference_conf")
-by_layer = st.radio("By block", ["cosine similarity", "sign-conflict rate"], horizontal=True, key="interference_by_layer")
+by_layer = url.widget(st.radio, "By block", key="interference_by_layer", param="if_by_layer",
+                      options=["cosine similarity", "sign-conflict rate"], default="cosine similarity", horizontal=True)
 if by_layer == "cosine similarity":
     st.plotly_chart(pair_depth_heatmap(cosine_table(stats, "depth"), "cosine", tasks, title="Cosine similarity by block"),
                     width="stretch", key="interference_cos_layers")
@@ -107,8 +111,8 @@ st.header("Subspace alignment ratio")
 st.caption("SAR_t = ‖Π τ_t‖_F / ‖τ_t‖_F, Π the projection onto the top left singular vectors of the summed matrix "
            "Σ_t τ_t that hold the chosen share of its energy (Iso-C / Iso-CTS paper). 1: the task lives inside the "
            "merged subspace; 0: it is left out.")
-energy = st.select_slider("Energy held by the summed matrix's subspace", options=[0.8, 0.9, 0.95, 0.99],
-                          value=0.95, key="interference_sar_energy")
+energy = url.widget(st.select_slider, "Energy held by the summed matrix's subspace", key="interference_sar_energy",
+                    param="if_energy", options=[0.8, 0.9, 0.95, 0.99], default=0.95)
 if cache.names:
     sar = _sar(cache, ws.key, float(energy))
     c1, c2 = st.columns(2)

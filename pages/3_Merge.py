@@ -7,12 +7,15 @@ recomputes a per-task SVD and a second merge never recomputes a statistic; which
 methods are offered is decided by the one availability check
 (`analysis.merging.unavailable`).
 
-URL: `?method=tsv_m&rank_fraction=0.125&alpha=1.0` (plus `split`, `subsample`)
-restores the method and its knobs; the page keeps the URL in step with them.
+URL: `?method=tsv_m&rank_fraction=0.125&alpha=1.0` (plus `split`, `subsample`,
+`scale`, and `full=true` when the view is scored on the full split) restores
+the method and its knobs; the page keeps the URL in step with them (ui/url.py),
+and they survive a page switch.
 
 Session state written for other pages:
     st.session_state["merge_history"]: list of dicts, one per configuration
-    evaluated in this session, in order:
+    (method, knobs, split) scored and looked at in this session, in order
+    (ui/history.py decides what is kept; rows can be removed):
         {"method": str,                 # a key of analysis.merging.METHODS
          "knobs": {name: value},        # every declared knob, validated values
          "split": "validation" | "test",
@@ -24,6 +27,7 @@ Session state written for other pages:
 from __future__ import annotations
 
 import json
+import time
 
 import pandas as pd
 import streamlit as st
@@ -32,10 +36,11 @@ from analysis.errors import HyperparameterError, MergescopeError
 from analysis.merging import METHODS, available_methods, merge, unavailable
 from analysis.merging.scoring import comparison_table, merged_accuracy, wide
 from analysis.plots.merge import accuracy_bars
+from ui import history, url
 from ui.labelfree import label_free_view
 from ui.state import merge_inputs, require_workspace, start_page, with_progress
 
-HISTORY_KEY = "merge_history"
+RUN_STARTED = time.monotonic()   # history: how long the previous configuration stayed on screen
 SPLITS = ("validation", "test")
 ALL_KNOBS = {hp.name for m in METHODS.values() for hp in m.hyperparameters}
 
@@ -50,66 +55,47 @@ available = available_methods(n_tasks, has_data)
 unavailable_here = {name: unavailable(name, n_tasks, has_data) for name in METHODS if name not in available}
 
 
-def url_text(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, float):
-        return format(value, ".6g")
-    return str(value)
-
-
-def initial_knob(method: str, hp) -> object:
-    """The URL's value when the URL names this method, else the declared default."""
-    value = hp.default_for(n_tasks)
-    if QP.get("method") == method and hp.name in QP:
-        try:
-            value = hp.validate(QP[hp.name], method)
-        except HyperparameterError as exc:
-            st.warning(f"Ignoring the URL's value: {exc}")
-    if hp.type == "float":
-        value = float(value)
-    return value
-
-
-def knob_widget(method: str, hp, key: str):
+def knob_widget(method: str, hp, key: str, from_url: bool):
+    """The knob's widget, kept in the URL under the knob's own name (read only when the URL names `method`)."""
     label = hp.name.replace("_", " ")
+    default = hp.default_for(n_tasks)
+    default = float(default) if hp.type == "float" else default
+
+    def parse(text: str):
+        value = hp.validate(text, method)   # HyperparameterError names the knob and the allowed range
+        return float(value) if hp.type == "float" else value
+
+    common = dict(key=key, param=hp.name, default=default, url=from_url, help=hp.help, parse=parse)
     if hp.type == "float":
-        return st.slider(label, float(hp.low), float(hp.high), step=float(hp.step), key=key, help=hp.help)
+        return url.widget(st.slider, label, min_value=float(hp.low), max_value=float(hp.high), step=float(hp.step),
+                          **common)
     if hp.type == "int":
-        if hp.high - hp.low <= 64:
-            return st.slider(label, int(hp.low), int(hp.high), step=int(hp.step or 1), key=key, help=hp.help)
-        return st.number_input(label, int(hp.low), int(hp.high), step=int(hp.step or 1), key=key, help=hp.help)
+        fn = st.slider if hp.high - hp.low <= 64 else st.number_input
+        return url.widget(fn, label, min_value=int(hp.low), max_value=int(hp.high), step=int(hp.step or 1), **common)
     if hp.type == "bool":
-        return st.checkbox(label, key=key, help=hp.help)
-    return st.selectbox(label, list(hp.choices), key=key, help=hp.help)
+        return url.widget(st.checkbox, label, **common)
+    return url.widget(st.selectbox, label, options=list(hp.choices), **common)
+
+
+def method_from_url(text: str) -> str:
+    if text not in available:
+        raise ValueError(f"not available here: {unavailable_here.get(text, 'it is not a method of this version')}")
+    return text
 
 
 # ---------------------------------------------------------------- method and knobs
-if "merge_method" not in st.session_state:
-    wanted = QP.get("method")
-    if wanted is not None and wanted not in available:
-        why = unavailable_here.get(wanted, "it is not a method of this version")
-        st.warning(f"The URL asks for method {wanted!r}, which is not available here: {why}.")
-    st.session_state["merge_method"] = wanted if wanted in available else "task_arithmetic"
-if "merge_split" not in st.session_state:
-    st.session_state["merge_split"] = QP.get("split") if QP.get("split") in SPLITS else "validation"
-if "merge_subsample" not in st.session_state:
-    try:
-        st.session_state["merge_subsample"] = max(4, min(2048, int(QP.get("subsample", 64))))
-    except ValueError:
-        st.session_state["merge_subsample"] = 64
-
+first_visit = url.first_run("merge_method")   # a fresh session or back from another page
 left, right = st.columns([1, 2.4])
 with left:
-    method_name = st.selectbox("Method", available, key="merge_method")   # the name only: it fits the box
+    method_name = url.widget(st.selectbox, "Method", key="merge_method", param="method", options=available,
+                             default="task_arithmetic", parse=method_from_url)   # the name only: it fits the box
     spec = METHODS[method_name]
     st.caption(f"{spec.summary}. {spec.reference}")
     knobs = {}
     for hp in spec.hyperparameters:
-        key = f"merge_{method_name}_{hp.name}"
-        if key not in st.session_state:
-            st.session_state[key] = initial_knob(method_name, hp)
-        knobs[hp.name] = knob_widget(method_name, hp, key)
+        knobs[hp.name] = knob_widget(method_name, hp, f"merge_{method_name}_{hp.name}",
+                                     from_url=QP.get("method") == method_name)
+    url.drop(*(ALL_KNOBS - set(knobs)))   # the URL holds this method's knobs only
     if not spec.hyperparameters:
         st.caption("This method has no knobs.")
     if unavailable_here:
@@ -117,21 +103,12 @@ with left:
             for name, why in unavailable_here.items():
                 st.caption(f"**{name}**: {why}")
     if has_eval:
-        split = st.radio("Split", SPLITS, key="merge_split", horizontal=True)
-        subsample = st.number_input("Examples per task (live)", 4, 2048, step=16, key="merge_subsample",
-                                    help="live scoring uses a fixed, seeded subsample of each task's split")
+        split = url.widget(st.radio, "Split", key="merge_split", param="split", options=SPLITS, default="validation",
+                           horizontal=True)
+        subsample = url.widget(st.number_input, "Examples per task (live)", key="merge_subsample", param="subsample",
+                               default=64, min_value=4, max_value=2048, step=16,
+                               help="live scoring uses a fixed, seeded subsample of each task's split")
         full = st.button(f"Evaluate on the full {split} split", key="merge_full")
-
-# keep the URL in step: this method's knobs only
-QP["method"] = method_name
-for name in ALL_KNOBS - set(knobs):
-    if name in QP:
-        del QP[name]
-for name, value in knobs.items():
-    QP[name] = url_text(value)
-if has_eval:
-    QP["split"] = split
-    QP["subsample"] = str(int(subsample))
 
 try:
     params = spec.validate(knobs, n_tasks)
@@ -164,9 +141,13 @@ with right:
         label_free_view(ws, delta, method_name, params)  # agreement with each fine-tuned model, per-layer distances
         st.stop()
 
-    evaluate_full = st.session_state.get("merge_full_for") == (method_name, knob_key, split) or full
-    if full:
+    if full or (first_visit and QP.get("full") == "true"):   # the button, or a link to a full-split view
         st.session_state["merge_full_for"] = (method_name, knob_key, split)
+    evaluate_full = st.session_state.get("merge_full_for") == (method_name, knob_key, split)
+    if evaluate_full:
+        url.set_param("full", True)
+    else:
+        url.drop("full")
     n = None if evaluate_full else int(subsample)
     try:
         per_task = scores(ws, delta, ws.key, method_name, knob_key, split, n)
@@ -174,7 +155,8 @@ with right:
         st.error(str(exc))
         st.stop()
     table = comparison_table(per_task, ws.reference, split)
-    scale = st.radio("Scale", ["absolute", "normalised (÷ fine-tuned)"], horizontal=True, key="merge_scale")
+    scale = url.widget(st.radio, "Scale", key="merge_scale", param="scale", default="absolute",
+                       options=["absolute", "normalised (÷ fine-tuned)"], horizontal=True)
     normalized = scale != "absolute"
     where = f"full {split} split" if n is None else f"{split} subsample of {n} per task"
     if delta.per_task:
@@ -184,17 +166,17 @@ with right:
     shown = wide(table, "normalized" if normalized else "accuracy")
     st.dataframe(shown.style.format("{:.2%}", na_rep="–"), width="stretch")
 
-    history = st.session_state.setdefault(HISTORY_KEY, [])
-    entry = {"method": method_name, "knobs": params, "split": split, "subsample": n,
-             "per_task": per_task, "mean": sum(per_task.values()) / max(1, len(per_task))}
-    if not any(h.get("method") == entry["method"] and h.get("knobs") == entry["knobs"] and h.get("split") == split
-               and h.get("subsample") == n for h in history):
-        history.append(entry)
+    history.record({"method": method_name, "knobs": params, "split": split, "subsample": n,
+                    "per_task": per_task, "mean": sum(per_task.values()) / max(1, len(per_task))}, RUN_STARTED)
 
-st.subheader("Configurations tried in this session")
-rows = [{"#": i, "method": h["method"], "knobs": ", ".join(f"{k}={url_text(v)}" for k, v in h["knobs"].items()),
+st.subheader("Configurations kept in this session")
+st.caption(f"One row per configuration scored and kept on screen for {history.DWELL_S:g} s or more (or the one "
+           "left for another page); scoring a kept one again on more examples replaces its row. Row 'now' is "
+           "the one on screen.")
+rows = [{"#": i, "method": h["method"], "knobs": ", ".join(f"{k}={url.to_text(v)}" for k, v in h["knobs"].items()),
          "split": h["split"], "examples": "full" if h.get("subsample") is None else h["subsample"],
          "mean accuracy (%)": 100 * h["mean"], **{t: 100 * a for t, a in h["per_task"].items()}}
-        for i, h in enumerate(st.session_state[HISTORY_KEY], 1)]
+        for i, h in history.shown_entries()]
 st.dataframe(pd.DataFrame(rows).round(2), width="stretch", hide_index=True)
 st.caption("Accuracy in %, on the split and number of examples per task of each row.")
+history.removal_control("merge_history")

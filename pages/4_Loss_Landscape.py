@@ -3,7 +3,8 @@
 Paths: between any two parameter sets (pretrained, each fine-tuned model, a
 merge), or the scaling path θ0 + α·δ of a merge. Live on a validation
 subsample; on the full split on request. Choices live in the URL (ll_* query
-parameters), so a link reopens the same view.
+parameters, ui/url.py), so a link reopens the same view; a merge endpoint is
+named by its recipe (method and knobs), so the link works in a new session.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from analysis.errors import MergescopeError
 from analysis.barriers import BARRIERS
 from analysis.landscape import barrier_table, barriers, best_scale, delta_path, lambda_grid, scaling_path
 from analysis.plots.landscape import path_figure
+from ui import history, url
 from ui.endpoints import PRETRAINED, delta_of, endpoint_options, spec_key
 from ui.state import merge_inputs, require_workspace, start_page
 
@@ -30,63 +32,42 @@ if ws.evaluator is None:
 
 tvs = ws.tvs
 tasks_all = list(ws.evaluator.tasks)
-history = st.session_state.get("merge_history", [])
+merge_history = history.entries()
 LINE, SCALE = "Between two models", "Scaling path θ₀ + α·δ"
 QP = st.query_params
 
-
-def from_query(key: str, options=None, cast=str, default=None):
-    """Widget default: session value, else the URL's query parameter, else `default`."""
-    if key in st.session_state:
-        return st.session_state[key]
-    if key in QP:
-        try:
-            v = cast(QP[key])
-            if options is None or v in options:
-                return v
-        except (TypeError, ValueError):
-            pass
-    return default
-
-
-def remember(**values) -> None:
-    for k, v in values.items():
-        QP[k] = str(v)
-
-
-path_kind = st.radio("Path", [LINE, SCALE], horizontal=True, key="ll_path",
-                     index=[LINE, SCALE].index(from_query("ll_path", [LINE, SCALE], default=LINE)))
+path_kind = url.widget(st.radio, "Path", key="ll_path", options=[LINE, SCALE], default=LINE, horizontal=True)
 c1, c2, c3 = st.columns([2, 2, 1])
+# endpoints a link names by recipe ("merge: tsv_m (alpha=1.0, rank_fraction=0.125)") are offered even when this
+# session never tried them
+wanted = [QP.get(k) for k in ("ll_start", "ll_end", "ll_delta")]
 if path_kind == LINE:
-    options = endpoint_options(tvs, history, has_data=True)
+    options = endpoint_options(tvs, merge_history, has_data=True, wanted=wanted)
     labels = list(options)
-    start = c1.selectbox("Start (λ = 0)", labels, key="ll_start",
-                         index=labels.index(from_query("ll_start", labels, default=PRETRAINED)))
+    start = url.widget(c1.selectbox, "Start (λ = 0)", key="ll_start", options=labels, default=PRETRAINED)
     default_end = next((l for l in labels if l.startswith("fine-tuned")), labels[-1])
-    end = c2.selectbox("End (λ = 1)", labels, key="ll_end",
-                       index=labels.index(from_query("ll_end", labels, default=default_end)))
-    points = c3.slider("λ points", 3, 21, int(from_query("ll_points", cast=int, default=5)), step=1, key="ll_points",
-                       help="evenly spaced from 0 to 1, both ends included (barriers need them)")
-    remember(ll_path=path_kind, ll_start=start, ll_end=end, ll_points=points)
+    end = url.widget(c2.selectbox, "End (λ = 1)", key="ll_end", options=labels, default=default_end)
+    points = url.widget(c3.slider, "λ points", key="ll_points", default=5, min_value=3, max_value=21, step=1,
+                        help="evenly spaced from 0 to 1, both ends included (barriers need them)")
+    url.drop("ll_delta", "ll_alpha")
 else:
-    options = endpoint_options(tvs, history, include_sum=True, has_data=True)
+    options = endpoint_options(tvs, merge_history, include_sum=True, has_data=True, wanted=wanted)
     labels = [l for l in options if options[l]["kind"] != "pretrained"]
     default_delta = next((l for l in labels if l.startswith("merge")), labels[0])
-    delta_label = c1.selectbox("Delta δ", labels, key="ll_delta",
-                               index=labels.index(from_query("ll_delta", labels, default=default_delta)))
-    lo, hi = c2.slider("α range", 0.0, 3.0, (0.0, 1.5), step=0.05, key="ll_alpha")
-    points = c3.slider("α points", 3, 21, int(from_query("ll_points", cast=int, default=5)), step=1, key="ll_points")
-    remember(ll_path=path_kind, ll_delta=delta_label, ll_points=points)
+    delta_label = url.widget(c1.selectbox, "Delta δ", key="ll_delta", options=labels, default=default_delta)
+    lo, hi = url.widget(c2.slider, "α range", key="ll_alpha", default=(0.0, 1.5), min_value=0.0, max_value=3.0,
+                        step=0.05)
+    points = url.widget(c3.slider, "α points", key="ll_points", default=5, min_value=3, max_value=21, step=1)
+    url.drop("ll_start", "ll_end")
 
 d1, d2, d3 = st.columns([1, 1, 2])
-split = d1.selectbox("Split", ["validation", "test"], key="ll_split",
-                     index=["validation", "test"].index(from_query("ll_split", ["validation", "test"], default="validation")))
-subsample = d2.select_slider("Live subsample (examples per task)", [8, 16, 32, 64, 128, 256], key="ll_sub",
-                             value=int(from_query("ll_sub", cast=int, default=128)),
-                             help="live evaluation cost grows with points × tasks × examples; the full split is a toggle below")
-tasks = d3.multiselect("Tasks", tasks_all, default=tasks_all, key="ll_tasks")
-remember(ll_split=split, ll_sub=subsample)
-full = st.toggle("Full split (slower: every example of the split)", key="ll_full", value=False)
+split = url.widget(d1.selectbox, "Split", key="ll_split", options=["validation", "test"], default="validation")
+subsample = url.widget(d2.select_slider, "Live subsample (examples per task)", key="ll_sub",
+                       options=[8, 16, 32, 64, 128, 256], default=128,
+                       help="live evaluation cost grows with points × tasks × examples; the full split is a toggle "
+                            "below")
+tasks = url.widget(d3.multiselect, "Tasks", key="ll_tasks", options=tasks_all, default=list(tasks_all))
+full = url.widget(st.toggle, "Full split (slower: every example of the split)", key="ll_full", default=False)
 if not tasks:
     st.info("Pick at least one task.")
     st.stop()

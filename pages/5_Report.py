@@ -5,7 +5,9 @@ workspace's reference (zero-shot / fine-tuned). Exports: CSV tables, each
 figure as PNG / SVG (kaleido + a local Chromium), one self-contained HTML
 report with the configuration that reproduces it, and a merged backbone as a
 Hugging Face folder (config.json + model.safetensors + heads.safetensors).
-Choices live in the URL (rp_* query parameters).
+Choices live in the URL (rp_* query parameters, ui/url.py), and so do the
+rows compared (rp_rows: each row's recipe and how it was scored), which a
+link opened in a new session scores again; rows can be removed here.
 """
 from __future__ import annotations
 
@@ -16,6 +18,8 @@ import streamlit as st
 from analysis.errors import MergescopeError
 from analysis.plots.report import grouped_bars, radar
 from analysis.report import METRIC_TITLES, comparison_table, export_status, figure_bytes, html_report, wide_table
+from ui import history as merge_history
+from ui import url
 from ui.export import merged_model_section
 from ui.labelfree import history_table as label_free_table
 from ui.state import require_workspace, start_page
@@ -23,8 +27,13 @@ from ui.state import require_workspace, start_page
 start_page("Report")
 ws = require_workspace()
 tvs = ws.tvs
-history = list(st.session_state.get("merge_history", []))
-QP = st.query_params
+if url.first_run("rp_split"):   # a link opened in a new session: score the rows it was made with
+    merge_history.restore_from_link(ws, "rp_rows")
+history = merge_history.entries()
+if history:
+    url.set_param("rp_rows", [merge_history.entry_text(e) for e in history])
+else:
+    url.drop("rp_rows")
 
 if not history and (ws.reference is None or not len(ws.reference)):
     st.info("Nothing to compare yet: try configurations on the **Merge** page; each one tried appears here.")
@@ -51,18 +60,12 @@ if not has_ref:
     metric_labels = {"absolute accuracy": "accuracy"}
 
 
-def qp_index(key, options, default=0):
-    v = QP.get(key)
-    return options.index(v) if v in options else default
-
-
 c1, c2, c3 = st.columns([1, 2, 1])
-split = c1.selectbox("Split", splits, index=qp_index("rp_split", splits), key="rp_split")
-metric_label = c2.radio("Score", list(metric_labels), horizontal=True, key="rp_metric",
-                        index=qp_index("rp_metric", list(metric_labels)))
-chart = c3.radio("View", ["grouped bars", "radar"], horizontal=True, key="rp_chart",
-                 index=qp_index("rp_chart", ["grouped bars", "radar"]))
-QP["rp_split"], QP["rp_metric"], QP["rp_chart"] = split, metric_label, chart
+split = url.widget(c1.selectbox, "Split", key="rp_split", options=splits, default=splits[0])
+metric_label = url.widget(c2.radio, "Score", key="rp_metric", options=list(metric_labels),
+                          default=list(metric_labels)[0], horizontal=True)
+chart = url.widget(c3.radio, "View", key="rp_chart", options=["grouped bars", "radar"], default="grouped bars",
+                   horizontal=True)
 metric = metric_labels[metric_label]
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -95,13 +98,15 @@ shown = wide_table(comp, metric, tasks, percent=True)
 st.dataframe(shown.round(1), hide_index=True, key="rp_table",
              column_config={"knobs": st.column_config.TextColumn("knobs (JSON)")})
 st.caption(f"{METRIC_TITLES.get(metric, metric)}; 'mean' is the unweighted mean over tasks.")
+merge_history.removal_control("rp_history")
 
 # ---------------------------------------------------------------- exports
 st.subheader("Export")
-config = {"workspace": {"name": ws.name, "tasks": list(tvs.tasks), "sources": dict(tvs.sources)},
+config = {"workspace": {"name": ws.name, "tasks": list(tvs.tasks), "sources": dict(tvs.sources),
+                        "recipe": ws.recipe},
           "split": split, "score": metric, "view": chart, "configurations": [
               {"method": e.get("method"), "knobs": e.get("knobs", {}), "split": e.get("split")} for e in history],
-          "query": {"rp_split": split, "rp_metric": metric_label, "rp_chart": chart}}
+          "query": {k: st.query_params.get_all(k) for k in st.query_params}}   # this view's link (ui/url.py)
 
 e1, e2, e3 = st.columns(3)
 e1.download_button("Table (CSV, tidy)", comp.to_csv(index=False).encode(), "mergescope_comparison.csv", "text/csv",

@@ -5,6 +5,7 @@ barrier they remove, the loss plane through three models, and N-model merges.
 Models: the built-in demo's MNIST MLPs, or whatever a caller put in
 st.session_state["alignment_models"] = {"models": {name: state_dict},
 "train_x": Tensor, "test": (x, y), "label": str} (tests inject tiny ones).
+Choices live in the URL (al_* query parameters, ui/url.py).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from analysis.permutation import c2m3, mlp_spec_from_state_dict
 from analysis.permutation.mlp import evaluate_mlp
 from analysis.permutation.pipeline import aligned_planes, compare_paths, cycle_errors, merge_models
 from analysis.plots.alignment import interpolation_figure, plane_figure
+from ui import url
 from ui.state import get_workspace, start_page
 
 start_page("Alignment", "Permutation alignment")
@@ -110,11 +112,12 @@ def merges(key: str, chosen: tuple[str, ...], method: str, use_repair: bool, n_e
 
 with st.sidebar:
     st.subheader("Alignment")
-    method = st.radio("Method", list(METHODS), format_func=METHODS.get, index=1, key="al_method")
-    use_repair = st.checkbox("REPAIR (renormalise hidden units)", value=False, key="al_repair")
+    method = url.widget(st.radio, "Method", key="al_method", options=list(METHODS), default="weight_matching",
+                        format_func=METHODS.get)
+    use_repair = url.widget(st.checkbox, "REPAIR (renormalise hidden units)", key="al_repair", default=False)
     n_test = len(src["test"][1])
-    n_eval = st.slider("Test examples evaluated", min(100, n_test), n_test, min(2000, n_test), step=50,
-                       key="al_n_eval")
+    n_eval = url.widget(st.slider, "Test examples evaluated", key="al_n_eval", default=min(2000, n_test),
+                        min_value=min(100, n_test), max_value=n_test, step=50)
     n_rep = min(2000, len(src["train_x"]))
 
 path_tab, plane_tab, merge_tab = st.tabs(["Path between two models", "Plane through three models",
@@ -122,9 +125,10 @@ path_tab, plane_tab, merge_tab = st.tabs(["Path between two models", "Plane thro
 try:
     with path_tab:
         c1, c2, c3 = st.columns(3)
-        a = c1.selectbox("Model A", names, index=0, key="al_a")
-        b = c2.selectbox("Model B", names, index=min(1, len(names) - 1), key="al_b")
-        n_lam = c3.slider("Points on the path", 3, 21, 11, step=2, key="al_lam")
+        a = url.widget(c1.selectbox, "Model A", key="al_a", options=names, default=names[0])
+        b = url.widget(c2.selectbox, "Model B", key="al_b", options=names, default=names[min(1, len(names) - 1)])
+        n_lam = url.widget(c3.slider, "Points on the path", key="al_lam", default=11, min_value=3, max_value=21,
+                           step=2)
         if a == b:
             st.warning("Pick two different models.")
         else:
@@ -148,22 +152,25 @@ try:
             st.info("The plane needs three models.")
         else:
             c1, c2, c3, c4 = st.columns(4)
-            trio = (c1.selectbox("A", names, index=0, key="al_pa"), c2.selectbox("B", names, index=1, key="al_pb"),
-                    c3.selectbox("C", names, index=2, key="al_pc"))
-            resolution = c4.slider("Grid points per side", 5, 21, 7, step=2, key="al_res")
+            corners = [(c1, "A", "al_pa"), (c2, "B", "al_pb"), (c3, "C", "al_pc")]
+            trio = tuple(url.widget(c.selectbox, label, key=key, options=names, default=names[i])
+                         for i, (c, label, key) in enumerate(corners))
+            resolution = url.widget(c4.slider, "Grid points per side", key="al_res", default=7, min_value=5,
+                                    max_value=21, step=2)
             if len(set(trio)) < 3:
                 st.warning("Pick three different models.")
-            elif st.toggle("Compute the plane", value=False, key="al_plane_on",
-                           help=f"{resolution}² evaluations per panel"):
+            elif url.widget(st.toggle, "Compute the plane", key="al_plane_on", default=False,
+                            help=f"{resolution}² evaluations per panel"):
                 pl = planes(src_key, trio, method, resolution, n_eval)
                 st.plotly_chart(plane_figure(pl, "loss"), width="stretch")
 
     with merge_tab:
-        chosen = st.multiselect("Models to merge", names, default=names[: min(3, len(names))], key="al_merge")
+        chosen = url.widget(st.multiselect, "Models to merge", key="al_merge", options=names,
+                            default=names[: min(3, len(names))])
         if len(chosen) < 2:
             st.info("Choose at least two models.")
-        elif st.toggle("Compute the merge", value=False, key="al_merge_on",
-                       help="C2M3 on MNIST-sized MLPs takes minutes on a CPU; the result is cached"):
+        elif url.widget(st.toggle, "Compute the merge", key="al_merge_on", default=False,
+                        help="C2M3 on MNIST-sized MLPs takes minutes on a CPU; the result is cached"):
             table, cyc = merges(src_key, tuple(chosen), method, use_repair, n_eval, n_rep)
             st.dataframe(table.assign(accuracy=table["accuracy"] * 100), hide_index=True, width="stretch",
                          column_config={"accuracy": st.column_config.NumberColumn("accuracy (%)", format="%.2f %%"),

@@ -17,29 +17,15 @@ from analysis.errors import MergescopeError
 from analysis.merging.epimer import METRICS, diagnostics_wide, epimer_diagnostics, fisher_mass_table, load_statistics
 from analysis.plots.curvature import (departure_bars, diagnostic_depth_figure, error_terms_figure, fisher_mass_figure,
                                       top_departures)
+from ui import url
 from ui.state import merge_inputs, require_workspace, start_page, with_progress
 
 start_page("Curvature", "Curvature and EpiMer")
 ws = require_workspace()
 tvs = ws.tvs
 has_data = merge_inputs(ws, ws.key).has_data
-QP = st.query_params
 N_OPTIONS = [64, 128, 256, 512, 1024]
 RANKS = list(range(0, 9))   # EpiMer's declared `rank` knob: 0 … 8
-
-
-def from_query(key: str, options, cast=str, default=None):
-    """Widget default: session value, else the URL's query parameter (when valid), else `default`."""
-    if key in st.session_state:
-        return st.session_state[key]
-    if key in QP:
-        try:
-            value = cast(QP[key])
-            if value in options:
-                return value
-        except (TypeError, ValueError):
-            pass
-    return default
 
 
 @st.cache_data(show_spinner=False, max_entries=32)
@@ -61,16 +47,13 @@ if not has_data:
             "and residual energy of the flat subspace mean. Curvature heterogeneity needs data (the demo has it).")
 metrics = list(METRICS) if has_data else ["identity"]
 c1, c2, c3 = st.columns(3)
-metric = c1.selectbox("Metric H_t", metrics, key="cv_metric",
-                      index=metrics.index(from_query("cv_metric", metrics, default=metrics[0])),
-                      help="fisher: diagonal empirical Fisher; kfac_input: input Gram of each linear layer (identity "
-                           "elsewhere); identity: flat (= task arithmetic)")
-rank = c2.select_slider("Subspace rank (0 = the task vectors' span)", RANKS, key="cv_rank",
-                        value=from_query("cv_rank", RANKS, int, 0),
-                        help="r > 0: the span of each task's top-r singular directions (k ≤ T·r)")
-n = c3.select_slider("Examples per task (statistics)", N_OPTIONS, key="cv_n",
-                     value=from_query("cv_n", N_OPTIONS, int, 256), disabled=metric == "identity")
-QP["cv_metric"], QP["cv_rank"], QP["cv_n"] = metric, str(rank), str(n)
+metric = url.widget(c1.selectbox, "Metric H_t", key="cv_metric", options=metrics, default=metrics[0],
+                    help="fisher: diagonal empirical Fisher; kfac_input: input Gram of each linear layer (identity "
+                         "elsewhere); identity: flat (= task arithmetic)")
+rank = url.widget(c2.select_slider, "Subspace rank (0 = the task vectors' span)", key="cv_rank", options=RANKS,
+                  default=0, help="r > 0: the span of each task's top-r singular directions (k ≤ T·r)")
+n = url.widget(c3.select_slider, "Examples per task (statistics)", key="cv_n", options=N_OPTIONS, default=256,
+               disabled=metric == "identity")
 
 inputs = merge_inputs(ws, ws.key)
 try:

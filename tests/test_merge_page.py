@@ -15,6 +15,10 @@ def _page(ws, query=None, history=None):
     return run_page(PAGE, ws, query, **state)
 
 
+def _kept(at) -> list:
+    return list(at.session_state["merge_history"]) if "merge_history" in at.session_state else []
+
+
 def _accuracy_table(at):
     frames = [d.value for d in at.dataframe]
     tables = [f for f in frames if "merged" in getattr(f, "columns", [])]
@@ -39,9 +43,9 @@ def test_renders_and_slider_changes_the_accuracy_table(tiny_workspace):
     at.slider(key="merge_task_arithmetic_alpha").set_value(1.5).run()
     after = _accuracy_table(at)
     assert not after["merged"].equals(zero["merged"])
-    hist = at.session_state["merge_history"]
-    assert len(hist) == 3
-    entry = hist[-1]
+    # three configurations in quick succession: none was kept on screen, only the last one is pending
+    assert _kept(at) == []
+    entry, _ = at.session_state["merge_history_pending"]
     assert entry["method"] == "task_arithmetic" and entry["knobs"] == {"alpha": 1.5}
     assert entry["split"] == "validation" and entry["subsample"] == 64
     assert set(entry["per_task"]) == set(tiny_workspace.tvs.tasks)
@@ -103,3 +107,26 @@ def test_without_labelled_data_shows_label_free_comparisons(tiny_workspace):
     assert not any("merged_norm" in getattr(d.value, "columns", []) for d in at.dataframe)
     hist = at.session_state["merge_history"]
     assert hist[-1]["split"] == "label-free" and set(hist[-1]["label_free"]) == set(ws.tvs.tasks)
+
+
+def test_history_keeps_one_row_per_recipe_looked_at_and_rows_can_be_removed(tiny_workspace, monkeypatch):
+    at = _page(tiny_workspace)
+    at.slider(key="merge_task_arithmetic_alpha").set_value(1.5).run()
+    at.slider(key="merge_task_arithmetic_alpha").set_value(0.3).run()
+    # stepped through in well under DWELL_S: nothing kept, one pending (the one on screen)
+    assert _kept(at) == []
+    monkeypatch.setattr("ui.history.DWELL_S", 0.0)   # now every configuration counts as looked at
+    at.slider(key="merge_task_arithmetic_alpha").set_value(1.5).run()
+    at.slider(key="merge_task_arithmetic_alpha").set_value(0.3).run()
+    at.slider(key="merge_task_arithmetic_alpha").set_value(1.5).run()
+    assert not at.exception, at.exception
+    hist = at.session_state["merge_history"]
+    assert [h["knobs"]["alpha"] for h in hist] == [0.3, 1.5]       # one row per recipe, in order first kept
+    table = [d.value for d in at.dataframe if "mean accuracy (%)" in getattr(d.value, "columns", [])][0]
+    assert list(table["#"]) == ["1", "2"]                          # the one on screen is row 2, not a new row
+    # remove row 1 through the page's control
+    pick = at.multiselect(key="merge_history_remove_pick")
+    pick.set_value([pick.options[0]]).run()
+    at.button(key="merge_history_remove").click().run()
+    assert not at.exception, at.exception
+    assert [h["knobs"]["alpha"] for h in at.session_state["merge_history"]] == [1.5]

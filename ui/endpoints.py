@@ -6,6 +6,7 @@ workspace so switching endpoints back and forth never recomputes a merge.
 from __future__ import annotations
 
 import json
+import re
 from typing import Mapping
 
 import torch
@@ -26,26 +27,66 @@ def registry():
         return None, None
 
 
+def recipe_label(method: str, knobs: Mapping) -> str:
+    """'merge: method (k=v, …)': a merge named by its recipe, so a link can name it in any session."""
+    text = ", ".join(f"{k}={repr(v) if isinstance(v, float) else v}" for k, v in knobs.items())
+    return f"{MERGE_PREFIX}{method}" + (f" ({text})" if text else "")
+
+
 def history_configs(history) -> dict[str, dict]:
-    """label -> {"method", "knobs"} (+ "model_file" for an iterative run) per configuration in the history."""
+    """label -> {"method", "knobs"} (+ "model_file" for an iterative run) per configuration tried on the Merge
+    page (one per recipe)."""
     out = {}
-    for i, entry in enumerate(history or [], start=1):
+    for entry in history or []:
         if not isinstance(entry, Mapping) or "method" not in entry:
             continue
         knobs = dict(entry.get("knobs") or {})
-        text = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in knobs.items())
         cfg = {"method": entry["method"], "knobs": knobs}
         if entry.get("model_file"):   # an iterative run's saved model (pages/8_Iterative.py): read, not re-merged
             cfg["model_file"] = str(entry["model_file"])
-        out[f"{MERGE_PREFIX}#{i} {entry['method']}" + (f" ({text})" if text else "")] = cfg
+        out[recipe_label(entry["method"], knobs)] = cfg
     return out
 
 
-def endpoint_options(tvs, history=None, include_sum: bool = False, has_data: bool = False) -> dict[str, dict]:
+_LABEL = re.compile(rf"^{re.escape(MERGE_PREFIX)}(?P<method>\w+)(?: \((?P<knobs>.*?)\))?(?: · (?P<task>.+))?$")
+
+
+def endpoint_from_label(label: str, tvs, has_data: bool = False) -> dict | None:
+    """The merge endpoint a recipe label names (as a link carries it), validated; None when it names none."""
+    m = _LABEL.match(label or "")
+    methods, _ = registry()
+    if m is None or not methods or m["method"] not in methods:
+        return None
+    method = methods[m["method"]]
+    if method.unavailable(len(tvs.tasks), has_data):
+        return None
+    knobs = {}
+    if m["knobs"] and m["knobs"] != "defaults":
+        for part in m["knobs"].split(", "):
+            if "=" not in part:
+                return None
+            k, v = part.split("=", 1)
+            knobs[k] = v
+    try:
+        knobs = method.validate(knobs, len(tvs.tasks)) if knobs else {}
+    except Exception:  # a knob the method does not declare, or a value out of range
+        return None
+    spec = {"kind": "merge", "method": m["method"], "knobs": knobs}
+    if m["task"] is not None:
+        if not getattr(method, "per_task", False) or m["task"] not in tvs.tasks:
+            return None
+        spec["task"] = m["task"]
+    return spec
+
+
+def endpoint_options(tvs, history=None, include_sum: bool = False, has_data: bool = False,
+                     wanted=()) -> dict[str, dict]:
     """label -> spec ({"kind": "pretrained" | "fine_tuned" | "merge" | "sum", ...}).
 
     A merge appears once per model it yields: once for a merge, once per task
-    for per-task methods (TSV-C), each with the task it serves."""
+    for per-task methods (TSV-C), each with the task it serves. `wanted`:
+    labels a link asks for; each merge recipe among them is offered too, tried
+    in this session or not."""
     opts = {PRETRAINED: {"kind": "pretrained"}}
     for t in tvs.tasks:
         opts[f"{FT_PREFIX}{t}"] = {"kind": "fine_tuned", "task": t}
@@ -65,6 +106,11 @@ def endpoint_options(tvs, history=None, include_sum: bool = False, has_data: boo
             if m is None or m.unavailable(len(tvs.tasks), has_data):
                 continue
             opts[f"{MERGE_PREFIX}{name} (defaults)"] = {"kind": "merge", "method": name, "knobs": {}}
+    for label in wanted:
+        if label and label not in opts:
+            spec = endpoint_from_label(label, tvs, has_data)
+            if spec is not None:
+                opts[label] = spec
     return opts
 
 

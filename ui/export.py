@@ -14,6 +14,7 @@ import streamlit as st
 
 from analysis.errors import MergescopeError
 from analysis.report import write_hf_model
+from ui import url
 from ui.endpoints import history_configs, registry
 from ui.state import merge_inputs
 
@@ -34,7 +35,8 @@ def merged_model_section(ws, history, workspace_meta: dict) -> None:
                 "(a folder with config.json); this set's base is not.")
         return
     own = ws.extras.get("own")
-    label = st.selectbox("Configuration", list(configs), index=len(configs) - 1, key="rp_export_config")
+    label = url.widget(st.selectbox, "Configuration", key="rp_export_config", param="rp_export",
+                       options=list(configs), default=list(configs)[-1])
     out = st.text_input("Output folder (on the machine running the app)",
                         value=str(Path(tempfile.gettempdir()) / "mergescope-merged"), key="rp_export_dir")
     per_task = False

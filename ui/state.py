@@ -29,6 +29,7 @@ class Workspace:
     evaluator: Any = None           # analysis.evaluation.Evaluator when labelled data exists
     reference: pd.DataFrame | None = None  # zero-shot / fine-tuned metrics, when known
     extras: dict = field(default_factory=dict)
+    recipe: dict | None = None      # how to reopen it from disk (ui/workspaces.py); the URL carries it
 
     @property
     def key(self) -> str:
@@ -41,14 +42,26 @@ def get_workspace() -> Workspace | None:
 
 
 def set_workspace(ws: Workspace) -> None:
+    """Make `ws` the session's workspace; its recipe replaces the URL's (none: the URL names no workspace)."""
+    from ui.workspaces import write_recipe
     st.session_state[WORKSPACE_KEY] = ws
+    write_recipe(ws.recipe)
 
 
 def require_workspace() -> Workspace:
+    from ui.workspaces import PROBLEM_KEY
     ws = get_workspace()
+    problem = st.session_state.get(PROBLEM_KEY)
     if ws is None:
-        st.info("No task-vector set is loaded yet. Open **Home** and load the built-in demo or your own checkpoints.")
+        if problem:
+            st.warning(f"This link's workspace cannot be opened here: {problem}.")
+        else:
+            st.info("No task-vector set is loaded yet. Open **Home** and load the built-in demo or your own "
+                    "checkpoints.")
         st.stop()
+    if problem:
+        st.warning(f"This link's workspace cannot be opened here ({problem}); showing the loaded set "
+                   f"**{ws.name}** instead.")
     return ws
 
 
@@ -107,7 +120,9 @@ def device_label(info: dict | None = None) -> str:
 
 def start_page(name: str, title: str | None = None) -> None:
     """The preamble every page shares: browser-tab title, wide layout, sidebar status, heading."""
+    from ui.workspaces import sync_workspace
     st.set_page_config(page_title=f"mergescope · {name}", layout="wide")
+    sync_workspace()   # a link's workspace is opened here, and the session's is written to the URL
     sidebar_status()
     st.title(title or name)
 
@@ -120,3 +135,5 @@ def sidebar_status() -> None:
         st.caption(f"**Caches:** `{cache_root()}`")
         if ws is not None:
             st.caption(f"**Loaded:** {ws.name} · {len(ws.tvs.tasks)} tasks")
+            if ws.extras.get("restore_note"):
+                st.caption(ws.extras["restore_note"])
