@@ -34,10 +34,11 @@ import streamlit as st
 
 from analysis.errors import HyperparameterError, MergescopeError
 from analysis.merging import METHODS, available_methods, merge, unavailable
-from analysis.merging.scoring import comparison_table, merged_accuracy, wide
+from analysis.merging.scoring import comparison_table, merged_accuracy, reference_on_examples, wide
 from analysis.plots.merge import accuracy_bars
 from ui import history, url
 from ui.labelfree import label_free_view
+from ui.refine import FIRST_ESTIMATE, Refiner, needs_estimate
 from ui.state import merge_inputs, require_workspace, start_page, with_progress
 
 RUN_STARTED = time.monotonic()   # history: how long the previous configuration stayed on screen
@@ -130,6 +131,31 @@ def scores(_ws, _delta, ws_key: str, method: str, knobs_json: str, split: str, s
     return merged_accuracy(_ws.evaluator, _delta, split=split, subsample=subsample)
 
 
+@st.cache_data(max_entries=16, show_spinner="Scoring the references on the same examples…")
+def references(_ws, ws_key: str, split: str, subsample: int | None):
+    """Zero-shot and fine-tuned on the merged model's own examples (the full split: the workspace's table)."""
+    if subsample is None and _ws.reference is not None:
+        return _ws.reference
+    return reference_on_examples(_ws.evaluator, _ws.tvs, split, subsample)
+
+
+def live_scores(n: int | None):
+    """(per_task, references, examples per task, pending key): the final numbers, or on a CPU a first
+    estimate on FIRST_ESTIMATE examples per task while the session's Refiner scores `n` in the background."""
+    refined = st.session_state.setdefault("merge_refined", {})
+    key = (ws.key, method_name, knob_key, split, n)
+    if key in refined:
+        return (*refined[key], n, None)
+    if not needs_estimate(ws.evaluator.device, n):
+        return scores(ws, delta, ws.key, method_name, knob_key, split, n), references(ws, ws.key, split, n), n, None
+    ev, tvs_, d = ws.evaluator, ws.tvs, delta
+    refiner = st.session_state.setdefault("merge_refiner", Refiner())
+    refiner.request(key, lambda stop: (merged_accuracy(ev, d, split, n, stop=stop),
+                                       reference_on_examples(ev, tvs_, split, n, stop=stop)))
+    return (scores(ws, delta, ws.key, method_name, knob_key, split, FIRST_ESTIMATE),
+            references(ws, ws.key, split, FIRST_ESTIMATE), FIRST_ESTIMATE, key)
+
+
 try:
     delta = merged_delta(ws, ws.key, method_name, knob_key)
 except MergescopeError as exc:
@@ -150,15 +176,31 @@ with right:
         url.drop("full")
     n = None if evaluate_full else int(subsample)
     try:
-        per_task = scores(ws, delta, ws.key, method_name, knob_key, split, n)
+        per_task, reference, n_shown, pending = live_scores(n)
     except MergescopeError as exc:
         st.error(str(exc))
         st.stop()
-    table = comparison_table(per_task, ws.reference, split)
+    if pending is not None:
+        @st.fragment(run_every=1.0)
+        def wait_for_refinement():
+            refiner = st.session_state["merge_refiner"]
+            result = refiner.done(pending)
+            if result is not None:
+                st.session_state["merge_refined"][pending] = result
+                st.rerun()
+            failed = refiner.failure(pending)
+            if failed is not None:
+                st.error(f"Refining the score failed: {failed}")
+            else:
+                st.caption(f"First estimate on {FIRST_ESTIMATE} examples per task (CPU); scoring "
+                           f"{'the full split' if n is None else f'{n} per task'} in the background…")
+        wait_for_refinement()
+    table = comparison_table(per_task, reference, split)
     scale = url.widget(st.radio, "Scale", key="merge_scale", param="scale", default="absolute",
                        options=["absolute", "normalised (÷ fine-tuned)"], horizontal=True)
     normalized = scale != "absolute"
-    where = f"full {split} split" if n is None else f"{split} subsample of {n} per task"
+    where = (f"full {split} split" if n_shown is None else f"{split} subsample of {n_shown} per task") + \
+        " · references on the same examples"
     if delta.per_task:
         where += " · each task scored with its own model (per-task method)"
     st.plotly_chart(accuracy_bars(table, normalized=normalized, title=method_name, subtitle=where),
@@ -166,7 +208,7 @@ with right:
     shown = wide(table, "normalized" if normalized else "accuracy")
     st.dataframe(shown.style.format("{:.2%}", na_rep="–"), width="stretch")
 
-    history.record({"method": method_name, "knobs": params, "split": split, "subsample": n,
+    history.record({"method": method_name, "knobs": params, "split": split, "subsample": n_shown,
                     "per_task": per_task, "mean": sum(per_task.values()) / max(1, len(per_task))}, RUN_STARTED)
 
 st.subheader("Configurations kept in this session")

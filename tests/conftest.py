@@ -28,6 +28,8 @@ from analysis.evaluation import Evaluator, FeatureSplit, Head
 # Never touch (or see) a user's real cache from tests: a demo built there would
 # change what the Home page loads. Tests that want a demo point here themselves.
 os.environ["MERGESCOPE_CACHE"] = tempfile.mkdtemp(prefix="mergescope-test-cache-")
+# pages score the final subsample in one run (a CPU first estimate is tested on its own: tests/test_refine.py)
+os.environ.setdefault("MERGESCOPE_FIRST_ESTIMATE", "0")
 
 TOY_TASKS = ("alpha", "beta", "gamma")
 TOY_IN, TOY_HIDDEN, TOY_CLASSES = 8, 16, 3

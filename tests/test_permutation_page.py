@@ -30,10 +30,10 @@ def test_page_shows_paths_barriers_merge_and_cycle_error(injected):
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
     tables = [t.value for t in at.dataframe]
-    bars = next(t for t in tables if "barrier (mean)" in t.columns)
+    bars = next(t for t in tables if "midpoint barrier" in t.columns)
     assert set(bars["method"]) == {"naive", "weight matching"}
     loss = bars[bars.metric == "loss"].set_index("method")
-    assert loss.loc["weight matching", "barrier (mean)"] < loss.loc["naive", "barrier (mean)"]
+    assert loss.loc["weight matching", "midpoint barrier"] < loss.loc["naive", "midpoint barrier"]
     merged = next(t for t in tables if "model" in t.columns)
     assert len(merged) == 4 and merged["model"].iloc[-1].startswith("merge of 3")
     cyc = next(t for t in tables if "h0" in t.columns)
@@ -43,7 +43,7 @@ def test_page_shows_paths_barriers_merge_and_cycle_error(injected):
 def test_switching_method_and_repair_changes_the_curves(injected):
     at = _page(injected, al_method="c2m3", al_repair=True, al_plane_on=True, al_res=5)
     assert not at.exception, at.exception
-    bars = next(t.value for t in at.dataframe if "barrier (mean)" in t.value.columns)
+    bars = next(t.value for t in at.dataframe if "midpoint barrier" in t.value.columns)
     assert set(bars["method"]) == {"naive", "C2M3", "C2M3 + REPAIR"}
     assert len(at.get("plotly_chart")) == 3  # loss and accuracy paths, and the plane
     assert not any("h0" in t.value.columns for t in at.dataframe)  # the merge is opt-in

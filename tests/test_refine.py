@@ -40,7 +40,10 @@ def test_the_same_request_reuses_its_job():
     assert refiner.done("k") == 42 and calls == [1]
 
 
-def test_estimates_are_for_the_cpu_and_larger_subsamples_only():
+def test_estimates_are_for_the_cpu_and_larger_subsamples_only(monkeypatch):
+    monkeypatch.setenv("MERGESCOPE_FIRST_ESTIMATE", "1")
     assert needs_estimate("cpu", 64) and needs_estimate("cpu", None)
     assert not needs_estimate("cpu", FIRST_ESTIMATE)
     assert not needs_estimate("cuda:0", 64)
+    monkeypatch.setenv("MERGESCOPE_FIRST_ESTIMATE", "0")
+    assert not needs_estimate("cpu", 64)

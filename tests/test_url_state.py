@@ -135,7 +135,7 @@ def test_merge_choices_survive_a_page_switch(tiny_workspace):
 
 def test_a_landscape_link_names_a_merge_by_its_recipe(tiny_workspace):
     label = "merge: task_arithmetic (alpha=0.5)"
-    at = run_page("4_Loss_Landscape.py", tiny_workspace, {"ll_start": "pretrained", "ll_end": label, "ll_points": "3"})
+    at = run_page("4_Loss_Landscape.py", tiny_workspace, {"ll_start": "pretrained", "ll_end": label, "ll_points": "3", "ll_sub": "16"})
     assert not at.exception, at.exception
     assert at.selectbox(key="ll_end").value == label        # no history in this session: offered from the link
     curves = tiny_workspace.extras["landscape_last"]["curves"]

@@ -10,6 +10,7 @@ stale refinement; the page polls from an `st.fragment(run_every=…)`.
 """
 from __future__ import annotations
 
+import os
 import threading
 from typing import Callable, Hashable
 
@@ -19,7 +20,12 @@ FIRST_ESTIMATE = 8   # examples per task scored before the page first draws (CPU
 
 
 def needs_estimate(device, subsample: int | None) -> bool:
-    """A first estimate pays off only on a CPU and when the live subsample is larger."""
+    """A first estimate pays off only on a CPU and when the live subsample is larger.
+
+    MERGESCOPE_FIRST_ESTIMATE=0 turns it off (the test suite does, so a page test
+    sees the final numbers in one run)."""
+    if os.environ.get("MERGESCOPE_FIRST_ESTIMATE", "1") == "0":
+        return False
     return str(device).startswith("cpu") and (subsample is None or subsample > FIRST_ESTIMATE)
 
 
@@ -44,6 +50,12 @@ class Refiner:
             self._key = key
             self._job = BackgroundJob(lambda report: compute(stop.is_set), label="refine")
             return self._job
+
+    def failure(self, key: Hashable) -> BaseException | None:
+        """The error of `key`'s job, if it failed (never a stop asked for by a newer request)."""
+        with self._lock:
+            job = self._job if key == self._key else None
+        return None if job is None or job.running else job.error
 
     def done(self, key: Hashable):
         """The refined result for `key` if it has landed, else None."""
