@@ -5,6 +5,7 @@ Tests inject a workspace with `AppTest.session_state["workspace"] = Workspace(..
 from __future__ import annotations
 
 import contextlib
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +34,14 @@ class Workspace:
 
     @property
     def key(self) -> str:
-        """Identifies the workspace for st.cache_* (object identity is per session)."""
-        return f"{self.name}:{id(self.tvs)}"
+        """Identifies the workspace for st.cache_*: its set object, by a token stamped on it once (not
+        id(), which a later set can reuse after this one is freed and then be served this one's results).
+        Sessions that open the same cached set share the key, and so the merges and scores."""
+        token = getattr(self.tvs, "_mergescope_token", None)
+        if token is None:
+            token = uuid.uuid4().hex[:12]
+            self.tvs._mergescope_token = token
+        return f"{self.name}:{token}"
 
 
 def get_workspace() -> Workspace | None:
