@@ -183,3 +183,29 @@ def test_invalid_permutations_are_rejected_and_would_change_the_function(bert):
     for wrong in (bad, split):
         assert not torch.allclose(head_logits(apply_permutation(sd, free, wrong), "t0", tok, HEADS),
                                   head_logits(sd, "t0", tok, HEADS), atol=1e-3)
+
+
+def test_pipeline_on_bert_aligns_merges_and_repairs(bert):
+    from analysis.permutation.pipeline import bert_family, compare_paths, merge_models
+    from analysis.permutation.repair import unit_statistics
+    _, a = bert
+    spec = bert_spec(a, HEADS)
+    fam = bert_family(HEADS)
+    b = apply_permutation(a, spec, random_perms(spec.sizes(a), 5, spec=spec))
+    tok = _tokens(48, 12, seed=4)
+    _, bars = compare_paths(a, b, spec, _loss_fn(a, tok), [0.0, 0.5, 1.0], "activation_matching", repair_x=tok,
+                            family=fam, match_x=tok)
+    loss = bars[bars.metric == "loss"].set_index("method")["barrier_linear"]
+    assert loss["naive"] > 0.05 and abs(loss["activation matching"]) < 1e-5
+    assert abs(loss["activation matching + REPAIR"]) < 1e-3   # REPAIR of a model with itself is the identity
+    # REPAIR on two different models sets every LayerNorm output and FFN pre-activation to the target statistics
+    other = _bert(9)[1]
+    merged = merge_models([a, other], spec, "weight_matching", family=fam)
+    fixed = merge_models([a, other], spec, "weight_matching", family=fam, repair_x=tok)
+    aligned = [a, apply_permutation(other, spec, weight_matching(a, other, spec))]
+    ends = [unit_statistics(sd, fam.preactivations, tok) for sd in aligned]
+    got, before = unit_statistics(fixed, fam.preactivations, tok), unit_statistics(merged, fam.preactivations, tok)
+    for l in range(len(got)):
+        target = 0.5 * (ends[0][l][1] + ends[1][l][1])
+        torch.testing.assert_close(got[l][1], target, atol=2e-3, rtol=2e-3)
+    assert not torch.allclose(before[-1][1], got[-1][1], atol=1e-2)

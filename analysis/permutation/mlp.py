@@ -38,6 +38,12 @@ def mlp_layer_features(sd: StateDict, x: Tensor) -> dict[str, Tensor]:
     return out
 
 
+def mlp_group_features(sd: StateDict, x: Tensor) -> dict[str, list[Tensor]]:
+    """For activation matching with `mlp_spec`: group h{l} is hidden layer l's
+    units, read after the ReLU."""
+    return {f"h{l}": [torch.relu(p)] for l, p in enumerate(mlp_preactivations(sd, x))}
+
+
 def mlp_preactivations(sd: StateDict, x: Tensor) -> list[Tensor]:
     return mlp_forward(sd, x, return_preacts=True)[1]
 
