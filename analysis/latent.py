@@ -114,6 +114,9 @@ def _fit_probe(x: np.ndarray, y, C: float, seed: int):
     multi-threaded BLAS is ~30x slower (measured: 26 s vs 0.8 s)."""
     from sklearn.linear_model import LogisticRegression
     from threadpoolctl import threadpool_limits
+    classes = np.unique(np.asarray(y))
+    if len(classes) < 2:
+        raise ValidationError(f"a probe needs training labels of at least two classes, got only {classes.tolist()}")
     mu, sd = x.mean(0), x.std(0) + 1e-8
     with threadpool_limits(1):
         clf = LogisticRegression(C=C, max_iter=2000, random_state=seed).fit((x - mu) / sd, np.asarray(y))
