@@ -132,8 +132,7 @@ def main(argv=None) -> int:
             return lambda sd, lam: repair(sd, [a, b_al], layers, fam.preactivations, match_x, weights=[1 - lam, lam],
                                           device="cpu")
 
-        for label, other, fn in (("naive", b, None), ("naive + REPAIR", b, rep_for(b)),
-                                 ("weight matching", b_wm, None), ("weight matching + REPAIR", b_wm, rep_for(b_wm)),
+        for label, other, fn in (("naive", b, None), ("weight matching", b_wm, None), ("weight matching + REPAIR", b_wm, rep_for(b_wm)),
                                  ("activation matching", b_am, None),
                                  ("activation matching + REPAIR", b_am, rep_for(b_am))):
             curve = timed(f"path {i}-{j} {label}", lambda: interpolation_curve(ev, a, other, lams, repair_fn=fn))
@@ -214,7 +213,8 @@ def main(argv=None) -> int:
     load = os.getloadavg()
     lines = [
         "# Aligning small BERT encoders from different seeds: measured results", "",
-        f"- Command: `nice -n 15 .venv/bin/python benchmarks/transformer_alignment.py{' --kind ' + args.kind if args.kind else ''}`",
+        f"- Command: `nice -n 15 .venv/bin/python benchmarks/transformer_alignment.py {' '.join(argv or sys.argv[1:])}` "
+        "(niced, since the full demo build was still running)",
         f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} torch "
         f"thread(s), CPU; load average at the end {tuple(round(v, 1) for v in load)} (2 cores shared with other "

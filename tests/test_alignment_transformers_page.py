@@ -68,7 +68,7 @@ def test_latent_section_on_mlps(mlps, tmp_path, monkeypatch):
 def test_transformer_section_paths_merges_latent_and_aggregation(mlps, transformers_src):
     at = run_page(PAGE, alignment_models=mlps, alignment_transformers=transformers_src, tr_path_on=True,
                   tr_merge_on=True, tr_latent_on=True, tr_agg_on=True, tr_method="activation_matching",
-                  tr_repair=True)
+                  tr_repair=True, timeout=900)   # one run does every section; the shared CPU can be very busy
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
     tables = [t.value for t in at.dataframe]
