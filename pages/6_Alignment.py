@@ -181,3 +181,163 @@ try:
                 st.dataframe(cyc.pivot(index="method", columns="group", values="value"), width="stretch")
 except MergescopeError as e:
     st.error(str(e))
+
+
+# ---- latent spaces of the MLPs above (issue 15) ----------------------------------------------------
+from analysis.permutation.mlp import mlp_layer_features  # noqa: E402
+from analysis.permutation.pipeline import MLP as MLP_FAMILY  # noqa: E402
+from analysis.permutation.views import (latent_view, transformer_aggregation, transformer_layer_fn,  # noqa: E402
+                                        transformer_merges, transformer_paths, transformer_setup, pooled_inputs)
+from analysis.plots.latent import aggregation_figure, layer_similarity_figure  # noqa: E402
+
+LATENT_CAPTION = ("*Linear CKA* and *relative similarity* (cosine similarities to fixed anchor samples, Moschella et "
+                  "al. 2023) do not change when units are permuted, so alignment leaves them equal for B vs A; the "
+                  "*mean unit correlation* is what alignment raises. The merge rows compare a merge of A and B with A.")
+
+
+@st.cache_data(show_spinner="Comparing latent spaces…", max_entries=16)
+def mlp_latent(key: str, a: str, b: str, method: str, n_eval: int):
+    m = src["models"]
+    x = src["test"][0][:n_eval]
+    return latent_view(mlp_layer_features, m, a, b, mlp_spec_from_state_dict(m[a]), method, x, MLP_FAMILY,
+                       match_x=src["train_x"][:2000])
+
+
+@st.cache_data(show_spinner="Training probes…", max_entries=16)
+def mlp_aggregation(key: str, chosen: tuple[str, ...], n_eval: int, n_anchors: int):
+    from analysis.latent import aggregation_table
+    x, y = src["test"][0][:n_eval], src["test"][1][:n_eval]
+    half = len(y) // 2
+    feats = {k: list(mlp_layer_features(src["models"][k], x).values())[-2] for k in chosen}  # last hidden layer
+    return aggregation_table({k: f[:half] for k, f in feats.items()}, y[:half],
+                             {k: f[half:] for k, f in feats.items()}, y[half:], n_anchors=n_anchors)
+
+
+st.divider()
+st.header("Latent spaces")
+st.caption(LATENT_CAPTION)
+try:
+    lc1, lc2, lc3 = st.columns(3)
+    la = lc1.selectbox("Model A", names, index=0, key="lat_a")
+    lb = lc2.selectbox("Model B", names, index=min(1, len(names) - 1), key="lat_b")
+    lmethod = lc3.radio("Alignment", ["weight_matching", "activation_matching", "c2m3"], format_func=lambda m: {
+        "weight_matching": "weight matching", "activation_matching": "activation matching", "c2m3": "C2M3"}[m],
+        key="lat_method", horizontal=True)
+    if la == lb:
+        st.warning("Pick two different models.")
+    elif st.toggle("Compare the latent spaces", value=False, key="lat_on"):
+        sim = mlp_latent(src_key, la, lb, lmethod, n_eval)
+        st.plotly_chart(layer_similarity_figure(sim), width="stretch")
+        st.dataframe(sim.pivot_table(index=["comparison", "measure"], columns="layer", values="value", sort=False),
+                     width="stretch")
+    agg_models = st.multiselect("Models whose relative spaces are aggregated", names, default=names[:3],
+                                key="lat_agg")
+    n_anchors = st.slider("Anchors", 10, 200, 50, step=10, key="lat_anchors")
+    if len(agg_models) >= 2 and st.toggle("Train the probes", value=False, key="lat_agg_on",
+                                          help="last hidden layer; probes trained on half of the evaluated test "
+                                               "examples, scored on the other half"):
+        agg = mlp_aggregation(src_key, tuple(agg_models), n_eval, n_anchors)
+        st.plotly_chart(aggregation_figure(agg), width="stretch")
+        st.dataframe(agg, hide_index=True, width="stretch")
+except MergescopeError as e:
+    st.error(str(e))
+
+
+# ---- transformers from different seeds (issue 15) --------------------------------------------------
+@st.cache_resource(show_spinner="Loading the transformer zoo…")
+def zoo_source(root: str) -> dict:
+    from analysis.zoo.transformers import open_transformer_zoo
+    z = open_transformer_zoo(root)
+    return {"models": z.models, "n_heads": z.n_heads, "eps": z.eps, "data": z.data,
+            "label": f"transformer zoo ({z.manifest['kind']}, {len(z.models)} seeds)"}
+
+
+def transformer_source():
+    injected = st.session_state.get("alignment_transformers")
+    if injected:
+        return injected, f"injected:{id(injected)}"
+    from analysis.zoo import DemoNotBuilt
+    from analysis.zoo.transformers import find_transformer_zoo
+    try:
+        root = str(find_transformer_zoo())
+    except DemoNotBuilt:
+        return None, None
+    return zoo_source(root), "zoo:" + root
+
+
+T_METHODS = {"weight_matching": "weight matching", "activation_matching": "activation matching (correlations)"}
+
+
+@st.cache_data(show_spinner="Aligning and interpolating the transformers…", max_entries=16)
+def t_paths(key: str, a: str, b: str, method: str, use_rep: bool, n_lam: int):
+    return transformer_paths(tsrc, a, b, method, use_rep, [i / (n_lam - 1) for i in range(n_lam)])
+
+
+@st.cache_data(show_spinner="Merging the transformers…", max_entries=8)
+def t_merges(key: str, chosen: tuple[str, ...], use_rep: bool):
+    return transformer_merges(tsrc, chosen, use_rep)
+
+
+@st.cache_data(show_spinner="Comparing latent spaces…", max_entries=8)
+def t_latent(key: str, a: str, b: str, method: str):
+    spec, fam = transformer_setup(tsrc)
+    x = pooled_inputs(tsrc, "test", 100)
+    return latent_view(transformer_layer_fn(tsrc), tsrc["models"], a, b, spec, method, x, fam,
+                       match_x=pooled_inputs(tsrc, "train", 32))
+
+
+@st.cache_data(show_spinner="Training probes per task…", max_entries=8)
+def t_aggregation(key: str, chosen: tuple[str, ...], n_anchors: int):
+    return transformer_aggregation(tsrc, chosen, n_anchors)
+
+
+st.divider()
+st.header("Transformers from different seeds")
+st.caption("Small BERT encoders trained from scratch on the text tasks, one per seed. Their permutation symmetry: "
+           "one residual-stream permutation (embeddings, every LayerNorm, every block's input and output), one per "
+           "FFN, and per attention a permutation of whole heads with permutations inside each head shared by Q and "
+           "K, and by V and the output projection. REPAIR here renormalises every LayerNorm output and FFN "
+           "pre-activation. Scores: mean over tasks of each task head's test accuracy.")
+tsrc, tkey = transformer_source()
+if tsrc is None:
+    st.info("**No transformer zoo built yet.** Run `python -m analysis.zoo build-transformers --quick` "
+            "(a few minutes on a CPU) and reload this page.")
+else:
+    tnames = list(tsrc["models"])
+    st.caption(f"Models: {tsrc.get('label', 'injected')} — {len(tnames)} seeds, {len(tsrc['data'])} tasks.")
+    try:
+        t1, t2, t3, t4 = st.columns(4)
+        ta = t1.selectbox("Model A", tnames, index=0, key="tr_a")
+        tb = t2.selectbox("Model B", tnames, index=min(1, len(tnames) - 1), key="tr_b")
+        tmethod = t3.radio("Alignment", list(T_METHODS), format_func=T_METHODS.get, key="tr_method")
+        t_rep = t4.checkbox("REPAIR", value=False, key="tr_repair")
+        if ta == tb:
+            st.warning("Pick two different models.")
+        elif st.toggle("Compute the path", value=False, key="tr_path_on"):
+            curves, bars = t_paths(tkey, ta, tb, tmethod, t_rep, 7)
+            f1, f2 = st.columns(2)
+            f1.plotly_chart(interpolation_figure(curves, "loss"), width="stretch")
+            f2.plotly_chart(interpolation_figure(curves, "accuracy", title="Test accuracy along the path A → B"),
+                            width="stretch")
+            st.dataframe(bars.rename(columns=barrier_labels()), hide_index=True, width="stretch")
+        tchosen = st.multiselect("Transformers to merge", tnames, default=tnames[: min(3, len(tnames))],
+                                 key="tr_merge")
+        if len(tchosen) >= 2 and st.toggle("Compute the merges", value=False, key="tr_merge_on",
+                                           help="naive, pairwise weight / activation matching and C2M3"):
+            ttable, tcyc = t_merges(tkey, tuple(tchosen), t_rep)
+            st.dataframe(ttable, hide_index=True, width="stretch")
+            if tcyc is not None:
+                st.dataframe(tcyc, hide_index=True, width="stretch")
+        if ta != tb and st.toggle("Compare latent spaces by layer", value=False, key="tr_latent_on"):
+            st.caption(LATENT_CAPTION)
+            tsim = t_latent(tkey, ta, tb, tmethod)
+            st.plotly_chart(layer_similarity_figure(tsim), width="stretch")
+            st.dataframe(tsim.pivot_table(index=["comparison", "measure"], columns="layer", values="value",
+                                          sort=False), width="stretch")
+        if len(tchosen) >= 2 and st.toggle("Aggregate relative spaces", value=False, key="tr_agg_on",
+                                           help="per task, last layer; probes on the training split"):
+            tagg = t_aggregation(tkey, tuple(tchosen), 64)
+            st.plotly_chart(aggregation_figure(tagg), width="stretch")
+            st.dataframe(tagg, hide_index=True, width="stretch")
+    except MergescopeError as e:
+        st.error(str(e))

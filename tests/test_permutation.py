@@ -299,3 +299,24 @@ def test_barriers_agree_with_the_landscape_module():
         ours = barriers(curve, metric)
         assert ours["midpoint"] == pytest.approx(theirs[(metric, "midpoint")])
         assert ours["path"] == pytest.approx(theirs[(metric, "path")])
+
+
+def test_activation_matching_recovers_a_random_permutation_of_an_mlp(models, digits):
+    from analysis.permutation.activation_matching import activation_matching
+    from analysis.permutation.mlp import mlp_group_features
+    a = models[0]
+    spec = mlp_spec_from_state_dict(a)
+    perms = random_perms(spec.sizes(a), 8)
+    b = apply_permutation(a, spec, perms)
+    x = digits[0][0]
+    found = activation_matching(a, b, spec, mlp_group_features, x)
+    # units that never fire on the data (dead ReLUs) have no correlation to match by: every live unit is recovered
+    live = {g: f[0].std(0) > 0 for g, f in mlp_group_features(a, x).items()}
+    for g in perms:
+        assert 0 < int(live[g].sum()) and torch.equal(perms[g][found[g]][live[g]], torch.arange(len(found[g]))[live[g]])
+    torch.testing.assert_close(mlp_forward(apply_permutation(b, spec, found), x), mlp_forward(a, x))
+    # on another seed it also beats naive averaging
+    (_, _), (xt, yt) = digits
+    naive = evaluate_mlp(merge_models(models, spec, "none"), xt, yt)["accuracy"]
+    am = evaluate_mlp(merge_models(models, spec, "activation_matching", match_x=digits[0][0]), xt, yt)["accuracy"]
+    assert am > naive + 0.2

@@ -22,6 +22,10 @@ exactly (inner products of the coefficient tensors) and take its maximum on
 [0, 1] (endpoints and real roots of the derivative).
 At the end each P_i is projected to the nearest permutation (a linear
 assignment maximising <P_i, Pi>).
+Head-structured groups (transformer attention): vertices and the final
+projection are the best valid permutations (`weight_matching.assign`), so the
+relaxation is the convex hull of the valid permutations rather than the full
+Birkhoff polytope, and every model keeps Q/K and V/O heads together.
 
 Cycle consistency is by construction: the pairwise permutations are
 p_ij = perm_j[inv(perm_i)] and any cycle composes to the identity exactly.
@@ -43,7 +47,7 @@ import torch
 from analysis.device import get_device
 from analysis.errors import HyperparameterError, ValidationError
 from analysis.permutation.specs import PermutationSpec, StateDict, apply_permutation, invert
-from analysis.permutation.weight_matching import _prepare, linear_assignment, unit_rows, weight_matching
+from analysis.permutation.weight_matching import _prepare, assign, unit_rows, weight_matching
 
 Tensor = torch.Tensor
 
@@ -214,9 +218,9 @@ def c2m3(state_dicts: Sequence[StateDict], spec: PermutationSpec, *, max_iter: i
                     grads[i][spec.axes[n][a]] += unit_rows(rest, a) @ unit_rows(partial, a).T
         V, gap = [ident], 0.0
         for i in range(1, N):
-            Vi = {}
+            # vertex: the valid permutation maximising <grad, .> (whole heads move together)
+            Vi = {g: p.to(device) for g, p in assign(spec, grads[i]).items()}
             for g, grad in grads[i].items():
-                Vi[g] = linear_assignment(grad).to(device)  # vertex: the permutation maximising <grad, .>
                 gap += float(grad[ident[g], Vi[g]].sum()) - float(torch.vdot(grad.flatten(), P[i][g].flatten()))
             V.append(Vi)
         result.iterations = it + 1
@@ -245,7 +249,7 @@ def c2m3(state_dicts: Sequence[StateDict], spec: PermutationSpec, *, max_iter: i
         result.objective.append(f)
 
     # projection: the permutation with the largest overlap <P_i, Pi>
-    result.perms = [{g: linear_assignment(Pi[g]) for g in sizes} for Pi in P]
+    result.perms = [assign(spec, Pi) for Pi in P]
     result.final_objective = _objective_from_perms(models, spec, [{g: p.to(device) for g, p in q.items()}
                                                                   for q in result.perms])
     return result

@@ -28,6 +28,22 @@ def mlp_forward(sd: StateDict, x: Tensor, return_preacts: bool = False):
     return (h, pre) if return_preacts else h
 
 
+@torch.no_grad()
+def mlp_layer_features(sd: StateDict, x: Tensor) -> dict[str, Tensor]:
+    """Per hidden layer, its activations after the ReLU (`layer 1`, ...), and
+    the logits (`output`): the latent spaces the Alignment page compares."""
+    logits, pre = mlp_forward({k: v.float() for k, v in sd.items()}, x, return_preacts=True)
+    out = {f"layer {l + 1}": torch.relu(p) for l, p in enumerate(pre)}
+    out["output"] = logits
+    return out
+
+
+def mlp_group_features(sd: StateDict, x: Tensor) -> dict[str, list[Tensor]]:
+    """For activation matching with `mlp_spec`: group h{l} is hidden layer l's
+    units, read after the ReLU."""
+    return {f"h{l}": [torch.relu(p)] for l, p in enumerate(mlp_preactivations(sd, x))}
+
+
 def mlp_preactivations(sd: StateDict, x: Tensor) -> list[Tensor]:
     return mlp_forward(sd, x, return_preacts=True)[1]
 

@@ -14,11 +14,21 @@ unit i of the permuted model is unit p[i] of the original.
 - CNN: the same with conv kernels (out, in, kh, kw) and BatchNorm vectors.
 - ResNet: every block's output projection, the stem and the shortcut share the
   residual stream's group; the inner channels of each block get their own.
+- Transformer (`analysis.permutation.transformer.bert_spec`): one residual
+  group, one FFN group per layer, and per attention two head-structured
+  groups (Q/K and V/O) that share one permutation of whole heads.
+
+Head structure: a group listed in `heads` as (head group, n) is n blocks of
+equal width; its permutations must move whole blocks (heads) and permute
+freely only inside a block, and every group naming the same head group must
+move the heads the same way. `attention` lists the multi-head attentions so
+that a spec whose Q and K (or V and the output projection) do not share a
+permutation is rejected when it is built.
 """
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Sequence
 
 import torch
@@ -31,10 +41,87 @@ Perms = Mapping[str, Tensor]
 
 
 @dataclass(frozen=True)
+class Attention:
+    """One multi-head attention: module names of its query, key, value and
+    output projections (nn.Linear: `name.weight` is (out, in), `name.bias`
+    optional) and its number of heads."""
+
+    query: str
+    key: str
+    value: str
+    output: str
+    n_heads: int
+
+
+@dataclass(frozen=True)
 class PermutationSpec:
-    """`axes[param] = (group or None for each axis)`; `sizes[group]` = its width."""
+    """`axes[param] = (group or None for each axis)`; `sizes[group]` = its width.
+
+    `heads[group] = (head group, number of heads)` marks a head-structured
+    group; `attention` lists the attentions whose consistency is checked."""
 
     axes: dict[str, tuple[str | None, ...]]
+    heads: dict[str, tuple[str, int]] = field(default_factory=dict)
+    attention: tuple[Attention, ...] = ()
+
+    def __post_init__(self):
+        counts: dict[str, tuple[int, str]] = {}
+        for g, (hg, n) in self.heads.items():
+            if g not in self.groups:
+                raise ValidationError(f"head-structured group {g!r} is not used by any parameter of the spec")
+            if int(n) < 1:
+                raise ValidationError(f"group {g!r} declares {n} heads; it needs at least 1")
+            if hg in counts and counts[hg][0] != n:
+                raise ValidationError(f"head group {hg!r} has {counts[hg][0]} heads in group {counts[hg][1]!r} "
+                                      f"but {n} in group {g!r}")
+            counts.setdefault(hg, (n, g))
+        for att in self.attention:
+            self._check_attention(att)
+
+    def _group_of(self, param: str, axis: int) -> str | None:
+        groups = self.axes.get(param)
+        return None if groups is None or axis >= len(groups) else groups[axis]
+
+    def _check_attention(self, att: Attention) -> None:
+        """Q and K share one permutation (scores are per-head dot products
+        q.k); V and the output projection's input share one (the output
+        projection reads the heads' values); both move whole heads, the same
+        way (a head's Q, K, V and output slice travel together)."""
+        pairs = {"Q/K": [(f"{att.query}.weight", 0), (f"{att.query}.bias", 0), (f"{att.key}.weight", 0),
+                         (f"{att.key}.bias", 0)],
+                 "V/O": [(f"{att.value}.weight", 0), (f"{att.value}.bias", 0), (f"{att.output}.weight", 1)]}
+        found = {}
+        for kind, members in pairs.items():
+            ref_param, ref_axis = members[0]
+            ref = self._group_of(ref_param, ref_axis)
+            for param, axis in members[1:]:
+                if param not in self.axes:
+                    if param.endswith(".bias"):
+                        continue  # a bias-free projection
+                    raise ValidationError(f"attention {att.query!r}: the spec has no axes for {param!r}")
+                g = self._group_of(param, axis)
+                if g != ref:
+                    raise ValidationError(
+                        f"attention {att.query.rsplit('.', 1)[0]!r}: {kind} must share one permutation, but "
+                        f"{ref_param!r} axis {ref_axis} is group {ref!r} while {param!r} axis {axis} is group {g!r} "
+                        f"({'scores are per-head dot products q.k' if kind == 'Q/K' else 'the output projection reads the values'})")
+            found[kind] = ref
+        qk, vo = found["Q/K"], found["V/O"]
+        if (qk is None) != (vo is None):
+            raise ValidationError(f"attention {att.query!r}: Q/K group is {qk!r} but V/O group is {vo!r}; permute "
+                                  "both (their heads move together) or neither")
+        for kind, g in found.items():
+            if g is None:
+                continue
+            if g not in self.heads:
+                raise ValidationError(f"attention {att.query!r}: {kind} group {g!r} is not head-structured; a free "
+                                      "permutation would move units between heads (declare it in `heads`)")
+            if self.heads[g][1] != att.n_heads:
+                raise ValidationError(f"attention {att.query!r} has {att.n_heads} heads but group {g!r} declares "
+                                      f"{self.heads[g][1]}")
+        if qk is not None and self.heads[qk][0] != self.heads[vo][0]:
+            raise ValidationError(f"attention {att.query!r}: Q/K group {qk!r} moves heads by {self.heads[qk][0]!r} "
+                                  f"but V/O group {vo!r} by {self.heads[vo][0]!r}; one head permutation must serve both")
 
     @property
     def groups(self) -> dict[str, list[tuple[str, int]]]:
@@ -76,6 +163,47 @@ class PermutationSpec:
                     raise ValidationError(f"permutation group {g!r} has width {w} on {other!r} axis {oaxis} but "
                                           f"{n} on {name!r} axis {axis}")
                 widths.setdefault(g, (n, name, axis))
+        for g, (hg, n_heads) in self.heads.items():
+            if g in widths and widths[g][0] % n_heads:
+                raise ValidationError(f"group {g!r} has width {widths[g][0]}, not divisible into {n_heads} heads")
+
+    def check_perms(self, perms: Perms) -> None:
+        """Every head-structured group's permutation moves whole heads, and the
+        groups of one head group move them the same way."""
+        seen: dict[str, tuple[Tensor, str]] = {}
+        for g, (hg, n_heads) in self.heads.items():
+            if g not in perms:
+                continue
+            p = torch.as_tensor(perms[g]).cpu()
+            check_permutation(p, None, f"permutation of group {g!r}")
+            dh = p.numel() // n_heads
+            blocks = (p // dh).view(n_heads, dh)
+            bad = (blocks != blocks[:, :1]).any(1)
+            if bad.any():
+                h = int(bad.nonzero()[0])
+                raise ValidationError(f"permutation of group {g!r} splits head {h}: its units come from heads "
+                                      f"{sorted(set(blocks[h].tolist()))}; a head must move as a whole")
+            order = blocks[:, 0]
+            if hg in seen and not torch.equal(seen[hg][0], order):
+                raise ValidationError(f"groups {seen[hg][1]!r} and {g!r} share head group {hg!r} but move heads "
+                                      f"differently ({seen[hg][0].tolist()} vs {order.tolist()}); Q/K and V/O "
+                                      "of a head must travel together")
+            seen.setdefault(hg, (order, g))
+
+    def head_units(self) -> list[list[str]]:
+        """Groups solved together: every free group alone, and the groups of
+        each head group jointly (they share one head permutation)."""
+        out, by_head = [], {}
+        for g in self.groups:
+            if g in self.heads:
+                hg = self.heads[g][0]
+                if hg not in by_head:
+                    by_head[hg] = []
+                    out.append(by_head[hg])
+                by_head[hg].append(g)
+            else:
+                out.append([g])
+        return out
 
 
 def mlp_spec(linear_names: Sequence[str], biases: bool | Sequence[bool] = True) -> PermutationSpec:
@@ -165,6 +293,8 @@ def apply_permutation(state_dict: StateDict, spec: PermutationSpec, perms: Perms
     """Permute every spec'd axis by its group's permutation (`new = old[p]`).
     Parameters the spec does not name are copied unchanged. `except_axis`
     = (param, axis) leaves that one axis as it is (used by weight matching)."""
+    if spec.heads:
+        spec.check_perms(perms)
     out: dict[str, Tensor] = {}
     for name, t in state_dict.items():
         for axis, g in enumerate(spec.axes.get(name, ())):
@@ -194,9 +324,23 @@ def identity_perms(sizes: Mapping[str, int]) -> dict[str, Tensor]:
     return {g: torch.arange(n) for g, n in sizes.items()}
 
 
-def random_perms(sizes: Mapping[str, int], seed: int = 0) -> dict[str, Tensor]:
+def random_perms(sizes: Mapping[str, int], seed: int = 0, spec: PermutationSpec | None = None) -> dict[str, Tensor]:
+    """Uniformly random permutations; with a head-structured `spec`, random
+    valid ones (a random head order per head group, shared by its groups,
+    and a random order inside every head)."""
     gen = torch.Generator().manual_seed(seed)
-    return {g: torch.randperm(n, generator=gen) for g, n in sizes.items()}
+    heads = spec.heads if spec is not None else {}
+    head_orders: dict[str, Tensor] = {}
+    out = {}
+    for g, n in sizes.items():
+        if g not in heads:
+            out[g] = torch.randperm(n, generator=gen)
+            continue
+        hg, n_heads = heads[g]
+        dh = n // n_heads
+        order = head_orders.setdefault(hg, torch.randperm(n_heads, generator=gen))
+        out[g] = torch.cat([order[h] * dh + torch.randperm(dh, generator=gen) for h in range(n_heads)])
+    return out
 
 
 def compose(first: Perms, then: Perms) -> dict[str, Tensor]:

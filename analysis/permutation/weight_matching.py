@@ -6,6 +6,8 @@ by coordinate descent: visit the permutation groups in a random order; for one
 group, with every other group held fixed, the objective is linear in that
 group's permutation, so the best one is a linear assignment problem on the
 summed similarity matrix. Repeat until a full sweep improves nothing.
+Head-structured groups (attention Q/K and V/O, see specs.py) that share one
+head permutation are visited together and solved exactly by `assign`.
 
 The similarity matrices are built with torch on the chosen device; the linear
 assignment itself is scipy's (CPU), so each step copies one n x n matrix to
@@ -46,6 +48,47 @@ def linear_assignment(score: Tensor) -> Tensor:
     p = np.empty(s.shape[0], dtype=np.int64)
     p[rows] = cols
     return torch.from_numpy(p)
+
+
+def assign(spec: PermutationSpec, scores: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The valid permutations maximising sum_g sum_i scores[g][i, p_g[i]]
+    (CPU LongTensors), for the groups in `scores`.
+
+    A free group is one linear assignment. The groups of one head group are
+    solved jointly and exactly: for every pair of heads (a of A, b of B) and
+    every such group, the best within-head assignment of block (a, b) and its
+    value; the head permutation is then the linear assignment on the summed
+    values, and each group keeps the within-head assignments of the chosen
+    head pairs. (With the head order fixed the objective splits into
+    independent blocks, so this is the exact optimum over valid
+    permutations.)"""
+    out: dict[str, Tensor] = {}
+    for unit in spec.head_units():
+        unit = [g for g in unit if g in scores]
+        if not unit:
+            continue
+        if unit[0] not in spec.heads:
+            out[unit[0]] = linear_assignment(scores[unit[0]])
+            continue
+        n_heads = spec.heads[unit[0]][1]
+        value = np.zeros((n_heads, n_heads))
+        inner: dict[str, dict[tuple[int, int], np.ndarray]] = {g: {} for g in unit}
+        for g in unit:
+            s = scores[g].detach().double().cpu().numpy()
+            dh = s.shape[0] // n_heads
+            for a in range(n_heads):
+                for b in range(n_heads):
+                    block = s[a * dh:(a + 1) * dh, b * dh:(b + 1) * dh]
+                    rows, cols = linear_sum_assignment(block, maximize=True)
+                    value[a, b] += block[rows, cols].sum()
+                    inner[g][a, b] = cols[np.argsort(rows)]
+        heads_rows, heads_cols = linear_sum_assignment(value, maximize=True)
+        order = heads_cols[np.argsort(heads_rows)]
+        for g in unit:
+            dh = scores[g].shape[0] // n_heads
+            out[g] = torch.from_numpy(np.concatenate([order[a] * dh + inner[g][a, order[a]]
+                                                      for a in range(n_heads)]).astype(np.int64))
+    return out
 
 
 def group_similarity(a: Mapping[str, Tensor], b: Mapping[str, Tensor], spec: PermutationSpec, group: str,
@@ -94,20 +137,22 @@ def weight_matching(sd_a: StateDict, sd_b: StateDict, spec: PermutationSpec, *, 
     perms = {g: p.to(device) for g, p in (init or identity_perms(sizes)).items()}
     for g, p in perms.items():
         check_permutation(p, sizes[g], f"initial permutation of group {g!r}")
+    spec.check_perms(perms)
     rng = np.random.default_rng(seed)
-    groups = list(sizes)
+    units = spec.head_units()   # a free group, or the groups sharing one head permutation
     for _ in range(max_sweeps):
         improved = False
-        for gi in rng.permutation(len(groups)):
-            g = groups[gi]
-            s = group_similarity(a, b, spec, g, perms)
-            new = linear_assignment(s).to(device)
-            idx = torch.arange(sizes[g], device=device)
-            old_score = float(s[idx, perms[g]].double().sum())
-            new_score = float(s[idx, new].double().sum())
+        for ui in rng.permutation(len(units)):
+            sims = {g: group_similarity(a, b, spec, g, perms) for g in units[ui]}
+            new = {g: p.to(device) for g, p in assign(spec, sims).items()}
+            old_score = new_score = 0.0
+            for g, s in sims.items():
+                idx = torch.arange(sizes[g], device=device)
+                old_score += float(s[idx, perms[g]].double().sum())
+                new_score += float(s[idx, new[g]].double().sum())
             # strict improvement (relative), so ties never make it cycle forever
             if new_score > old_score + rtol * max(1.0, abs(old_score)):
-                perms[g] = new
+                perms.update(new)
                 improved = True
         if not improved:
             break

@@ -1,5 +1,6 @@
-"""`python -m analysis.zoo build [--quick] [--cache-dir D]`; `python -m analysis.zoo atm|cold-fusion [--quick|--full]`
-(iterative merging on the built demo: analysis/iterative)."""
+"""`python -m analysis.zoo build [--quick] [--cache-dir D]`;
+`python -m analysis.zoo build-transformers [--quick] [--cache-dir D]` (the Alignment page's transformer zoo);
+`python -m analysis.zoo atm|cold-fusion [--quick|--full]` (iterative merging on the built demo: analysis/iterative)."""
 from __future__ import annotations
 
 import argparse
@@ -20,9 +21,16 @@ def main(argv=None) -> int:
     b.add_argument("--device", default=None, help="cuda | mps | cpu (default: the best available)")
     b.add_argument("--csv", action="append", default=[], metavar="PATH",
                    help="add your own task: a CSV with text,label columns (repeatable; task name = file stem)")
+    t = sub.add_parser("build-transformers", help="train small BERT-style encoders from several seeds on the text "
+                                                  "tasks (the Alignment page's transformer zoo)")
+    t.add_argument("--quick", action="store_true", help="the CPU-friendly preset (minutes)")
+    t.add_argument("--tiny", action="store_true", help="the seconds-long toy preset used by tests")
+    t.add_argument("--cache-dir", default=None, help=f"cache folder (default $MERGESCOPE_CACHE or {default_cache_dir()})")
     from analysis.iterative.cli import add_parsers
     add_parsers(sub)
     args = parser.parse_args(argv)
+    if args.command == "build-transformers":
+        return _build_transformers(args)
     if hasattr(args, "handler"):
         return args.handler(args)
 
@@ -40,6 +48,23 @@ def main(argv=None) -> int:
 
     try:
         folder = build(config, args.cache_dir, progress=progress)
+    except MergescopeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(folder)
+    return 0
+
+
+def _build_transformers(args) -> int:
+    from analysis.zoo.transformers import build_transformer_zoo
+    t0 = time.time()
+
+    def progress(fraction: float, message: str) -> None:
+        print(f"[{time.time() - t0:7.1f} s {100 * fraction:5.1f}%] {message}", flush=True)
+
+    try:
+        folder = build_transformer_zoo("tiny" if args.tiny else "quick" if args.quick else "full", args.cache_dir,
+                                       progress=progress)
     except MergescopeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
