@@ -7,11 +7,13 @@ budget, so sets larger than GPU memory stream through it) and kept on disk
 keyed by the set's content hash.
 
 Persisting is off the critical path: `compute()` returns as soon as the
-factors exist; the file is written by a background thread (a temporary file
-beside the target, then an atomic rename, so no reader ever sees half a
-file, and a temporary file left by a process that died mid-write is never
-read). `flush()` waits for the write; at interpreter exit pending writes get
-a few seconds to finish.
+factors exist; the file is written by a background thread through
+`analysis.atomic` (a temporary file beside the target, fsync, then an
+atomic rename: a process killed mid-write leaves the old file or none, two
+processes computing the same set both rename complete files, and a torn
+file is refused on read and recomputed). `flush()` waits for the write and
+raises `StorageError` if it failed (disk full); the factors stay in memory
+either way. At interpreter exit pending writes get a few seconds to finish.
 
 This module also re-exports the SVD kernels (`analysis.svd`) and the spectra
 tables (`analysis.spectra_tables`), so `from analysis.spectra import …` keeps
@@ -20,6 +22,8 @@ working for every name it offered before the split.
 from __future__ import annotations
 
 import atexit
+import errno
+import logging
 import threading
 import time
 import weakref
@@ -30,18 +34,19 @@ import torch
 from safetensors import safe_open
 
 from analysis.device import get_device
-from analysis.errors import ValidationError
+from analysis.errors import StorageError, ValidationError
 from analysis.paths import cache_root
 from analysis.svd import (METHODS, QR_BELOW, Factors, _exact_matmul, _gram_is_faster, as_matrix_batch,  # noqa: F401
                           exact_svd, factor_errors, low_rank, svd_gram, thin_svd, truncation_rank)
 from analysis.spectra_tables import (_BLOCK, effective_rank, effective_rank_table, energy_table,  # noqa: F401
                                      module_of, singular_values_table, tsvc_accuracy_table, tsvc_delta,
                                      tsvc_error_table)
-from analysis.taskvectors import TaskVectorSet, as_matrix, atomic_save_safetensors
+from analysis.atomic import atomic_save_safetensors, remove_stale_temps
+from analysis.taskvectors import TaskVectorSet, as_matrix
 
 Progress = Callable[[int, int, str], None]
 CACHE_FORMAT = "1"
-STALE_TEMP_S = 3600.0   # a temporary cache file this old belongs to a writer that died
+_log = logging.getLogger(__name__)
 EXIT_WAIT_S = 5.0   # at interpreter exit, pending cache writes get this long; an unfinished one is simply lost
 
 
@@ -87,7 +92,7 @@ class SpectralCache:
         self._pending: dict[Path, dict[str, Factors]] = {}   # path -> factors still to write (latest wins)
         self._writer: threading.Thread | None = None
         self._writing: Path | None = None
-        self.write_errors: list[str] = []                    # writes that failed (the cache is then recomputed)
+        self.write_errors: list[StorageError] = []           # writes that failed (the file is recomputed next time)
         self.writes = 0                                      # files written
         _LIVE.add(self)
 
@@ -298,7 +303,10 @@ class SpectralCache:
                 self._save(path, factors)
                 self.writes += 1
             except Exception as exc:   # a cache that cannot be written is recomputed next time, never fatal
-                self.write_errors.append(f"{path}: {type(exc).__name__}: {exc}")
+                if not isinstance(exc, StorageError):
+                    exc = StorageError(errno.EIO, f"could not write {path}: {type(exc).__name__}: {exc}", str(path))
+                self.write_errors.append(exc)
+                _log.warning("spectral cache not saved (it stays in memory): %s", exc)
             finally:
                 self._writing = None
 
@@ -318,7 +326,8 @@ class SpectralCache:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued cache file is on disk (or `timeout` seconds
-        pass); True when nothing is left to write. Raises the first write error."""
+        pass); True when nothing is left to write. Raises the first write error
+        (`StorageError` naming the file; no partial file is left)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._write_lock:
@@ -330,7 +339,7 @@ class SpectralCache:
                 return False
             writer.join(left)
         if self.write_errors:
-            raise OSError(f"could not write the spectral cache: {self.write_errors[0]}")
+            raise self.write_errors[0]
         return True
 
     @property
@@ -339,13 +348,7 @@ class SpectralCache:
         return self._writer is not None
 
     def _save(self, path: Path, factors: dict[str, Factors]) -> None:
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.cache_dir.glob(f".{path.name}.*.tmp"):   # left by a process that died mid-write
-            try:
-                if time.time() - stale.stat().st_mtime > STALE_TEMP_S:
-                    stale.unlink()
-            except OSError:
-                pass
+        remove_stale_temps(path)   # left by a process that died mid-write
         flat = {}
         for name, (u, s, vh) in factors.items():
             flat[f"U::{name}"] = u.contiguous().cpu()
