@@ -33,8 +33,8 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from analysis.device import get_device
-from analysis.errors import StorageError, ValidationError
+from analysis.device import capped, get_device, out_of_memory
+from analysis.errors import ResourceError, StorageError, ValidationError
 from analysis.paths import cache_root
 from analysis.svd import (METHODS, QR_BELOW, Factors, _exact_matmul, _gram_is_faster, as_matrix_batch,  # noqa: F401
                           exact_svd, factor_errors, low_rank, svd_gram, thin_svd, truncation_rank)
@@ -60,7 +60,10 @@ class SpectralCache:
 
     `method`: "auto" | "gram" | "svd" (module doc). `max_batch_bytes`: working
     memory budget per batched decomposition (default: a quarter of free GPU
-    memory, or 1 GiB on CPU). `progress(done, total, name)` is called after
+    memory, or 1 GiB on CPU; $MERGESCOPE_DEVICE_MEMORY caps both). A parameter
+    over the budget, or an out-of-memory error, makes the batches smaller or
+    moves the work to the CPU, with a line in `messages` (`_compute`).
+    `progress(done, total, name)` is called after
     each parameter. Factors stay on `device` when they fit in half its free
     memory, else on the CPU (moved to `device` per `factors()` call).
     """
@@ -84,6 +87,7 @@ class SpectralCache:
         self.compute_count = 0          # parameters decomposed (per-task SVDs)
         self.sum_compute_count = 0      # parameters whose task sum was decomposed
         self.report: list[dict] = []    # one entry per batched decomposition
+        self.messages: list[str] = []   # fallbacks taken for memory (smaller batches, the CPU)
         self._factors: dict[str, Factors] | None = None
         self._sum: dict[str, Factors] = {}
         self._key: str | None = None
@@ -155,8 +159,14 @@ class SpectralCache:
         if name not in self._sum:
             self._load_sums()
         if name not in self._sum:
-            summed = as_matrix(self.tvs.deltas(name).sum(0)).to(self.device, torch.float32)
-            (u, s, vh), _ = exact_svd(summed.unsqueeze(0), self.method, self.tol)
+            summed = as_matrix(self.tvs.deltas(name).sum(0)).float()
+            try:
+                (u, s, vh), _ = exact_svd(summed.to(self.device).unsqueeze(0), self.method, self.tol)
+            except Exception as exc:
+                if not out_of_memory(exc) or self.device.type == "cpu":
+                    raise
+                self._note(f"out of memory on {self.device} decomposing the task sum of {name!r}; using the CPU")
+                (u, s, vh), _ = exact_svd(summed.unsqueeze(0), self.method, self.tol)
             self._sum[name] = (u[0], s[0], vh[0])
             self.sum_compute_count += 1
             if self.persist:
@@ -188,12 +198,15 @@ class SpectralCache:
             self._factors = loaded
 
     def _budget(self) -> int:
+        """Working bytes one batched decomposition may take: `max_batch_bytes`,
+        else a quarter of the device's free memory (1 GiB on a CPU), either
+        capped by $MERGESCOPE_DEVICE_MEMORY."""
         if self.max_batch_bytes is not None:
             return int(self.max_batch_bytes)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return free // 4
-        return 1 << 30
+            return capped(free) // 4
+        return capped(4 << 30) // 4
 
     def _storage(self) -> torch.device:
         if self.device.type != "cuda":
@@ -205,9 +218,19 @@ class SpectralCache:
             k = min(m, n)
             need += 4 * t * (m * k + k + k * n)
         free, _ = torch.cuda.mem_get_info(self.device)
-        return self.device if need < free // 2 else torch.device("cpu")
+        return self.device if need < capped(free) // 2 else torch.device("cpu")
+
+    def _note(self, message: str) -> None:
+        """A fallback taken (smaller batches, the CPU): kept in `messages` and logged."""
+        self.messages.append(message)
+        _log.warning("spectra: %s", message)
 
     def _compute(self) -> dict[str, Factors]:
+        """Decompose shape group by shape group, as many matrices per batch as the
+        budget allows. A group whose single parameter exceeds the budget runs on
+        the CPU; an out-of-memory error halves the batch, and at one parameter
+        moves to the CPU; only a CPU that cannot hold one parameter raises
+        ResourceError. Each fallback leaves a message in `messages`."""
         storage = self._storage()
         t = len(self.tasks)
         groups: dict[tuple[int, int], list[str]] = {}
@@ -217,16 +240,45 @@ class SpectralCache:
         out: dict[str, Factors] = {}
         done, total = 0, len(self.names)
         budget = self._budget()
+        cpu = torch.device("cpu")
         for (m, n), names in groups.items():
             # float64 working set of the Gram path: ~ 8 (X, Y, Q) · 3 · p·k per matrix
             per_param = t * 32 * m * n
+            device = self.device
+            if per_param > budget:
+                where = "one parameter per batch"
+                if device.type != "cpu":
+                    device, where = cpu, "on the CPU"
+                self._note(f"{len(names)} parameter(s) of shape {m}x{n}: one needs ~{_mib(per_param)} of working "
+                           f"memory, over the {_mib(budget)} budget on {self.device}; decomposing {where}")
             per_chunk = max(1, budget // per_param)
-            for i in range(0, len(names), per_chunk):
+            i = 0
+            while i < len(names):
                 chunk = names[i:i + per_chunk]
-                stack = torch.cat([as_matrix_batch(self.tvs.deltas(nm)) for nm in chunk])
-                stack = stack.to(self.device, torch.float32)
-                (u, s, vh), info = exact_svd(stack, self.method, self.tol)
-                info.update(shape=(m, n), matrices=int(stack.shape[0]))
+                try:
+                    stack = torch.cat([as_matrix_batch(self.tvs.deltas(nm)) for nm in chunk])
+                    stack = stack.to(device, torch.float32)
+                    (u, s, vh), info = exact_svd(stack, self.method, self.tol)
+                except Exception as exc:
+                    if not out_of_memory(exc):
+                        raise
+                    stack = u = s = vh = None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if len(chunk) > 1:
+                        per_chunk = max(1, len(chunk) // 2)
+                        self._note(f"out of memory on {device} decomposing {len(chunk)} parameters of shape {m}x{n} "
+                                   f"at once; retrying {per_chunk} per batch")
+                    elif device.type != "cpu":
+                        self._note(f"out of memory on {device} for one parameter of shape {m}x{n}; decomposing "
+                                   f"this group on the CPU")
+                        device = cpu
+                    else:
+                        raise ResourceError(f"the CPU ran out of memory decomposing one parameter ({chunk[0]!r}, "
+                                            f"{t} tasks of shape {m}x{n}, ~{_mib(per_param)} working memory): "
+                                            f"free memory or use fewer tasks") from exc
+                    continue
+                info.update(shape=(m, n), matrices=int(stack.shape[0]), device=str(device))
                 self.report.append(info)
                 for j, nm in enumerate(chunk):
                     sl = slice(j * t, (j + 1) * t)
@@ -235,6 +287,7 @@ class SpectralCache:
                     done += 1
                     if self.progress is not None:
                         self.progress(done, total, nm)
+                i += len(chunk)
                 del stack, u, s, vh
         return {nm: out[nm] for nm in self.names}
 
@@ -355,6 +408,10 @@ class SpectralCache:
             flat[f"S::{name}"] = s.contiguous().cpu()
             flat[f"Vh::{name}"] = vh.contiguous().cpu()
         atomic_save_safetensors(flat, path, self._meta())
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 _LIVE: "weakref.WeakSet[SpectralCache]" = weakref.WeakSet()

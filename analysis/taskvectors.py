@@ -530,11 +530,13 @@ def _unique_tasks(tasks) -> dict:
 
 def memory_budget(device: torch.device) -> int:
     """Bytes a resident set may take on `device`: half its free memory (CUDA),
-    else half the RAM the OS reports available (0 when it cannot tell)."""
+    else half the RAM the OS reports available (0 when it cannot tell); either
+    capped by $MERGESCOPE_DEVICE_MEMORY (analysis.device)."""
+    from analysis.device import capped
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
-    return available_ram() // 2
+        return capped(free) // 2
+    return capped(available_ram()) // 2
 
 
 def available_ram() -> int:
