@@ -192,7 +192,10 @@ class SpectralCache:
                 self._await_other_writers(self.path)
             loaded = self._load() if self.persist else None
             if loaded is None:
+                t0 = time.perf_counter()
                 loaded = self._compute()
+                _log.info("spectra: decomposed %d parameters of %d tasks for set %s in %.2f s", len(self.names),
+                          len(self.tasks), self.key, time.perf_counter() - t0)
                 if self.persist:
                     self._persist(self.path, loaded)
             self._factors = loaded

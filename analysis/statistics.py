@@ -107,6 +107,7 @@ class StatisticsCache:
                 if stats is None:
                     stats = compute(task)
                     self.compute_count += 1
+                    _log.info("statistics: computed %s of task %s (%s)", kind, task, key)
                     if self.persist:
                         self._save(path, stats, {"format": FORMAT, "kind": kind, "task": task})
                 self._memory[mem_key] = stats
