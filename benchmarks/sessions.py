@@ -189,6 +189,8 @@ async def drive(base: str, roles, moves: int, seconds: float) -> list[Session]:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         for s in sessions:
             ctx = await browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
+            ctx.set_default_timeout(RUN_TIMEOUT_S * 1000)        # a shared 2-core CPU: page loads take a while
+            ctx.set_default_navigation_timeout(RUN_TIMEOUT_S * 1000)
             await ctx.add_init_script(RECORDER)
             s.page = await ctx.new_page()
         t0 = time.perf_counter()
