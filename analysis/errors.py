@@ -16,3 +16,12 @@ class ValidationError(MergescopeError, ValueError):
 
 class HyperparameterError(MergescopeError, ValueError):
     """A method's knob is missing, unknown, or out of its declared range."""
+
+
+class StorageError(MergescopeError, OSError):
+    """A cache or export file could not be written (disk full: errno ENOSPC).
+    `filename` is the file; nothing partial was left at its path."""
+
+
+class ResourceError(MergescopeError):
+    """Work does not fit the memory it may use, even after falling back (smaller batches, the CPU)."""

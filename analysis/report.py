@@ -23,9 +23,9 @@ from typing import Callable, Mapping, Sequence
 
 import pandas as pd
 import torch
-from safetensors.torch import save_file
 
 from analysis.checkpoints import open_checkpoint
+from analysis.atomic import atomic_save_safetensors, atomic_write, atomic_write_json
 from analysis.errors import MergescopeError, ValidationError
 from analysis.merging.scoring import accuracy_by_task, reference_accuracy
 
@@ -319,6 +319,8 @@ def write_hf_model(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], 
     MiniLM the demo was built from), so the folder loads without a
     missing-weight warning. mergescope.json lists what was filled from where
     (`filled_from`) and anything still missing (`missing_on_load`).
+    Every file is written all or nothing (`analysis.atomic`); a full disk
+    raises `StorageError` naming the file and leaves no partial one.
     """
     out = Path(out_dir).expanduser().resolve()
     if isinstance(config_from, (str, Path)):
@@ -332,24 +334,24 @@ def write_hf_model(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], 
                                   "for a loadable export")
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(config_from, Mapping):
-        (out / "config.json").write_text(json.dumps(dict(config_from), indent=2))
+        atomic_write_json(out / "config.json", dict(config_from), indent=2)
     else:
         for f in sorted(src_dir.iterdir()):
             if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES):
-                shutil.copy2(f, out / f.name)
+                atomic_write(out / f.name, lambda tmp, f=f: shutil.copy2(f, tmp))
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     filled, still_missing = _complete_for_auto_model(tensors, out / "config.json", fill_from)
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    atomic_save_safetensors(tensors, out / "model.safetensors", {"format": "pt"})
     if heads:
         head_tensors, labels = {}, {}
         for task, h in heads.items():
             head_tensors[f"{task}.weight"] = h.weight.detach().float().cpu().contiguous()
             head_tensors[f"{task}.bias"] = h.bias.detach().float().cpu().contiguous()
             labels[task] = [str(x) for x in getattr(h, "labels", ())]
-        save_file(head_tensors, str(out / "heads.safetensors"),
-                  metadata={"labels": json.dumps(labels), "usage": head_usage})
+        atomic_save_safetensors(head_tensors, out / "heads.safetensors",
+                                {"labels": json.dumps(labels), "usage": head_usage})
     meta = {**dict(metadata or {}), "filled_from": filled, "missing_on_load": still_missing}
-    (out / "mergescope.json").write_text(json.dumps(meta, indent=2, default=str))
+    atomic_write_json(out / "mergescope.json", meta, indent=2, default=str)
     return out
 
 

@@ -7,11 +7,13 @@ budget, so sets larger than GPU memory stream through it) and kept on disk
 keyed by the set's content hash.
 
 Persisting is off the critical path: `compute()` returns as soon as the
-factors exist; the file is written by a background thread (a temporary file
-beside the target, then an atomic rename, so no reader ever sees half a
-file, and a temporary file left by a process that died mid-write is never
-read). `flush()` waits for the write; at interpreter exit pending writes get
-a few seconds to finish.
+factors exist; the file is written by a background thread through
+`analysis.atomic` (a temporary file beside the target, fsync, then an
+atomic rename: a process killed mid-write leaves the old file or none, two
+processes computing the same set both rename complete files, and a torn
+file is refused on read and recomputed). `flush()` waits for the write and
+raises `StorageError` if it failed (disk full); the factors stay in memory
+either way. At interpreter exit pending writes get a few seconds to finish.
 
 This module also re-exports the SVD kernels (`analysis.svd`) and the spectra
 tables (`analysis.spectra_tables`), so `from analysis.spectra import …` keeps
@@ -20,6 +22,8 @@ working for every name it offered before the split.
 from __future__ import annotations
 
 import atexit
+import errno
+import logging
 import threading
 import time
 import weakref
@@ -29,19 +33,20 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from analysis.device import get_device
-from analysis.errors import ValidationError
+from analysis.device import capped, get_device, out_of_memory
+from analysis.errors import ResourceError, StorageError, ValidationError
 from analysis.paths import cache_root
 from analysis.svd import (METHODS, QR_BELOW, Factors, _exact_matmul, _gram_is_faster, as_matrix_batch,  # noqa: F401
                           exact_svd, factor_errors, low_rank, svd_gram, thin_svd, truncation_rank)
 from analysis.spectra_tables import (_BLOCK, effective_rank, effective_rank_table, energy_table,  # noqa: F401
                                      module_of, singular_values_table, tsvc_accuracy_table, tsvc_delta,
                                      tsvc_error_table)
-from analysis.taskvectors import TaskVectorSet, as_matrix, atomic_save_safetensors
+from analysis.atomic import atomic_save_safetensors, remove_stale_temps
+from analysis.taskvectors import TaskVectorSet, as_matrix
 
 Progress = Callable[[int, int, str], None]
 CACHE_FORMAT = "1"
-STALE_TEMP_S = 3600.0   # a temporary cache file this old belongs to a writer that died
+_log = logging.getLogger(__name__)
 EXIT_WAIT_S = 5.0   # at interpreter exit, pending cache writes get this long; an unfinished one is simply lost
 
 
@@ -55,7 +60,10 @@ class SpectralCache:
 
     `method`: "auto" | "gram" | "svd" (module doc). `max_batch_bytes`: working
     memory budget per batched decomposition (default: a quarter of free GPU
-    memory, or 1 GiB on CPU). `progress(done, total, name)` is called after
+    memory, or 1 GiB on CPU; $MERGESCOPE_DEVICE_MEMORY caps both). A parameter
+    over the budget, or an out-of-memory error, makes the batches smaller or
+    moves the work to the CPU, with a line in `messages` (`_compute`).
+    `progress(done, total, name)` is called after
     each parameter. Factors stay on `device` when they fit in half its free
     memory, else on the CPU (moved to `device` per `factors()` call).
     """
@@ -79,6 +87,7 @@ class SpectralCache:
         self.compute_count = 0          # parameters decomposed (per-task SVDs)
         self.sum_compute_count = 0      # parameters whose task sum was decomposed
         self.report: list[dict] = []    # one entry per batched decomposition
+        self.messages: list[str] = []   # fallbacks taken for memory (smaller batches, the CPU)
         self._factors: dict[str, Factors] | None = None
         self._sum: dict[str, Factors] = {}
         self._key: str | None = None
@@ -87,7 +96,7 @@ class SpectralCache:
         self._pending: dict[Path, dict[str, Factors]] = {}   # path -> factors still to write (latest wins)
         self._writer: threading.Thread | None = None
         self._writing: Path | None = None
-        self.write_errors: list[str] = []                    # writes that failed (the cache is then recomputed)
+        self.write_errors: list[StorageError] = []           # writes that failed (the file is recomputed next time)
         self.writes = 0                                      # files written
         _LIVE.add(self)
 
@@ -150,8 +159,14 @@ class SpectralCache:
         if name not in self._sum:
             self._load_sums()
         if name not in self._sum:
-            summed = as_matrix(self.tvs.deltas(name).sum(0)).to(self.device, torch.float32)
-            (u, s, vh), _ = exact_svd(summed.unsqueeze(0), self.method, self.tol)
+            summed = as_matrix(self.tvs.deltas(name).sum(0)).float()
+            try:
+                (u, s, vh), _ = exact_svd(summed.to(self.device).unsqueeze(0), self.method, self.tol)
+            except Exception as exc:
+                if not out_of_memory(exc) or self.device.type == "cpu":
+                    raise
+                self._note(f"out of memory on {self.device} decomposing the task sum of {name!r}; using the CPU")
+                (u, s, vh), _ = exact_svd(summed.unsqueeze(0), self.method, self.tol)
             self._sum[name] = (u[0], s[0], vh[0])
             self.sum_compute_count += 1
             if self.persist:
@@ -177,18 +192,24 @@ class SpectralCache:
                 self._await_other_writers(self.path)
             loaded = self._load() if self.persist else None
             if loaded is None:
+                t0 = time.perf_counter()
                 loaded = self._compute()
+                _log.info("spectra: decomposed %d parameters of %d tasks for set %s in %.2f s", len(self.names),
+                          len(self.tasks), self.key, time.perf_counter() - t0)
                 if self.persist:
                     self._persist(self.path, loaded)
             self._factors = loaded
 
     def _budget(self) -> int:
+        """Working bytes one batched decomposition may take: `max_batch_bytes`,
+        else a quarter of the device's free memory (1 GiB on a CPU), either
+        capped by $MERGESCOPE_DEVICE_MEMORY."""
         if self.max_batch_bytes is not None:
             return int(self.max_batch_bytes)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return free // 4
-        return 1 << 30
+            return capped(free) // 4
+        return capped(4 << 30) // 4
 
     def _storage(self) -> torch.device:
         if self.device.type != "cuda":
@@ -200,9 +221,19 @@ class SpectralCache:
             k = min(m, n)
             need += 4 * t * (m * k + k + k * n)
         free, _ = torch.cuda.mem_get_info(self.device)
-        return self.device if need < free // 2 else torch.device("cpu")
+        return self.device if need < capped(free) // 2 else torch.device("cpu")
+
+    def _note(self, message: str) -> None:
+        """A fallback taken (smaller batches, the CPU): kept in `messages` and logged."""
+        self.messages.append(message)
+        _log.warning("spectra: %s", message)
 
     def _compute(self) -> dict[str, Factors]:
+        """Decompose shape group by shape group, as many matrices per batch as the
+        budget allows. A group whose single parameter exceeds the budget runs on
+        the CPU; an out-of-memory error halves the batch, and at one parameter
+        moves to the CPU; only a CPU that cannot hold one parameter raises
+        ResourceError. Each fallback leaves a message in `messages`."""
         storage = self._storage()
         t = len(self.tasks)
         groups: dict[tuple[int, int], list[str]] = {}
@@ -212,16 +243,45 @@ class SpectralCache:
         out: dict[str, Factors] = {}
         done, total = 0, len(self.names)
         budget = self._budget()
+        cpu = torch.device("cpu")
         for (m, n), names in groups.items():
             # float64 working set of the Gram path: ~ 8 (X, Y, Q) · 3 · p·k per matrix
             per_param = t * 32 * m * n
+            device = self.device
+            if per_param > budget:
+                where = "one parameter per batch"
+                if device.type != "cpu":
+                    device, where = cpu, "on the CPU"
+                self._note(f"{len(names)} parameter(s) of shape {m}x{n}: one needs ~{_mib(per_param)} of working "
+                           f"memory, over the {_mib(budget)} budget on {self.device}; decomposing {where}")
             per_chunk = max(1, budget // per_param)
-            for i in range(0, len(names), per_chunk):
+            i = 0
+            while i < len(names):
                 chunk = names[i:i + per_chunk]
-                stack = torch.cat([as_matrix_batch(self.tvs.deltas(nm)) for nm in chunk])
-                stack = stack.to(self.device, torch.float32)
-                (u, s, vh), info = exact_svd(stack, self.method, self.tol)
-                info.update(shape=(m, n), matrices=int(stack.shape[0]))
+                try:
+                    stack = torch.cat([as_matrix_batch(self.tvs.deltas(nm)) for nm in chunk])
+                    stack = stack.to(device, torch.float32)
+                    (u, s, vh), info = exact_svd(stack, self.method, self.tol)
+                except Exception as exc:
+                    if not out_of_memory(exc):
+                        raise
+                    stack = u = s = vh = None
+                    if device.type == "cuda":
+                        torch.cuda.empty_cache()
+                    if len(chunk) > 1:
+                        per_chunk = max(1, len(chunk) // 2)
+                        self._note(f"out of memory on {device} decomposing {len(chunk)} parameters of shape {m}x{n} "
+                                   f"at once; retrying {per_chunk} per batch")
+                    elif device.type != "cpu":
+                        self._note(f"out of memory on {device} for one parameter of shape {m}x{n}; decomposing "
+                                   f"this group on the CPU")
+                        device = cpu
+                    else:
+                        raise ResourceError(f"the CPU ran out of memory decomposing one parameter ({chunk[0]!r}, "
+                                            f"{t} tasks of shape {m}x{n}, ~{_mib(per_param)} working memory): "
+                                            f"free memory or use fewer tasks") from exc
+                    continue
+                info.update(shape=(m, n), matrices=int(stack.shape[0]), device=str(device))
                 self.report.append(info)
                 for j, nm in enumerate(chunk):
                     sl = slice(j * t, (j + 1) * t)
@@ -230,6 +290,7 @@ class SpectralCache:
                     done += 1
                     if self.progress is not None:
                         self.progress(done, total, nm)
+                i += len(chunk)
                 del stack, u, s, vh
         return {nm: out[nm] for nm in self.names}
 
@@ -298,7 +359,10 @@ class SpectralCache:
                 self._save(path, factors)
                 self.writes += 1
             except Exception as exc:   # a cache that cannot be written is recomputed next time, never fatal
-                self.write_errors.append(f"{path}: {type(exc).__name__}: {exc}")
+                if not isinstance(exc, StorageError):
+                    exc = StorageError(errno.EIO, f"could not write {path}: {type(exc).__name__}: {exc}", str(path))
+                self.write_errors.append(exc)
+                _log.warning("spectral cache not saved (it stays in memory): %s", exc)
             finally:
                 self._writing = None
 
@@ -318,7 +382,8 @@ class SpectralCache:
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued cache file is on disk (or `timeout` seconds
-        pass); True when nothing is left to write. Raises the first write error."""
+        pass); True when nothing is left to write. Raises the first write error
+        (`StorageError` naming the file; no partial file is left)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             with self._write_lock:
@@ -330,7 +395,7 @@ class SpectralCache:
                 return False
             writer.join(left)
         if self.write_errors:
-            raise OSError(f"could not write the spectral cache: {self.write_errors[0]}")
+            raise self.write_errors[0]
         return True
 
     @property
@@ -339,19 +404,17 @@ class SpectralCache:
         return self._writer is not None
 
     def _save(self, path: Path, factors: dict[str, Factors]) -> None:
-        self.cache_dir.mkdir(parents=True, exist_ok=True)
-        for stale in self.cache_dir.glob(f".{path.name}.*.tmp"):   # left by a process that died mid-write
-            try:
-                if time.time() - stale.stat().st_mtime > STALE_TEMP_S:
-                    stale.unlink()
-            except OSError:
-                pass
+        remove_stale_temps(path)   # left by a process that died mid-write
         flat = {}
         for name, (u, s, vh) in factors.items():
             flat[f"U::{name}"] = u.contiguous().cpu()
             flat[f"S::{name}"] = s.contiguous().cpu()
             flat[f"Vh::{name}"] = vh.contiguous().cpu()
         atomic_save_safetensors(flat, path, self._meta())
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
 
 
 _LIVE: "weakref.WeakSet[SpectralCache]" = weakref.WeakSet()

@@ -12,23 +12,30 @@ Both go through the Evaluator's public data API (`linear_input_grams`,
 `fisher_diagonal`). The cache key is a hash of the set's content (base and
 every delta), the examples used (their tensors), the split, n and the seed,
 so a changed checkpoint or dataset can never be served stale statistics.
-Files are written atomically (temp file + rename).
+Files are written all or nothing (`analysis.atomic`); a file that cannot be
+written (disk full) is logged and kept in `write_errors` as a `StorageError`
+naming it, and the statistic stays in memory: hours of Fisher computation
+are never thrown away because the disk is full.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
 from safetensors import safe_open
 
+from analysis.atomic import atomic_save_safetensors
+from analysis.errors import StorageError
 from analysis.paths import cache_root
-from analysis.taskvectors import TaskVectorSet, atomic_save_safetensors
+from analysis.taskvectors import TaskVectorSet
 
 Progress = Callable[[int, int, str], None]
 FORMAT = "1"
+_log = logging.getLogger(__name__)
 
 
 def model_point(tvs: TaskVectorSet, task: str, device) -> dict[str, torch.Tensor]:
@@ -76,6 +83,7 @@ class StatisticsCache:
         self.persist = persist
         self.progress = progress
         self.compute_count = 0
+        self.write_errors: list[StorageError] = []   # files that could not be written (kept in memory instead)
         self._memory: dict[tuple, dict[str, torch.Tensor]] = {}
         self._set_key: str | None = None
 
@@ -99,15 +107,21 @@ class StatisticsCache:
                 if stats is None:
                     stats = compute(task)
                     self.compute_count += 1
+                    _log.info("statistics: computed %s of task %s (%s)", kind, task, key)
                     if self.persist:
-                        self.cache_dir.mkdir(parents=True, exist_ok=True)
-                        atomic_save_safetensors({k: v.contiguous().cpu() for k, v in stats.items()}, path,
-                                                {"format": FORMAT, "kind": kind, "task": task})
+                        self._save(path, stats, {"format": FORMAT, "kind": kind, "task": task})
                 self._memory[mem_key] = stats
             out[task] = self._memory[mem_key]
             if self.progress is not None:
                 self.progress(i + 1, len(tasks), f"{kind}: {task}")
         return out
+
+    def _save(self, path: Path, stats: dict[str, torch.Tensor], meta: dict[str, str]) -> None:
+        try:
+            atomic_save_safetensors({k: v.contiguous().cpu() for k, v in stats.items()}, path, meta)
+        except StorageError as exc:
+            self.write_errors.append(exc)
+            _log.warning("statistics not saved (they stay in memory): %s", exc)
 
     def activation_grams(self, n: int = 256, split: str = "train", seed: int = 0,
                          names: Sequence[str] | None = None) -> dict[str, dict[str, torch.Tensor]]:

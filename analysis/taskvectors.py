@@ -19,16 +19,15 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import threading
 from pathlib import Path
 from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
-from safetensors.torch import save_file
 
 from analysis.checkpoints import (DictSource, LoraAdapter, SafetensorsSource, TensorSource,
                                   is_lora_adapter, open_checkpoint)
+from analysis.atomic import atomic_save_safetensors  # noqa: F401  (re-exported: older callers import it from here)
 from analysis.errors import CheckpointError, ValidationError
 
 KINDS = ("matrix", "conv", "embedding", "vector")
@@ -512,19 +511,6 @@ class TaskVectorSet:
         return cls(base, tasks, meta.get("exclude", []), meta.get("sources"))
 
 
-def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path, metadata: Mapping[str, str] | None = None) -> None:
-    """Write to a temporary file beside `path`, then rename: never half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(dict(tensors), tmp, metadata=dict(metadata or {}))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def read_safetensors_metadata(path: Path) -> dict[str, str]:
     from safetensors import safe_open
     try:
@@ -552,11 +538,13 @@ def _unique_tasks(tasks) -> dict:
 
 def memory_budget(device: torch.device) -> int:
     """Bytes a resident set may take on `device`: half its free memory (CUDA),
-    else half the RAM the OS reports available (0 when it cannot tell)."""
+    else half the RAM the OS reports available (0 when it cannot tell); either
+    capped by $MERGESCOPE_DEVICE_MEMORY (analysis.device)."""
+    from analysis.device import capped
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
-    return available_ram() // 2
+        return capped(free) // 2
+    return capped(available_ram()) // 2
 
 
 def available_ram() -> int:

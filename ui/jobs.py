@@ -4,13 +4,24 @@ A job reports (fraction, message) through a callback; pages poll `job.state()`
 (e.g. from an `st.fragment(run_every=...)`). Jobs are process-wide objects held
 in `st.cache_resource`, so one build of a cache folder runs once even when
 several sessions ask for it.
+
+A job can be cancelled: its next progress report raises `JobCancelled`
+inside the job's own thread, so the work unwinds through its own code at a
+step boundary (a demo build keeps every finished task and resumes from
+them). `stop_all` does that for every live job; the server's exit hook
+calls it on SIGTERM (ui/shutdown.py).
 """
 from __future__ import annotations
 
 import threading
 import time
 import traceback
+import weakref
 from typing import Callable
+
+
+class JobCancelled(Exception):
+    """Raised inside a job's thread at its next progress report after `cancel()`."""
 
 
 class BackgroundJob:
@@ -24,10 +35,14 @@ class BackgroundJob:
         self.started = time.time()
         self.finished: float | None = None
         self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        _LIVE.add(self)
         self._thread = threading.Thread(target=self._run, args=(target,), name=f"mergescope-{label}", daemon=True)
         self._thread.start()
 
     def _report(self, fraction: float, message: str) -> None:
+        if self._cancel.is_set():
+            raise JobCancelled(f"{self.label} was stopped (last step: {self.message})")
         with self._lock:
             self.fraction = max(0.0, min(1.0, float(fraction)))
             self.message = str(message)
@@ -41,6 +56,15 @@ class BackgroundJob:
         finally:
             self.finished = time.time()
 
+    def cancel(self) -> None:
+        """Ask the job to stop at its next progress report."""
+        self._cancel.set()
+
+    def join(self, timeout: float | None = None) -> bool:
+        """Wait for the job's thread; True when it has ended."""
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
     @property
     def running(self) -> bool:
         return self._thread.is_alive()
@@ -52,3 +76,16 @@ class BackgroundJob:
     def state(self) -> tuple[float, str]:
         with self._lock:
             return self.fraction, self.message
+
+
+_LIVE: "weakref.WeakSet[BackgroundJob]" = weakref.WeakSet()
+
+
+def stop_all(timeout: float) -> list[tuple[str, bool, str]]:
+    """Cancel every running job and wait up to `timeout` seconds in all:
+    [(label, stopped, last message)] for each job that was running."""
+    running = [job for job in list(_LIVE) if job.running]
+    for job in running:
+        job.cancel()
+    deadline = time.monotonic() + timeout
+    return [(job.label, job.join(max(0.0, deadline - time.monotonic())), job.message) for job in running]

@@ -16,6 +16,10 @@ never under AppTest or pytest): if such a thread is still busy at exit, the
 other exit handlers run (pending cache writes get their few seconds), the
 standard streams are flushed, and the process leaves with `os._exit`, so
 no daemon thread is ever unwound. Otherwise nothing changes.
+Background jobs (a demo build) are first asked to stop at their next step
+(`ui.jobs.stop_all`) and given JOB_STOP_S; one that is still busy then is
+left to `os._exit`, which is safe because a build writes every task and
+file all or nothing and resumes from the finished ones.
 MERGESCOPE_EXIT_HOOK=0 leaves it out (benchmarks/server.py compares both).
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ import os
 import sys
 import threading
 
+JOB_STOP_S = 2.0   # of the 5 s a SIGTERM may take: jobs reach their next step or are left to os._exit
 BUSY_PREFIXES = ("ScriptRunner.scriptThread", "mergescope-", "spectra-persist")
 _installed = False
 
@@ -40,6 +45,11 @@ def _exit_without_unwinding() -> None:
     if not busy_threads():
         return
     atexit.unregister(_exit_without_unwinding)
+    from ui import jobs
+    for label, stopped, last in jobs.stop_all(JOB_STOP_S):
+        print(f"mergescope: background job {label} " + ("stopped at a step boundary" if stopped else
+              f"still busy after {JOB_STOP_S:.0f} s, ended with the process") + f" (last step: {last}); "
+              "its finished work is kept and resumes next time", file=sys.stderr)
     atexit._run_exitfuncs()          # the handlers registered before this one (cache flush, logging)
     for stream in (sys.stdout, sys.stderr):
         try:

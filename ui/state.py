@@ -16,11 +16,12 @@ from analysis.merging.inputs import MergeInputs
 from analysis.paths import cache_root  # noqa: F401  (re-exported: pages and app.py import it from here)
 from analysis.spectra import SpectralCache
 from analysis.taskvectors import TaskVectorSet
-from ui import shutdown
+from ui import serverlog, shutdown
 
 WORKSPACE_KEY = "workspace"
 
 shutdown.install()   # `streamlit run` only: a SIGTERM never aborts a page busy in torch (ui/shutdown.py)
+serverlog.install()  # `streamlit run` only: the engine's computations and fallbacks in the server's log
 
 
 @dataclass(eq=False)

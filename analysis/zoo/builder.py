@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from analysis.atomic import atomic_save_safetensors, atomic_write_text
 from analysis.device import get_device
 from analysis.errors import MergescopeError, ValidationError
 from analysis.paths import cache_root
@@ -135,18 +136,6 @@ def find_build(cache_dir: str | Path | None = None, quick: bool | None = None) -
 
 
 # ---------------------------------------------------------------- helpers
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def _atomic_save(tensors: dict, path: Path, metadata: dict | None = None) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-
-
 @contextlib.contextmanager
 def _lock(path: Path):
     """An exclusive lock so two builds of one configuration never interleave."""
@@ -178,7 +167,7 @@ def save_encoded(data: dict[str, EncodedSplit], path: Path) -> None:
         tensors[f"{split}/input_ids"] = d.input_ids
         tensors[f"{split}/attention_mask"] = d.attention_mask
         tensors[f"{split}/labels"] = d.labels
-    _atomic_save(tensors, path)
+    atomic_save_safetensors(tensors, path)
 
 
 def load_encoded(path: Path) -> dict[str, EncodedSplit]:
@@ -188,7 +177,7 @@ def load_encoded(path: Path) -> dict[str, EncodedSplit]:
 
 
 def save_head(head: Head, path: Path) -> None:
-    _atomic_save({"weight": head.weight, "bias": head.bias}, path, {"labels": json.dumps(list(head.labels))})
+    atomic_save_safetensors({"weight": head.weight, "bias": head.bias}, path, {"labels": json.dumps(list(head.labels))})
 
 
 def load_head(path: Path) -> Head:
@@ -292,8 +281,8 @@ def _build_task(name: str, config: BuildConfig, work: Path, tokenizer, device, r
                                                      "train_loss_first": info["train_loss_first"],
                                                      "train_loss_last10": info["train_loss_last10"]},
                  "build_seconds": round(time.time() - t0, 1)})
-    (tmp / "card.json").write_text(json.dumps(card, indent=1, default=str))
-    (tmp / "reference.json").write_text(json.dumps(rows, indent=1))
+    atomic_write_text(tmp / "card.json", json.dumps(card, indent=1, default=str))
+    atomic_write_text(tmp / "reference.json", json.dumps(rows, indent=1))   # a task's completion mark
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     acc = {(r["model"]): r["value"] for r in rows if r["split"] == "test" and r["metric"] == "accuracy"}
@@ -313,7 +302,7 @@ def _build_mlp(seed: int, config: BuildConfig, work: Path, device, report: Progr
     acc, loss = accuracy(model, *load_dataset(config.mnist_dataset, "test"))
     info.update({"dataset": config.mnist_dataset, "widths": list(config.mnist_widths), "test_accuracy": acc,
                  "test_loss": loss, "build_seconds": round(time.time() - t0, 1)})
-    _atomic_save(model.state_dict(), path, {"mergescope": json.dumps(info)})
+    atomic_save_safetensors(model.state_dict(), path, {"mergescope": json.dumps(info)})
     report(1.0, f"MLP seed {seed} ({config.mnist_dataset}): test accuracy {acc:.4f} ({info['build_seconds']} s)")
 
 
@@ -344,7 +333,7 @@ def _build_locked(config: BuildConfig, root: Path, final: Path, report: Progress
     device = get_device(config.device)
     work = root / f".building-{config.folder_name()}"
     (work / "tasks").mkdir(parents=True, exist_ok=True)
-    _atomic_write_text(work / "config.json", json.dumps({**config.to_dict(), "key": config.key()}, indent=1))
+    atomic_write_text(work / "config.json", json.dumps({**config.to_dict(), "key": config.key()}, indent=1))
     tasks = config.all_tasks()
     seeds = list(config.mnist_seeds) if config.mnist_dataset else []
     units = len(tasks) * 10 + len(seeds) * 2 + 1  # rough weights: a text task ~5x an MLP
@@ -366,7 +355,7 @@ def _build_locked(config: BuildConfig, root: Path, final: Path, report: Progress
     manifest = {"format": FORMAT_VERSION, "kind": config.kind, "key": config.key(), "tasks": tasks,
                 "config": config.to_dict(), "device": str(device), "torch": torch.__version__,
                 "build_seconds": round(time.time() - t0, 1), "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    _atomic_write_text(work / "manifest.json", json.dumps(manifest, indent=1))
+    atomic_write_text(work / "manifest.json", json.dumps(manifest, indent=1))
     if final.exists():  # a stale, unfinished folder of the same name (never loadable)
         shutil.rmtree(final)
     os.replace(work, final)

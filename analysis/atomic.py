@@ -1,0 +1,142 @@
+"""Every cache and export file is written through here: all or nothing.
+
+`atomic_write(path, write)` calls `write(tmp)` on a temporary file in the
+same folder (`.<name>.<random>.tmp`, a name no reader opens), fsyncs it,
+renames it over `path` with `os.replace` and fsyncs the folder. A process
+killed at any point leaves `path` as it was (the old complete file, or
+nothing) plus at most one stray temporary file; a write that fails removes
+its temporary file and raises `StorageError` naming `path` (disk full:
+errno ENOSPC). Two processes writing the same path each rename their own
+complete file, so the last rename wins and no reader ever sees a mix.
+
+Torn files are also refused on read: a safetensors header states every
+tensor's byte range and `safe_open` rejects a file whose length differs
+("file not fully covered"); JSON that was cut short does not parse. So a
+file truncated by anything outside this module (a copy, a full disk under
+another writer) is recomputed, never read.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Mapping
+
+import torch
+from safetensors.torch import save_file
+
+from analysis.errors import StorageError
+
+STALE_TEMP_S = 3600.0   # a temporary file this old belongs to a writer that died (a live one renames in seconds)
+
+
+def temp_glob(path: Path) -> str:
+    """Glob pattern of the temporary files `atomic_write` makes for `path`."""
+    return f".{Path(path).name}.*.tmp"
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
+    """Write `path` through `write(tmp_path)`, all or nothing (module doc)."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+    except OSError as exc:
+        raise _storage_error(path, exc) from exc
+    tmp = Path(tmp_name)
+    try:
+        write(tmp)
+        _fsync_file(tmp)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        cause = _as_os_error(exc)
+        if cause is not None:
+            raise _storage_error(path, cause) from exc
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
+                            metadata: Mapping[str, str] | None = None) -> Path:
+    """`safetensors.torch.save_file`, all or nothing."""
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=dict(metadata or {})))
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj, **dumps) -> Path:
+    return atomic_write_text(path, json.dumps(obj, **dumps))
+
+
+def remove_stale_temps(path: str | Path, older_than: float = STALE_TEMP_S) -> int:
+    """Delete temporary files of `path` left by writers that died (older than
+    `older_than` seconds: a live writer's file is younger). Returns how many."""
+    path = Path(path)
+    removed = 0
+    if not path.parent.is_dir():
+        return 0
+    for stale in path.parent.glob(temp_glob(path)):
+        try:
+            if time.time() - stale.stat().st_mtime > older_than:
+                stale.unlink()
+                removed += 1
+        except OSError:
+            pass
+    return removed
+
+
+def _as_os_error(exc: BaseException) -> OSError | None:
+    """The I/O failure behind `exc`, if it is one: an OSError, or a library
+    error carrying the OS's code (safetensors: "... (os error 28)")."""
+    if isinstance(exc, StorageError):
+        return None
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"\(os error (\d+)\)", str(exc)) if isinstance(exc, Exception) else None
+    if found:
+        code = int(found.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
+def _storage_error(path: Path, exc: OSError) -> StorageError:
+    code = exc.errno if exc.errno is not None else errno.EIO
+    why = "no space left on device" if code in (errno.ENOSPC, errno.EDQUOT) else (exc.strerror or str(exc))
+    return StorageError(code, f"could not write {path}: {why}; nothing was left at that path "
+                              f"(a previous complete file, if any, is unchanged)", str(path))
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make the rename itself durable; some filesystems refuse a directory fsync, which is harmless."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -1,0 +1,303 @@
+"""Many users on one server: N concurrent browser sessions moving sliders on
+different pages; slider latency against one session alone, in the same run.
+
+One `streamlit run app.py` (as `make app` starts it, MERGESCOPE_LOG=INFO so
+the engine logs each computation) and one headless Chromium with one
+context per session (each context is a separate Streamlit session). Each
+session opens Home (which loads the demo into that session), goes to its
+page through the sidebar, and, for Merge sessions, picks its own method.
+
+  1. cold start: every session opens its page at once, on empty caches;
+  2. alone: each session in turn moves its slider MOVES times while the
+     others sit idle (the baseline);
+  3. together: every session moves its slider for --seconds at once.
+
+Latency of a move: from the key press to the end of the script run it
+triggers, read from the page's own clock (Streamlit's `stApp` element
+carries the script state; a MutationObserver records its changes).
+Checks, any failure is reported and makes the exit status 1: no exception
+box on any page; each Merge session's chart is titled with its own method
+after every move, and its exported HTML report lists only its own
+configurations (plus the task_arithmetic default it opened with); other
+sessions' Report pages have nothing to compare; each shared cache (SVD
+factors of a set, statistics of a task) computed once, counted from the
+server's log.
+
+    python benchmarks/sessions.py                        # the tiny demo, built in a temporary folder
+    python benchmarks/sessions.py --cache ~/.cache/mergescope --seconds 120
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from test_browser import CHROMIUM, CHROMIUM_ARGS, EXCEPTION, free_port, start_app_cmd, wait_healthy  # noqa: E402
+
+# (page file name in the URL, slider label, Merge method or None)
+ROLES = [
+    ("Merge", "alpha", "task_arithmetic"),
+    ("Merge", "alpha", "ties"),
+    ("Merge", "alpha", "tsv_m"),
+    ("Merge", "alpha", "iso_c"),
+    ("Spectra", "Rank fraction kept per task", None),
+    ("Interference", "Rank fraction kept per task", None),
+    ("Loss_Landscape", "λ points", None),
+    ("Alignment", "Points on the path", None),
+]
+DEFAULT_METHOD = "task_arithmetic"   # what the Merge page opens with
+RUN_TIMEOUT_S = 300.0
+RECORDER = """
+window.__msRuns = [];
+new MutationObserver(ms => { for (const m of ms) window.__msRuns.push(
+    [performance.now(), m.target.getAttribute('data-test-script-state')]); })
+  .observe(document, {attributes: true, subtree: true, attributeFilter: ['data-test-script-state']});
+"""
+RUN_ENDED = """t0 => { let ran = false;
+  for (const [t, s] of window.__msRuns) { if (t < t0) continue;
+    if (s === 'running') ran = true; else if (ran && s === 'notRunning') return t - t0; }
+  return false; }"""
+
+CHART_TITLE = """() => { const el = document.querySelector('.js-plotly-plot');
+  return el && el.layout && el.layout.title && el.layout.title.text ? el.layout.title.text : false; }"""
+
+
+@dataclass
+class Session:
+    index: int
+    page_name: str
+    slider: str
+    method: str | None
+    page: object = None
+    alone_ms: list[float] = field(default_factory=list)
+    together_ms: list[float] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    direction: int = 1
+    steps: int = 0
+
+    @property
+    def label(self) -> str:
+        return f"#{self.index} {self.page_name}" + (f" ({self.method})" if self.method else "")
+
+
+async def run_end_ms(page, t0: float) -> float:
+    handle = await page.wait_for_function(RUN_ENDED, arg=t0, timeout=RUN_TIMEOUT_S * 1000, polling=20)
+    return float(await handle.json_value())
+
+
+async def settle(page) -> None:
+    """Until no script run is pending (nothing changes for a moment)."""
+    await page.wait_for_selector('[data-testid="stMain"] h1', timeout=RUN_TIMEOUT_S * 1000)
+    deadline, quiet = time.monotonic() + RUN_TIMEOUT_S, 0
+    while time.monotonic() < deadline and quiet < 4:
+        state = await page.evaluate("() => { const a = document.querySelector('[data-testid=\"stApp\"]');"
+                                    " return a ? a.getAttribute('data-test-script-state') : null; }")
+        busy = await page.locator('[data-testid="stSpinner"], [data-testid="stProgress"]').count()
+        quiet = quiet + 1 if state == "notRunning" and not busy else 0
+        await asyncio.sleep(0.25)
+
+
+async def check(s: Session, where: str) -> None:
+    boxes = s.page.locator(EXCEPTION)
+    if await boxes.count():
+        s.problems.append(f"{s.label}: exception on {where}: {(await boxes.first.inner_text())[:300]}")
+    if s.method and s.page_name == "Merge":
+        handle = await s.page.wait_for_function(CHART_TITLE, timeout=RUN_TIMEOUT_S * 1000)
+        title = re.sub(r"<[^>]+>", "", str(await handle.json_value()))
+        if not title.startswith(f"{s.method} · "):
+            s.problems.append(f"{s.label}: after {where} the chart is titled {title!r}, not {s.method}")
+
+
+async def open_role(s: Session, base: str) -> None:
+    page = s.page
+    await page.goto(base + "/", wait_until="domcontentloaded")
+    await page.wait_for_selector("text=Loaded set", timeout=RUN_TIMEOUT_S * 1000)
+    await settle(page)
+    await page.locator(f'[data-testid="stSidebarNav"] a[href$="/{s.page_name}"]').click()
+    await page.wait_for_url(re.compile(rf"/{s.page_name}(\?.*)?$"), timeout=60_000)
+    await settle(page)
+    if s.method and s.method != DEFAULT_METHOD:
+        t0 = await page.evaluate("performance.now()")
+        await page.locator('[data-testid="stSelectbox"]', has_text="Method").locator("input").click()
+        await page.keyboard.type(s.method)
+        await page.keyboard.press("Enter")
+        await run_end_ms(page, t0)
+        await settle(page)
+    await check(s, "opening the page")
+    print(f"{s.label}: open", flush=True)
+
+
+async def move(s: Session) -> float:
+    """One key press on the session's slider (three steps one way, then three back); ms to the run's end."""
+    slider = s.page.locator('[data-testid="stSlider"]', has_text=s.slider).first.locator('[role="slider"], input[type="range"]')
+    if s.steps and s.steps % 3 == 0:
+        s.direction = -s.direction
+    s.steps += 1
+    await slider.focus()
+    t0 = await s.page.evaluate("performance.now()")
+    await slider.press("ArrowRight" if s.direction > 0 else "ArrowLeft")
+    ms = await run_end_ms(s.page, t0)
+    await check(s, f"move {s.steps}")
+    return ms
+
+
+async def report_check(s: Session) -> list[str]:
+    """The Report page of this session: its own configurations only (from the exported HTML's JSON)."""
+    page = s.page
+    await page.locator('[data-testid="stSidebarNav"] a[href$="/Report"]').click()
+    await page.wait_for_url(re.compile(r"/Report(\?.*)?$"), timeout=60_000)
+    await settle(page)
+    if s.page_name != "Merge":
+        if not await page.locator("text=Nothing to compare yet").count():
+            s.problems.append(f"{s.label}: never merged, yet its Report page has configurations to compare")
+        return []
+    async with page.expect_download(timeout=RUN_TIMEOUT_S * 1000) as info:
+        await page.get_by_role("button", name="Report (self-contained HTML)").click()
+    html = Path(await (await info.value).path()).read_text()
+    found = re.search(r"<script type='application/json' id='mergescope-config-json'>(.*?)</script>", html, re.S)
+    configs = json.loads(found.group(1).replace("<\\/", "</"))["configurations"]
+    methods = sorted({c["method"] for c in configs})
+    allowed = {s.method, DEFAULT_METHOD}
+    if not set(methods) <= allowed or s.method not in methods:
+        s.problems.append(f"{s.label}: its report lists methods {methods}, expected {sorted(allowed)}")
+    return methods
+
+
+def pct(values: list[float], q: float) -> float:
+    """q-th percentile (linear interpolation). The stdlib's `statistics` is shadowed by benchmarks/statistics.py."""
+    return float(np.percentile(values, q))
+
+
+async def drive(base: str, roles, moves: int, seconds: float) -> list[Session]:
+    from playwright.async_api import async_playwright
+    sessions = [Session(i, *r) for i, r in enumerate(roles)]
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        for s in sessions:
+            ctx = await browser.new_context(viewport={"width": 1400, "height": 900}, accept_downloads=True)
+            ctx.set_default_timeout(RUN_TIMEOUT_S * 1000)        # a shared 2-core CPU: page loads take a while
+            ctx.set_default_navigation_timeout(RUN_TIMEOUT_S * 1000)
+            await ctx.add_init_script(RECORDER)
+            s.page = await ctx.new_page()
+        t0 = time.perf_counter()
+        await asyncio.gather(*(open_role(s, base) for s in sessions))          # 1. cold start, all at once
+        print(f"cold start: {len(sessions)} sessions opened their pages in {time.perf_counter() - t0:.1f} s", flush=True)
+        for s in sessions:                                                      # 2. each alone
+            for _ in range(moves):
+                s.alone_ms.append(await move(s))
+        print("alone: " + "; ".join(f"{s.label} {np.median(s.alone_ms):.0f} ms" for s in sessions), flush=True)
+
+        async def keep_moving(s: Session, deadline: float) -> None:
+            while time.monotonic() < deadline:
+                s.together_ms.append(await move(s))
+        deadline = time.monotonic() + seconds                                   # 3. all together
+        await asyncio.gather(*(keep_moving(s, deadline) for s in sessions))
+        for s in sessions:
+            await settle(s.page)
+            await report_check(s)
+        await browser.close()
+    return sessions
+
+
+def fresh_cache(cache: Path, into: Path) -> Path:
+    """A cache folder holding only the demo builds of `cache` (linked, not copied): SVD factors and
+    statistics start cold, so the run shows whether concurrent sessions compute each one once."""
+    into.mkdir(parents=True)
+    builds = [p for p in cache.glob("zoo-*") if (p / "manifest.json").is_file()]
+    if not builds:
+        raise SystemExit(f"no finished demo build in {cache}")
+    for p in builds:
+        (into / p.name).symlink_to(p.resolve(), target_is_directory=True)
+    return into
+
+
+def shared_cache_counts(log_text: str) -> tuple[Counter, Counter]:
+    svd = Counter(re.findall(r"spectra: decomposed \d+ parameters of \d+ tasks for set (\S+)", log_text))
+    stats = Counter(re.findall(r"statistics: computed (\S+ of task \S+) \((\S+)\)", log_text))
+    return svd, stats
+
+
+def run(cache: Path, roles, moves: int, seconds: float, log: Path) -> dict:
+    port = free_port()
+    env = {**os.environ, "MERGESCOPE_CACHE": str(cache), "PYTHONUNBUFFERED": "1", "MERGESCOPE_LOG": "INFO"}
+    proc = subprocess.Popen(start_app_cmd(port), cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(proc, port, log, timeout=120)
+        sessions = asyncio.run(drive(f"http://127.0.0.1:{port}", roles, moves, seconds))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    text = log.read_text(errors="replace")
+    svd, stats = shared_cache_counts(text)
+    problems = [p for s in sessions for p in s.problems]
+    problems += [f"SVD factors of set {k} computed {n} times" for k, n in svd.items() if n > 1]
+    problems += [f"statistics {k[0]} computed {n} times" for k, n in stats.items() if n > 1]
+    if "Traceback" in text:
+        problems.append("a traceback in the server's log: " + text[text.index("Traceback"):][:1500])
+    return {"sessions": sessions, "svd": svd, "stats": stats, "problems": problems}
+
+
+def summary(result: dict) -> str:
+    sessions = result["sessions"]
+    alone = [m for s in sessions for m in s.alone_ms]
+    together = [m for s in sessions for m in s.together_ms]
+    lines = [f"| sessions | moves | p50 ms | p95 ms |", "|---|---|---|---|",
+             f"| 1 (each alone, in turn) | {len(alone)} | {pct(alone, 50):.0f} | {pct(alone, 95):.0f} |",
+             f"| {len(sessions)} at once | {len(together)} | {pct(together, 50):.0f} | {pct(together, 95):.0f} |",
+             "", f"ratio, {len(sessions)} at once / alone: p50 {pct(together, 50) / pct(alone, 50):.1f}x, "
+                 f"p95 {pct(together, 95) / pct(alone, 95):.1f}x", "",
+             "| session | page | slider | alone p50 ms | together p50 / p95 ms | moves together |", "|---|---|---|---|---|---|"]
+    for s in sessions:
+        t = s.together_ms or [float("nan")]
+        lines.append(f"| {s.index} | {s.page_name}{f' ({s.method})' if s.method else ''} | {s.slider} | "
+                     f"{np.median(s.alone_ms):.0f} | {pct(t, 50):.0f} / {pct(t, 95):.0f} | {len(s.together_ms)} |")
+    lines += ["", f"SVD factor sets computed: {dict(result['svd'])} (each must be 1)",
+              f"task statistics computed: {len(result['stats'])} distinct, max {max(result['stats'].values(), default=0)} "
+              "times each (must be 1)",
+              f"problems: {result['problems'] or 'none'}"]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", type=Path, default=None,
+                    help="MERGESCOPE_CACHE holding a demo build (default: the tiny demo, built in a temporary folder)")
+    ap.add_argument("--sessions", type=int, default=len(ROLES), help=f"at most {len(ROLES)}")
+    ap.add_argument("--moves", type=int, default=4, help="moves per session alone (the baseline)")
+    ap.add_argument("--seconds", type=float, default=90.0, help="how long the sessions move sliders together")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="ms-sessions-") as tmp:
+        cache = args.cache
+        if cache is None:
+            from analysis.zoo import build_tiny_demo
+            cache = Path(tmp) / "cache"
+            t0 = time.perf_counter()
+            build_tiny_demo(cache)
+            print(f"tiny demo built in {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"load average before: {os.getloadavg()}; cores: {os.cpu_count()}", flush=True)
+        served = fresh_cache(cache.expanduser(), Path(tmp) / "served")
+        result = run(served, ROLES[:args.sessions], args.moves, args.seconds, Path(tmp) / "server.log")
+        print(f"load average after: {os.getloadavg()}")
+    print(summary(result))
+    return 1 if result["problems"] else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,35 @@
+"""Several browser sessions on one server at once (the light version of
+benchmarks/sessions.py): no exception, no cross-talk between sessions'
+methods and histories, shared caches computed once."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_browser import CHROMIUM
+
+ROOT = Path(__file__).resolve().parents[1]
+# loaded by path: benchmarks/ on sys.path would shadow the stdlib's `statistics` with benchmarks/statistics.py
+_spec = importlib.util.spec_from_file_location("benchmark_sessions", ROOT / "benchmarks" / "sessions.py")
+sessions = sys.modules["benchmark_sessions"] = importlib.util.module_from_spec(_spec)   # dataclasses look it up
+_spec.loader.exec_module(sessions)
+
+ROLES = [("Merge", "alpha", "task_arithmetic"), ("Merge", "alpha", "tsv_m"),
+         ("Spectra", "Rank fraction kept per task", None)]
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+@pytest.mark.timeout(1800)
+def test_three_sessions_at_once_keep_to_themselves(tiny_demo_dir, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is absent (Debian: apt-get install chromium)")
+    cache = sessions.fresh_cache(tiny_demo_dir, tmp_path / "cache")   # cold SVD/statistics caches, demo linked
+    result = sessions.run(cache, ROLES, moves=2, seconds=10.0, log=tmp_path / "server.log")
+    print(sessions.summary(result))
+    assert not result["problems"]
+    assert len(result["svd"]) >= 1 and set(result["svd"].values()) == {1}   # tsv_m and Spectra share one SVD
+    assert all(len(s.alone_ms) == 2 and s.together_ms for s in result["sessions"])
