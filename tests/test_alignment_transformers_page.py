@@ -72,7 +72,7 @@ def test_transformer_section_paths_merges_latent_and_aggregation(mlps, transform
     assert not at.exception, at.exception
     assert not at.error, [e.value for e in at.error]
     tables = [t.value for t in at.dataframe]
-    bars = next(t for t in tables if "barrier (linear)" in t.columns and "activation matching" in set(t["method"]))
+    bars = next(t for t in tables if "max-over-path barrier" in t.columns and "activation matching" in set(t["method"]))
     assert set(bars["method"]) == {"naive", "activation matching", "activation matching + REPAIR"}
     merged = next(t for t in tables if "model" in t.columns and t["model"].astype(str).str.contains("C2M3").any())
     assert len(merged) == 3 + 4
