@@ -89,7 +89,7 @@ def change_spectra(page):
 
 
 def change_interference(page):
-    click_radio(page, "By layer", "sign-conflict rate")
+    click_radio(page, "By block", "sign-conflict rate")
     press_slider(page, "Energy held by the summed", "ArrowLeft", kind="stSelectSlider")
     return ("ws", "if_by_layer", "if_energy", "if_f")
 
