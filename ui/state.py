@@ -35,14 +35,19 @@ class Workspace:
 
     @property
     def key(self) -> str:
-        """Identifies the workspace for st.cache_*: its set object, by a token stamped on it once (not
-        id(), which a later set can reuse after this one is freed and then be served this one's results).
-        Sessions that open the same cached set share the key, and so the merges and scores."""
-        token = getattr(self.tvs, "_mergescope_token", None)
-        if token is None:
-            token = uuid.uuid4().hex[:12]
-            self.tvs._mergescope_token = token
-        return f"{self.name}:{token}"
+        """Identifies the workspace for st.cache_*: its set and its evaluator, each by a token stamped on
+        the object once (not id(), which a later object can reuse after this one is freed and then be
+        served this one's results). Sessions that open the same cached set with the same data share the
+        key, and so the merges and scores; the same set scored on other data does not."""
+        return ":".join([self.name] + [_token(obj) for obj in (self.tvs, self.evaluator) if obj is not None])
+
+
+def _token(obj) -> str:
+    token = getattr(obj, "_mergescope_token", None)
+    if token is None:
+        token = uuid.uuid4().hex[:12]
+        obj._mergescope_token = token
+    return token
 
 
 def get_workspace() -> Workspace | None:
