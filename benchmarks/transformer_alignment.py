@@ -10,8 +10,8 @@ of each head's test accuracy / cross-entropy.
 Measures:
 1. every model's test accuracy per task, against the majority class;
 2. for every pair of seeds, the loss / accuracy barrier along the straight
-   path: naive, weight matching (WM), activation matching (AM, Verma &
-   Elbayad 2024), each ± REPAIR; both barrier definitions
+   path: naive, and weight matching (WM) and activation matching (AM, Verma &
+   Elbayad 2024) each ± REPAIR; both barrier definitions
    (analysis.permutation.barrier);
 3. merging N = 3 and 4 models: naive average, pairwise WM / AM to model 0,
    C2M3 (started from pairwise WM), each ± REPAIR; cycle errors;
