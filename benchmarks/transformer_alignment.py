@@ -10,8 +10,8 @@ of each head's test accuracy / cross-entropy.
 Measures:
 1. every model's test accuracy per task, against the majority class;
 2. for every pair of seeds, the loss / accuracy barrier along the straight
-   path: naive, weight matching (WM), activation matching (AM, Verma &
-   Elbayad 2024), each ± REPAIR; both barrier definitions
+   path: naive, and weight matching (WM) and activation matching (AM, Verma &
+   Elbayad 2024) each ± REPAIR; both barrier definitions
    (analysis.permutation.barrier);
 3. merging N = 3 and 4 models: naive average, pairwise WM / AM to model 0,
    C2M3 (started from pairwise WM), each ± REPAIR; cycle errors;
@@ -23,6 +23,11 @@ Measures:
    absolute and relative space, on the mean of all models' relative spaces,
    and zero-shot stitching across models;
 6. wall times of every step (the CPU is shared: upper bounds).
+
+Every finished section (and every pair) is kept under
+~/.cache/mergescope/transformer-bench/<zoo>-<options>/ so an interrupted run
+resumes where it stopped (`--fresh` ignores it); wall times are those of the
+run that computed each section.
 
 REPAIR for these post-LayerNorm networks: the per-unit mean and std over
 tokens of every LayerNorm output (the residual stream; corrected through the
@@ -79,6 +84,7 @@ def main(argv=None) -> int:
     ap.add_argument("--anchors", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default="docs/results_transformer_alignment.md")
+    ap.add_argument("--fresh", action="store_true", help="recompute every section")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t_all = time.time()
@@ -92,6 +98,24 @@ def main(argv=None) -> int:
     match_x, _ = zoo.pooled_tokens("train", args.match_per_task)
     lams = [i / (args.lambdas - 1) for i in range(args.lambdas)]
     times: list[dict] = []
+    import hashlib
+    import pickle
+    opts = hashlib.sha256(repr((args.lambdas, args.match_per_task, args.eval_per_task, args.anchors)).encode())
+    state_dir = Path.home() / ".cache" / "mergescope" / "transformer-bench" / f"{zoo.root.name}-{opts.hexdigest()[:10]}"
+    state_dir.mkdir(parents=True, exist_ok=True)
+
+    def resumable(section, fn):
+        """fn() -> result, its times kept with it; reloaded when already computed."""
+        path = state_dir / f"{section}.pkl"
+        if path.is_file() and not args.fresh:
+            result, t = pickle.loads(path.read_bytes())
+            times.extend(t)
+            log(f"{section}: reused from {path}")
+            return result
+        n0 = len(times)
+        result = fn()
+        path.write_bytes(pickle.dumps((result, times[n0:])))
+        return result
 
     def timed(what, fn):
         t0 = time.time()
@@ -118,13 +142,14 @@ def main(argv=None) -> int:
     # 2. pairs
     pair_rows = []
     aligned_cache = {}
-    for i, j in itertools.combinations(range(len(sds)), 2):
+
+    def one_pair(i, j):
+        rows_ij = []
         a, b = sds[i], sds[j]
         wm = timed(f"weight matching {i}-{j}", lambda: weight_matching(a, b, spec, device="cpu"))
         am = timed(f"activation matching {i}-{j}", lambda: activation_matching(a, b, spec, fam.group_features,
                                                                               match_x, device="cpu"))
         b_wm, b_am = apply_permutation(b, spec, wm), apply_permutation(b, spec, am)
-        aligned_cache[(i, j)] = (b_wm, b_am)
         agree = sum(int((wm[g] == am[g]).sum()) for g in wm) / sum(len(wm[g]) for g in wm)
 
         def rep_for(b_al):
@@ -138,23 +163,27 @@ def main(argv=None) -> int:
             curve = timed(f"path {i}-{j} {label}", lambda: interpolation_curve(ev, a, other, lams, repair_fn=fn))
             lb, ab = barriers(curve, "loss"), barriers(curve, "accuracy")
             mid = curve[curve.lam == 0.5].set_index("metric")["value"] if 0.5 in lams else {}
-            pair_rows.append({"pair": f"{names[i]} – {names[j]}", "method": label,
-                              "loss midpoint barrier": lb["midpoint"], "loss max-over-path barrier": lb["path"],
-                              "acc. max-over-path barrier": ab["path"],
+            rows_ij.append({"pair": f"{names[i]} – {names[j]}", "method": label,
+                              "loss barrier (midpoint)": lb["midpoint"], "loss barrier (linear)": lb["path"],
+                              "acc. barrier (linear)": ab["path"],
                               "loss at λ=½": float(mid["loss"]) if len(mid) else float("nan"),
                               "acc. at λ=½": float(mid["accuracy"]) if len(mid) else float("nan")})
-        pair_rows.append({"pair": f"{names[i]} – {names[j]}", "method": f"(WM and AM agree on {agree:.1%} of units)",
-                          "loss midpoint barrier": float("nan"), "loss max-over-path barrier": float("nan"),
-                          "acc. max-over-path barrier": float("nan"), "loss at λ=½": float("nan"),
-                          "acc. at λ=½": float("nan")})
+        rows_ij.append({"pair": f"{names[i]} – {names[j]}", "method": f"(WM and AM agree on {agree:.1%} of units)",
+                        "loss barrier (midpoint)": float("nan"), "loss barrier (linear)": float("nan"),
+                        "acc. barrier (linear)": float("nan"), "loss at λ=½": float("nan"),
+                        "acc. at λ=½": float("nan")})
         log(f"pair {i}-{j} done")
+        return rows_ij, am
+
+    for i, j in itertools.combinations(range(len(sds)), 2):
+        rows_ij, am = resumable(f"pair_{i}-{j}", lambda: one_pair(i, j))
+        pair_rows += rows_ij
+        aligned_cache[(i, j)] = apply_permutation(sds[j], spec, am)
     pairs = pd.DataFrame(pair_rows)
 
     # 3. N-model merges
-    merge_rows, cyc_rows = [], []
-    for n in (3, 4):
-        if n > len(sds):
-            continue
+    def merges_for(n):
+        merge_rows, cyc_rows = [], []
         group = sds[:n]
         res = timed(f"C2M3 on {n} models", lambda: c2m3(group, spec, device="cpu", init="weight_matching"))
         for method in ("none", "weight_matching", "activation_matching", "c2m3"):
@@ -178,36 +207,49 @@ def main(argv=None) -> int:
             cyc_rows.append({"N": n, "method": label, "mean cycle error": sum(e.values()) / len(e),
                              "max cycle error": max(e.values())})
         log(f"merges of {n} done")
+        return merge_rows, cyc_rows
+
+    merge_rows, cyc_rows = [], []
+    for n in (3, 4):
+        if n <= len(sds):
+            mr, cr = resumable(f"merges_{n}", lambda: merges_for(n))
+            merge_rows += mr
+            cyc_rows += cr
     merges, cycles = pd.DataFrame(merge_rows), pd.DataFrame(cyc_rows)
 
     # 4. similarity by layer (pair 0-1, activation matching)
-    x_all, _ = zoo.pooled_tokens("test", args.eval_per_task)
-    idx = choose_anchors(len(x_all), min(args.anchors, len(x_all)))
-    fa = layer_features(sds[0], x_all, H, eps)
-    b_wm, b_am = aligned_cache[(0, 1)]
-    sim = []
-    for label, other in (("B vs A, before alignment", sds[1]), ("B vs A, after AM", b_am),
-                         ("naive merge vs A", merge_models(sds[:2], spec, "none", family=fam)),
-                         ("AM merge vs A", merge_models(sds[:2], spec, "activation_matching", family=fam,
-                                                        match_x=match_x))):
-        t = similarity_by_layer(fa, layer_features(other, x_all, H, eps), idx).assign(comparison=label)
-        sim.append(t)
-    sim = pd.concat(sim).pivot_table(index=["comparison", "measure"], columns="layer", values="value",
-                                     sort=False).reset_index()
-    log("similarity done")
+    def latent_sections():
+        x_all, _ = zoo.pooled_tokens("test", args.eval_per_task)
+        idx = choose_anchors(len(x_all), min(args.anchors, len(x_all)))
+        fa = layer_features(sds[0], x_all, H, eps)
+        b_am = aligned_cache[(0, 1)]
+        sim = []
+        for label, other in (("B vs A, before alignment", sds[1]), ("B vs A, after AM", b_am),
+                             ("naive merge vs A", merge_models(sds[:2], spec, "none", family=fam)),
+                             ("AM merge vs A", merge_models(sds[:2], spec, "activation_matching", family=fam,
+                                                            match_x=match_x))):
+            t = similarity_by_layer(fa, layer_features(other, x_all, H, eps), idx).assign(comparison=label)
+            sim.append(t)
+        sim = pd.concat(sim).pivot_table(index=["comparison", "measure"], columns="layer", values="value",
+                                         sort=False).reset_index()
+        log("similarity done")
 
-    # 5. aggregation per task (last layer, mean-pooled)
-    agg = []
-    for t in zoo.tasks:
-        (trx, trY), (tex, teY) = zoo.data[t]["train"], zoo.data[t]["test"]
-        with torch.no_grad():
-            tr = {k: pooled(sd, trx, H, eps) for k, sd in zip(names, sds)}
-            te = {k: pooled(sd, tex, H, eps) for k, sd in zip(names, sds)}
-        agg.append(aggregation_table(tr, trY, te, teY, n_anchors=args.anchors).assign(task=t))
-    agg = pd.concat(agg)
-    agg_summary = agg.groupby(["space", "model"], sort=False)["accuracy"].mean().reset_index()
-    agg_summary = agg_summary.rename(columns={"accuracy": "mean test accuracy over tasks"})
-    log("aggregation done")
+        # 5. aggregation per task (last layer, mean-pooled)
+        agg = []
+        for t in zoo.tasks:
+            (trx, trY), (tex, teY) = zoo.data[t]["train"], zoo.data[t]["test"]
+            with torch.no_grad():
+                tr = {k: pooled(sd, trx, H, eps) for k, sd in zip(names, sds)}
+                te = {k: pooled(sd, tex, H, eps) for k, sd in zip(names, sds)}
+            agg.append(aggregation_table(tr, trY, te, teY, n_anchors=args.anchors).assign(task=t))
+        agg = pd.concat(agg)
+        agg_summary = agg.groupby(["space", "model"], sort=False)["accuracy"].mean().reset_index()
+        agg_summary = agg_summary.rename(columns={"accuracy": "mean test accuracy over tasks"})
+        log("aggregation done")
+
+        return sim, agg_summary
+
+    sim, agg_summary = resumable("latent", latent_sections)
 
     total = time.time() - t_all
     load = os.getloadavg()
@@ -228,12 +270,13 @@ def main(argv=None) -> int:
         f"({', '.join(f'{t} {len(test[t][1])}' for t in zoo.tasks)} test examples).",
         f"- Activation matching and REPAIR statistics: {args.match_per_task} training sequences per task "
         f"({len(match_x)} in all, every non-padding token).",
-        f"- Total run time {total:.0f} s.", "",
+        f"- Run time of the invocation that wrote this file {total:.0f} s (sections reused from an interrupted "
+        "run keep their own times in the last table).", "",
         "## Individual models (test accuracy)", "", md(individual, ".3f"), "",
         "## Barriers between every pair of seeds", "",
-        "Barrier definitions (analysis/barriers.py, the same two on every page): "
-        "*max-over-path* = max_λ L(λ) − ((1−λ)L(0)+λL(1)); *midpoint* = L(½) − ½(L(0)+L(1)); accuracy barriers "
-        f"apply the same to the negated accuracy; λ on {args.lambdas} points. "
+        "Barrier definitions (analysis/permutation/barrier.py, the same two as the Loss Landscape page): "
+        "*midpoint* = max_λ L(λ) − ½(L(0)+L(1)); *linear* = max_λ L(λ) − ((1−λ)L(0)+λL(1)); accuracy barrier = "
+        f"max_λ of the endpoints' linear interpolation minus accuracy(λ); λ on {args.lambdas} points. "
         "REPAIR (post-LayerNorm networks): every LayerNorm output (the residual stream; corrected through the "
         "LayerNorm's weight and bias) and every FFN pre-activation (through the FFN input projection) gets, per "
         "unit, the (1−λ, λ) interpolation of the endpoints' token mean and std; Q, K, V are left alone.", "",
