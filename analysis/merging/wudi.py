@@ -23,10 +23,14 @@ lie in the span, and L's gradient never leaves it).
 
 `solver="adam"` is the paper's procedure: τ_m initialised to Σ_t τ_t, then
 `steps` Adam steps (default 300, lr 1e-5, as the paper and FusionBench) on L.
-With lr 1e-5 an entry moves at most ≈ steps·lr = 3e-3 from the sum, so the
-paper's merge stays near Task Arithmetic with λ = 1 in scale, while the exact
-minimiser has the scale of an average (equal task vectors give that vector,
-not T times it): the two differ, and `alpha` (1 = the paper) rescales either.
+Adam moves an entry by at most about lr per step (≈ 3e-3 in all), so it
+reaches the minimiser only where the task vectors' entries are of that
+order or smaller, as fine-tuning deltas usually are (`benchmarks/parity_b.py`,
+ViT-B/32-shaped deltas with entries ~1e-3: 97–100 % of the way from the sum
+to the exact minimiser, at 4–11× its time); with larger entries it stops
+between Task Arithmetic (λ = 1) and the minimiser, which has the scale of an
+average (equal task vectors give that vector, not T times it). `alpha`
+(1 = the paper) scales either.
 
 Other parameters: matrices only (embeddings with `include_embeddings`, as
 FusionBench, which applies it to every 2-D tensor); conv kernels, biases,
