@@ -47,7 +47,9 @@ given come from the base); None means the base.
 from __future__ import annotations
 
 import logging
+import threading
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from contextlib import contextmanager
 from typing import Callable, Iterator, Mapping, Sequence, Union
@@ -133,6 +135,25 @@ def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def backbone_lock(backbone: nn.Module) -> threading.RLock:
+    """The one re-entrant lock of a backbone module.
+
+    `functional_call` swaps tensors into the module's attributes for the length of
+    a forward, and forward hooks are module state, so two threads running the
+    same module (a page and its session's background refinement, two sessions
+    sharing a cached workspace) would see each other's parameters: they take
+    turns. Kept beside the module, not on it, so the module still deep-copies."""
+    with _LOCKS_GUARD:
+        lock = _LOCKS.get(backbone)
+        if lock is None:
+            lock = _LOCKS[backbone] = threading.RLock()
+        return lock
+
+
 def features(backbone: nn.Module, inputs: Inputs, params: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Pooled backbone features (B, H) of one batch.
 
@@ -143,10 +164,11 @@ def features(backbone: nn.Module, inputs: Inputs, params: Mapping[str, torch.Ten
     none); a 2-D output is already pooled and returned as is.
     """
     args, kwargs = ((), dict(inputs)) if isinstance(inputs, Mapping) else ((inputs,), {})
-    if params:
-        out = functional_call(backbone, dict(params), args=args, kwargs=kwargs, strict=False)
-    else:
-        out = backbone(*args, **kwargs)
+    with backbone_lock(backbone):
+        if params:
+            out = functional_call(backbone, dict(params), args=args, kwargs=kwargs, strict=False)
+        else:
+            out = backbone(*args, **kwargs)
     return _pool_output(out, kwargs.get("attention_mask"))
 
 
@@ -201,7 +223,11 @@ class Evaluator:
                               list(h.labels)) for t, h in heads.items() if t in data}
         self.batch_size = int(batch_size)
         self.subsample_seed = subsample_seed
-        self._shapes = {k: tuple(v.shape) for k, v in self.backbone.state_dict().items()}
+        # The base tensors, read once: while a forward runs, functional_call has another thread's
+        # tensors in the module's attributes, so state_dict() then would not be the base.
+        self._base = dict(self.backbone.state_dict(keep_vars=False))
+        self._trainable = [k for k, _ in self.backbone.named_parameters()]
+        self._shapes = {k: tuple(v.shape) for k, v in self._base.items()}
         # per-example gradients (per_example_grads, fisher_diagonal): vmap over chunks of
         # examples where the backbone allows it, else one example at a time
         self.fast_grads = bool(fast_grads)
@@ -215,8 +241,15 @@ class Evaluator:
     def split_size(self, task: str, split: str) -> int:
         return len(self._split(task, split))
 
+    def backbone_copy(self) -> nn.Module:
+        """A deep copy of the base backbone (to train or modify), taken while no other thread's forward
+        has its tensors swapped in."""
+        import copy
+        with backbone_lock(self.backbone):
+            return copy.deepcopy(self.backbone)
+
     def base_state_dict(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().cpu() for k, v in self.backbone.state_dict().items()}
+        return {k: v.detach().cpu() for k, v in self._base.items()}
 
     # ------------------------------------------------------------ scoring
     def evaluate(self, params: Mapping[str, torch.Tensor] | nn.Module | None = None, split: str = "validation",
@@ -239,7 +272,7 @@ class Evaluator:
     def evaluate_delta(self, delta: Mapping[str, torch.Tensor], alpha: float = 1.0, split: str = "validation",
                        subsample: int | None = None, tasks: Sequence[str] | None = None) -> pd.DataFrame:
         """Score base + alpha * delta (delta: parameter name -> tensor)."""
-        base = self.backbone.state_dict()
+        base = self._base
         params = {}
         for name, d in delta.items():
             if name not in base:
@@ -283,13 +316,14 @@ class Evaluator:
         if unknown:
             raise ValidationError(f"the backbone has no submodule {unknown[0]!r}")
         handles = []
-        try:
-            for name, fn in hooks.items():
-                handles.append(modules[name].register_forward_hook(fn))
-            yield
-        finally:
-            for h in handles:
-                h.remove()
+        with backbone_lock(self.backbone):   # hooks are module state: no other thread's forward sees them
+            try:
+                for name, fn in hooks.items():
+                    handles.append(modules[name].register_forward_hook(fn))
+                yield
+            finally:
+                for h in handles:
+                    h.remove()
 
     def forward_with_hooks(self, inputs: Inputs, task: str, params: Mapping[str, torch.Tensor] | None = None,
                            hooks: Mapping[str, Callable] | None = None) -> torch.Tensor:
@@ -455,15 +489,17 @@ class Evaluator:
         idx = self.examples(task, split, n, seed)
         if not in_order:
             idx = idx[torch.argsort(data.lengths()[idx], descending=True, stable=True)]
-        route = self._grad_route(task, data, idx, values, given, names) if self.fast_grads and len(idx) else None
+        with backbone_lock(self.backbone):
+            route = self._grad_route(task, data, idx, values, given, names) if self.fast_grads and len(idx) else None
         if route is not None:
             size = self._chunk_size(data, values, names, route)
             for start in range(0, len(idx), size):
                 b = idx[start:start + size]
                 inputs, _ = data.batch(b)
                 try:
-                    chunk = self._vmap_chunk(task, _to(inputs, self.device), data.labels[b].to(self.device),
-                                             values, given, names, route)
+                    with backbone_lock(self.backbone):   # a chunk at a time, never across a yield
+                        chunk = self._vmap_chunk(task, _to(inputs, self.device), data.labels[b].to(self.device),
+                                                 values, given, names, route)
                 except Exception as err:  # noqa: BLE001 -- any failure: the loop computes the rest
                     self._grad_routes[_route_key(data, names)] = None
                     _log.info("per-example gradients fall back to the one-example loop: %s: %s",
@@ -478,7 +514,7 @@ class Evaluator:
 
     def _grad_leaves(self, names, params):
         """(names, {name: float32 value at `params`}, prepared params) of a gradient request."""
-        trainable = dict(self.backbone.named_parameters())
+        trainable = {k: self._base[k] for k in self._trainable}
         names = list(trainable) if names is None else list(names)
         unknown = [k for k in names if k not in trainable]
         if unknown:

@@ -22,7 +22,7 @@ from torch import nn
 
 from analysis.device import get_device
 from analysis.errors import ValidationError
-from analysis.evaluation import EncodedSplit, Head, features
+from analysis.evaluation import EncodedSplit, Head, backbone_lock, features
 
 OUTSIDE = "outside blocks"
 
@@ -93,7 +93,8 @@ class TextProbe:
 
     def params(self, delta: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """base + delta, on the device."""
-        base = self.backbone.state_dict()
+        with backbone_lock(self.backbone):   # not while another thread has its tensors swapped in
+            base = self.backbone.state_dict()
         return {n: base[n].float() + d.to(self.device, torch.float32) for n, d in delta.items()}
 
 

@@ -65,9 +65,6 @@ if cache.names:
         whole = pairs.groupby(["task", "task_b"], sort=False)["sti"].sum().reset_index()
         st.plotly_chart(task_heatmap(whole, "sti", tasks, title="Pairwise STI, summed over layers"),
                         width="stretch", key="interference_sti_pairs")
-    if pairs["depth"].notna().any():
-        st.plotly_chart(pair_depth_heatmap(pairs, "sti", tasks, title="Pairwise STI by block"), width="stretch",
-                        key="interference_sti_layers")
 else:
     st.info("No matrix parameters: STI needs matrices.")
 
@@ -96,9 +93,23 @@ c1.plotly_chart(task_heatmap(cos, "cosine", tasks, title=f"Cosine similarity —
                 width="stretch", key="interference_cos")
 c2.plotly_chart(task_heatmap(conf, "conflict_rate", tasks, title=f"Sign-conflict rate — {scope}"),
                 width="stretch", key="interference_conf")
+
+# ------------------------------------------------------------------ by block and task pair
+# One pair × block heatmap at a time: each is a row per task pair (28 rows at T = 8), so
+# showing all three stacked made the page ~5 000 px tall.
+st.header("By block and task pair")
+STI_BY_BLOCK = "singular task interference"
 by_layer = url.widget(st.radio, "By block", key="interference_by_layer", param="if_by_layer",
-                      options=["cosine similarity", "sign-conflict rate"], default="cosine similarity", horizontal=True)
-if by_layer == "cosine similarity":
+                      options=[STI_BY_BLOCK, "cosine similarity", "sign-conflict rate"], default=STI_BY_BLOCK,
+                      horizontal=True, help="STI follows the rank-fraction slider; cosine and sign conflicts follow "
+                                            "the TIES-trim setting above.")
+if by_layer == STI_BY_BLOCK:
+    if cache.names and pairs["depth"].notna().any():
+        st.plotly_chart(pair_depth_heatmap(pairs, "sti", tasks, title="Pairwise STI by block"), width="stretch",
+                        key="interference_sti_layers")
+    else:
+        st.info("No matrix parameters in numbered blocks: STI by block needs them.")
+elif by_layer == "cosine similarity":
     st.plotly_chart(pair_depth_heatmap(cosine_table(stats, "depth"), "cosine", tasks, title="Cosine similarity by block"),
                     width="stretch", key="interference_cos_layers")
 else:

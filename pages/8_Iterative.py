@@ -10,7 +10,6 @@ of re-merging.
 """
 from __future__ import annotations
 
-import copy
 
 import streamlit as st
 
@@ -169,7 +168,7 @@ with right:
             if st.button(f"{label} {config.procedure} ({config.rounds} rounds)", type="primary", key="it_start"):
                 # the job scores with its own copy of the backbone: the workspace's evaluator swaps tensors
                 # into its module for every score, and other pages keep using it while the job runs
-                own = Evaluator(copy.deepcopy(ev.backbone), ev.data, ev.heads, device=ev.device)
+                own = Evaluator(ev.backbone_copy(), ev.data, ev.heads, device=ev.device)
                 jobs[str(folder)] = BackgroundJob(lambda report: run(config, own, progress=report, source=source),
                                                   f"iterative-{config.procedure}")
                 st.rerun()

@@ -53,8 +53,9 @@ def widget(page, kind: str, label: str):
     return page.locator(f'[data-testid="{kind}"]', has_text=label).first
 
 
-def press_slider(page, label: str, key: str = "ArrowRight", times: int = 1, kind: str = "stSlider") -> None:
-    thumb = widget(page, kind, label).get_by_role("slider").first
+def press_slider(page, label: str, key: str = "ArrowRight", times: int = 1) -> None:
+    """Move a slider or a select slider (Streamlit renders both as stSlider) by arrow keys."""
+    thumb = widget(page, "stSlider", label).get_by_role("slider").first
     for _ in range(times):
         thumb.focus()
         thumb.press(key)
@@ -92,9 +93,8 @@ def change_spectra(page):
 
 def change_interference(page):
     click_radio(page, "By block", "sign-conflict rate")
-    # the SAR select slider (if_energy) is not moved: in Chromium it is not found after this radio's rerun
-    # on the merged page (AppTest sees it); to be fixed with issue 13 — if_energy has no browser round trip yet
-    return ("ws", "if_by_layer", "if_f")
+    press_slider(page, "Energy held by the summed matrix", "ArrowLeft")   # a select slider is an stSlider too
+    return ("ws", "if_by_layer", "if_f", "if_energy")
 
 
 def change_merge(page):
@@ -124,7 +124,7 @@ def change_alignment(page):
 
 
 def change_curvature(page):
-    press_slider(page, "Subspace rank", kind="stSelectSlider")
+    press_slider(page, "Subspace rank")
     return ("ws", "cv_rank", "cv_metric", "cv_n")
 
 

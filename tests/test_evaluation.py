@@ -126,3 +126,28 @@ def test_normalized_scores_known_values():
     with pytest.raises(ValidationError):
         normalized_accuracy({"c": 0.5}, {"a": 0.8})
     assert math.isnan(normalized_accuracy_improvement(0.7, 0.5, 0.5))  # undefined when ft == zero-shot
+
+
+def test_two_threads_scoring_one_evaluator_each_see_their_own_parameters(tiny_workspace):
+    """A page and its background refinement (or two sessions sharing a workspace) score the same
+    evaluator at once: functional_call swaps tensors into the shared module, so without the
+    backbone lock one thread's forward ran with the other's parameters."""
+    import threading
+
+    ev, tvs = tiny_workspace.evaluator, tiny_workspace.tvs
+    jobs = [None] + [{n: tvs.delta(t, n) for n in tvs.param_names} for t in tvs.tasks]
+    want = [ev.evaluate_delta(d) if d is not None else ev.evaluate(None) for d in jobs]
+    got: dict[int, list] = {i: [] for i in range(len(jobs))}
+
+    def work(i):
+        for _ in range(30):
+            got[i].append(ev.evaluate_delta(jobs[i]) if jobs[i] is not None else ev.evaluate(None))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, frames in got.items():
+        for df in frames:
+            pd.testing.assert_frame_equal(df, want[i])

@@ -134,8 +134,6 @@ def test_history_keeps_one_row_per_recipe_looked_at_and_rows_can_be_removed(tiny
     assert [h["knobs"]["alpha"] for h in at.session_state["merge_history"]] == [1.5]
 
 
-@pytest.mark.xfail(strict=False, reason="passes alone; in the full suite the page's first estimate differs from a "
-                   "direct score (order-dependent state not found yet, 2026-11-23) — see the issue 12 note")
 def test_on_a_cpu_a_first_estimate_shows_then_the_refined_score_replaces_it(tiny_workspace, monkeypatch):
     import time
 

@@ -12,7 +12,6 @@ the original backbone) only the starting point differs.
 """
 from __future__ import annotations
 
-import copy
 from typing import Mapping
 
 import torch
@@ -34,7 +33,7 @@ def heldout_scores(evaluator: Evaluator, state: Mapping[str, torch.Tensor], task
 
     device = evaluator.device
     data = evaluator.data[task]
-    backbone = copy.deepcopy(evaluator.backbone)
+    backbone = evaluator.backbone_copy()
     backbone.load_state_dict(dict(state))
     feats = {s: extract_features(backbone, data[s], device) for s in ("train", "validation", config.eval_split)}
     n_classes = int(evaluator.heads[task].weight.shape[0])

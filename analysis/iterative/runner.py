@@ -56,7 +56,7 @@ MODEL_FILE = "model.safetensors"
 def source_key(evaluator: Evaluator, tasks) -> str:
     """Content hash of what a run starts from: the base backbone, and every split and head of `tasks`."""
     h = hashlib.blake2b(digest_size=16)
-    for name, t in evaluator.backbone.state_dict().items():
+    for name, t in evaluator.base_state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     for task in sorted(tasks):
@@ -188,7 +188,7 @@ def check(config: IterativeConfig, evaluator: Evaluator) -> None:
 
 # ---------------------------------------------------------------- one round's numbers
 def _state_of(evaluator: Evaluator) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in evaluator.backbone.state_dict().items()}
+    return {k: v.clone() for k, v in evaluator.base_state_dict().items()}
 
 
 def _merge(config: IterativeConfig, evaluator: Evaluator, shared: Mapping, finetuned: Mapping):

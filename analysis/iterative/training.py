@@ -6,7 +6,6 @@ caller's generator as it was). Same state + same seed -> the same weights.
 """
 from __future__ import annotations
 
-import copy
 from typing import Mapping
 
 import torch
@@ -32,7 +31,7 @@ def finetune_from(evaluator: Evaluator, state: Mapping[str, torch.Tensor], task:
                   seed: int) -> dict[str, torch.Tensor]:
     """State dict (CPU) of a copy of the evaluator's backbone, loaded with `state`,
     fine-tuned on `task`'s train split with the task's frozen head."""
-    backbone = copy.deepcopy(evaluator.backbone)
+    backbone = evaluator.backbone_copy()
     backbone.load_state_dict(dict(state))
     head = evaluator.heads[task]
     seeded_finetune(backbone, head, evaluator.data[task]["train"], evaluator.device, steps, config, seed)
