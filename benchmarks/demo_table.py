@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from analysis.device import device_info  # noqa: E402
 from analysis.merging import METHODS, MergeInputs, merge, unavailable  # noqa: E402
-from analysis.merging.scoring import accuracy_by_task, merged_accuracy, reference_accuracy  # noqa: E402
+from analysis.merging.scoring import (accuracy_by_task, merged_accuracy, reference_accuracy,  # noqa: E402
+                                     reference_on_examples)
 
 ALPHA_GRIDS = {
     "task_arithmetic": [0.2, 0.3, 0.4, 0.5, 0.7, 1.0],
@@ -95,7 +96,19 @@ def main(argv=None) -> int:
     ap.add_argument("--val-subsample", type=int, default=None,
                     help="examples per task for the α search on validation (default: the full split)")
     ap.add_argument("--out", default=str(OUT))
+    ap.add_argument("--test-subsample", type=int, default=None,
+                    help="score the test split on a fixed, seeded subsample of N examples per task (default: "
+                         "all; the table says which)")
+    ap.add_argument("--defaults-only", action="store_true",
+                    help="only each method at its declared defaults (no α / λ search on validation)")
+    ap.add_argument("--methods", default=None,
+                    help="comma-separated method names (default: every registered method); the table says "
+                         "which were left out")
     args = ap.parse_args(argv)
+    chosen = list(METHODS) if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in chosen if m not in METHODS]
+    if unknown:
+        ap.error(f"unknown method {unknown[0]!r}; the methods are {', '.join(METHODS)}")
 
     from analysis.zoo import load_demo
     t_start = time.perf_counter()
@@ -103,7 +116,10 @@ def main(argv=None) -> int:
     tvs, ev = in_memory(demo.tvs), demo.evaluator
     tasks = [t for t in tvs.tasks if t in ev.tasks]
     log(f"demo: {demo.root} ({demo.kind}), tasks {tasks}")
-    ref_test = reference_accuracy(demo.reference, "test").reindex(tasks)
+    # with a test subsample the references are scored on exactly the merged models' examples
+    reference = demo.reference if args.test_subsample is None else \
+        reference_on_examples(ev, tvs, "test", args.test_subsample)
+    ref_test = reference_accuracy(reference, "test").reindex(tasks)
     inputs = MergeInputs(tvs, ev)
     rows: list[dict] = []
     notes: list[str] = []
@@ -129,7 +145,10 @@ def main(argv=None) -> int:
     add("zero-shot (linear probe)", "zero_shot", "", ref_test["zero_shot"].to_dict())
     add("fine-tuned (own task)", "fine_tuned", "", ref_test["fine_tuned"].to_dict())
 
-    for name, spec in METHODS.items():
+    skipped = [m for m in METHODS if m not in chosen]
+    if skipped:
+        notes.append(f"Not run this time (`--methods`): {', '.join(skipped)}.")
+    for name, spec in ((m, METHODS[m]) for m in chosen):
         why = unavailable(name, len(tvs.tasks), inputs.has_data)
         if why:
             notes.append(f"`{name}` is not listed: it {why}.")
@@ -138,11 +157,11 @@ def main(argv=None) -> int:
         defaults = spec.defaults(len(tvs.tasks))
         delta = merge(inputs, name)
         t_merge = time.perf_counter() - t0
-        acc = merged_accuracy(ev, delta, split="test")
+        acc = merged_accuracy(ev, delta, split="test", subsample=args.test_subsample)
         knobs = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in defaults.items())
         add(f"{name} (defaults)", name, knobs, acc, t_merge)
         log(f"  merge {t_merge:.1f} s, total {time.perf_counter() - t0:.1f} s")
-        if name in REMERGE_GRIDS:
+        if name in REMERGE_GRIDS and not args.defaults_only:
             knob = REMERGE_KNOB.get(name, "alpha")
             best, best_mean = None, -1.0
             for a in REMERGE_GRIDS[name]:
@@ -158,8 +177,8 @@ def main(argv=None) -> int:
                              for k, v in defaults.items() if k != knob)
             add(f"{name} ({knob} on validation)", name,
                 f"{knob}={best} (val mean {best_mean:.4f})" + (f", {rest}" if rest else ""),
-                merged_accuracy(ev, best_delta, split="test"), best_s)
-        if name in ALPHA_GRIDS:
+                merged_accuracy(ev, best_delta, split="test", subsample=args.test_subsample), best_s)
+        if name in ALPHA_GRIDS and not args.defaults_only:
             t0 = time.perf_counter()
             unit = merge(inputs, name, alpha=1.0)
             t_unit = time.perf_counter() - t0
@@ -171,7 +190,7 @@ def main(argv=None) -> int:
                 log(f"  {name} α={a}: validation mean {mean_v:.4f}")
                 if mean_v > best_mean + 1e-12:
                     best, best_mean = a, mean_v
-            df = ev.evaluate_delta(unit, alpha=best, split="test")
+            df = ev.evaluate_delta(unit, alpha=best, split="test", subsample=args.test_subsample)
             acc = accuracy_by_task(df)
             rest = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in defaults.items() if k != "alpha")
@@ -192,6 +211,8 @@ def main(argv=None) -> int:
     info = device_info()
     elapsed = time.perf_counter() - t_start
     sizes = {t: ev.split_size(t, "test") for t in tasks} if hasattr(ev, "split_size") else {}
+    if args.test_subsample is not None:
+        sizes = {t: min(n, args.test_subsample) for t, n in sizes.items()}
     lines = [
         "# Merging results on the built-in demo (test split)",
         "",
@@ -199,12 +220,16 @@ def main(argv=None) -> int:
         f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; device: {info['name']} ({info['device']}), "
         f"torch {info['torch']}, Python {platform.python_version()}; run time {elapsed / 60:.1f} min.",
         f"Demo build: `{demo.root}` ({demo.kind}); backbone task vectors over {len(tasks)} tasks.",
-        f"Test examples per task: {sizes}." if sizes else "",
-        "α chosen on the " + ("full validation split" if args.val_subsample is None
+        (f"Test examples per task: {sizes}" + ("" if args.test_subsample is None else
+         f" (a fixed, seeded subsample of at most {args.test_subsample} per task; the zero-shot and fine-tuned "
+         "rows are scored on the same examples)") + ".") if sizes else "",
+        *(["Every method at its declared defaults only (`--defaults-only`: no α / λ search)."]
+          if args.defaults_only else []),
+        *([] if args.defaults_only else ["α chosen on the " + ("full validation split" if args.val_subsample is None
                               else f"validation subsample of {args.val_subsample} per task") +
         " by mean accuracy over the grids " + "; ".join(f"{k}: {v}" for k, v in ALPHA_GRIDS.items()) +
         "; re-merged per value: " + "; ".join(f"{k} {REMERGE_KNOB.get(k, 'alpha')}: {v}"
-                                             for k, v in REMERGE_GRIDS.items()) + ".",
+                                             for k, v in REMERGE_GRIDS.items()) + "."]),
         "Normalised accuracy = merged ÷ fine-tuned accuracy of that task (%). "
         "TSV-C and EMR rows score each task with its own model (not one merge). AdaMerging learns its "
         "coefficients from the entropy of the test inputs' predictions (no labels), as the paper does.",

@@ -12,10 +12,15 @@ every SIGTERM while the home page was reading the demo's task vectors
 (benchmarks/server.py).
 
 `install()` registers an atexit hook, in the server only (`streamlit run`,
-never under AppTest or pytest): if such a thread is still busy at exit, the
-other exit handlers run (pending cache writes get their few seconds), the
-standard streams are flushed, and the process leaves with `os._exit`, so
-no daemon thread is ever unwound. Otherwise nothing changes.
+never under AppTest or pytest): the other exit handlers run (pending cache
+writes get their few seconds), the standard streams are flushed, and the
+process leaves with `os._exit`, so no daemon thread is ever unwound. It does
+so even when no thread looks busy: torch keeps C++ threads of its own (the
+intra-op pool, autograd workers) that the interpreter's normal finalisation
+and C++ static destructors can still meet ("terminate called", seen on
+2026-11-23 in the full test suite from a server that had found no busy
+thread and so finalised normally), and every file this app writes is complete before its call
+returns (analysis/atomic.py), so skipping finalisation loses nothing.
 Background jobs (a demo build) are first asked to stop at their next step
 (`ui.jobs.stop_all`) and given JOB_STOP_S; one that is still busy then is
 left to `os._exit`, which is safe because a build writes every task and
@@ -27,23 +32,12 @@ from __future__ import annotations
 import atexit
 import os
 import sys
-import threading
 
 JOB_STOP_S = 2.0   # of the 5 s a SIGTERM may take: jobs reach their next step or are left to os._exit
-BUSY_PREFIXES = ("ScriptRunner.scriptThread", "mergescope-", "spectra-persist")
 _installed = False
 
 
-def busy_threads() -> list[threading.Thread]:
-    """Daemon threads that may be inside C++ code (a page's script, a build, a cache write)."""
-    me = threading.current_thread()
-    return [t for t in threading.enumerate()
-            if t is not me and t.daemon and t.is_alive() and t.name.startswith(BUSY_PREFIXES)]
-
-
 def _exit_without_unwinding() -> None:
-    if not busy_threads():
-        return
     atexit.unregister(_exit_without_unwinding)
     from ui import jobs
     for label, stopped, last in jobs.stop_all(JOB_STOP_S):
