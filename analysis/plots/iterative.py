@@ -30,9 +30,11 @@ def accuracy_curves(table: pd.DataFrame, tasks: Sequence[str], title: str = "Acc
     s = _series(table, "mean_accuracy", "mean")
     fig.add_scatter(x=s["round"], y=s["value"] * 100, mode="lines+markers", name="mean",
                     line=dict(color=MEAN_COLOR, width=4))
+    span = [s["round"].min(), s["round"].max()] if len(s) else [0, 1]
     for i, (label, value) in enumerate((baselines or {}).items()):
-        fig.add_hline(y=value * 100, line=dict(dash="dash", color=PALETTE[(i + 3) % len(PALETTE)]),
-                      annotation_text=label, annotation_position="bottom right")
+        # a legend entry, not an annotation: close baselines' labels overlapped each other
+        fig.add_scatter(x=span, y=[value * 100] * 2, mode="lines", name=label,
+                        line=dict(dash="dash", color=PALETTE[(i + 3) % len(PALETTE)], width=2))
     fig.update_layout(title=title, xaxis_title="round", yaxis_title="accuracy (%)")
     fig.update_xaxes(dtick=1)
     return apply_theme(fig)
@@ -68,8 +70,9 @@ def heldout_curves(table: pd.DataFrame, heldout: Sequence[str],
             fig.add_scatter(x=s["round"], y=s["value"] * 100, mode="lines+markers", name=f"{task} · {label}",
                             line=dict(color=color, dash=dash, width=4 if task == "mean" else 1.5))
             if task == "mean":
-                fig.add_hline(y=float(s["value"].iloc[0]) * 100, line=dict(color="#9e9e9e", dash="dash"),
-                              annotation_text=f"original backbone · {label}", annotation_position="bottom right")
+                fig.add_scatter(x=[s["round"].min(), s["round"].max()], y=[float(s["value"].iloc[0]) * 100] * 2,
+                                mode="lines", name=f"original backbone · {label}",
+                                line=dict(color="#9e9e9e", dash="dash" if dash == "solid" else "dashdot", width=2))
     fig.update_layout(title=title, xaxis_title="round (0 = original backbone)", yaxis_title="accuracy (%)")
     fig.update_xaxes(dtick=1)
     return apply_theme(fig)
