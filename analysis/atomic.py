@@ -9,6 +9,10 @@ its temporary file and raises `StorageError` naming `path` (disk full:
 errno ENOSPC). Two processes writing the same path each rename their own
 complete file, so the last rename wins and no reader ever sees a mix.
 
+`atomic_folder(path, write)` does the same for a whole folder (an exported
+model: config, weight shards, index): `write(tmp_dir)` fills a temporary
+sibling folder, renamed to `path` only when every file in it is complete.
+
 Torn files are also refused on read: a safetensors header states every
 tensor's byte range and `safe_open` rejects a file whose length differs
 ("file not fully covered"); JSON that was cut short does not parse. So a
@@ -21,6 +25,8 @@ import errno
 import json
 import os
 import re
+import secrets
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -29,7 +35,7 @@ from typing import Callable, Mapping
 import torch
 from safetensors.torch import save_file
 
-from analysis.errors import StorageError
+from analysis.errors import StorageError, ValidationError
 
 STALE_TEMP_S = 3600.0   # a temporary file this old belongs to a writer that died (a live one renames in seconds)
 
@@ -80,6 +86,68 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_json(path: str | Path, obj, **dumps) -> Path:
     return atomic_write_text(path, json.dumps(obj, **dumps))
+
+
+def atomic_folder(path: str | Path, write: Callable[[Path], None],
+                  may_replace: Callable[[Path], bool] = lambda folder: False) -> Path:
+    """Write the folder `path` through `write(tmp_dir)`, all or nothing.
+
+    `tmp_dir` is a fresh sibling `.<name>.<random>.tmp` (a name no reader
+    opens); once `write` returns, every file in it is fsynced and the folder
+    is renamed to `path`. An existing `path` must be empty or accepted by
+    `may_replace` (else ValidationError, nothing written): it is renamed
+    aside (`.<name>.<random>.old.tmp`) just before and deleted just after. A
+    process killed at any point leaves `path` as it was or complete and new;
+    only between those two renames (microseconds) is `path` absent, the old
+    folder whole under its aside name. A failing `write` removes the
+    temporary folder and raises (an I/O failure as StorageError naming the
+    file). Temporary folders of writers that died (older than STALE_TEMP_S)
+    are removed first."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ValidationError(f"{path} is a file, not a folder; choose a folder for the export")
+    if path.is_dir() and any(path.iterdir()) and not may_replace(path):
+        raise ValidationError(f"refusing to replace {path}: it already holds files that are not an earlier export "
+                              "of this kind; choose a new or empty folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_folders(path)
+        tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    except OSError as exc:
+        raise _storage_error(path, exc) from exc
+    try:
+        write(tmp)
+        for f in sorted(tmp.rglob("*")):
+            if f.is_file():
+                _fsync_file(f)
+        if path.is_dir():
+            aside = path.parent / f".{path.name}.{secrets.token_hex(6)}.old.tmp"
+            os.rename(path, aside)
+            try:
+                os.rename(tmp, path)
+            except BaseException:
+                os.rename(aside, path)   # put the old folder back
+                raise
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.rename(tmp, path)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = _as_os_error(exc)
+        if cause is not None:
+            raise _storage_error(path, cause) from exc
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def _remove_stale_folders(path: Path, older_than: float = STALE_TEMP_S) -> None:
+    for stale in path.parent.glob(temp_glob(path)):
+        try:
+            if stale.is_dir() and time.time() - stale.stat().st_mtime > older_than:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
 
 
 def remove_stale_temps(path: str | Path, older_than: float = STALE_TEMP_S) -> int:

@@ -297,7 +297,41 @@ def export_yaml(method: str, knobs: Mapping[str, Any], base_model: str, models: 
 
 
 def export_workspace_yaml(tvs, method: str, knobs: Mapping[str, Any], dtype: str | None = None) -> str:
-    """`export_yaml` for a loaded TaskVectorSet, with its checkpoint paths (`tvs.sources`)."""
+    """`export_yaml` for a loaded TaskVectorSet, with its checkpoint paths (`tvs.sources`).
+
+    MergekitError when the method has none (checked first), or when a model
+    has no path on disk (a set built from state dicts in memory): mergekit
+    reads every model from a folder or the Hub, so such a YAML could not run."""
     sources = getattr(tvs, "sources", {}) or {}
     models = {t: sources.get(t, t) for t in tvs.tasks}
-    return export_yaml(method, knobs, sources.get("base", "base"), models, dtype)
+    base = sources.get("base", "base")
+    to_mergekit(method, knobs, base, models, dtype)   # the method's own refusal comes first
+    in_memory = [label for label in ("base", *tvs.tasks) if label not in sources or str(sources[label]).startswith("<")]
+    if in_memory:
+        raise MergekitError(f"mergekit reads every model from disk (a Hugging Face folder or a Hub id), and this "
+                            f"set's {', '.join(repr(x) for x in in_memory)} "
+                            f"{'was' if len(in_memory) == 1 else 'were'} given in memory, with no path; load the set "
+                            f"from checkpoint folders to export a mergekit YAML")
+    return export_yaml(method, knobs, base, models, dtype)
+
+
+def paths_mergekit_cannot_read(tvs) -> dict[str, str]:
+    """{label: path} of the set's models that are not a Hugging Face model folder (config.json) here:
+    mergekit loads only those (or Hub ids), so a YAML naming them needs the paths edited."""
+    out = {}
+    for label, origin in (getattr(tvs, "sources", {}) or {}).items():
+        if str(origin).startswith("<"):
+            continue
+        p = Path(origin).expanduser()
+        if not (p.is_dir() and (p / "config.json").is_file()):
+            out[label] = str(origin)
+    return out
+
+
+def source_dtype(tvs) -> str | None:
+    """mergekit's name of the base's dtype (its `dtype:` key), e.g. 'bfloat16'; None if not one it knows."""
+    names = list(getattr(tvs, "param_names", []))
+    if not names:
+        return None
+    name = str(tvs.base.dtype(names[0])).removeprefix("torch.")
+    return name if name in ("float32", "float16", "bfloat16") else None

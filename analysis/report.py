@@ -7,12 +7,15 @@
   (never downloads one; Debian's /usr/bin/chromium is used when present).
 - `html_report`: one self-contained HTML file (plotly.js inline, the tables, and
   the configuration JSON that reproduces them).
-- `write_hf_model`: a merged backbone as a Hugging Face folder (config.json +
-  model.safetensors + heads.safetensors) that `AutoModel.from_pretrained` loads.
+- `write_hf_model`: a merged backbone as a Hugging Face folder (config.json,
+  sharded safetensors + index in the source dtype, heads.safetensors) that
+  `AutoModel.from_pretrained` loads, written whole or not at all;
+  `merged_model` streams θ0 + α·δ to it one tensor at a time.
 """
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import html
 import json
 import math
@@ -25,9 +28,10 @@ import pandas as pd
 import torch
 
 from analysis.checkpoints import open_checkpoint
-from analysis.atomic import atomic_save_safetensors, atomic_write, atomic_write_json
-from analysis.errors import MergescopeError, ValidationError
+from analysis.atomic import atomic_folder, atomic_save_safetensors, atomic_write, atomic_write_json
+from analysis.errors import MergescopeError, StorageError, ValidationError
 from analysis.merging.scoring import accuracy_by_task, reference_accuracy
+from analysis.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, parse_size
 
 Progress = Callable[[float, str], None] | None
 DEBIAN_CHROMIUM = "/usr/bin/chromium"
@@ -297,32 +301,91 @@ def html_report(title: str, figures: Mapping[str, object], tables: Mapping[str, 
 
 # ---------------------------------------------------------------- merged model
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".index.json", ".msgpack", ".h5")
+Emit = Callable[[str, torch.Tensor], None]
+TensorStream = Callable[[Emit], None]   # calls emit(name, tensor) once per tensor, as each is made
 
 
-def write_hf_model(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], config_from: str | Path | Mapping,
-                   heads: Mapping[str, object] | None = None, metadata: Mapping | None = None,
-                   fill_from: Sequence[str | Path] = (), head_usage: str = "logits = mean_pool(last_hidden_state) @ W.T + b"
-                   ) -> Path:
+def merged_model(tvs, delta: Mapping[str, torch.Tensor] | None = None, *,
+                 merge_into: Callable[[Emit], None] | None = None, alpha: float = 1.0) -> TensorStream:
+    """The merged model θ0 + α·δ as a stream for `write_hf_model`, one tensor at a time.
+
+    The merged deltas come from `delta` (a mapping, e.g. a MergeResult) or,
+    lazily, from `merge_into(sink)`, which pushes (name, delta) as the merge
+    makes them (`analysis.merging.merge(..., sink=sink)`); then no merged
+    tensor outlives its shard. Each tensor is computed in float32 (the merge
+    arithmetic is float32 throughout) and stored in its base tensor's dtype:
+    bf16 in, bf16 out, exactly as `tvs.apply` does. Tensors without a delta
+    (buffers, excluded heads) are the base's, unchanged."""
+    if (delta is None) == (merge_into is None):
+        raise ValidationError("merged_model needs exactly one of `delta` (a mapping) or `merge_into` (a merge "
+                              "that pushes its tensors to a sink)")
+    params = set(tvs.param_names)
+
+    def produce(emit: Emit) -> None:
+        done: set[str] = set()
+
+        def sink(name: str, d: torch.Tensor) -> None:
+            if name not in params:
+                raise ValidationError(f"delta holds {name!r}, which is not a parameter of this set")
+            base = tvs.base.get(name)
+            if tuple(d.shape) != tuple(base.shape):
+                raise ValidationError(f"the merged delta of {name!r} has shape {tuple(d.shape)}, the base "
+                                      f"{tuple(base.shape)}: one merged model needs one delta per parameter "
+                                      "(a per-task method gives one per task)")
+            emit(name, (base.float() + alpha * d.to("cpu", torch.float32)).to(base.dtype))
+            done.add(name)
+
+        if merge_into is not None:
+            merge_into(sink)
+        else:
+            for name, d in delta.items():
+                sink(name, d)
+        for name in tvs.base.keys():
+            if name not in done:
+                emit(name, tvs.base.get(name))
+    return produce
+
+
+def write_hf_model(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor] | TensorStream,
+                   config_from: str | Path | Mapping, heads: Mapping[str, object] | None = None,
+                   metadata: Mapping | None = None, fill_from: Sequence[str | Path] = (),
+                   head_usage: str = "logits = mean_pool(last_hidden_state) @ W.T + b", *,
+                   max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE, protect: Sequence[str | Path] = (),
+                   also: Callable[[Path], None] | None = None) -> Path:
     """Write a merged backbone as a Hugging Face model folder.
 
+    `state_dict`: {name: tensor}, or a stream (`merged_model`) that emits
+    the tensors one at a time; each is written in its own dtype as sharded
+    safetensors in the `transformers` layout (`analysis.shards`: at most
+    `max_shard_size` per shard, default 5GB; `model.safetensors` alone when
+    one shard holds everything), holding at most one shard in memory.
     `config_from`: the base model folder (config.json and tokenizer files are
     copied; its weights are not) or a config dict. `heads`: {task: object with
     .weight, .bias (and optional .labels)} saved to heads.safetensors as
     `<task>.weight` / `<task>.bias` (`head_usage` says how they read the model).
-    `metadata` (method, knobs, sources) goes to mergescope.json. Refuses to
-    write into the folder the config comes from.
+    `metadata` (method, knobs, sources) goes to mergescope.json. `also(folder)`
+    may add files (e.g. per-task classifier folders) before the folder is
+    published.
 
-    Tensors `transformers.AutoModel` builds for this config but the state dict
-    lacks (the demo's pooler: its backbone was saved without one, and the heads
-    read mean-pooled token states, so fine-tuning never changed it) are copied
-    unchanged from the first checkpoint of `fill_from` that holds them (the
-    MiniLM the demo was built from), so the folder loads without a
+    Never written into or over a checkpoint folder: the folder `config_from`
+    comes from, those of `fill_from` and of `protect` (the set's sources)
+    may neither hold nor be inside the output. The folder is written whole
+    (`analysis.atomic.atomic_folder`): it appears complete or not at all, and
+    it replaces only an empty folder or an earlier export (one holding
+    mergescope.json). A full disk raises `StorageError` naming the file.
+
+    Tensors `transformers.AutoModel` builds for this config but the model
+    lacks (the demo's pooler: its backbone was saved without one, and the
+    heads read mean-pooled token states, so fine-tuning never changed it) are
+    copied unchanged from the first checkpoint of `fill_from` that holds them
+    (the MiniLM the demo was built from), so the folder loads without a
     missing-weight warning. mergescope.json lists what was filled from where
-    (`filled_from`) and anything still missing (`missing_on_load`).
-    Every file is written all or nothing (`analysis.atomic`); a full disk
-    raises `StorageError` naming the file and leaves no partial one.
+    (`filled_from`), anything still missing (`missing_on_load`) and the
+    weight files (`weights`).
     """
     out = Path(out_dir).expanduser().resolve()
+    limit = parse_size(max_shard_size)
+    src_dir = None
     if isinstance(config_from, (str, Path)):
         src = Path(config_from).expanduser().resolve()
         src_dir = src if src.is_dir() else src.parent
@@ -332,34 +395,59 @@ def write_hf_model(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], 
         if not (src_dir / "config.json").is_file():
             raise ValidationError(f"{src_dir}: no config.json to copy; the base must be a Hugging Face model folder "
                                   "for a loadable export")
-    out.mkdir(parents=True, exist_ok=True)
-    if isinstance(config_from, Mapping):
-        atomic_write_json(out / "config.json", dict(config_from), indent=2)
-    else:
-        for f in sorted(src_dir.iterdir()):
-            if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES):
-                atomic_write(out / f.name, lambda tmp, f=f: shutil.copy2(f, tmp))
-    tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
-    filled, still_missing = _complete_for_auto_model(tensors, out / "config.json", fill_from)
-    atomic_save_safetensors(tensors, out / "model.safetensors", {"format": "pt"})
-    if heads:
-        head_tensors, labels = {}, {}
-        for task, h in heads.items():
-            head_tensors[f"{task}.weight"] = h.weight.detach().float().cpu().contiguous()
-            head_tensors[f"{task}.bias"] = h.bias.detach().float().cpu().contiguous()
-            labels[task] = [str(x) for x in getattr(h, "labels", ())]
-        atomic_save_safetensors(head_tensors, out / "heads.safetensors",
-                                {"labels": json.dumps(labels), "usage": head_usage})
-    meta = {**dict(metadata or {}), "filled_from": filled, "missing_on_load": still_missing}
-    atomic_write_json(out / "mergescope.json", meta, indent=2, default=str)
-    return out
+    for guarded in [*([src_dir] if src_dir is not None else []), *fill_from, *protect]:
+        if not str(guarded) or str(guarded).startswith("<"):
+            continue   # an in-memory source ("<base state dict>") has no folder
+        g = Path(guarded).expanduser().resolve()
+        g_dir = g if g.is_dir() else g.parent
+        if out == g_dir or g_dir in out.parents or out in g_dir.parents:
+            raise ValidationError(f"refusing to write the merged model to {out}: it is, is inside, or holds the "
+                                  f"checkpoint folder {g_dir}; choose an output folder apart from your checkpoints")
+
+    def write(folder: Path) -> None:
+        if isinstance(config_from, Mapping):
+            atomic_write_json(folder / "config.json", dict(config_from), indent=2)
+        else:
+            for f in sorted(src_dir.iterdir()):
+                if f.is_file() and not f.name.endswith(_WEIGHT_SUFFIXES):
+                    atomic_write(folder / f.name, lambda tmp, f=f: shutil.copy2(f, tmp))
+        writer = ShardWriter(folder, limit)
+        if callable(state_dict):
+            state_dict(writer.add)
+        else:
+            for name, t in state_dict.items():
+                writer.add(name, t)
+        filled, still_missing = _complete_for_auto_model(writer, folder / "config.json", fill_from)
+        files = writer.finish()
+        if heads:
+            head_tensors, labels = {}, {}
+            for task, h in heads.items():
+                head_tensors[f"{task}.weight"] = h.weight.detach().float().cpu().contiguous()
+                head_tensors[f"{task}.bias"] = h.bias.detach().float().cpu().contiguous()
+                labels[task] = [str(x) for x in getattr(h, "labels", ())]
+            atomic_save_safetensors(head_tensors, folder / "heads.safetensors",
+                                    {"labels": json.dumps(labels), "usage": head_usage})
+        meta = {**dict(metadata or {}), "weights": files, "total_size": writer.total_size,
+                "max_shard_size": limit, "filled_from": filled, "missing_on_load": still_missing}
+        atomic_write_json(folder / "mergescope.json", meta, indent=2, default=str)
+        if also is not None:
+            also(folder)
+
+    try:
+        return atomic_folder(out, write, may_replace=lambda folder: (folder / "mergescope.json").is_file())
+    except StorageError as exc:
+        code = exc.errno or errno.EIO
+        why = "no space left on device" if code in (errno.ENOSPC, errno.EDQUOT) else os.strerror(code)
+        raise StorageError(code, f"could not write the merged model to {out}: {Path(exc.filename or out).name}: "
+                                 f"{why}; {out} is as it was (nothing partial is left)", str(out)) from exc
 
 
-def _complete_for_auto_model(tensors: dict[str, torch.Tensor], config_json: Path,
+def _complete_for_auto_model(writer: ShardWriter, config_json: Path,
                              fill_from: Sequence[str | Path]) -> tuple[dict[str, str], list[str]]:
-    """Add, in place, the floating tensors AutoModel(config) expects and `tensors` lacks, from
-    `fill_from` (names with or without the model's base-model prefix). Returns ({name: source},
-    names still missing). A config transformers cannot build is left alone (nothing to check)."""
+    """Add to `writer` the floating tensors AutoModel(config) expects and it lacks, from `fill_from`
+    (names with or without the model's base-model prefix), in the dtype most of the written tensors
+    have. Returns ({name: source}, names still missing). A config transformers cannot build is left
+    alone (nothing to check)."""
     try:
         from transformers import AutoConfig, AutoModel
         config = AutoConfig.from_pretrained(str(config_json.parent))
@@ -371,8 +459,10 @@ def _complete_for_auto_model(tensors: dict[str, torch.Tensor], config_json: Path
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if v.dtype.is_floating_point}
 
     def present(k):
-        return k in tensors or (prefix and f"{prefix}.{k}" in tensors)
+        return k in writer or (prefix and f"{prefix}.{k}" in writer)
     missing = [k for k in expected if not present(k)]
+    floating = [d for d in writer.dtypes.values() if d.is_floating_point]
+    dtype = max(set(floating), key=floating.count) if floating else torch.float32
     filled: dict[str, str] = {}
     for path in fill_from:
         if not missing:
@@ -381,7 +471,7 @@ def _complete_for_auto_model(tensors: dict[str, torch.Tensor], config_json: Path
         for k in list(missing):
             name = k if k in src else f"{prefix}.{k}" if prefix and f"{prefix}.{k}" in src else None
             if name is not None and tuple(src.shape(name)) == expected[k]:
-                tensors[k] = src.get(name).to(next(iter(tensors.values())).dtype if tensors else torch.float32)
+                writer.add(k, src.get(name).to(dtype))
                 filled[k] = str(src.where(name))
                 missing.remove(k)
     return filled, missing

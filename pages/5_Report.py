@@ -3,8 +3,10 @@
 Reads st.session_state["merge_history"] (written by pages/3_Merge.py) and the
 workspace's reference (zero-shot / fine-tuned). Exports: CSV tables, each
 figure as PNG / SVG (kaleido + a local Chromium), one self-contained HTML
-report with the configuration that reproduces it, and a merged backbone as a
-Hugging Face folder (config.json + model.safetensors + heads.safetensors).
+report with the configuration that reproduces it, and per configuration a
+mergekit YAML (or why there is none) and the merged backbone as a Hugging Face
+folder (config.json, sharded safetensors + index in the base's dtype,
+heads.safetensors): ui/export.py, ui/mergekit.py.
 Choices live in the URL (rp_* query parameters, ui/url.py), and so do the
 rows compared (rp_rows: each row's recipe and how it was scored), which a
 link opened in a new session scores again; rows can be removed here.

@@ -146,27 +146,40 @@ def test_killed_statistics_write_leaves_complete_files_or_none(tmp_path):
     assert any(o[2] == "mid-write" for o in outcomes), outcomes
 
 
+def _files(folder: Path) -> dict[str, bytes] | None:
+    if not folder.is_dir():
+        return None
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.mark.slow
-def test_killed_export_leaves_each_file_old_or_new_and_complete(tmp_path):
+def test_killed_export_leaves_the_old_folder_or_the_new_one(tmp_path):
+    """An export is a folder written whole (analysis.atomic.atomic_folder): after a kill it is the
+    earlier export or the complete new one, never a mix; the killed writer's temporary folder sits
+    beside it under a name no reader opens."""
     new_dir = tmp_path / "reference"
     fault_child.write_export(new_dir, 0)
+    new = _files(new_dir)
     outcomes = []
     for seed in SEEDS:
-        out = tmp_path / f"seed{seed}"
+        out = tmp_path / f"seed{seed}" / "merged"
         fault_child.write_export(out, 100 + seed)            # an earlier export in the same folder
-        old = {p.name: p.read_bytes() for p in out.iterdir()}
-        new = {name: (new_dir / name).read_bytes() for name in old}
+        old = _files(out)
         _kill_mid_write("export", out, seed, content_seed=0)
-        mid_write = bool(_temps(out))
-        states = {}
-        for name in old:
-            now = (out / name).read_bytes()
-            assert now in (old[name], new[name]), f"seed {seed}: {name} is neither the old nor the new file"
-            states[name] = "old" if now == old[name] else "new"
+        mid_write = any(not p.name.endswith(".old.tmp") for p in _temps(out.parent))
+        now = _files(out)
+        if now is None:   # killed between the two renames: the earlier export is whole under its aside name
+            aside = [p for p in _temps(out.parent) if p.name.endswith(".old.tmp")]
+            assert len(aside) == 1 and _files(aside[0]) == old, f"seed {seed}: the earlier export was lost"
+        else:
+            assert now in (old, new), f"seed {seed}: {out} is neither the earlier export nor the new one"
         if mid_write:
-            assert states["model.safetensors"] == "old"
-        outcomes.append((seed, states["model.safetensors"], "mid-write" if mid_write else "between writes"))
-    print(f"export kills (seed, model.safetensors afterwards, what the kill hit): {outcomes}")
+            assert now == old
+        outcomes.append((seed, "absent" if now is None else "old" if now == old else "new",
+                         "mid-write" if mid_write else "after the writes"))
+        fault_child.write_export(out, 0)                     # the next export succeeds beside the leftover
+        assert _files(out) == new
+    print(f"export kills (seed, folder afterwards, what the kill hit): {outcomes}")
     assert any(o[2] == "mid-write" for o in outcomes), outcomes
 
 
@@ -259,18 +272,17 @@ def test_disk_full_export_raises_and_keeps_the_old_file(tmp_path, full_disk, mon
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(analysis.atomic, "save_file", enospc)
-    with pytest.raises(StorageError, match="model.safetensors: no space left on device"):
+    with pytest.raises(StorageError, match=f"{out}: model-00001.safetensors: no space left on device"):
         fault_child.write_export(out, 2)
-    assert (out / "model.safetensors").read_bytes() == old and not _temps(out)
+    assert (out / "model.safetensors").read_bytes() == old and not _temps(out) and not _temps(tmp_path)
 
 
 def test_a_real_write_limit_gives_a_named_error_and_no_partial_file(tmp_path):
     """RLIMIT_FSIZE makes the kernel refuse the write (EFBIG): no patching anywhere."""
     out = tmp_path / "merged"
     rc, err = Child("export", "--dir", str(out), "--fsize", "200000").finish()   # model.safetensors is ~1 MB
-    assert rc != 0 and "StorageError" in err and "model.safetensors: File too large" in err, err[-2000:]
-    assert not (out / "model.safetensors").exists() and not _temps(out)
-    assert (out / "config.json").is_file()   # the small files before it were written whole
+    assert rc != 0 and "StorageError" in err and "model-00001.safetensors: File too large" in err, err[-2000:]
+    assert not out.exists() and not _temps(tmp_path)   # the folder appears whole or not at all
 
 
 def test_a_real_full_tmpfs_gives_enospc_and_no_partial_file(tmp_path):
