@@ -86,6 +86,9 @@ def method_from_url(text: str) -> str:
 
 # ---------------------------------------------------------------- method and knobs
 first_visit = url.first_run("merge_method")   # a fresh session or back from another page
+# the method the URL named when this run started: the method box below rewrites the URL, and knobs are
+# read from the URL only for the method it named (a switch must not hand α of one method to the next)
+url_method = QP.get("method")
 left, right = st.columns([1, 2.4])
 with left:
     method_name = url.widget(st.selectbox, "Method", key="merge_method", param="method", options=available,
@@ -95,7 +98,7 @@ with left:
     knobs = {}
     for hp in spec.hyperparameters:
         knobs[hp.name] = knob_widget(method_name, hp, f"merge_{method_name}_{hp.name}",
-                                     from_url=QP.get("method") == method_name)
+                                     from_url=url_method == method_name)
     url.drop(*(ALL_KNOBS - set(knobs)))   # the URL holds this method's knobs only
     if not spec.hyperparameters:
         st.caption("This method has no knobs.")

@@ -38,7 +38,8 @@ SNAPSHOT_JS = """() => {
     const thumbs = [...el.querySelectorAll('[role="slider"]')].map(s => s.getAttribute('aria-valuenow'));
     const shown = [...el.querySelectorAll('[data-baseweb="select"] [value], [data-baseweb="tag"]')]
         .map(s => s.innerText || s.getAttribute('value'));
-    const select = (el.querySelector('[data-baseweb="select"]') || {}).innerText || '';
+    const select = (el.querySelector('[role="combobox"], [data-baseweb="select"]') || {}).value
+        || (el.querySelector('[data-baseweb="select"]') || {}).innerText || '';
     widgets.push([el.getAttribute('data-testid'), label.trim(), inputs, thumbs, shown, select.trim()]);
   }
   const heads = [...document.querySelectorAll('[data-testid="stMain"] h1, [data-testid="stMain"] h2, '
@@ -63,7 +64,11 @@ def press_slider(page, label: str, key: str = "ArrowRight", times: int = 1) -> N
 
 
 def choose(page, label: str, option: str | re.Pattern) -> None:
-    widget(page, "stSelectbox", label).locator('[data-baseweb="select"]').click()
+    """Pick an option of a select box: Streamlit >= 1.5x draws it as a react-aria combobox whose
+    'Open' button shows the list box (older ones: a baseweb select)."""
+    box = widget(page, "stSelectbox", label)
+    opener = box.locator('button[aria-haspopup="listbox"], [data-baseweb="select"]').first
+    opener.click()
     page.get_by_role("option", name=option).first.click()
     wait_idle(page)
 

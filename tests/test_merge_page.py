@@ -160,3 +160,11 @@ def test_on_a_cpu_a_first_estimate_shows_then_the_refined_score_replaces_it(tiny
     want = merged_accuracy(ws.evaluator, merge(ws.tvs, "task_arithmetic", alpha=0.5), subsample=20)
     assert refined.loc[list(want), "merged"].tolist() == pytest.approx(list(want.values()))
     assert not any("First estimate" in c.value for c in at.caption)
+
+def test_switching_method_does_not_carry_the_previous_methods_alpha(tiny_workspace):
+    at = _page(tiny_workspace)
+    assert at.slider(key="merge_task_arithmetic_alpha").value == 0.3
+    at.selectbox(key="merge_method").set_value("ties").run()
+    assert not at.exception, at.exception
+    assert at.slider(key="merge_ties_alpha").value == 1.0
+    assert at.query_params.get("alpha") in (["1.0"], "1.0", None), dict(at.query_params)
