@@ -190,8 +190,6 @@ def drive(cache: Path, log: Path) -> dict:
 
 @pytest.mark.browser
 @pytest.mark.timeout(1800)   # the tiny demo is built first (seconds on an idle CPU, minutes on a busy one)
-@pytest.mark.xfail(strict=False, reason="not yet seen passing on main after the 2026-11-23 merges (the Interference "
-                   "SAR select slider was not found after a radio rerun in Chromium); issue 13 stays open for it")
 def test_every_page_link_restores_its_view_in_a_new_context(tiny_demo_dir, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.skip(f"{CHROMIUM} is absent (Debian: apt-get install chromium)")

@@ -161,6 +161,7 @@ def test_on_a_cpu_a_first_estimate_shows_then_the_refined_score_replaces_it(tiny
     assert refined.loc[list(want), "merged"].tolist() == pytest.approx(list(want.values()))
     assert not any("First estimate" in c.value for c in at.caption)
 
+
 def test_switching_method_does_not_carry_the_previous_methods_alpha(tiny_workspace):
     at = _page(tiny_workspace)
     assert at.slider(key="merge_task_arithmetic_alpha").value == 0.3
