@@ -246,9 +246,14 @@ def subspace_alignment_table(tvs: TaskVectorSet, cache: SpectralCache | None = N
     for name in (cache.names if names is None else names):
         um, sm, _ = cache.sum_factors(name)
         k = energy_rank(sm, energy)
-        u, s, _ = cache.factors(name)
+        s = cache.singular_values(name).to(um.device)            # every σ is kept
         with _exact_matmul():
-            proj = (um[:, :k].double().mT.unsqueeze(0) @ u.double()) * s.double().unsqueeze(-2)
+            if cache.keeps_all(name):
+                u, _, _ = cache.factors(name)
+                proj = (um[:, :k].double().mT.unsqueeze(0) @ u.double()) * s.double().unsqueeze(-2)
+            else:   # the cache keeps only the top K directions of each τ_t: project the deltas themselves
+                taus = as_matrix_batch(cache.tvs.deltas(name)).to(um.device, torch.float64)
+                proj = um[:, :k].double().mT.unsqueeze(0) @ taus
         proj_sq = (proj ** 2).sum(dim=(-2, -1)).cpu()
         norm_sq = (s.double() ** 2).sum(-1).cpu()
         meta = _meta(tvs, name)

@@ -15,6 +15,29 @@ file is refused on read and recomputed). `flush()` waits for the write and
 raises `StorageError` if it failed (disk full); the factors stay in memory
 either way. At interpreter exit pending writes get a few seconds to finish.
 
+What is kept (`keep`): singular values always in full (energy, effective
+rank and the spectra plots read every σ); of U and Vh, the top K directions
+each parameter's rank-fraction sliders can reach:
+- "full": every triplet, K = k = min(m, n).
+- a fraction f_max in (0, 1]: K = ⌊f_max·k⌋ (at least 1), the rank any
+  fraction f ≤ f_max truncates to (⌊f·k⌋ ≤ K), so a slider offering rank
+  fractions up to f_max never reads past K.
+- "auto" (default; $MERGESCOPE_SPECTRA_KEEP overrides): by matrix size.
+  A matrix of rank k ≤ FULL_RANK_MAX (512: every demo set, MiniLM's 384)
+  keeps everything, so Iso-CTS, subspace alignment and every slider work on
+  the factors exactly as before; a larger one keeps
+  K = ⌊max(AUTO_RANK_FRACTION, 1/T)·k⌋ (0.25, or 1/T for T < 4). That reaches
+  TSV's default rank 1/T per task, and TSV-M's cap (⌊k/T⌋ per task) at any
+  slider position.
+Memory of the factors: T·K·(m + n + 1) floats per matrix instead of
+T·k·(m + n + 1) (a 4096 × 4096 LLaMA projection, T = 4: K = 1024, 1/4 of it).
+Reading past K is an error naming K (`top`, `truncated`, `factors`); the
+callers that need whole task matrices (Iso-CTS's projected residuals, the
+subspace alignment ratio) read the deltas instead when K < k (each says so).
+K is part of the file's key (`key`); the task-sum factors (`sum_factors`,
+one matrix per parameter, kept whole: Iso-C reads every direction) are keyed
+by content alone.
+
 This module also re-exports the SVD kernels (`analysis.svd`) and the spectra
 tables (`analysis.spectra_tables`), so `from analysis.spectra import …` keeps
 working for every name it offered before the split.
@@ -23,7 +46,10 @@ from __future__ import annotations
 
 import atexit
 import errno
+import hashlib
 import logging
+import math
+import os
 import threading
 import time
 import weakref
@@ -46,8 +72,40 @@ from analysis.taskvectors import TaskVectorSet, as_matrix
 
 Progress = Callable[[int, int, str], None]
 CACHE_FORMAT = "1"
+KEEP_ENV = "MERGESCOPE_SPECTRA_KEEP"
+FULL_RANK_MAX = 512          # keep="auto": matrices of rank k <= this keep every triplet
+AUTO_RANK_FRACTION = 0.25    # keep="auto", larger matrices: K = ⌊max(this, 1/T)·k⌋
 _log = logging.getLogger(__name__)
 EXIT_WAIT_S = 5.0   # at interpreter exit, pending cache writes get this long; an unfinished one is simply lost
+
+
+def parse_keep(keep) -> str | float:
+    """'auto' | 'full' | a fraction in (0, 1] (a number or its text); None reads
+    $MERGESCOPE_SPECTRA_KEEP (default 'auto'). Anything else: ValidationError naming it."""
+    where = ""
+    if keep is None:
+        keep, where = os.environ.get(KEEP_ENV, "auto").strip() or "auto", f"{KEEP_ENV}="
+    if isinstance(keep, str) and keep in ("auto", "full"):
+        return keep
+    try:
+        if isinstance(keep, bool):
+            raise TypeError
+        f = float(keep)
+    except (TypeError, ValueError):
+        f = math.nan
+    if not 0.0 < f <= 1.0:
+        raise ValidationError(f"spectral cache keep {where}{keep!r}: expected 'auto', 'full' or the largest rank "
+                              "fraction to reach, a number in (0, 1]")
+    return f
+
+
+def kept_rank_for(k: int, n_tasks: int, keep: str | float) -> int:
+    """K, the singular directions kept of a rank-k matrix under `keep` (module doc)."""
+    if keep == "full" or k == 0:
+        return k
+    if keep == "auto":
+        return k if k <= FULL_RANK_MAX else truncation_rank(k, max(AUTO_RANK_FRACTION, 1.0 / max(n_tasks, 1)))
+    return truncation_rank(k, float(keep))
 
 
 def default_cache_dir() -> Path:
@@ -66,18 +124,23 @@ class SpectralCache:
     `progress(done, total, name)` is called after
     each parameter. Factors stay on `device` when they fit in half its free
     memory, else on the CPU (moved to `device` per `factors()` call).
+    `keep`: which singular directions are kept, "auto" | "full" | the
+    largest rank fraction offered (module doc; None: $MERGESCOPE_SPECTRA_KEEP).
     """
 
     def __init__(self, tvs: TaskVectorSet, device: str | torch.device | None = None,
                  cache_dir: str | Path | None = None, include_embeddings: bool = False, persist: bool = True,
                  *, method: str = "auto", tol: float = 1e-5, max_batch_bytes: int | None = None,
-                 progress: Progress | None = None):
+                 progress: Progress | None = None, keep: str | float | None = None):
         if method not in METHODS:
             raise ValidationError(f"SVD method must be one of {METHODS}, got {method!r}")
         self.tvs = tvs
         self.device = get_device(device)
         kinds = ("matrix", "conv", "embedding") if include_embeddings else ("matrix", "conv")
         self.names = tvs.names_of_kind(*kinds)
+        self.keep = parse_keep(keep)
+        self._ranks = {n: min(as_matrix(torch.empty(tvs.shape(n), device="meta")).shape) for n in self.names}
+        self._kept = {n: kept_rank_for(k, len(tvs.tasks), self.keep) for n, k in self._ranks.items()}
         self.cache_dir = Path(cache_dir) if cache_dir is not None else cache_root() / "spectra"
         self.persist = persist
         self.method = method
@@ -102,10 +165,20 @@ class SpectralCache:
 
     # ------------------------------------------------------------ identity
     @property
-    def key(self) -> str:
+    def content_key(self) -> str:
+        """Hash of the set's content over the cached names (`TaskVectorSet.fingerprint`)."""
         if self._key is None:
             self._key = self.tvs.fingerprint(self.names)
         return self._key
+
+    @property
+    def key(self) -> str:
+        """The factor file's key: content, plus every name's K when any K < k
+        (a cache keeping everything has the content key alone, as before)."""
+        if self.keeps_everything:
+            return self.content_key
+        ks = hashlib.blake2b(",".join(str(self._kept[n]) for n in self.names).encode(), digest_size=5).hexdigest()
+        return f"{self.content_key}-top{ks}"
 
     @property
     def path(self) -> Path:
@@ -113,7 +186,36 @@ class SpectralCache:
 
     @property
     def sum_path(self) -> Path:
-        return self.cache_dir / f"svdsum-{self.key}.safetensors"
+        return self.cache_dir / f"svdsum-{self.content_key}.safetensors"
+
+    @property
+    def keeps_everything(self) -> bool:
+        return all(self._kept[n] == self._ranks[n] for n in self.names)
+
+    def rank(self, name: str) -> int:
+        """k = min(m, n) of the parameter's matrix: how many singular values it has (all kept)."""
+        self._require(name)
+        return self._ranks[name]
+
+    def kept_rank(self, name: str) -> int:
+        """K: the singular directions (columns of U, rows of Vh) kept for `name`."""
+        self._require(name)
+        return self._kept[name]
+
+    def keeps_all(self, name: str) -> bool:
+        """Every singular direction of `name` is kept (K = k)."""
+        return self.kept_rank(name) == self._ranks[name]
+
+    def max_rank_fraction(self, name: str) -> float:
+        """The largest rank fraction `truncated(name, f)` serves: K / k."""
+        return self.kept_rank(name) / max(self._ranks[name], 1)
+
+    def _beyond(self, name: str, asked: str) -> ValidationError:
+        k, kk = self._ranks[name], self._kept[name]
+        return ValidationError(f"{name!r}: {asked}, but this spectral cache keeps the top K={kk} of its {k} "
+                               f"singular directions (keep={self.keep!r}: rank fractions up to {kk / k:.4g}); "
+                               "use a smaller rank fraction, or a SpectralCache with keep='full' (or a larger "
+                               f"fraction; ${KEEP_ENV})")
 
     @property
     def tasks(self) -> list[str]:
@@ -121,16 +223,35 @@ class SpectralCache:
 
     # ------------------------------------------------------------ access
     def factors(self, name: str) -> Factors:
-        """(U (T,m,k), S (T,k), Vh (T,k,n)) on `device`, k = min(m, n), S descending."""
+        """(U (T,m,k), S (T,k), Vh (T,k,n)) on `device`, k = min(m, n), S descending:
+        every triplet, so a ValidationError naming K when this cache keeps fewer
+        (`top` reads the kept ones)."""
         self._require(name)
+        if not self.keeps_all(name):
+            raise self._beyond(name, f"all {self._ranks[name]} singular triplets were asked for (factors())")
         u, s, vh = self._all()[name]
         return u.to(self.device), s.to(self.device), vh.to(self.device)
 
+    def top(self, name: str, r: int) -> Factors:
+        """The top r triplets of every task: (U (T,m,r), S (T,r), Vh (T,r,n)) on
+        `device`; r ≤ K (`kept_rank`), else a ValidationError naming K."""
+        self._require(name)
+        r = int(r)
+        if not 0 <= r <= self._ranks[name]:
+            raise ValidationError(f"{name!r}: {r} singular triplets asked for; it has {self._ranks[name]}")
+        if r > self._kept[name]:
+            raise self._beyond(name, f"the top {r} singular triplets were asked for")
+        u, s, vh = self._all()[name]
+        return u[..., :r].to(self.device), s[..., :r].to(self.device), vh[..., :r, :].to(self.device)
+
     def truncated(self, name: str, rank_fraction: float) -> tuple[Factors, int]:
-        """The top ⌊f·k⌋ triplets of every task: ((U_r, S_r, Vh_r), r)."""
-        u, s, vh = self.factors(name)
-        r = truncation_rank(s.shape[-1], rank_fraction)
-        return (u[..., :r], s[..., :r], vh[..., :r, :]), r
+        """The top ⌊f·k⌋ triplets of every task: ((U_r, S_r, Vh_r), r); a
+        ValidationError naming K when ⌊f·k⌋ > K."""
+        self._require(name)
+        r = truncation_rank(self._ranks[name], rank_fraction)
+        if r > self._kept[name]:
+            raise self._beyond(name, f"rank fraction {rank_fraction:g} needs the top {r} singular triplets")
+        return self.top(name, r), r
 
     def singular_values(self, name: str) -> torch.Tensor:
         """(T, k) on the CPU, without moving U and V."""
@@ -218,8 +339,8 @@ class SpectralCache:
         need = 0
         for name in self.names:
             m, n = as_matrix(torch.empty(self.tvs.shape(name), device="meta")).shape
-            k = min(m, n)
-            need += 4 * t * (m * k + k + k * n)
+            k, kk = self._ranks[name], self._kept[name]
+            need += 4 * t * (m * kk + k + kk * n)
         free, _ = torch.cuda.mem_get_info(self.device)
         return self.device if need < capped(free) // 2 else torch.device("cpu")
 
@@ -284,8 +405,10 @@ class SpectralCache:
                 info.update(shape=(m, n), matrices=int(stack.shape[0]), device=str(device))
                 self.report.append(info)
                 for j, nm in enumerate(chunk):
-                    sl = slice(j * t, (j + 1) * t)
-                    out[nm] = (u[sl].to(storage), s[sl].to(storage), vh[sl].to(storage))
+                    sl, kk, k = slice(j * t, (j + 1) * t), self._kept[nm], self._ranks[nm]
+                    # a copy when K < k, so the full batch is freed with this chunk
+                    out[nm] = (_kept(u[sl, :, :kk], storage, kk < k), s[sl].to(storage),
+                               _kept(vh[sl, :kk, :], storage, kk < k))
                     self.compute_count += 1
                     done += 1
                     if self.progress is not None:
@@ -295,7 +418,7 @@ class SpectralCache:
         return {nm: out[nm] for nm in self.names}
 
     def _meta(self) -> dict[str, str]:
-        return {"format": CACHE_FORMAT, "tasks": ",".join(self.tasks), "key": self.key}
+        return {"format": CACHE_FORMAT, "tasks": ",".join(self.tasks), "key": self.key, "keep": str(self.keep)}
 
     def _open(self, path: Path):
         """Lazily opened safetensors file if it matches this set, else None."""
@@ -317,6 +440,10 @@ class SpectralCache:
         keys = set(f.keys())
         if not all(f"S::{n}" in keys and f"U::{n}" in keys and f"Vh::{n}" in keys for n in self.names):
             return None
+        for n in self.names:   # K columns of U, k singular values: anything else was written under another keep
+            if (f.get_slice(f"U::{n}").get_shape()[-1] != self._kept[n]
+                    or f.get_slice(f"S::{n}").get_shape()[-1] != self._ranks[n]):
+                return None
         storage = self._storage()
         out = {}
         for name in self.names:
@@ -411,6 +538,12 @@ class SpectralCache:
             flat[f"S::{name}"] = s.contiguous().cpu()
             flat[f"Vh::{name}"] = vh.contiguous().cpu()
         atomic_save_safetensors(flat, path, self._meta())
+
+
+def _kept(x: torch.Tensor, storage: torch.device, cut: bool) -> torch.Tensor:
+    """`x` on `storage`; with `cut` (a slice of the decomposed batch) a compact
+    copy of its own, so the batch's discarded directions are freed."""
+    return x.to(storage, memory_format=torch.contiguous_format, copy=True) if cut else x.to(storage)
 
 
 def _mib(n: int) -> str:

@@ -145,7 +145,9 @@ class MergeMethod:
       matrices together, so SVD work is batched).
     - `prepare(inputs, params, ctx)`: an optional pass over the whole model
       before the loop (TIES' model-wide trim threshold); its return value is
-      `ctx.state`. `peak_memory` documents what such a pass holds at once.
+      `ctx.state`. `peak_memory` declares what the method holds at once
+      beyond the engine's one group (engine docstring: peak memory): what a
+      prepare pass holds, what it keeps across groups.
     - `check(params)`: optional constraints between knobs (DELLA's
       density ± ε inside (0, 1)), run by `validate` after every knob passed
       its own range; raises HyperparameterError naming the knobs.
@@ -162,7 +164,7 @@ class MergeMethod:
     prepare: Callable | None = None
     per_task: bool = False         # one model per task (TSV-C); scored per task
     reference: str = ""
-    peak_memory: str = "one parameter group (T deltas of one tensor, or of one shape group)"
+    peak_memory: str = "one parameter group (T deltas of one tensor, or of one shape-group run)"
     check: Callable | None = None
 
     def knob(self, name: str) -> Hyperparameter:

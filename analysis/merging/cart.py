@@ -68,4 +68,6 @@ CART = MergeMethod(
                     "λ: scale of the summed low-rank centred task vectors (δ = τ̄ + λ·Σ_t SVD_k(τ_t − τ̄))"),
      include_embeddings()),
     covers=decomposed,
+    peak_memory="one parameter's T deltas and their SVD, plus the unscaled low-rank sum of every matrix (kept in "
+                "the inputs' memo so a λ change recomputes nothing)",
     reference="Choi et al., Revisiting weight averaging for model merging (CART), arXiv 2412.12153")

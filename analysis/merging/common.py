@@ -4,6 +4,8 @@ inputs' memo for names it does not cover) so a knob change never recomputes an S
 the last unscaled merge so an α change is a scalar multiply."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from analysis.spectra import thin_svd, truncation_rank
@@ -26,20 +28,28 @@ def decomposed(tvs: TaskVectorSet, params) -> list[str]:
     return svd_names(tvs, bool(params.get("include_embeddings", False)))
 
 
-def task_factors(ctx, name: str):
-    """Per-task SVD factors (U (T,m,r), S (T,r), Vh (T,r,n)) of one parameter.
+def task_factors(ctx, name: str, rank: int | None = None):
+    """Per-task SVD factors (U (T,m,q), S (T,q), Vh (T,q,n)) of one parameter:
+    the top q = `rank` triplets, or all of them (q = min(m, n)) with None.
 
-    From the SpectralCache when it covers `name`; otherwise (e.g. embeddings
-    asked for but not in the cache) computed once and kept in the memo."""
+    From the SpectralCache when it covers `name` (a ValidationError naming
+    its K when q exceeds the directions it keeps); otherwise (e.g. embeddings
+    asked for but not in the cache) computed once and kept, whole, in the memo."""
     cache = ctx.cache
     if cache is not None and name in cache.names:
-        u, s, vh = cache.factors(name)
+        u, s, vh = cache.factors(name) if rank is None else cache.top(name, rank)
         return u.to(ctx.device), s.to(ctx.device), vh.to(ctx.device)
     key = ("task_svd", name)
     if key not in ctx.memo:
         deltas = ctx.inputs.deltas(name)
         ctx.memo[key] = thin_svd(deltas.reshape(deltas.shape[0], deltas.shape[1], -1))
-    return ctx.memo[key]
+    u, s, vh = ctx.memo[key]
+    return (u, s, vh) if rank is None else (u[..., :rank], s[..., :rank], vh[..., :rank, :])
+
+
+def matrix_rank_of(shape) -> int:
+    """min(m, n) of a parameter's matrix view (conv kernels as out × in·k)."""
+    return min(int(shape[0]), int(math.prod(shape[1:])))
 
 
 def sum_factors(ctx, name: str):

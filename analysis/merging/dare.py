@@ -14,7 +14,7 @@ import zlib
 import torch
 
 from analysis.merging.base import Hyperparameter, MergeMethod, alpha
-from analysis.merging.ties import density, model_thresholds, scope, ties_group
+from analysis.merging.ties import density, memo_thresholds, model_thresholds, scope, ties_group
 
 
 def mask_generator(seed: int, task_index: int, name: str) -> torch.Generator:
@@ -44,8 +44,9 @@ def _dropped(inputs, params):
 def _model_scope(inputs, params, ctx):
     if params["base"] != "ties" or params["scope"] != "model":
         return None
-    return model_thresholds(_dropped(inputs, params), list(inputs.tvs.param_names), len(inputs.tasks),
-                            params["density"])
+    config = ("dare_thresholds", params["drop_rate"], params["seed"], params["density"])
+    return memo_thresholds(ctx, config, lambda: model_thresholds(
+        _dropped(inputs, params), list(inputs.tvs.param_names), len(inputs.tasks), params["density"]))
 
 
 def _dare(group, params, ctx):
@@ -63,5 +64,7 @@ DARE = MergeMethod(
      alpha(0.3),
      Hyperparameter("seed", "int", 0, 0, 2 ** 31 - 1, 1, "random seed of the drop masks"),
      density(), scope()),
-    prepare=_model_scope, peak_memory="base='ties', scope='model': every dropped task vector's magnitudes at once",
+    prepare=_model_scope,
+    peak_memory="one parameter's T deltas and their dropped copy (base='ties', scope='model': the threshold "
+                "pass streams the model twice, drawing the same seeded masks each time, before the merge)",
     reference="Yu et al., Language models are Super Mario (DARE), ICML 2024 (arXiv 2311.03099)")

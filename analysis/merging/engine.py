@@ -10,6 +10,18 @@
    or passed to `sink(name, delta)` as soon as it exists (write to a file,
    move to the CPU, ...), so a large model never has to be held twice.
 
+Peak memory of this layer-by-layer path (a streaming set: not resident,
+`TaskVectorSet.keep_resident` declined or not called): the deltas of one
+group resident at a time, i.e. T tensors of one parameter (group_by="param"),
+or T × the names of one shape group, cut into runs of at most
+SHAPE_GROUP_BYTES (group_by="shape"); plus the method's working copies of
+that group (a few more of the same size) and what it keeps across groups,
+which its `peak_memory` declares (memoised thresholds, bases, the unscaled
+merge kept for α changes). With a `sink` nothing else accumulates; without
+one the `MergeResult` holds the merged model (T models for per-task methods).
+A `prepare` pass streams the model the same way before the loop. A resident
+set keeps every (T, *shape) stack on its device by design (it checked they fit).
+
 One result type, `MergeResult`: every method yields one model per task
 (`for_task(task)`); methods that merge return the same shared delta for
 every task, TSV-C returns each task's own compressed delta. Scoring and
@@ -101,14 +113,26 @@ class MergeResult(Mapping):
         return len(self.shared)
 
 
+SHAPE_GROUP_BYTES = 256 << 20   # a shape group's T float32 deltas stay under this (at least one name per group)
+
+
 def groups(method: MergeMethod, names: list[str], tvs, inputs) -> list[ParamGroup]:
+    """One name per group, or (group_by="shape") names of one matrix shape
+    together, split into runs whose T float32 deltas take at most
+    SHAPE_GROUP_BYTES, so batching never makes a group grow with depth (every
+    block of a LLaMA shares its shapes)."""
     if method.group_by == "param":
         return [ParamGroup([n], inputs) for n in names]
     by_shape: dict[tuple, list[str]] = {}
     for n in names:
         shape = tvs.shape(n)
         by_shape.setdefault((shape[0], int(math.prod(shape[1:]))), []).append(n)
-    return [ParamGroup(g, inputs) for g in by_shape.values()]
+    n_tasks = len(tvs.tasks)
+    out = []
+    for (m, n), same in by_shape.items():
+        per_group = max(1, SHAPE_GROUP_BYTES // max(1, 4 * n_tasks * m * n))
+        out += [ParamGroup(same[i:i + per_group], inputs) for i in range(0, len(same), per_group)]
+    return out
 
 
 def run(method: MergeMethod, inputs, params: dict, *, polar: str = "auto", sink: Sink | None = None) -> MergeResult | None:

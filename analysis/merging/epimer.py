@@ -350,8 +350,8 @@ def _factors(inputs, name: str, rank: int):
     if rank == 0:
         return None
     cache = inputs.spectra(False)
-    if name in cache.names:
-        return cache.factors(name)
+    if name in cache.names:   # only the top `rank` (a ValidationError naming K if the cache keeps fewer)
+        return cache.top(name, min(int(rank), cache.rank(name)))
     return None
 
 

@@ -6,7 +6,8 @@
 
 Resources are lazy: nothing is computed until a method asks for it, and each
 is computed once per object (and, where persisted, once per content on disk):
-- `spectra(include_embeddings)`: the SpectralCache (per-task SVD factors);
+- `spectra(include_embeddings)`: the SpectralCache (per-task SVD factors;
+  `spectra_keep` picks how many directions it keeps, `analysis.spectra`);
 - `activation_grams(n, ...)`: per-task input Gram matrices of every linear layer;
 - `fisher(n, ...)`: per-task diagonal empirical Fisher;
 - `evaluator`: the data API (batches, forward passes with hooks, gradients).
@@ -30,7 +31,8 @@ Progress = Callable[[int, int, str], None]
 
 class MergeInputs:
     def __init__(self, tvs: TaskVectorSet, evaluator=None, *, device=None, cache_dir: str | Path | None = None,
-                 persist: bool = True, spectral_cache=None, progress: Progress | None = None):
+                 persist: bool = True, spectral_cache=None, progress: Progress | None = None,
+                 spectra_keep: str | float | None = None):
         if not isinstance(tvs, TaskVectorSet):
             raise ValidationError(f"MergeInputs needs a TaskVectorSet, got {type(tvs).__name__}")
         self.tvs = tvs
@@ -44,6 +46,7 @@ class MergeInputs:
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         self.persist = persist
         self.progress = progress
+        self.spectra_keep = spectra_keep    # SpectralCache's `keep` (None: $MERGESCOPE_SPECTRA_KEEP, else "auto")
         self.memo: dict = {}
         self._spectra: dict[bool, object] = {}
         if spectral_cache is not None:
@@ -83,7 +86,7 @@ class MergeInputs:
             cache_dir = self.cache_dir / "spectra" if self.cache_dir is not None else None
             self._spectra[key] = SpectralCache(self.tvs, device=self.device, cache_dir=cache_dir,
                                                include_embeddings=key, persist=self.persist,
-                                               progress=self.progress)
+                                               progress=self.progress, keep=self.spectra_keep)
         return self._spectra[key]
 
     # ------------------------------------------------------------ data statistics

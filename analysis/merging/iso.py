@@ -33,13 +33,22 @@ Iso-CTS, per matrix parameter (r = min(m, n)):
 
 Vector parameters, and embeddings unless `include_embeddings`: α × mean.
 
+Memory: one shape-group run's deltas and factors at a time, plus the sum's
+SVD of every matrix (the SpectralCache's `sum_factors`, kept whole: Iso-C
+reads every direction) and the unscaled merged delta of every matrix (kept in
+the inputs' memo so an α change is a multiply).
+
 Speed: the sum's SVD is memoised per SpectralCache; a change of c only needs
 the top-s triplets of the projected task matrices, computed from the cached
 per-task factors τ_t = U_t S_t V_tᵀ: (I − P_c) τ_t = B_t V_tᵀ with
 B_t = (I − P_c) U_t S_t. For m ≤ n the sum's U is square and I − P_c = U_⊥U_⊥ᵀ,
 so only the small (r − common) × r matrix U_⊥ᵀ B_t needs an SVD; for m > n the
 top eigenpairs of the r × r Gram matrix B_tᵀB_t are taken in float64 (so
-squaring the condition number costs no accuracy at float32 output).
+squaring the condition number costs no accuracy at float32 output). That
+needs every per-task direction: when the SpectralCache keeps only the top K
+(`analysis.spectra`, large matrices by default) the projected residual is
+formed from the deltas and decomposed instead (slower per c change, same
+result up to rounding).
 """
 from __future__ import annotations
 
@@ -51,6 +60,7 @@ from analysis.merging.base import Hyperparameter, MergeMethod, Needs, alpha, inc
 from analysis.merging.common import decomposed, sum_factors, task_factors, unscaled_slot
 from analysis.merging.polar import polar
 from analysis.spectra import thin_svd
+from analysis.svd import _exact_matmul
 
 
 def _iso_c(group, params, ctx):
@@ -114,6 +124,28 @@ def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int):
     return x, sig, y_h @ vh_t                        # right vectors: (V_t Y)ᵀ = Yᵀ V_tᵀ
 
 
+def projected_top_of_deltas(taus: torch.Tensor, u_sum, common: int, k: int):
+    """Top-k SVD triplets of (I − U_c U_cᵀ) τ_t for every task, from the task
+    matrices themselves (T, m, n): the route when the SpectralCache keeps
+    fewer than all of τ_t's singular directions, which `projected_top` needs."""
+    x = taus.reshape(taus.shape[0], taus.shape[1], -1)
+    u_c = u_sum[:, :common]
+    with _exact_matmul():
+        b = x - u_c @ (u_c.mT @ x)
+    u, sig, vh = thin_svd(b)
+    return u[..., :k], sig[..., :k], vh[..., :k, :]
+
+
+def _projected(ctx, name: str, u_sum, common: int, k: int):
+    """Each task's top-k projected-residual triplets: from the cached factors
+    when they hold every direction, else from the deltas (same subspace; the
+    merge is the same up to rounding, tests)."""
+    cache = ctx.cache
+    if cache is not None and name in cache.names and not cache.keeps_all(name):
+        return projected_top_of_deltas(ctx.inputs.deltas(name), u_sum, common, k)
+    return projected_top(*task_factors(ctx, name), u_sum, common, k)
+
+
 def _iso_cts(group, params, ctx):
     c, a = params["common_fraction"], params["alpha"]
     slot = unscaled_slot(ctx, "iso_cts", (c, params["split"], params["include_embeddings"], ctx.polar))
@@ -129,7 +161,7 @@ def _iso_cts(group, params, ctx):
             kc = min(common, numerical_rank(s_sum, m, n))
             u_parts, vh_parts, s_parts = [u_sum[:, :kc]], [vh_sum[:kc]], [s_sum[:kc]]
             if per_task > 0:
-                x, sig, y_h = projected_top(*task_factors(ctx, name), u_sum, common, per_task)
+                x, sig, y_h = _projected(ctx, name, u_sum, common, per_task)
                 u_parts += list(x.unbind(0))
                 vh_parts += list(y_h.unbind(0))
                 s_parts += list(sig.unbind(0))
@@ -151,7 +183,9 @@ def _iso_cts(group, params, ctx):
 ISO_C = MergeMethod(
     "iso_c", "the summed task vector's singular directions with a flat (isotropic) spectrum", _iso_c,
     (alpha(1.0), include_embeddings()),
-    covers=decomposed, reference="Marczak et al., No task left behind: isotropic model merging, ICML 2025")
+    covers=decomposed, peak_memory="one parameter's T deltas, plus the sum's full SVD of every matrix (kept in "
+    "the inputs' memo, so an α change decomposes nothing)",
+    reference="Marczak et al., No task left behind: isotropic model merging, ICML 2025")
 
 ISO_CTS = MergeMethod(
     "iso_cts", "common subspace of the sum + each task's own directions, orthogonalised, flat spectrum", _iso_cts,
@@ -161,4 +195,7 @@ ISO_CTS = MergeMethod(
      Hyperparameter("split", "choice", "published", choices=SPLIT_RULES,
                     help="rank split: 'published' (the authors' code: T·round((r − ⌊c·r⌋)/T) task "
                          "directions) or 'exact_fill' (⌊(r − ⌊c·r⌋)/T⌋ per task, common never below ⌊c·r⌋)")),
-    needs=Needs(spectra=True), covers=decomposed, group_by="shape", reference="Marczak et al., No task left behind: isotropic model merging, ICML 2025")
+    needs=Needs(spectra=True), covers=decomposed, group_by="shape",
+    peak_memory="one shape-group run's deltas and factors, plus the sum's full SVD and the unscaled merged delta "
+                "of every matrix (module doc: Memory)",
+    reference="Marczak et al., No task left behind: isotropic model merging, ICML 2025")

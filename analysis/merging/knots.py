@@ -41,7 +41,7 @@ import torch
 from analysis.merging.base import Hyperparameter, MergeMethod, alpha, include_embeddings
 from analysis.merging.common import decomposed
 from analysis.merging.dare import drop_and_rescale
-from analysis.merging.ties import density, disjoint_merge, model_thresholds, scope, topk_thresholds
+from analysis.merging.ties import density, disjoint_merge, memo_thresholds, model_thresholds, scope, topk_thresholds
 from analysis.taskvectors import as_matrix
 
 INNER = ("ties", "dare_ties", "task_arithmetic", "weight_averaging")
@@ -86,8 +86,11 @@ def _prepare(inputs, params, ctx):
     covered = set(decomposed(inputs.tvs, params))
     thresholds = None
     if params["inner"] in ("ties", "dare_ties") and params["scope"] == "model":
-        thresholds = model_thresholds(lambda n: _aligned(ctx, params, n, covered), list(inputs.tvs.param_names),
-                                      len(inputs.tasks), params["density"])
+        config = ("knots_thresholds", params["inner"], params["density"], params["drop_rate"], params["seed"],
+                  params["include_embeddings"])
+        thresholds = memo_thresholds(ctx, config, lambda: model_thresholds(
+            lambda n: _aligned(ctx, params, n, covered), list(inputs.tvs.param_names), len(inputs.tasks),
+            params["density"]))
     return covered, thresholds
 
 
@@ -127,6 +130,7 @@ KNOTS = MergeMethod(
      Hyperparameter("seed", "int", 0, 0, 2 ** 31 - 1, 1, "inner=dare_ties: random seed of the drop masks"),
      alpha(1.0), include_embeddings()),
     prepare=_prepare,
-    peak_memory="scope='model' with TIES: every task's aligned coordinates' magnitudes at once (T × N floats); "
-                "the shared bases U (out × r per matrix) are kept in the inputs' memo",
+    peak_memory="one parameter's T deltas and aligned coordinates, plus the shared bases U (out × r per matrix, "
+                "up to the model's matrices' size) kept in the inputs' memo; scope='model' with TIES streams the "
+                "aligned coordinates twice for the threshold before the merge",
     reference="Stoica et al., Model merging with SVD to tie the KnOTS, ICLR 2025 (arXiv 2410.19735)")

@@ -94,6 +94,7 @@ LINES = MergeMethod(
                     "κ: α = κ·‖Σ_t τ_t‖₁ / (T·‖τ_MTL‖₁) (κ = 1 is the paper: 1/T for Task Arithmetic)"),
      density(), scope()),
     prepare=_prepare,
-    peak_memory="base='ties', scope='model': the magnitudes of every task vector at once (T × N floats)",
+    peak_memory="one parameter's T deltas (prepare streams the model for the L1 norms and, with base='ties', "
+                "scope='model', twice more for the streaming threshold; both are memoised per base/density/scope)",
     reference="Wang et al., LiNeS: Post-training layer scaling prevents forgetting and enhances model merging, "
               "ICLR 2025 (arXiv 2410.17146)")

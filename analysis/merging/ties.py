@@ -2,7 +2,10 @@
 
 1. Trim: per task keep the top-k fraction of entries by magnitude (over the
    whole task vector, as in the paper, or per parameter tensor as mergekit
-   does: the `scope` knob). Entries tied with the threshold are kept.
+   does: the `scope` knob). Entries tied with the threshold are kept. The
+   whole-vector threshold comes from an exact streaming selection
+   (`analysis.merging.topk`): one parameter at a time, never the T × N
+   magnitudes at once, with the same kept set as a concatenation.
 2. Elect: each entry's sign is the sign of the sum of the kept values.
 3. Disjoint mean: average only the kept, non-zero values whose sign agrees
    with the elected one (entries where none agrees are 0).
@@ -17,6 +20,7 @@ from typing import Callable
 import torch
 
 from analysis.merging.base import Hyperparameter, MergeMethod, alpha
+from analysis.merging.topk import streaming_thresholds
 
 DeltaGetter = Callable[[str], torch.Tensor]   # name -> (T, *shape) float32
 
@@ -40,11 +44,27 @@ def topk_thresholds(flat_abs: torch.Tensor, k: float) -> torch.Tensor:
 
 
 def model_thresholds(get: DeltaGetter, names: list[str], n_tasks: int, k: float) -> torch.Tensor:
-    """(T,) per-task trim thresholds over the whole task vector (TIES' scope).
+    """(T,) per-task trim thresholds over the whole task vector (TIES' scope):
+    the ⌈k·N⌉-th largest magnitude of each task, N its entries over `names`.
 
-    Peak memory: T × (number of merged entries) magnitudes at once."""
-    flat = torch.cat([get(n).abs().reshape(n_tasks, -1) for n in names], dim=1)
-    return topk_thresholds(flat, k)
+    Streamed (`analysis.merging.topk`): exactly `topk_thresholds` of the
+    concatenated magnitudes, without concatenating them. Peak memory: one
+    parameter's T deltas plus a few integer arrays of its size; `get` is
+    called twice per name (float32; four times for float64)."""
+    return streaming_thresholds(get, names, n_tasks, k)
+
+
+def memo_thresholds(ctx, config: tuple, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """Whole-model thresholds kept in the inputs' memo per configuration (the
+    knobs they depend on, not α), so an α change re-reads nothing. One entry
+    per method tag: a new configuration replaces the last."""
+    tag = config[0]
+    key = (*config, str(ctx.device))
+    for old in [k for k in ctx.memo if isinstance(k, tuple) and k and k[0] == tag and k != key]:
+        del ctx.memo[old]
+    if key not in ctx.memo:
+        ctx.memo[key] = compute()
+    return ctx.memo[key]
 
 
 def ties_group(get: DeltaGetter, names: list[str], n_tasks: int, k: float, a: float, thresholds=None) -> dict:
@@ -71,7 +91,8 @@ def disjoint_merge(tau: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
 def _model_scope(inputs, params, ctx):
     if params["scope"] != "model":
         return None
-    return model_thresholds(inputs.deltas, list(inputs.tvs.param_names), len(inputs.tasks), params["density"])
+    return memo_thresholds(ctx, ("ties_thresholds", params["density"]), lambda: model_thresholds(
+        inputs.deltas, list(inputs.tvs.param_names), len(inputs.tasks), params["density"]))
 
 
 def _ties(group, params, ctx):
@@ -81,5 +102,8 @@ def _ties(group, params, ctx):
 TIES = MergeMethod(
     "ties", "trim to the top-k entries, elect signs, average the agreeing entries", _ties,
     (density(), alpha(1.0), scope()),
-    prepare=_model_scope, peak_memory="scope='model': the magnitudes of every task vector at once (T × N floats)",
+    prepare=_model_scope,
+    peak_memory="one parameter's T deltas (scope='model': the threshold pass streams the model twice before the "
+                "merge, holding one parameter's T deltas and integer digits plus T × 65 536 counts; the T "
+                "thresholds are kept in the inputs' memo)",
     reference="Yadav et al., TIES-Merging, NeurIPS 2023 (arXiv 2306.01708)")

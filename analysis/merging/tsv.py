@@ -24,14 +24,24 @@ Vector parameters, and embeddings unless `include_embeddings`: α × mean.
 TSV-C: each task's own rank-⌊f·r⌋ reconstruction (the compression view).
 It returns one delta per task: {task: {param: delta}}; parameters that are
 not decomposed keep the task's full delta.
+
+Both read only the top q triplets per task from the SpectralCache, so a cache
+keeping K directions (`analysis.spectra`, `keep`) serves every q ≤ K; a larger
+q is a ValidationError naming K. With overflow="cap" TSV-M reads at most
+⌊r/T⌋ per task, so the default cache serves it at every rank fraction.
+Memory: one shape-group run's top-q factors and polar factors at a time, plus
+the unscaled merged delta of every matrix (kept in the inputs' memo so an α
+change is a multiply).
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from analysis.merging.base import (Hyperparameter, MergeMethod, Needs, alpha, include_embeddings, own_delta_rule,
                                    rank_fraction)
-from analysis.merging.common import decomposed, kept_rank, task_factors, unscaled_slot
+from analysis.merging.common import decomposed, kept_rank, matrix_rank_of, task_factors, unscaled_slot
 from analysis.merging.polar import polar
 
 
@@ -46,10 +56,10 @@ def _tsv_m(group, params, ctx):
     f, a, overflow = params["rank_fraction"], params["alpha"], params["overflow"]
     slot = unscaled_slot(ctx, "tsv_m", (f, overflow, params["include_embeddings"], ctx.polar))
     if not all(name in slot for name in group.names):
-        factors = [task_factors(ctx, name) for name in group.names]
-        n_tasks, m, r = factors[0][0].shape
-        n = factors[0][2].shape[-1]
-        q = tsv_rank(f, r, n_tasks, overflow)
+        shape = group.shape(group.names[0])
+        m, n, n_tasks = shape[0], int(math.prod(shape[1:])), group.n_tasks
+        q = tsv_rank(f, matrix_rank_of(shape), n_tasks, overflow)
+        factors = [task_factors(ctx, name, q) for name in group.names]   # only the q triplets used
         # (B, m, T·q): task-major column blocks [U_1 … U_T]
         u = torch.stack([fu[:, :, :q].permute(1, 0, 2).reshape(m, n_tasks * q) for fu, _, _ in factors])
         s = torch.stack([fs[:, :q].reshape(n_tasks * q) for _, fs, _ in factors])
@@ -65,8 +75,8 @@ def _tsv_m(group, params, ctx):
 def _tsv_c(group, params, ctx):
     out = {}
     for name in group.names:
-        u, s, vh = task_factors(ctx, name)
-        q = kept_rank(params["rank_fraction"], s.shape[-1])
+        q = kept_rank(params["rank_fraction"], matrix_rank_of(group.shape(name)))
+        u, s, vh = task_factors(ctx, name, q)
         recon = (u[:, :, :q] * s[:, None, :q]) @ vh[:, :q, :]
         out[name] = recon.reshape(recon.shape[0], *group.shape(name))
     return out
@@ -78,10 +88,14 @@ TSV_M = MergeMethod(
      Hyperparameter("overflow", "choice", "cap", help="when T·⌊f·r⌋ > r: cap the rank at ⌊r/T⌋, or keep it and "
                     "use the wide polar factor (orthonormal rows)", choices=("cap", "polar")),
      include_embeddings()),
-    needs=Needs(spectra=True), covers=decomposed, group_by="shape", reference="Gargiulo et al., Task Singular Vectors, CVPR 2025 (arXiv 2412.00081)")
+    needs=Needs(spectra=True), covers=decomposed, group_by="shape",
+    peak_memory="one shape-group run's top-q factors and their polar factors, plus the unscaled merged delta of "
+                "every matrix (kept in the inputs' memo for α changes)",
+    reference="Gargiulo et al., Task Singular Vectors, CVPR 2025 (arXiv 2412.00081)")
 
 TSV_C = MergeMethod(
     "tsv_c", "each task's own low-rank reconstruction (compression; one delta per task)", _tsv_c,
     (rank_fraction(), include_embeddings()),
     needs=Needs(spectra=True), covers=decomposed, rest=own_delta_rule, per_task=True,
+    peak_memory="one parameter's top-q factors and its T reconstructions",
     reference="Gargiulo et al., Task Singular Vectors, CVPR 2025 (arXiv 2412.00081)")

@@ -122,5 +122,7 @@ WUDI = MergeMethod(
      Hyperparameter("lr", "float", 1e-5, 1e-6, 1e-3, 1e-6, "solver=adam: Adam learning rate (the paper: 1e-5)"),
      alpha(1.0), include_embeddings()),
     covers=_covers,
+    peak_memory="one linear layer's T deltas and its solve, plus the unscaled merge of every linear layer (kept "
+                "in the inputs' memo so an α change is a multiply)",
     reference="Cheng et al., Whoever started the interference should end it: guiding data-free model merging "
               "via task vectors (WUDI-merging), ICML 2025 (arXiv 2503.08099)")
