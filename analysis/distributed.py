@@ -269,6 +269,10 @@ class Runner:
     def device_type(self) -> str:
         return torch.device(self.device).type
 
+    def resources(self) -> dict:
+        """What each Ray task asks for: `cpus_per_task` CPUs, and one GPU when the device is CUDA."""
+        return {"num_cpus": self.cpus_per_task, "num_gpus": 1 if self.device_type == "cuda" else 0}
+
     def svd_method(self, method: str) -> str:
         """The SVD method jobs use: "auto" resolved here for CPU work (module doc)."""
         if method == "auto" and self.device_type == "cpu":
@@ -292,7 +296,6 @@ class Runner:
         ray = connect(self.address, **self.init_kwargs)
         if fn not in self._remote:
             self._remote[fn] = ray.remote(fn)
-        gpus = 1 if self.device_type == "cuda" else 0
         window = self.max_in_flight or max(2, 2 * int(ray.cluster_resources().get("CPU", 1)))
         queue = list(jobs)
         pending: dict = {}
@@ -301,7 +304,7 @@ class Runner:
             while queue or pending:
                 while queue and len(pending) < window:
                     key, args = queue.pop(0)
-                    ref = self._remote[fn].options(num_cpus=self.cpus_per_task, num_gpus=gpus,
+                    ref = self._remote[fn].options(**self.resources(),
                                                    name=f"{fn.__name__.strip('_')}:{key}").remote(*args)
                     pending[ref] = key
                 ready, _ = ray.wait(list(pending), num_returns=1)
@@ -462,12 +465,12 @@ def merge(store: FactorStore, method: str, *, runner: Runner | None = None, pola
     params = spec.validate(knobs, len(tvs.tasks))
     if polar not in POLAR_SOLVERS:
         raise HyperparameterError(f"{method}: polar solver {polar!r} is not one of {list(POLAR_SOLVERS)}")
-    if spec.prepare is not None:
-        raise ValidationError(f"{method} needs a whole-model pass before merging ({spec.peak_memory}); it does not "
-                              "split into per-parameter jobs: use analysis.merging.merge")
     if spec.needs.labelled_data or spec.needs.activations or spec.needs.gradients:
         raise ValidationError(f"{method} needs labelled data (an evaluator in one process); it does not split into "
                               "per-parameter jobs: use analysis.merging.merge")
+    if spec.prepare is not None:
+        raise ValidationError(f"{method} needs a whole-model pass before merging ({spec.peak_memory}); it does not "
+                              "split into per-parameter jobs: use analysis.merging.merge")
     directory = None
     if spec.needs.spectra:
         directory = str(store.directory)
