@@ -17,7 +17,8 @@ Every job reads what it needs by name and returns something small:
 - an *STI job* reads one parameter's factors and returns its STI and the
   pair matrix (`analysis.interference.layer_sti`, the same function);
 - a *merge job* reads one parameter's factors and deltas and returns its
-  merged delta (the method's own `merge_group`, or its `rest` rule).
+  merged delta (the method's own `merge_group`, or its `rest` rule); a
+  method's whole-model `prepare` pass, if it has one, runs once in the driver.
 Results are identical to the single-process path (tests/test_distributed.py).
 
 Where it runs (`Runner`):
@@ -48,7 +49,10 @@ Differences from the single-process path, all deliberate:
 - each parameter is decomposed (and merged) on its own, where `SpectralCache`
   and the shape-grouped methods batch same-shaped parameters; the batched
   kernels compute every matrix of a batch independently, so the results are
-  the same (the test compares them exactly).
+  the same (the test compares them exactly);
+- STI's float64 sums are split across threads by torch, so a 1-thread Ray
+  task and a 2-thread process may differ in the last bits (1e-11 relative
+  measured by benchmarks/llm_scale.py); factors and merges are bitwise equal.
 """
 from __future__ import annotations
 
@@ -104,10 +108,23 @@ def require_ray():
 
 def connect(address: str | None = None, **init_kwargs):
     """Ray, initialised once: an existing session is reused; else `address`
-    (or $RAY_ADDRESS) joins a cluster, and no address starts Ray locally."""
+    (or $RAY_ADDRESS) joins a cluster, and no address starts Ray locally.
+
+    A local start puts the folder holding this `analysis` package first on
+    the workers' PYTHONPATH, so they run the driver's code (not another copy
+    installed in the environment). A cluster's nodes need the package
+    installed, or `runtime_env={"py_modules": [...]}` in `init_kwargs`."""
     ray = require_ray()
     if not ray.is_initialized():
         address = address or os.environ.get("RAY_ADDRESS") or None
+        if address is None:
+            runtime_env = dict(init_kwargs.pop("runtime_env", None) or {})
+            env_vars = dict(runtime_env.get("env_vars") or {})
+            here = str(Path(__file__).resolve().parents[1])
+            env_vars["PYTHONPATH"] = os.pathsep.join(p for p in (here, env_vars.get("PYTHONPATH",
+                                                                  os.environ.get("PYTHONPATH", ""))) if p)
+            runtime_env["env_vars"] = env_vars
+            init_kwargs["runtime_env"] = runtime_env
         ray.init(address=address, **init_kwargs)
     return ray
 
@@ -215,7 +232,8 @@ class FactorStore:
             if json.loads(meta.get("tasks", "[]")) != self.tasks:
                 raise ValidationError(f"{path}: factors of tasks {meta.get('tasks')}, this store has {self.tasks}")
             # a fresh, aligned copy: BLAS kernels may sum in another order on unaligned memory
-            return [f.get_tensor(k).clone() for k in keys]
+            have = set(f.keys())
+            return [f.get_tensor(k).clone() if k in have else f.get_tensor(k + "^T").clone().mT for k in keys]
 
     def singular_values(self, name: str) -> torch.Tensor:
         """(T, k) on the CPU: every singular value, whatever was kept of U and V."""
@@ -321,12 +339,30 @@ class Runner:
 
 
 # --------------------------------------------------------------------------- jobs (run in workers)
+def _stacked(tvs: TaskVectorSet, name: str) -> torch.Tensor:
+    """(T, *shape) float32 deltas, the values of `tvs.deltas(name)`, read one task
+    at a time into one tensor: the list `deltas` stacks would double the peak."""
+    out = torch.empty((len(tvs.tasks), *tvs.shape(name)), dtype=torch.float32)
+    for i, task in enumerate(tvs.tasks):
+        out[i] = tvs.delta(task, name)
+    return out
+
+
+def _stored(key: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`t` as written: a transposed view (the Gram kernel's U or Vh) is kept as its
+    contiguous transpose under `key^T` and read back as the same view, so matmuls
+    downstream see the layout SpectralCache holds and round the same way."""
+    if t.shape[-2] > 1 and t.stride(-2) == 1 and not t.is_contiguous():
+        return {key + "^T": t.mT.contiguous().cpu()}
+    return {key: t.contiguous().cpu()}
+
+
 def _factor_job(recipe: SetRecipe, name: str, directory: str, tasks: list[str], max_rank_fraction: float,
                 method: str, tol: float, device: str):
     """Decompose one parameter's T deltas as SpectralCache does; write the factors; return S (CPU) and a report."""
     tvs = _open_set(recipe)
     dev = torch.device(device)
-    stack = as_matrix_batch(tvs.deltas(name))
+    stack = as_matrix_batch(_stacked(tvs, name))
     note = ""
     try:
         (u, s, vh), info = exact_svd(stack.to(dev, torch.float32), method, tol)
@@ -337,8 +373,9 @@ def _factor_job(recipe: SetRecipe, name: str, directory: str, tasks: list[str], 
         dev = torch.device("cpu")
         (u, s, vh), info = exact_svd(stack.float(), method if method != "auto" else "gram", tol)
     kept = truncation_rank(s.shape[-1], max_rank_fraction)
-    tensors = {"U": u[..., :kept].contiguous().cpu(), "S": s.contiguous().cpu(),
-               "Vh": vh[..., :kept, :].contiguous().cpu()}
+    tensors = {"S": s.contiguous().cpu()}
+    for key, t in (("U", u[..., :kept]), ("Vh", vh[..., :kept, :])):
+        tensors.update(_stored(key, t))
     meta = {"format": STORE_FORMAT, "name": name, "tasks": json.dumps(tasks), "kept": str(kept)}
     atomic_write(factor_path(directory, name), lambda tmp: save_file(tensors, str(tmp), meta))
     info.update(shape=tuple(stack.shape[1:]), device=str(dev), note=note)
@@ -378,8 +415,9 @@ class _JobFactors:
 
 def _merge_job(recipe: SetRecipe, directory: str | None, tasks: list[str], max_rank_fraction: float,
                method: str, params: dict, name: str, covered: bool, device: str, polar: str, svd_method: str,
-               tol: float):
-    """One parameter's merged delta: the method's `merge_group` on it alone, or its `rest` rule."""
+               tol: float, state=None):
+    """One parameter's merged delta: the method's `merge_group` on it alone (with the
+    driver's `prepare` result as `ctx.state`), or its `rest` rule."""
     from analysis.merging import METHODS, MergeContext, MergeInputs, ParamGroup
     spec = METHODS[method]
     tvs = _open_set(recipe)
@@ -390,8 +428,8 @@ def _merge_job(recipe: SetRecipe, directory: str | None, tasks: list[str], max_r
         cache = _JobFactors(store, tvs, svd_method, tol)
     inputs = MergeInputs(tvs, device=device, persist=False)
     if not covered:
-        return spec.rest(inputs.deltas(name), params).cpu()
-    ctx = MergeContext(device=inputs.device, inputs=inputs, cache=cache, polar=polar, memo=inputs.memo)
+        return spec.rest(_stacked(tvs, name).to(inputs.device), params).cpu()
+    ctx = MergeContext(device=inputs.device, inputs=inputs, cache=cache, polar=polar, memo=inputs.memo, state=state)
     return spec.merge_group(ParamGroup([name], inputs), params, ctx)[name].cpu()
 
 
@@ -453,11 +491,13 @@ def merge(store: FactorStore, method: str, *, runner: Runner | None = None, pola
           sink: Callable[[str, torch.Tensor], None] | None = None, progress: Progress | None = None, **knobs):
     """`analysis.merging.merge(tvs, method, **knobs)` with one job per parameter.
 
-    Methods that merge each parameter on its own qualify: no whole-model
-    `prepare` pass (TIES' global trim) and no data (an evaluator lives in one
-    process); the others are refused with the reason. Returns the same
-    `MergeResult`, or with `sink(name, delta)` passes each tensor on as it
-    arrives and returns None."""
+    Every method without data qualifies (an evaluator lives in one process:
+    the data-aware methods are refused with the reason). A method's
+    whole-model `prepare` pass (TIES' model-wide trim threshold with
+    scope='model', EMR's rescalers, LiNeS' norm ratio) runs in the driver as
+    in `analysis.merging.engine.run`, and its small result goes to every job.
+    Returns the same `MergeResult`, or with `sink(name, delta)` passes each
+    tensor on as it arrives and returns None."""
     from analysis.merging import POLAR_SOLVERS, MergeResult, get_method
     runner = runner or Runner()
     spec = get_method(method)
@@ -468,9 +508,6 @@ def merge(store: FactorStore, method: str, *, runner: Runner | None = None, pola
     if spec.needs.labelled_data or spec.needs.activations or spec.needs.gradients:
         raise ValidationError(f"{method} needs labelled data (an evaluator in one process); it does not split into "
                               "per-parameter jobs: use analysis.merging.merge")
-    if spec.prepare is not None:
-        raise ValidationError(f"{method} needs a whole-model pass before merging ({spec.peak_memory}); it does not "
-                              "split into per-parameter jobs: use analysis.merging.merge")
     directory = None
     if spec.needs.spectra:
         directory = str(store.directory)
@@ -486,8 +523,17 @@ def merge(store: FactorStore, method: str, *, runner: Runner | None = None, pola
             raise ValidationError(f"{method} decomposes {outside[0]!r}, which this factor store does not cover; "
                                   "compute the spectra with include_embeddings=True")
     recipe = store.recipe or recipe_of(tvs)
+    state = None
+    if spec.prepare is not None:
+        # the method's whole-model pass (TIES' model-wide trim threshold, EMR's rescalers, LiNeS' norm ratio)
+        # runs here, once, in the memory its `peak_memory` declares; its small result goes to every job
+        from analysis.merging import MergeContext, MergeInputs
+        inputs = MergeInputs(tvs, device=runner.device if runner.backend == "off" else "cpu", persist=False)
+        cache = _JobFactors(store, tvs, store.svd_method, store.tol) if spec.needs.spectra else None
+        ctx = MergeContext(device=inputs.device, inputs=inputs, cache=cache, polar=polar, memo=inputs.memo)
+        state = spec.prepare(inputs, params, ctx)
     jobs = [(n, (recipe, directory, store.tasks, store.max_rank_fraction, method, params, n, n in covered,
-                 runner.device, polar, store.svd_method, store.tol))
+                 runner.device, polar, store.svd_method, store.tol, state))
             for n in tvs.param_names]
     out = {}
     emit = sink if sink is not None else out.__setitem__
