@@ -19,7 +19,12 @@ Every job reads what it needs by name and returns something small:
 - a *merge job* reads one parameter's factors and deltas and returns its
   merged delta (the method's own `merge_group`, or its `rest` rule); a
   method's whole-model `prepare` pass, if it has one, runs once in the driver.
-Results are identical to the single-process path (tests/test_distributed.py).
+Results are identical to the single-process path (tests/test_distributed.py):
+factors, STI and merges bit for bit in process; on Ray the same but STI, to
+1e-9 (below). A U or Vh the Gram kernel returns as a transposed view is
+written transposed and read back as that view: BLAS rounds a product of a
+transposed view and of a contiguous copy differently (~1e-7 relative), and
+the store reproduces the layout a fresh `SpectralCache` holds.
 
 Where it runs (`Runner`):
 - "off" (the default; `$MERGESCOPE_DISTRIBUTED` unset, "" or "off"): the
@@ -35,7 +40,8 @@ Where it runs (`Runner`):
 project's progress convention; `done` counts finished jobs of `total`).
 
 Memory: the driver holds the singular values and one result at a time (a
-merge's tensors go to `sink` as they arrive when one is given); a worker
+merge's tensors go to `sink` as they arrive when one is given) and runs a
+method's `prepare` pass in the memory its `peak_memory` declares; a worker
 holds one parameter's deltas and factors. `max_rank_fraction` < 1 keeps
 only the top ⌊f·k⌋ directions of U and V on disk (S always in full); STI and
 merges at larger rank fractions are refused, naming the value.
@@ -51,8 +57,10 @@ Differences from the single-process path, all deliberate:
   kernels compute every matrix of a batch independently, so the results are
   the same (the test compares them exactly);
 - STI's float64 sums are split across threads by torch, so a 1-thread Ray
-  task and a 2-thread process may differ in the last bits (1e-11 relative
-  measured by benchmarks/llm_scale.py); factors and merges are bitwise equal.
+  task and a 2-thread process may differ in the last bits (4.9e-11 relative
+  measured by benchmarks/llm_scale.py); factors and merges stayed bitwise
+  equal in every comparison we ran;
+- the data-aware methods are refused: their evaluator lives in one process.
 """
 from __future__ import annotations
 

@@ -3,6 +3,7 @@ merge, in one process and on Ray with N workers, in the same run.
 
     python benchmarks/llm_scale.py                          # >= 0.5 B parameters per model, T = 4, 2 Ray workers
     python benchmarks/llm_scale.py --layers 2 --hidden 256  # smoke run (minutes on 2 CPU cores)
+    python benchmarks/llm_scale.py --plan                   # sizes, disk and memory estimates only
 
 The set (built here, once per configuration, in a subprocess so its memory is
 not measured): a `transformers.LlamaConfig` model with random initialisation,
@@ -26,9 +27,9 @@ raylet, GCS and workers), sampled from /proc every 0.2 s:
   - Σ RSS, which includes the file pages of the memory-mapped checkpoints
     each process has touched (clean page cache the kernel drops under
     pressure; it grows with what was read, up to the set's size);
-  - Σ anonymous + shared memory (RssAnon + RssShmem: heaps, tensors, Ray's
-    object store), the memory the processes own; it is checked against the
-    stated bound: the tree's baseline + per concurrent job the largest job's
+  - Σ anonymous + shared memory (Pss_Anon + Pss_Shmem of smaps_rollup:
+    heaps, tensors, Ray's object store, a shared page counted once), the
+    memory the processes own; it is checked against the stated bound: the tree's baseline + per concurrent job the largest job's
     working set (32·T·m·n bytes for a decomposed m×n matrix, as
     SpectralCache plans; (4·T + 22)·numel for a tensor merged by the mean
     rule: its T float32 deltas, the one being read and the mean), the
@@ -125,17 +126,19 @@ def dir_bytes(path: Path) -> int:
 
 
 # --------------------------------------------------------------------------- memory of the process tree
-def _status(pid: int) -> dict[str, int]:
-    out = {}
+def _memory(pid: int) -> tuple[int, int]:
+    """(RSS, anonymous + shared PSS) of one process in bytes; PSS splits a page shared by n processes
+    n ways (Ray's object store is mapped by several), so the tree's sum counts each page once."""
+    fields = {}
     try:
-        with open(f"/proc/{pid}/status") as f:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
             for line in f:
                 key, _, rest = line.partition(":")
-                if key in ("VmRSS", "RssAnon", "RssShmem"):
-                    out[key] = int(rest.split()[0]) * 1024
+                if key in ("Rss", "Pss_Anon", "Pss_Shmem"):
+                    fields[key] = int(rest.split()[0]) * 1024
     except OSError:
-        pass
-    return out
+        return 0, 0
+    return fields.get("Rss", 0), fields.get("Pss_Anon", 0) + fields.get("Pss_Shmem", 0)
 
 
 def tree_pids(root: int) -> list[int]:
@@ -158,7 +161,7 @@ def tree_pids(root: int) -> list[int]:
 
 
 class TreeMemory:
-    """Peak Σ RSS and Σ (RssAnon + RssShmem) over this process and its descendants, sampled."""
+    """Peak Σ RSS and Σ (Pss_Anon + Pss_Shmem) over this process and its descendants, sampled."""
 
     def __init__(self, interval: float = 0.2):
         self.interval = interval
@@ -172,9 +175,9 @@ class TreeMemory:
         rss = owned = 0
         pids = tree_pids(self.root)
         for pid in pids:
-            s = _status(pid)
-            rss += s.get("VmRSS", 0)
-            owned += s.get("RssAnon", 0) + s.get("RssShmem", 0)
+            r, o = _memory(pid)
+            rss += r
+            owned += o
         return rss, owned, len(pids)
 
     def reset(self) -> None:
@@ -304,12 +307,14 @@ def main(argv=None) -> None:
     ap.add_argument("--dir", default=None, help="where the set is built (default: $MERGESCOPE_CACHE/bench)")
     ap.add_argument("--only", choices=("single", "ray"), default=None, help="run one path only")
     ap.add_argument("--delete-set", action="store_true", help="remove the built set at the end")
+    ap.add_argument("--plan", action="store_true", help="print the set's size, the disk needed and the largest "
+                    "jobs' working sets, then stop")
     ap.add_argument("--build-only", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.build_only:
         return build(args)
-    if not Path("/proc/self/status").is_file():
-        raise SystemExit("this benchmark reads process memory from /proc (Linux)")
+    if not Path("/proc/self/smaps_rollup").is_file():
+        raise SystemExit("this benchmark reads process memory from /proc/<pid>/smaps_rollup (Linux 4.14+)")
 
     cfg = llama_config(args)
     f = args.rank_fraction or 1.0 / args.tasks
@@ -328,6 +333,10 @@ def main(argv=None) -> None:
           f"store {est['store_bytes'] / GIB:.2f} GiB (top {f:g} of U, V) and a merged model "
           f"{est['model_bytes'] / GIB:.2f} GiB; needed now {need / GIB:.2f} GiB, free {free / GIB:.1f} GiB "
           f"under {folder.parent}")
+    print(f"memory: the largest jobs' working sets {', '.join(f'{j / GIB:.2f}' for j in est['jobs'][:args.workers])} "
+          f"GiB (+ the process tree's baseline and a {2 * SHARD_BYTES / GIB:.2f} GiB shard buffer)")
+    if args.plan:
+        return
     if need > free:
         raise SystemExit(f"not enough disk under {folder.parent}: {need / GIB:.2f} GiB needed, {free / GIB:.1f} GiB "
                          "free; pass --dir elsewhere or --only single")
