@@ -65,7 +65,8 @@ def reference(llama_set):
 @pytest.fixture(scope="module")
 def ray_session():
     ray = pytest.importorskip("ray")
-    dist.connect(num_cpus=2, include_dashboard=False, log_to_driver=False)   # a local start, as a user's
+    # a local start, as a user's; a small object store: only singular values and small tensors pass through it
+    dist.connect(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
     yield ray
     ray.shutdown()
 
