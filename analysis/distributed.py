@@ -153,7 +153,9 @@ class SetRecipe:
 
     def open(self) -> TaskVectorSet:
         if self.loader == "saved":
-            return TaskVectorSet.load(self.base)
+            tvs = TaskVectorSet.load(self.base)
+            tasks = [t for t, _ in self.tasks]
+            return tvs if not tasks or tasks == tvs.tasks else tvs.subset(tasks)
         if self.loader == "checkpoints":
             return TaskVectorSet.from_checkpoints(self.base, dict(self.tasks), exclude=list(self.exclude))
         if self.loader == "hf":
@@ -165,22 +167,22 @@ class SetRecipe:
 def recipe_of(tvs: TaskVectorSet) -> SetRecipe:
     """The recipe that reopens `tvs` from its files (DistributedError for a set held in memory)."""
     from analysis.ownset import RenamedSource
+    from analysis.taskvectors import read_safetensors_metadata
+    exclude = tuple(p.pattern for p in tvs.exclude)
+    origin = str(tvs.base.origin)
+    if origin.endswith(".safetensors") and Path(origin).is_file() and \
+            "mergescope" in read_safetensors_metadata(Path(origin)):
+        return SetRecipe("saved", origin, tuple((t, origin) for t in tvs.tasks))   # a subset keeps its tasks
     sources = tvs.sources
     if any(str(sources.get(k, "<")).startswith("<") for k in ["base", *tvs.tasks]):
         raise DistributedError("this task-vector set lives in memory (built from state dicts): workers read "
                                "tensors from files; save it with tvs.save(path), reopen it with "
                                "TaskVectorSet.load(path) and distribute that")
-    exclude = tuple(p.pattern for p in tvs.exclude)
     base = str(sources["base"])
     if isinstance(tvs.base, RenamedSource):
         def folder(p: str) -> str:   # open_hf_set takes folders; a source's origin may be its weights file
             return p if Path(p).is_dir() else str(Path(p).parent)
         return SetRecipe("hf", folder(base), tuple((t, folder(sources[t])) for t in tvs.tasks), exclude)
-    origin = str(tvs.base.origin)
-    if origin.endswith(".safetensors") and Path(origin).is_file():
-        from analysis.taskvectors import read_safetensors_metadata
-        if "mergescope" in read_safetensors_metadata(Path(origin)):
-            return SetRecipe("saved", origin)
     return SetRecipe("checkpoints", base, tuple((t, str(sources[t])) for t in tvs.tasks), exclude)
 
 

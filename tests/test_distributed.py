@@ -25,7 +25,7 @@ from analysis import distributed as dist
 from analysis.errors import HyperparameterError, ValidationError
 from analysis.interference import sti_tables
 from analysis.merging import merge
-from analysis.spectra import SpectralCache
+from analysis.spectra import SpectralCache, singular_values_table
 from analysis.taskvectors import TaskVectorSet
 
 TASKS = ("code", "math", "chat")
@@ -65,7 +65,8 @@ def reference(llama_set):
 @pytest.fixture(scope="module")
 def ray_session():
     ray = pytest.importorskip("ray")
-    dist.connect(num_cpus=2, include_dashboard=False, log_to_driver=False)   # a local start, as a user's
+    # a local start, as a user's; a small object store: only singular values and small tensors pass through it
+    dist.connect(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 2**20)
     yield ray
     ray.shutdown()
 
@@ -95,10 +96,14 @@ def test_tasks_ask_for_one_gpu_each_on_cuda():
     assert dist.Runner("ray", device="cpu", cpus_per_task=2).resources() == {"num_cpus": 2, "num_gpus": 0}
 
 
-def test_a_set_held_in_memory_is_refused():
-    tvs = TaskVectorSet.from_state_dicts({"w": torch.zeros(3, 3)}, {"a": {"w": torch.ones(3, 3)}})
+def test_a_set_held_in_memory_is_refused_and_reopens_once_saved(tmp_path):
+    tvs = TaskVectorSet.from_state_dicts({"w": torch.zeros(3, 3)}, {"a": {"w": torch.ones(3, 3)},
+                                                                   "b": {"w": 2 * torch.ones(3, 3)}})
     with pytest.raises(dist.DistributedError, match=r"tvs.save\(path\)"):
         dist.recipe_of(tvs)
+    saved = TaskVectorSet.load(tvs.save(tmp_path / "set.safetensors")).subset(["b"])
+    reopened = dist.recipe_of(saved).open()
+    assert reopened.tasks == ["b"] and torch.equal(reopened.deltas("w"), saved.deltas("w"))
 
 
 @pytest.mark.parametrize("where", ["off", pytest.param("ray", marks=pytest.mark.slow)])
@@ -116,6 +121,7 @@ def test_factors_sti_and_tsv_m_match_the_single_process_path(where, llama_set, r
     for name in cache.names:
         for ours, theirs in zip(store.factors(name), cache.factors(name)):
             assert torch.equal(ours, theirs), name
+    pd.testing.assert_frame_equal(singular_values_table(store), singular_values_table(cache), check_exact=True)
 
     sti, pairs = dist.sti_tables(store, RANK_FRACTION, runner=runner)
     exact = {"check_exact": True} if where == "off" else {"check_exact": False, "rtol": 1e-9, "atol": 0}
