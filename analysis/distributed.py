@@ -301,6 +301,16 @@ class Runner:
         """What each Ray task asks for: `cpus_per_task` CPUs, and one GPU when the device is CUDA."""
         return {"num_cpus": self.cpus_per_task, "num_gpus": 1 if self.device_type == "cuda" else 0}
 
+    def warm_up(self) -> int:
+        """Ray: start one worker per CPU of the cluster (each imports torch and
+        this module) before timed work; returns how many distinct workers answered.
+        In process: nothing to start, 1."""
+        if self.backend == "off":
+            return 1
+        ray = connect(self.address, **self.init_kwargs)
+        n = max(1, int(ray.cluster_resources().get("CPU", 1) // self.cpus_per_task))
+        return len({pid for _, pid in self.map(_worker_pid, [(str(i), (0.5,)) for i in range(n)])})
+
     def svd_method(self, method: str) -> str:
         """The SVD method jobs use: "auto" resolved here for CPU work (module doc)."""
         if method == "auto" and self.device_type == "cpu":
@@ -349,6 +359,13 @@ class Runner:
 
 
 # --------------------------------------------------------------------------- jobs (run in workers)
+def _worker_pid(hold_s: float) -> int:
+    """A worker's process id, after holding it `hold_s` seconds (so each of a batch lands on its own worker)."""
+    import time
+    time.sleep(hold_s)
+    return os.getpid()
+
+
 def _stacked(tvs: TaskVectorSet, name: str) -> torch.Tensor:
     """(T, *shape) float32 deltas, the values of `tvs.deltas(name)`, read one task
     at a time into one tensor: the list `deltas` stacks would double the peak."""
