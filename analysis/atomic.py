@@ -29,6 +29,7 @@ import secrets
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Mapping
 
@@ -55,18 +56,25 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     except OSError as exc:
         raise _storage_error(path, exc) from exc
     tmp = Path(tmp_name)
-    try:
+    with _undone_on_failure(path, lambda: tmp.unlink(missing_ok=True)):
         write(tmp)
         _fsync_file(tmp)
         os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+@contextmanager
+def _undone_on_failure(path: Path, undo: Callable[[], None]):
+    """Any failure inside: `undo()` (remove the temporary), then re-raise, an I/O failure as StorageError."""
+    try:
+        yield
     except BaseException as exc:
-        tmp.unlink(missing_ok=True)
+        undo()
         cause = _as_os_error(exc)
         if cause is not None:
             raise _storage_error(path, cause) from exc
         raise
-    _fsync_dir(path.parent)
-    return path
 
 
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
@@ -115,7 +123,7 @@ def atomic_folder(path: str | Path, write: Callable[[Path], None],
         tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
     except OSError as exc:
         raise _storage_error(path, exc) from exc
-    try:
+    with _undone_on_failure(path, lambda: shutil.rmtree(tmp, ignore_errors=True)):
         write(tmp)
         for f in sorted(tmp.rglob("*")):
             if f.is_file():
@@ -131,12 +139,6 @@ def atomic_folder(path: str | Path, write: Callable[[Path], None],
             shutil.rmtree(aside, ignore_errors=True)
         else:
             os.rename(tmp, path)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        cause = _as_os_error(exc)
-        if cause is not None:
-            raise _storage_error(path, cause) from exc
-        raise
     _fsync_dir(path.parent)
     return path
 

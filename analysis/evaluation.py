@@ -46,6 +46,7 @@ given come from the base); None means the base.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import threading
 import warnings
@@ -244,7 +245,6 @@ class Evaluator:
     def backbone_copy(self) -> nn.Module:
         """A deep copy of the base backbone (to train or modify), taken while no other thread's forward
         has its tensors swapped in."""
-        import copy
         with backbone_lock(self.backbone):
             return copy.deepcopy(self.backbone)
 
