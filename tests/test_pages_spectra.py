@@ -97,3 +97,21 @@ def test_spectra_page_tsvc_accuracy_button(tiny_workspace):
     acc = at.dataframe[-1].value   # the accuracy table is the page's last table
     assert list(acc.index) == ["alpha", "beta", "gamma"]
     assert set(acc.columns) == {"10 % of the rank", "100 % of the rank"}
+
+
+@pytest.mark.parametrize("page,key", [("pages/1_Spectra.py", "spectra_rank_fraction"),
+                                      ("pages/2_Interference.py", "interference_rank_fraction")])
+def test_rank_sliders_stop_at_the_directions_the_spectral_cache_keeps(monkeypatch, page, key):
+    """keep=0.5 on rank-8 matrices keeps K = 4 directions: the slider offers f <= 0.5 and says why."""
+    monkeypatch.setenv("MERGESCOPE_SPECTRA_KEEP", "0.5")
+    ws = _tiny_workspace(f"tiny-spectra-keep-{key}")
+    at = AppTest.from_file(str(ROOT / page), default_timeout=120)
+    at.session_state["workspace"] = ws
+    at.query_params["sp_f" if "spectra" in key else "if_f"] = "0.9"   # a link asking past K is not obeyed
+    at.run()
+    _no_errors(at)
+    slider = at.slider(key=key)
+    assert slider.max == 0.5 and slider.value <= 0.5
+    assert any("keeps only the top singular directions" in c.value for c in at.caption)
+    slider.set_value(0.5).run()
+    _no_errors(at)

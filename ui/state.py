@@ -84,6 +84,23 @@ def merge_inputs(_ws: Workspace, key: str) -> MergeInputs:
     return MergeInputs(_ws.tvs, _ws.evaluator)
 
 
+def reachable_rank_fraction(cache: SpectralCache) -> float:
+    """The largest rank fraction a slider may offer over `cache`: 1.0 when every direction is kept, else the
+    smallest K/k over its matrices, rounded down to the sliders' 0.01 step (analysis.spectra: keep)."""
+    if cache.keeps_everything:
+        return 1.0
+    return max(0.01, int(100 * min(cache.max_rank_fraction(n) for n in cache.names) + 1e-9) / 100)
+
+
+def kept_directions_caption(cache: SpectralCache, hi: float) -> str | None:
+    """Why a rank-fraction slider stops short of 1 (None when it does not)."""
+    if hi >= 1.0:
+        return None
+    return (f"This set's spectral cache keeps only the top singular directions of its large matrices "
+            f"(keep={cache.keep!r}), so rank fractions go up to {hi:.2f}; singular values are kept in full. "
+            "Set MERGESCOPE_SPECTRA_KEEP=full (or a larger fraction) before starting the app to reach more.")
+
+
 @st.cache_resource(show_spinner="Computing per-layer SVDs (once per set)…")
 def spectral_cache(_ws: Workspace, key: str, include_embeddings: bool = False) -> SpectralCache:
     # compute (or load from disk) every factor now, under the spinner, not on a slider move
