@@ -254,6 +254,27 @@ class FactorStore:
     def kept(self, name: str) -> int:
         return truncation_rank(self.singular_values(name).shape[-1], self.max_rank_fraction)
 
+    # the per-name reads SpectralCache offers (merge methods call them through ctx.cache)
+    def rank(self, name: str) -> int:
+        """k = min(m, n): every singular value is kept."""
+        return self.singular_values(name).shape[-1]
+
+    def kept_rank(self, name: str) -> int:
+        return self.kept(name)
+
+    def keeps_all(self, name: str) -> bool:
+        return self.kept(name) == self.rank(name)
+
+    def top(self, name: str, r: int):
+        """The top r triplets of every task (r ≤ the kept directions, else a ValidationError naming them)."""
+        r, kept = int(r), self.kept(name)
+        if not 0 <= r <= kept:
+            raise ValidationError(f"{name!r}: the top {r} singular triplets were asked for; the factor store "
+                                  f"{self.directory} keeps {kept} of {self.rank(name)} "
+                                  f"(max_rank_fraction = {self.max_rank_fraction})")
+        u, s, vh = self.factors(name)
+        return u[..., :r], s[..., :r], vh[..., :r, :]
+
     def factors(self, name: str):
         """(U (T,m,kept), S (T,k), Vh (T,kept,n)) on `device`."""
         u, s, vh = self._read(name, ["U", "S", "Vh"])
@@ -433,6 +454,18 @@ class _JobFactors:
             u = torch.cat([u, u.new_zeros(*u.shape[:-1], k - u.shape[-1])], dim=-1)
             vh = torch.cat([vh, vh.new_zeros(*vh.shape[:-2], k - vh.shape[-2], vh.shape[-1])], dim=-2)
         return u, s, vh
+
+    def rank(self, name: str) -> int:
+        return self.store.rank(name)
+
+    def kept_rank(self, name: str) -> int:
+        return self.store.kept(name)
+
+    def keeps_all(self, name: str) -> bool:
+        return self.store.keeps_all(name)
+
+    def top(self, name: str, r: int):
+        return self.store.top(name, r)
 
     def sum_factors(self, name: str):
         summed = as_matrix(self.tvs.deltas(name).sum(0)).float().to(self.device)
