@@ -132,9 +132,10 @@ async def open_role(s: Session, base: str) -> None:
     await settle(page)
     if s.method and s.method != DEFAULT_METHOD:
         t0 = await page.evaluate("performance.now()")
-        await page.locator('[data-testid="stSelectbox"]', has_text="Method").locator("input").click()
-        await page.keyboard.type(s.method)
-        await page.keyboard.press("Enter")
+        # Streamlit >= 1.5x draws a select box as a react-aria combobox: its button opens the list box
+        box = page.locator('[data-testid="stSelectbox"]', has_text="Method").first
+        await box.locator('button[aria-haspopup="listbox"], [data-baseweb="select"]').first.click()
+        await page.get_by_role("option", name=re.compile(rf"^{re.escape(s.method)}\b")).first.click()
         await run_end_ms(page, t0)
         await settle(page)
     await check(s, "opening the page")
