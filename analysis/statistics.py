@@ -100,7 +100,8 @@ class StatisticsCache:
         tasks = self.tvs.tasks
         for i, task in enumerate(tasks):
             mem_key = (kind, task, split, n, seed)
-            if mem_key not in self._memory:
+            loaded = mem_key not in self._memory   # progress only for work done (a page redraws on every hit)
+            if loaded:
                 key = self._key(kind, task, split, n, seed)
                 path = self.cache_dir / f"{kind}-{key}.safetensors"
                 stats = _load(path) if self.persist else None
@@ -112,7 +113,7 @@ class StatisticsCache:
                         self._save(path, stats, {"format": FORMAT, "kind": kind, "task": task})
                 self._memory[mem_key] = stats
             out[task] = self._memory[mem_key]
-            if self.progress is not None:
+            if loaded and self.progress is not None:
                 self.progress(i + 1, len(tasks), f"{kind}: {task}")
         return out
 

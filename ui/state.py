@@ -108,22 +108,46 @@ def spectral_cache(_ws: Workspace, key: str, include_embeddings: bool = False) -
 
 
 @contextlib.contextmanager
+def _unrecorded():
+    """Streamlit elements made here are not recorded by an enclosing `st.cache_*` function.
+
+    Streamlit records every element a cached function draws and replays it on
+    each cache hit; a replayed progress bar is never emptied, so it stayed on
+    the page (and kept the page 'busy' for the browser tests) after a merge or
+    the Curvature statistics had been cached."""
+    try:
+        from streamlit.runtime.scriptrunner_utils.script_run_context import in_cached_function
+    except ImportError:   # another Streamlit layout: recorded as before
+        yield
+        return
+    token = in_cached_function.set(False)
+    try:
+        yield
+    finally:
+        in_cached_function.reset(token)
+
+
+@contextlib.contextmanager
 def with_progress(inputs: MergeInputs, label: str):
-    """While inside, a progress bar shows whenever `inputs` computes statistics."""
+    """While inside, a progress bar shows whenever `inputs` computes statistics or spectra.
+
+    The bar is drawn live even from inside a cached function, and never replayed."""
     widget = None
 
     def report(done, total, what):
         nonlocal widget
-        if widget is None:
-            widget = st.progress(0.0, text=label)
-        widget.progress(min(1.0, done / max(1, total)), text=f"{label} · {what} ({done}/{total})")
+        with _unrecorded():
+            if widget is None:
+                widget = st.progress(0.0, text=label)
+            widget.progress(min(1.0, done / max(1, total)), text=f"{label} · {what} ({done}/{total})")
     previous, inputs.progress = inputs.progress, report
     try:
         yield
     finally:
         inputs.progress = previous
         if widget is not None:
-            widget.empty()
+            with _unrecorded():
+                widget.empty()
 
 
 # ---------------------------------------------------------------- shared page furniture

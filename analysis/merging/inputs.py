@@ -86,7 +86,8 @@ class MergeInputs:
             cache_dir = self.cache_dir / "spectra" if self.cache_dir is not None else None
             self._spectra[key] = SpectralCache(self.tvs, device=self.device, cache_dir=cache_dir,
                                                include_embeddings=key, persist=self.persist,
-                                               progress=self.progress, keep=self.spectra_keep)
+                                               progress=self._report,   # looked up per call, like statistics
+                                               keep=self.spectra_keep)
         return self._spectra[key]
 
     # ------------------------------------------------------------ data statistics
