@@ -41,12 +41,15 @@ def test_heads_are_the_checkpoints_classifier_and_score_what_transformers_comput
     tok = AutoTokenizer.from_pretrained(str(pair["a"]))
     texts = ["the film was really superb", "boring", "it was a very bad movie today"]
     enc = tok(texts, padding=True, return_tensors="pt")
+    refs = []
     for name, folder in (("seed_a", pair["a"]), ("seed_b", pair["b"])):
         with torch.no_grad():
-            ref = BertForSequenceClassification.from_pretrained(str(folder)).eval()(**enc).logits
+            refs.append(BertForSequenceClassification.from_pretrained(str(folder)).eval()(**enc).logits)
         tokens = torch.stack([enc["input_ids"], enc["attention_mask"]], 1)
         got = head_logits(source["models"][name], "sentiment", tokens, source["n_heads"], source["eps"])
-        torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got, refs[-1], atol=1e-5, rtol=1e-5)
+    # the copy, permuted everywhere (pooler outputs and classifier inputs too), computes the same function
+    torch.testing.assert_close(refs[1], refs[0], atol=1e-5, rtol=1e-5)
     # the labels are model A's own decisions, so A (and its permuted copy) score 100 % on every split
     for split in ("train", "test"):
         data = {"sentiment": source["data"]["sentiment"][split]}
@@ -83,9 +86,15 @@ def test_latent_view_of_a_model_and_its_permuted_copy(source):
         assert sim[("weight matching merge vs A", "linear CKA", layer)] == pytest.approx(1.0, abs=1e-5)
 
 
+def _listing(root):
+    return sorted((str(f), f.stat().st_mtime_ns, f.stat().st_size) for f in root.rglob("*"))
+
+
 def test_bertmodel_folders_get_a_linear_probe_per_model(tmp_path):
     pair = permuted_bert_pair(tmp_path, classifier=False)
+    before = _listing(tmp_path)
     src = open_own_transformers([pair["a"], pair["b"]], pair["data"])
+    assert _listing(tmp_path) == before                  # nothing written into (or beside) the user's folders
     assert "linear probe per model" in src["heads"] and "no linear head" in src["heads"]
     for sd in src["models"].values():
         assert not any(k.startswith("pooler.") for k in sd)   # probes read the mean-pooled states
