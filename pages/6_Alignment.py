@@ -4,7 +4,9 @@ barrier they remove, the loss plane through three models, and N-model merges.
 
 Models: the built-in demo's MNIST MLPs, or whatever a caller put in
 st.session_state["alignment_models"] = {"models": {name: state_dict},
-"train_x": Tensor, "test": (x, y), "label": str} (tests inject tiny ones).
+"train_x": Tensor, "test": (x, y), "label": str} (tests inject tiny ones); without them the
+transformer section still runs. Transformers: st.session_state["alignment_transformers"] (tests), else
+your own BERT folders + data (ui/own_transformers.py: the form, `al_own_*` in the URL), else the zoo.
 Choices live in the URL (al_* query parameters, ui/url.py).
 """
 from __future__ import annotations
