@@ -4,7 +4,9 @@ barrier they remove, the loss plane through three models, and N-model merges.
 
 Models: the built-in demo's MNIST MLPs, or whatever a caller put in
 st.session_state["alignment_models"] = {"models": {name: state_dict},
-"train_x": Tensor, "test": (x, y), "label": str} (tests inject tiny ones).
+"train_x": Tensor, "test": (x, y), "label": str} (tests inject tiny ones); without them the
+transformer section still runs. Transformers: st.session_state["alignment_transformers"] (tests), else
+your own BERT folders + data (ui/own_transformers.py: the form, `al_own_*` in the URL), else the zoo.
 Choices live in the URL (al_* query parameters, ui/url.py).
 """
 from __future__ import annotations
@@ -18,7 +20,7 @@ from analysis.permutation import c2m3, mlp_spec_from_state_dict
 from analysis.permutation.mlp import evaluate_mlp
 from analysis.permutation.pipeline import aligned_planes, compare_paths, cycle_errors, merge_models
 from analysis.plots.alignment import interpolation_figure, plane_figure
-from ui import url
+from ui import own_transformers, url
 from ui.state import get_workspace, start_page
 
 start_page("Alignment", "Permutation alignment")
@@ -42,7 +44,7 @@ def demo_models(paths: tuple[str, ...]) -> dict:
             "label": f"built-in demo ({dataset} MLPs)"}
 
 
-def load_source() -> tuple[dict, str]:
+def load_source() -> tuple[dict | None, str | None]:
     injected = st.session_state.get("alignment_models")
     if injected:
         return injected, f"injected:{id(injected)}"
@@ -51,26 +53,28 @@ def load_source() -> tuple[dict, str]:
         paths = tuple(str(p) for p in mnist_model_paths())
     except ImportError:
         st.info("The built-in benchmark package is not available in this install.")
-        st.stop()
+        return None, None
     except DemoNotBuilt:
         st.info("**Build the demo first.** This page aligns the built-in benchmark's MNIST MLPs, and no build was "
-                "found. Open **Home** and build the demo (or run `python -m analysis.zoo build --quick`).")
-        st.stop()
+                "found. Open **Home** and build the demo (or run `python -m analysis.zoo build --quick`). Your own "
+                "transformers can be aligned below without it.")
+        return None, None
     if len(paths) < 2:
         st.info("The built demo has fewer than two MLPs; rebuild it to get models from several seeds.")
-        st.stop()
+        return None, None
     return demo_models(paths), "demo:" + ",".join(paths)
 
 
 src, src_key = load_source()
-names = list(src["models"])
-st.caption(f"Models: {src.get('label', 'injected')} — {len(names)} seeds.")
-loaded = get_workspace()
-if loaded is not None and loaded.name != "demo" and not st.session_state.get("alignment_models"):
-    st.info(f"This page always shows the **built-in demo's MNIST MLPs**, not your loaded set **{loaded.name}**: "
-            "permutation alignment needs models trained from different random seeds of one MLP architecture "
-            "(`layers.<i>.weight`), while a task-vector set holds fine-tuned copies of one pretrained model, "
-            "which share their units already and need no alignment.")
+if src is not None:   # without MLPs the transformer section below still works
+    names = list(src["models"])
+    st.caption(f"Models: {src.get('label', 'injected')} — {len(names)} seeds.")
+    loaded = get_workspace()
+    if loaded is not None and loaded.name != "demo" and not st.session_state.get("alignment_models"):
+        st.info(f"This page always shows the **built-in demo's MNIST MLPs**, not your loaded set **{loaded.name}**: "
+                "permutation alignment needs models trained from different random seeds of one MLP architecture "
+                "(`layers.<i>.weight`), while a task-vector set holds fine-tuned copies of one pretrained model, "
+                "which share their units already and need no alignment.")
 
 
 def eval_fn_for(n_eval: int):
@@ -110,77 +114,78 @@ def merges(key: str, chosen: tuple[str, ...], method: str, use_repair: bool, n_e
     return pd.DataFrame(rows), cyc
 
 
-with st.sidebar:
-    st.subheader("Alignment")
-    method = url.widget(st.radio, "Method", key="al_method", options=list(METHODS), default="weight_matching",
-                        format_func=METHODS.get)
-    use_repair = url.widget(st.checkbox, "REPAIR (renormalise hidden units)", key="al_repair", default=False)
-    n_test = len(src["test"][1])
-    n_eval = url.widget(st.slider, "Test examples evaluated", key="al_n_eval", default=min(2000, n_test),
-                        min_value=min(100, n_test), max_value=n_test, step=50)
-    n_rep = min(2000, len(src["train_x"]))
+if src is not None:   # without MLPs the transformer section below still works
+    with st.sidebar:
+        st.subheader("Alignment")
+        method = url.widget(st.radio, "Method", key="al_method", options=list(METHODS), default="weight_matching",
+                            format_func=METHODS.get)
+        use_repair = url.widget(st.checkbox, "REPAIR (renormalise hidden units)", key="al_repair", default=False)
+        n_test = len(src["test"][1])
+        n_eval = url.widget(st.slider, "Test examples evaluated", key="al_n_eval", default=min(2000, n_test),
+                            min_value=min(100, n_test), max_value=n_test, step=50)
+        n_rep = min(2000, len(src["train_x"]))
 
-path_tab, plane_tab, merge_tab = st.tabs(["Path between two models", "Plane through three models",
-                                          "Merge N models"])
-try:
-    with path_tab:
-        c1, c2, c3 = st.columns(3)
-        a = url.widget(c1.selectbox, "Model A", key="al_a", options=names, default=names[0])
-        b = url.widget(c2.selectbox, "Model B", key="al_b", options=names, default=names[min(1, len(names) - 1)])
-        n_lam = url.widget(c3.slider, "Points on the path", key="al_lam", default=11, min_value=3, max_value=21,
-                           step=2)
-        if a == b:
-            st.warning("Pick two different models.")
-        else:
-            curves, bars = paths_table(src_key, a, b, method, use_repair, n_lam, n_eval, n_rep)
-            f1, f2 = st.columns(2)
-            f1.plotly_chart(interpolation_figure(curves, "loss"), width="stretch")
-            f2.plotly_chart(interpolation_figure(curves, "accuracy", title="Test accuracy along the path A → B"),
-                            width="stretch")
-            st.markdown("**Barriers** (the same two definitions, by the same names, as on the Loss Landscape page)")
-            for bdef in BARRIERS.values():
-                st.latex(rf"\text{{{bdef.label}:}}\quad {bdef.latex}")
-            st.caption("For accuracy: the dip below the ends, in percentage points. Loss in nats.")
-            shown = bars.rename(columns=barrier_labels())
-            is_acc = shown["metric"] == "accuracy"
-            for label in barrier_labels().values():
-                shown.loc[is_acc, label] = shown.loc[is_acc, label] * 100
-            st.dataframe(shown.round(4), hide_index=True, width="stretch")
+    path_tab, plane_tab, merge_tab = st.tabs(["Path between two models", "Plane through three models",
+                                              "Merge N models"])
+    try:
+        with path_tab:
+            c1, c2, c3 = st.columns(3)
+            a = url.widget(c1.selectbox, "Model A", key="al_a", options=names, default=names[0])
+            b = url.widget(c2.selectbox, "Model B", key="al_b", options=names, default=names[min(1, len(names) - 1)])
+            n_lam = url.widget(c3.slider, "Points on the path", key="al_lam", default=11, min_value=3, max_value=21,
+                               step=2)
+            if a == b:
+                st.warning("Pick two different models.")
+            else:
+                curves, bars = paths_table(src_key, a, b, method, use_repair, n_lam, n_eval, n_rep)
+                f1, f2 = st.columns(2)
+                f1.plotly_chart(interpolation_figure(curves, "loss"), width="stretch")
+                f2.plotly_chart(interpolation_figure(curves, "accuracy", title="Test accuracy along the path A → B"),
+                                width="stretch")
+                st.markdown("**Barriers** (the same two definitions, by the same names, as on the Loss Landscape page)")
+                for bdef in BARRIERS.values():
+                    st.latex(rf"\text{{{bdef.label}:}}\quad {bdef.latex}")
+                st.caption("For accuracy: the dip below the ends, in percentage points. Loss in nats.")
+                shown = bars.rename(columns=barrier_labels())
+                is_acc = shown["metric"] == "accuracy"
+                for label in barrier_labels().values():
+                    shown.loc[is_acc, label] = shown.loc[is_acc, label] * 100
+                st.dataframe(shown.round(4), hide_index=True, width="stretch")
 
-    with plane_tab:
-        if len(names) < 3:
-            st.info("The plane needs three models.")
-        else:
-            c1, c2, c3, c4 = st.columns(4)
-            corners = [(c1, "A", "al_pa"), (c2, "B", "al_pb"), (c3, "C", "al_pc")]
-            trio = tuple(url.widget(c.selectbox, label, key=key, options=names, default=names[i])
-                         for i, (c, label, key) in enumerate(corners))
-            resolution = url.widget(c4.slider, "Grid points per side", key="al_res", default=7, min_value=5,
-                                    max_value=21, step=2)
-            if len(set(trio)) < 3:
-                st.warning("Pick three different models.")
-            elif url.widget(st.toggle, "Compute the plane", key="al_plane_on", default=False,
-                            help=f"{resolution}² evaluations per panel"):
-                pl = planes(src_key, trio, method, resolution, n_eval)
-                st.plotly_chart(plane_figure(pl, "loss"), width="stretch")
+        with plane_tab:
+            if len(names) < 3:
+                st.info("The plane needs three models.")
+            else:
+                c1, c2, c3, c4 = st.columns(4)
+                corners = [(c1, "A", "al_pa"), (c2, "B", "al_pb"), (c3, "C", "al_pc")]
+                trio = tuple(url.widget(c.selectbox, label, key=key, options=names, default=names[i])
+                             for i, (c, label, key) in enumerate(corners))
+                resolution = url.widget(c4.slider, "Grid points per side", key="al_res", default=7, min_value=5,
+                                        max_value=21, step=2)
+                if len(set(trio)) < 3:
+                    st.warning("Pick three different models.")
+                elif url.widget(st.toggle, "Compute the plane", key="al_plane_on", default=False,
+                                help=f"{resolution}² evaluations per panel"):
+                    pl = planes(src_key, trio, method, resolution, n_eval)
+                    st.plotly_chart(plane_figure(pl, "loss"), width="stretch")
 
-    with merge_tab:
-        chosen = url.widget(st.multiselect, "Models to merge", key="al_merge", options=names,
-                            default=names[: min(3, len(names))])
-        if len(chosen) < 2:
-            st.info("Choose at least two models.")
-        elif url.widget(st.toggle, "Compute the merge", key="al_merge_on", default=False,
-                        help="C2M3 on MNIST-sized MLPs takes minutes on a CPU; the result is cached"):
-            table, cyc = merges(src_key, tuple(chosen), method, use_repair, n_eval, n_rep)
-            st.dataframe(table.assign(accuracy=table["accuracy"] * 100), hide_index=True, width="stretch",
-                         column_config={"accuracy": st.column_config.NumberColumn("accuracy (%)", format="%.2f %%"),
-                                        "loss": st.column_config.NumberColumn("loss (nats)", format="%.4f")})
-            if cyc is not None:
-                st.markdown(f"**Cycle error** around {' → '.join(chosen)} → {chosen[0]}: fraction of hidden units "
-                            "that do not come back to themselves (0 = cycle-consistent).")
-                st.dataframe(cyc.pivot(index="method", columns="group", values="value"), width="stretch")
-except MergescopeError as e:
-    st.error(str(e))
+        with merge_tab:
+            chosen = url.widget(st.multiselect, "Models to merge", key="al_merge", options=names,
+                                default=names[: min(3, len(names))])
+            if len(chosen) < 2:
+                st.info("Choose at least two models.")
+            elif url.widget(st.toggle, "Compute the merge", key="al_merge_on", default=False,
+                            help="C2M3 on MNIST-sized MLPs takes minutes on a CPU; the result is cached"):
+                table, cyc = merges(src_key, tuple(chosen), method, use_repair, n_eval, n_rep)
+                st.dataframe(table.assign(accuracy=table["accuracy"] * 100), hide_index=True, width="stretch",
+                             column_config={"accuracy": st.column_config.NumberColumn("accuracy (%)", format="%.2f %%"),
+                                            "loss": st.column_config.NumberColumn("loss (nats)", format="%.4f")})
+                if cyc is not None:
+                    st.markdown(f"**Cycle error** around {' → '.join(chosen)} → {chosen[0]}: fraction of hidden "
+                                "units that do not come back to themselves (0 = cycle-consistent).")
+                    st.dataframe(cyc.pivot(index="method", columns="group", values="value"), width="stretch")
+    except MergescopeError as e:
+        st.error(str(e))
 
 
 # ---- latent spaces of the MLPs above (issue 15) ----------------------------------------------------
@@ -213,34 +218,35 @@ def mlp_aggregation(key: str, chosen: tuple[str, ...], n_eval: int, n_anchors: i
                              {k: f[half:] for k, f in feats.items()}, y[half:], n_anchors=n_anchors)
 
 
-st.divider()
-st.header("Latent spaces")
-st.caption(LATENT_CAPTION)
-try:
-    lc1, lc2, lc3 = st.columns(3)
-    la = lc1.selectbox("Model A", names, index=0, key="lat_a")
-    lb = lc2.selectbox("Model B", names, index=min(1, len(names) - 1), key="lat_b")
-    lmethod = lc3.radio("Alignment", ["weight_matching", "activation_matching", "c2m3"], format_func=lambda m: {
-        "weight_matching": "weight matching", "activation_matching": "activation matching", "c2m3": "C2M3"}[m],
-        key="lat_method", horizontal=True)
-    if la == lb:
-        st.warning("Pick two different models.")
-    elif st.toggle("Compare the latent spaces", value=False, key="lat_on"):
-        sim = mlp_latent(src_key, la, lb, lmethod, n_eval)
-        st.plotly_chart(layer_similarity_figure(sim), width="stretch")
-        st.dataframe(sim.pivot_table(index=["comparison", "measure"], columns="layer", values="value", sort=False),
-                     width="stretch")
-    agg_models = st.multiselect("Models whose relative spaces are aggregated", names, default=names[:3],
-                                key="lat_agg")
-    n_anchors = st.slider("Anchors", 10, 200, 50, step=10, key="lat_anchors")
-    if len(agg_models) >= 2 and st.toggle("Train the probes", value=False, key="lat_agg_on",
-                                          help="last hidden layer; probes trained on half of the evaluated test "
-                                               "examples, scored on the other half"):
-        agg = mlp_aggregation(src_key, tuple(agg_models), n_eval, n_anchors)
-        st.plotly_chart(aggregation_figure(agg), width="stretch")
-        st.dataframe(agg, hide_index=True, width="stretch")
-except MergescopeError as e:
-    st.error(str(e))
+if src is not None:   # without MLPs the transformer section below still works
+    st.divider()
+    st.header("Latent spaces")
+    st.caption(LATENT_CAPTION)
+    try:
+        lc1, lc2, lc3 = st.columns(3)
+        la = lc1.selectbox("Model A", names, index=0, key="lat_a")
+        lb = lc2.selectbox("Model B", names, index=min(1, len(names) - 1), key="lat_b")
+        lmethod = lc3.radio("Alignment", ["weight_matching", "activation_matching", "c2m3"], format_func=lambda m: {
+            "weight_matching": "weight matching", "activation_matching": "activation matching", "c2m3": "C2M3"}[m],
+            key="lat_method", horizontal=True)
+        if la == lb:
+            st.warning("Pick two different models.")
+        elif st.toggle("Compare the latent spaces", value=False, key="lat_on"):
+            sim = mlp_latent(src_key, la, lb, lmethod, n_eval)
+            st.plotly_chart(layer_similarity_figure(sim), width="stretch")
+            st.dataframe(sim.pivot_table(index=["comparison", "measure"], columns="layer", values="value", sort=False),
+                         width="stretch")
+        agg_models = st.multiselect("Models whose relative spaces are aggregated", names, default=names[:3],
+                                    key="lat_agg")
+        n_anchors = st.slider("Anchors", 10, 200, 50, step=10, key="lat_anchors")
+        if len(agg_models) >= 2 and st.toggle("Train the probes", value=False, key="lat_agg_on",
+                                              help="last hidden layer; probes trained on half of the evaluated test "
+                                                   "examples, scored on the other half"):
+            agg = mlp_aggregation(src_key, tuple(agg_models), n_eval, n_anchors)
+            st.plotly_chart(aggregation_figure(agg), width="stretch")
+            st.dataframe(agg, hide_index=True, width="stretch")
+    except MergescopeError as e:
+        st.error(str(e))
 
 
 # ---- transformers from different seeds (issue 15) --------------------------------------------------
@@ -253,9 +259,17 @@ def zoo_source(root: str) -> dict:
 
 
 def transformer_source():
+    """(source, cache key): an injected one (tests), else your own (the form / URL), else the built zoo; (None,
+    None) when there is none, or when your own cannot be opened (the error is shown)."""
     injected = st.session_state.get("alignment_transformers")
     if injected:
         return injected, f"injected:{id(injected)}"
+    if own_req:
+        try:
+            return own_transformers.load(own_req)
+        except MergescopeError as exc:
+            st.error(f"Your own transformers could not be opened: {exc}")
+            return None, None
     from analysis.zoo import DemoNotBuilt
     from analysis.zoo.transformers import find_transformer_zoo
     try:
@@ -293,18 +307,25 @@ def t_aggregation(key: str, chosen: tuple[str, ...], n_anchors: int):
 
 st.divider()
 st.header("Transformers from different seeds")
-st.caption("Small BERT encoders trained from scratch on the text tasks, one per seed. Their permutation symmetry: "
+own_req = own_transformers.request()
+own_transformers.form(own_req)
+st.caption("The built-in zoo: small BERT encoders trained from scratch on the text tasks, one per seed; or your own "
+           "(above). Their permutation symmetry: "
            "one residual-stream permutation (embeddings, every LayerNorm, every block's input and output), one per "
            "FFN, and per attention a permutation of whole heads with permutations inside each head shared by Q and "
            "K, and by V and the output projection. REPAIR here renormalises every LayerNorm output and FFN "
-           "pre-activation. Scores: mean over tasks of each task head's test accuracy.")
+           "pre-activation; a pooler's outputs (your own classifiers read them) are one more permutation. Scores: "
+           "mean over tasks of each task head's test accuracy.")
 tsrc, tkey = transformer_source()
 if tsrc is None:
-    st.info("**No transformer zoo built yet.** Run `python -m analysis.zoo build-transformers --quick` "
-            "(a few minutes on a CPU) and reload this page.")
+    if not own_req:   # else the error opening your own is shown above
+        st.info("**No transformer zoo built yet.** Run `python -m analysis.zoo build-transformers --quick` "
+                "(a few minutes on a CPU) and reload this page, or give your own transformers above.")
 else:
     tnames = list(tsrc["models"])
     st.caption(f"Models: {tsrc.get('label', 'injected')} — {len(tnames)} seeds, {len(tsrc['data'])} tasks.")
+    if "heads" in tsrc:
+        st.caption(f"Heads: {tsrc['heads']}.")
     try:
         t1, t2, t3, t4 = st.columns(4)
         ta = t1.selectbox("Model A", tnames, index=0, key="tr_a")

@@ -117,3 +117,61 @@ def transformers_log(load):
     finally:
         logger.removeHandler(handler)
         hf_logging.set_verbosity(before)
+
+
+def permuted_bert_pair(root: Path, n_rows: int = 80, seed: int = 0, classifier: bool = True,
+                       heads: int = 4) -> dict:
+    """Two folders of one random tiny BERT from "different seeds" whose second is an exact permuted copy of the
+    first (a random valid permutation of `bert_spec`: residual stream, FFN, whole heads and units inside heads,
+    and the pooler's outputs), plus a CSV of the 'sentiment' texts labelled by the first model's own classifier
+    (its bias shifted so that it splits them at the median of its logit margin: both classes occur, and
+    the model scores 100 %). `classifier=False`: `BertModel` folders
+    (with a pooler, no head), labelled the same way. Returns {"a", "b", "data", "perms", "labels"}."""
+    from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
+
+    from analysis.permutation import apply_permutation, random_perms
+    from analysis.permutation.transformer import bert_spec
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "vocab.txt").write_text("\n".join(vocab()) + "\n")
+    tok = BertTokenizer(str(root / "vocab.txt"))
+    labels = ["negative", "positive"]
+    cfg = BertConfig(vocab_size=len(vocab()), hidden_size=16, num_hidden_layers=2, num_attention_heads=heads,
+                     intermediate_size=32, max_position_embeddings=32, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0, id2label=dict(enumerate(labels)),
+                     label2id={l: i for i, l in enumerate(labels)})
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(cfg).eval()
+    with torch.no_grad():  # LayerNorms and biases away from 1 / 0 and unit-scale weights, so permuting them matters
+        for name, p in model.named_parameters():
+            if "LayerNorm" in name or name.endswith(".bias"):
+                p.copy_(torch.randn_like(p) * 0.3 + (1.0 if name.endswith("LayerNorm.weight") else 0.0))
+            elif p.dim() == 2:
+                p.copy_(torch.randn_like(p) / (p.shape[1] ** 0.5 if "embeddings" not in name else 1.0))
+    rows = texts_for("sentiment", n_rows, seed)
+    enc = tok([t for t, _ in rows], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        margin = model(**enc).logits @ torch.tensor([-1.0, 1.0])
+    y = (margin > margin.median()).long()
+    with torch.no_grad():  # the classifier's own decisions are the labels: the model scores 100 % on them
+        model.classifier.bias[1] -= margin.median()
+    sd = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
+    spec = bert_spec(sd, heads, extra_inputs=["classifier"])
+    perms = random_perms(spec.sizes(sd), seed + 1, spec=spec)
+    permuted = apply_permutation(sd, spec, perms)
+    copy = BertForSequenceClassification(cfg).eval()
+    copy.load_state_dict(permuted, strict=False)
+    out = {"a": root / "seed_a", "b": root / "seed_b", "perms": perms, "labels": y}
+    for key, m in (("a", model), ("b", copy)):
+        if classifier:
+            m.save_pretrained(str(out[key]))
+        else:
+            base = BertModel(BertConfig(**{k: v for k, v in cfg.to_dict().items()
+                                           if k not in ("id2label", "label2id", "architectures")}))
+            base.load_state_dict(m.bert.state_dict())
+            base.save_pretrained(str(out[key]))
+        tok.save_pretrained(str(out[key]))
+    out["data"] = write_csv(root / "sentiment.csv", [(t, labels[int(c)]) for (t, _), c in zip(rows, y)])
+    return out

@@ -3,8 +3,10 @@ functions of their state dict, and their permutation spec.
 
 Post-LayerNorm BERT: h = LN(emb); per layer h1 = LN(h + O(attn(Q h, K h, V h)))
 and h = LN(h1 + W2 gelu(W1 h1)). Sequence features are the mean of the last
-hidden states over non-padding tokens (as sentence-transformers' MiniLM);
-optional linear heads `heads.<task>.weight/bias` read them.
+hidden states over non-padding tokens (as sentence-transformers' MiniLM), or,
+when the state dict holds a pooler (`pooler.dense.*`), BERT's pooled output
+tanh(W h_[CLS] + b), which is what `BertForSequenceClassification`'s
+classifier reads; optional linear heads `heads.<task>.weight/bias` read them.
 
 Inputs are packed as one LongTensor `tokens` (N, 2, L) = stack(input_ids,
 attention_mask), so that REPAIR and activation statistics can slice batches of
@@ -14,8 +16,11 @@ Permutation symmetries (`bert_spec`):
 - `res`: the residual stream, shared by the embeddings (word, position,
   token type), every LayerNorm, every block's Q/K/V and FFN input axes, every
   attention output and FFN output projection's output axis, and the heads'
-  input axis. LayerNorm's mean and variance over features are invariant to a
-  permutation of them, and its weight and bias are per feature.
+  input axis (without a pooler). LayerNorm's mean and variance over features
+  are invariant to a permutation of them, and its weight and bias are per
+  feature.
+- `pooler` (only with a pooler): its output units (the pooler's rows and
+  bias, and the input axis of the heads that read it).
 - `l{i}.ffn`: the FFN hidden units of layer i (intermediate out, output in).
 - `l{i}.qk` and `l{i}.vo`: the attention's query/key and value/output units,
   head-structured with one head permutation `l{i}.heads` shared by both; inside
@@ -37,6 +42,7 @@ from analysis.permutation.specs import Attention, PermutationSpec, StateDict
 
 Tensor = torch.Tensor
 WORD = "embeddings.word_embeddings.weight"
+POOLER = "pooler.dense"
 
 
 def pack_tokens(input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -65,6 +71,11 @@ def bert_layers(sd: StateDict, prefix: str | None = None) -> int:
     return len(idx)
 
 
+def has_pooler(sd: StateDict, prefix: str | None = None) -> bool:
+    """Whether the heads read BERT's pooled output (the state dict holds `pooler.dense.weight`)."""
+    return f"{bert_prefix(sd) if prefix is None else prefix}{POOLER}.weight" in sd
+
+
 def head_names(sd: StateDict) -> list[str]:
     """Task names of the linear heads `heads.<task>.weight`."""
     return sorted(k[len("heads."):-len(".weight")] for k in sd if k.startswith("heads.") and k.endswith(".weight"))
@@ -74,8 +85,9 @@ def bert_spec(sd: StateDict, n_heads: int, extra_inputs: Sequence[str] = ()) -> 
     """The spec of a BERT state dict (prefix and depth read from its keys;
     the number of heads is not in the weights, so it is an argument).
     `heads.<task>.*` linear heads and the modules in `extra_inputs` (Linear
-    layers reading the pooled features, e.g. 'classifier') get the residual
-    permutation on their input axis. A pooler is not permuted on its output."""
+    layers reading the pooled features, e.g. 'classifier') get the pooled
+    features' permutation on their input axis: the residual one, or with a
+    pooler the `pooler` group, which also permutes the pooler's output."""
     if int(n_heads) < 1:
         raise ValidationError(f"n_heads must be >= 1, got {n_heads}")
     p = bert_prefix(sd)
@@ -108,9 +120,13 @@ def bert_spec(sd: StateDict, n_heads: int, extra_inputs: Sequence[str] = ()) -> 
             put(f"{ln}.bias", ("res",))
         heads |= {f"l{i}.qk": (f"l{i}.heads", int(n_heads)), f"l{i}.vo": (f"l{i}.heads", int(n_heads))}
         attention.append(att)
-    put(f"{p}pooler.dense.weight", (None, "res"))
+    read = "res"
+    if has_pooler(sd, p):
+        read = "pooler"
+        put(f"{p}{POOLER}.weight", ("pooler", "res"))
+        put(f"{p}{POOLER}.bias", ("pooler",))
     for name in [f"heads.{t}" for t in head_names(sd)] + list(extra_inputs):
-        put(f"{name}.weight", (None, "res"))
+        put(f"{name}.weight", (None, read))
     spec = PermutationSpec(axes, heads, tuple(attention))
     spec.validate(sd)
     return spec
@@ -165,9 +181,19 @@ def mean_pool(h: Tensor, mask: Tensor) -> Tensor:
     return (h * m).sum(1) / m.sum(1).clamp_min(1.0)
 
 
+def pool(sd: StateDict, h: Tensor, mask: Tensor) -> Tensor:
+    """The sequence features of last hidden states `h`: tanh(W h_[CLS] + b)
+    with a pooler (BertModel's pooler_output; [CLS] is the first token), else
+    the mean over non-padding tokens."""
+    p = bert_prefix(sd)
+    if has_pooler(sd, p):
+        return torch.tanh(_lin(h[:, 0], sd, f"{p}{POOLER}"))
+    return mean_pool(h, mask)
+
+
 def pooled(sd: StateDict, tokens: Tensor, n_heads: int, eps: float = 1e-12) -> Tensor:
-    """Mean of the last hidden states over non-padding tokens, (N, d)."""
-    return mean_pool(bert_forward(sd, tokens, n_heads, eps), tokens[:, 1])
+    """The features the heads read, (N, d) (see `pool`)."""
+    return pool(sd, bert_forward(sd, tokens, n_heads, eps), tokens[:, 1])
 
 
 def head_logits(sd: StateDict, task: str, tokens: Tensor, n_heads: int, eps: float = 1e-12) -> Tensor:
@@ -186,11 +212,14 @@ def group_features(sd: StateDict, tokens: Tensor, n_heads: int, eps: float = 1e-
     whose units it permutes, as (tokens, width) matrices. `res`: the
     residual stream everywhere it is written (every LayerNorm's output);
     `l{i}.qk`: the queries and the keys; `l{i}.vo`: the values; `l{i}.ffn`:
-    the FFN hidden units after GELU."""
-    _, taps = bert_forward(sd, tokens, n_heads, eps, taps=True)
+    the FFN hidden units after GELU; `pooler`: the pooled output, one row per
+    sequence."""
+    h, taps = bert_forward(sd, tokens, n_heads, eps, taps=True)
     mask = tokens[:, 1]
     n_layers = sum(1 for k in taps if k.endswith(".out_ln"))
     out = {"res": [_tokens_of(taps["emb_ln"], mask)]}
+    if has_pooler(sd):
+        out["pooler"] = [pool(sd, h, mask)]
     for i in range(n_layers):
         out["res"] += [_tokens_of(taps[f"l{i}.attn_ln"], mask), _tokens_of(taps[f"l{i}.out_ln"], mask)]
         out[f"l{i}.qk"] = [_tokens_of(taps[f"l{i}.q"], mask), _tokens_of(taps[f"l{i}.k"], mask)]
@@ -204,7 +233,9 @@ def repair_targets(sd: StateDict) -> list[tuple[str, str]]:
     forward order: every LayerNorm (its output is the residual stream; the
     correction rescales and shifts its affine weight and bias) and every FFN
     input projection (the hidden pre-activations). Q/K/V are left alone: a
-    per-unit rescaling of Q or K changes the attention's temperature."""
+    per-unit rescaling of Q or K changes the attention's temperature. So is a
+    pooler: it reads one token per sequence, and its merge is the plain
+    (aligned) average."""
     p = bert_prefix(sd)
     out = [(f"{p}embeddings.LayerNorm.weight", f"{p}embeddings.LayerNorm.bias")]
     for i in range(bert_layers(sd, p)):
@@ -229,13 +260,16 @@ def repair_preactivations(n_heads: int, eps: float = 1e-12):
 
 def layer_features(sd: StateDict, tokens: Tensor, n_heads: int, eps: float = 1e-12) -> dict[str, Tensor]:
     """Per layer, the sequence representation (mean over non-padding tokens)
-    of the residual stream: `embeddings`, `layer 1`, ... (N, d) each."""
-    _, taps = bert_forward(sd, tokens, n_heads, eps, taps=True)
+    of the residual stream: `embeddings`, `layer 1`, ... (N, d) each; with
+    a pooler, also `pooler` (its output)."""
+    h, taps = bert_forward(sd, tokens, n_heads, eps, taps=True)
     mask = tokens[:, 1]
     n_layers = sum(1 for k in taps if k.endswith(".out_ln"))
     out = {"embeddings": mean_pool(taps["emb_ln"], mask)}
     for i in range(n_layers):
         out[f"layer {i + 1}"] = mean_pool(taps[f"l{i}.out_ln"], mask)
+    if has_pooler(sd):
+        out["pooler"] = pool(sd, h, mask)
     return out
 
 
