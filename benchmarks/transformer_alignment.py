@@ -52,6 +52,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from analysis.barriers import BARRIERS  # noqa: E402
 from analysis.latent import aggregation_table, choose_anchors, similarity_by_layer  # noqa: E402
 from analysis.permutation import barriers, c2m3, cycle_error, interpolation_curve  # noqa: E402
 from analysis.permutation.activation_matching import activation_matching  # noqa: E402
@@ -61,6 +62,11 @@ from analysis.permutation.specs import apply_permutation  # noqa: E402
 from analysis.permutation.transformer import bert_spec, evaluate_heads, layer_features, pooled  # noqa: E402
 from analysis.permutation.weight_matching import weight_matching  # noqa: E402
 from analysis.zoo.transformers import load_transformer_zoo  # noqa: E402
+
+# the pair table's columns by the names every page shows (analysis/barriers.py)
+PAIR_COLUMNS = {"loss barrier (midpoint)": f"loss: {BARRIERS['midpoint'].label}",
+                "loss barrier (linear)": f"loss: {BARRIERS['path'].label}",
+                "acc. barrier (linear)": f"accuracy: {BARRIERS['path'].label}"}
 
 
 def log(msg: str) -> None:
@@ -255,8 +261,7 @@ def main(argv=None) -> int:
     load = os.getloadavg()
     lines = [
         "# Aligning small BERT encoders from different seeds: measured results", "",
-        f"- Command: `nice -n 15 .venv/bin/python benchmarks/transformer_alignment.py {' '.join(argv or sys.argv[1:])}` "
-        "(niced, since the full demo build was still running)",
+        f"- Command: `.venv/bin/python benchmarks/transformer_alignment.py {' '.join(argv or sys.argv[1:])}`",
         f"- Date: {dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {args.threads} torch "
         f"thread(s), CPU; load average at the end {tuple(round(v, 1) for v in load)} (2 cores shared with other "
@@ -274,13 +279,14 @@ def main(argv=None) -> int:
         "run keep their own times in the last table).", "",
         "## Individual models (test accuracy)", "", md(individual, ".3f"), "",
         "## Barriers between every pair of seeds", "",
-        "Barrier definitions (analysis/permutation/barrier.py, the same two as the Loss Landscape page): "
-        "*midpoint* = max_λ L(λ) − ½(L(0)+L(1)); *linear* = max_λ L(λ) − ((1−λ)L(0)+λL(1)); accuracy barrier = "
-        f"max_λ of the endpoints' linear interpolation minus accuracy(λ); λ on {args.lambdas} points. "
+        "Barrier definitions (analysis/barriers.py, the same two, by the same names, on every page): "
+        f"*{BARRIERS['path'].label}* = {BARRIERS['path'].formula}; *{BARRIERS['midpoint'].label}* = "
+        f"{BARRIERS['midpoint'].formula} (negative where the path bends below the line between its ends); for "
+        f"accuracy both are taken on −accuracy, so a positive value is a dip; λ on {args.lambdas} points. "
         "REPAIR (post-LayerNorm networks): every LayerNorm output (the residual stream; corrected through the "
         "LayerNorm's weight and bias) and every FFN pre-activation (through the FFN input projection) gets, per "
         "unit, the (1−λ, λ) interpolation of the endpoints' token mean and std; Q, K, V are left alone.", "",
-        md(pairs), "",
+        md(pairs.rename(columns=PAIR_COLUMNS)), "",
         "## Merging N models (uniform average)", "",
         "Pairwise WM / AM: every model aligned to model 0, then averaged. C2M3: Frank-Wolfe over the valid "
         "permutations of all models jointly, started from pairwise WM, merged in the universe.", "",
