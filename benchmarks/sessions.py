@@ -148,7 +148,13 @@ async def move(s: Session) -> float:
     if s.steps and s.steps % 3 == 0:
         s.direction = -s.direction
     s.steps += 1
-    await slider.focus()
+    try:
+        await slider.focus()
+    except Exception as exc:   # name the session and keep what its page showed
+        shot = Path(tempfile.gettempdir()) / f"sessions-{s.index}-{s.page_name}.png"
+        await s.page.screenshot(path=str(shot), full_page=True)
+        raise RuntimeError(f"{s.label}: its {s.slider!r} slider was not found ({s.page.url}); "
+                           f"the page is in {shot}") from exc
     t0 = await s.page.evaluate("performance.now()")
     await slider.press("ArrowRight" if s.direction > 0 else "ArrowLeft")
     ms = await run_end_ms(s.page, t0)
