@@ -183,21 +183,7 @@ with right:
     except MergescopeError as exc:
         st.error(str(exc))
         st.stop()
-    if pending is not None:
-        @st.fragment(run_every=1.0)
-        def wait_for_refinement():
-            refiner = st.session_state["merge_refiner"]
-            result = refiner.done(pending)
-            if result is not None:
-                st.session_state["merge_refined"][pending] = result
-                st.rerun()
-            failed = refiner.failure(pending)
-            if failed is not None:
-                st.error(f"Refining the score failed: {failed}")
-            else:
-                st.caption(f"First estimate on {FIRST_ESTIMATE} examples per task (CPU); scoring "
-                           f"{'the full split' if n is None else f'{n} per task'} in the background…")
-        wait_for_refinement()
+    refinement_slot = st.empty() if pending is not None else None   # its caption while the refinement runs
     table = comparison_table(per_task, reference, split)
     scale = url.widget(st.radio, "Scale", key="merge_scale", param="scale", default="absolute",
                        options=["absolute", "normalised (÷ fine-tuned)"], horizontal=True)
@@ -225,3 +211,34 @@ rows = [{"#": i, "method": h["method"], "knobs": ", ".join(f"{k}={url.to_text(v)
 st.dataframe(pd.DataFrame(rows).round(2), width="stretch", hide_index=True)
 st.caption("Accuracy in %, on the split and number of examples per task of each row.")
 history.removal_control("merge_history")
+
+
+def wait_for_refinement(key, slot) -> None:
+    """Poll the session's refinement at the end of this run, then rerun to show it.
+
+    A slider move interrupts the wait at the slot's next update (Streamlit stops a
+    run at its next element call when a newer run is asked for). This was an
+    `st.fragment(run_every=1.0)` calling `st.rerun()`: with 8 browser sessions on
+    2 cores, Merge pages came back at their widgets' proto defaults (the first
+    method, 4 examples), which never happened with the refinement off
+    (benchmarks/sessions.py, docs/results_load.md)."""
+    refiner = st.session_state["merge_refiner"]
+    text = (f"First estimate on {FIRST_ESTIMATE} examples per task (CPU); scoring "
+            f"{'the full split' if key[-1] is None else f'{key[-1]} per task'} in the background…")
+    while True:
+        result = refiner.done(key)
+        if result is not None:
+            st.session_state["merge_refined"][key] = result
+            st.rerun()
+        failed = refiner.failure(key)
+        if failed is not None:
+            slot.error(f"Refining the score failed: {failed}")
+            return
+        if not refiner.is_current(key):   # a newer request replaced it: nothing will land for this run
+            return
+        slot.caption(text)
+        time.sleep(0.25)
+
+
+if refinement_slot is not None:
+    wait_for_refinement(pending, refinement_slot)
