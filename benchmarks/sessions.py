@@ -60,7 +60,7 @@ ROLES = [
     ("Alignment", "Points on the path", None),
 ]
 DEFAULT_METHOD = "task_arithmetic"   # what the Merge page opens with
-RUN_TIMEOUT_S = 300.0
+RUN_TIMEOUT_S = float(os.environ.get("SESSIONS_RUN_TIMEOUT_S", 300))
 RECORDER = """
 window.__msRuns = [];
 new MutationObserver(ms => { for (const m of ms) window.__msRuns.push(
@@ -157,7 +157,13 @@ async def move(s: Session) -> float:
                            f"the page is in {shot}") from exc
     t0 = await s.page.evaluate("performance.now()")
     await slider.press("ArrowRight" if s.direction > 0 else "ArrowLeft")
-    ms = await run_end_ms(s.page, t0)
+    try:
+        ms = await run_end_ms(s.page, t0)
+    except Exception as exc:
+        shot = Path(tempfile.gettempdir()) / f"sessions-{s.index}-{s.page_name}-run.png"
+        await s.page.screenshot(path=str(shot), full_page=True)
+        raise RuntimeError(f"{s.label}: move {s.steps}'s script run did not end ({s.page.url}); "
+                           f"the page is in {shot}") from exc
     await check(s, f"move {s.steps}")
     return ms
 

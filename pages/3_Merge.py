@@ -41,6 +41,7 @@ from ui.labelfree import label_free_view
 from ui.refine import FIRST_ESTIMATE, Refiner, needs_estimate
 from ui.state import merge_inputs, require_workspace, start_page, with_progress
 
+REFINE_WAIT_S = 90.0   # the longest a run waits for its background refinement
 RUN_STARTED = time.monotonic()   # history: how long the previous configuration stayed on screen
 SPLITS = ("validation", "test")
 ALL_KNOBS = {hp.name for m in METHODS.values() for hp in m.hyperparameters}
@@ -225,6 +226,7 @@ def wait_for_refinement(key, slot) -> None:
     refiner = st.session_state["merge_refiner"]
     text = (f"First estimate on {FIRST_ESTIMATE} examples per task (CPU); scoring "
             f"{'the full split' if key[-1] is None else f'{key[-1]} per task'} in the background…")
+    deadline = time.monotonic() + REFINE_WAIT_S
     while True:
         result = refiner.done(key)
         if result is not None:
@@ -235,6 +237,10 @@ def wait_for_refinement(key, slot) -> None:
             slot.error(f"Refining the score failed: {failed}")
             return
         if not refiner.is_current(key):   # a newer request replaced it: nothing will land for this run
+            return
+        if time.monotonic() > deadline:   # never a run that does not end: the estimate stays, say so
+            slot.warning(f"The refined score did not arrive within {REFINE_WAIT_S:.0f} s (a busy server); the "
+                         "numbers shown are the first estimate. Move a slider or reload to try again.")
             return
         slot.caption(text)
         time.sleep(0.25)
