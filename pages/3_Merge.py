@@ -41,7 +41,6 @@ from ui.labelfree import label_free_view
 from ui.refine import FIRST_ESTIMATE, Refiner, needs_estimate
 from ui.state import merge_inputs, require_workspace, start_page, with_progress
 
-REFINE_WAIT_S = 90.0   # the longest a run waits for its background refinement
 RUN_STARTED = time.monotonic()   # history: how long the previous configuration stayed on screen
 SPLITS = ("validation", "test")
 ALL_KNOBS = {hp.name for m in METHODS.values() for hp in m.hyperparameters}
@@ -184,7 +183,21 @@ with right:
     except MergescopeError as exc:
         st.error(str(exc))
         st.stop()
-    refinement_slot = st.empty() if pending is not None else None   # its caption while the refinement runs
+    if pending is not None:
+        @st.fragment(run_every=1.0)
+        def wait_for_refinement():
+            refiner = st.session_state["merge_refiner"]
+            result = refiner.done(pending)
+            if result is not None:
+                st.session_state["merge_refined"][pending] = result
+                st.rerun()
+            failed = refiner.failure(pending)
+            if failed is not None:
+                st.error(f"Refining the score failed: {failed}")
+            else:
+                st.caption(f"First estimate on {FIRST_ESTIMATE} examples per task (CPU); scoring "
+                           f"{'the full split' if n is None else f'{n} per task'} in the background…")
+        wait_for_refinement()
     table = comparison_table(per_task, reference, split)
     scale = url.widget(st.radio, "Scale", key="merge_scale", param="scale", default="absolute",
                        options=["absolute", "normalised (÷ fine-tuned)"], horizontal=True)
@@ -212,39 +225,3 @@ rows = [{"#": i, "method": h["method"], "knobs": ", ".join(f"{k}={url.to_text(v)
 st.dataframe(pd.DataFrame(rows).round(2), width="stretch", hide_index=True)
 st.caption("Accuracy in %, on the split and number of examples per task of each row.")
 history.removal_control("merge_history")
-
-
-def wait_for_refinement(key, slot) -> None:
-    """Poll the session's refinement at the end of this run, then rerun to show it.
-
-    A slider move interrupts the wait at the slot's next update (Streamlit stops a
-    run at its next element call when a newer run is asked for). This was an
-    `st.fragment(run_every=1.0)` calling `st.rerun()`: with 8 browser sessions on
-    2 cores, Merge pages came back at their widgets' proto defaults (the first
-    method, 4 examples), which never happened with the refinement off
-    (benchmarks/sessions.py, docs/results_load.md)."""
-    refiner = st.session_state["merge_refiner"]
-    text = (f"First estimate on {FIRST_ESTIMATE} examples per task (CPU); scoring "
-            f"{'the full split' if key[-1] is None else f'{key[-1]} per task'} in the background…")
-    deadline = time.monotonic() + REFINE_WAIT_S
-    while True:
-        result = refiner.done(key)
-        if result is not None:
-            st.session_state["merge_refined"][key] = result
-            st.rerun()
-        failed = refiner.failure(key)
-        if failed is not None:
-            slot.error(f"Refining the score failed: {failed}")
-            return
-        if not refiner.is_current(key):   # a newer request replaced it: nothing will land for this run
-            return
-        if time.monotonic() > deadline:   # never a run that does not end: the estimate stays, say so
-            slot.warning(f"The refined score did not arrive within {REFINE_WAIT_S:.0f} s (a busy server); the "
-                         "numbers shown are the first estimate. Move a slider or reload to try again.")
-            return
-        slot.caption(text)
-        time.sleep(0.25)
-
-
-if refinement_slot is not None:
-    wait_for_refinement(pending, refinement_slot)
