@@ -142,6 +142,13 @@ async def open_role(s: Session, base: str) -> None:
     print(f"{s.label}: open", flush=True)
 
 
+async def _stuck(s: Session, what: str, tag: str) -> RuntimeError:
+    """An error naming the session, with a screenshot of what its page showed."""
+    shot = Path(tempfile.gettempdir()) / f"sessions-{s.index}-{s.page_name}-{tag}.png"
+    await s.page.screenshot(path=str(shot), full_page=True)
+    return RuntimeError(f"{s.label}: {what} ({s.page.url}); the page is in {shot}")
+
+
 async def move(s: Session) -> float:
     """One key press on the session's slider (three steps one way, then three back); ms to the run's end."""
     slider = s.page.locator('[data-testid="stSlider"]', has_text=s.slider).first.locator('[role="slider"], input[type="range"]')
@@ -150,20 +157,14 @@ async def move(s: Session) -> float:
     s.steps += 1
     try:
         await slider.focus()
-    except Exception as exc:   # name the session and keep what its page showed
-        shot = Path(tempfile.gettempdir()) / f"sessions-{s.index}-{s.page_name}.png"
-        await s.page.screenshot(path=str(shot), full_page=True)
-        raise RuntimeError(f"{s.label}: its {s.slider!r} slider was not found ({s.page.url}); "
-                           f"the page is in {shot}") from exc
+    except Exception as exc:
+        raise await _stuck(s, f"its {s.slider!r} slider was not found", "slider") from exc
     t0 = await s.page.evaluate("performance.now()")
     await slider.press("ArrowRight" if s.direction > 0 else "ArrowLeft")
     try:
         ms = await run_end_ms(s.page, t0)
     except Exception as exc:
-        shot = Path(tempfile.gettempdir()) / f"sessions-{s.index}-{s.page_name}-run.png"
-        await s.page.screenshot(path=str(shot), full_page=True)
-        raise RuntimeError(f"{s.label}: move {s.steps}'s script run did not end ({s.page.url}); "
-                           f"the page is in {shot}") from exc
+        raise await _stuck(s, f"move {s.steps}'s script run did not end", "run") from exc
     await check(s, f"move {s.steps}")
     return ms
 
