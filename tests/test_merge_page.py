@@ -135,18 +135,26 @@ def test_history_keeps_one_row_per_recipe_looked_at_and_rows_can_be_removed(tiny
 
 
 def test_on_a_cpu_a_first_estimate_shows_then_the_refined_score_replaces_it(tiny_workspace, monkeypatch):
+    import threading
     import time
 
     import pytest
 
     from analysis.merging import merge
     from analysis.merging.scoring import merged_accuracy
-    from ui.refine import FIRST_ESTIMATE
+    from ui.refine import FIRST_ESTIMATE, Refiner
     monkeypatch.setenv("MERGESCOPE_FIRST_ESTIMATE", "1")
+    # Hold the refinement until the first draw is checked: on the tiny set it can otherwise
+    # land before the page's poll runs, and the page then (rightly) shows the refined score at once.
+    gate = threading.Event()
+    request = Refiner.request
+    monkeypatch.setattr(Refiner, "request",
+                        lambda self, key, compute: request(self, key, lambda stop: gate.wait(60) and compute(stop)))
     ws = tiny_workspace
     at = _page(ws, query={"method": "task_arithmetic", "alpha": "0.5", "subsample": "20"})
     assert not at.exception, at.exception
     assert any("First estimate" in c.value for c in at.caption)
+    gate.set()
     estimate = _accuracy_table(at)
     want_estimate = merged_accuracy(ws.evaluator, merge(ws.tvs, "task_arithmetic", alpha=0.5), subsample=FIRST_ESTIMATE)
     assert estimate.loc[list(want_estimate), "merged"].tolist() == pytest.approx(list(want_estimate.values()))
