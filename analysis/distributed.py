@@ -251,7 +251,8 @@ class FactorStore:
             self._s[name] = self._read(name, ["S"])[0]
         return self._s[name]
 
-    def kept(self, name: str) -> int:
+    def kept_rank(self, name: str) -> int:
+        """K: the directions kept of `name` (⌊max_rank_fraction · k⌋), as SpectralCache.kept_rank."""
         return truncation_rank(self.singular_values(name).shape[-1], self.max_rank_fraction)
 
     # the per-name reads SpectralCache offers (merge methods call them through ctx.cache)
@@ -259,15 +260,12 @@ class FactorStore:
         """k = min(m, n): every singular value is kept."""
         return self.singular_values(name).shape[-1]
 
-    def kept_rank(self, name: str) -> int:
-        return self.kept(name)
-
     def keeps_all(self, name: str) -> bool:
-        return self.kept(name) == self.rank(name)
+        return self.kept_rank(name) == self.rank(name)
 
     def top(self, name: str, r: int):
         """The top r triplets of every task (r ≤ the kept directions, else a ValidationError naming them)."""
-        r, kept = int(r), self.kept(name)
+        r, kept = int(r), self.kept_rank(name)
         if not 0 <= r <= kept:
             raise ValidationError(f"{name!r}: the top {r} singular triplets were asked for; the factor store "
                                   f"{self.directory} keeps {kept} of {self.rank(name)} "
@@ -459,7 +457,7 @@ class _JobFactors:
         return self.store.rank(name)
 
     def kept_rank(self, name: str) -> int:
-        return self.store.kept(name)
+        return self.store.kept_rank(name)
 
     def keeps_all(self, name: str) -> bool:
         return self.store.keeps_all(name)

@@ -15,7 +15,7 @@ from analysis.plots.spectra import (effective_rank_figure, energy_figure, spectr
 from analysis.spectra import (effective_rank_table, energy_table, singular_values_table, truncation_rank,
                               tsvc_accuracy_table, tsvc_error_table)
 from ui import url
-from ui.state import kept_directions_caption, reachable_rank_fraction, require_workspace, spectral_cache, start_page
+from ui.state import rank_fraction_slider, reachable_rank_fraction, require_workspace, spectral_cache, start_page
 
 ENERGY_GRID = [i / 100 for i in range(1, 101)]
 QP = st.query_params
@@ -54,14 +54,10 @@ st.caption(f"{ws.name}: {len(tasks)} tasks, {len(cache.names)} matrices decompos
            f"({'read from the disk cache' if not cache.report else 'computed with ' + ', '.join(methods)}); "
            "moving the slider re-slices the cached factors, no SVD is recomputed.")
 
-hi = reachable_rank_fraction(cache)
-default_f = min(round(1.0 / max(len(tasks), 1), 2), hi)
 first_visit = url.first_run("spectra_rank_fraction")   # a fresh session or back from another page
-f = url.widget(st.slider, "Rank fraction kept per task (of min(m, n))", key="spectra_rank_fraction", param="sp_f",
-               default=default_f, min_value=0.01, max_value=hi, step=0.01,
-               help="TSV keeps ⌊f·min(m, n)⌋ singular triplets of each task matrix; 1/T is the TSV-M default.")
-if (kept_note := kept_directions_caption(cache, hi)):
-    st.caption(kept_note)
+f = rank_fraction_slider(cache, key="spectra_rank_fraction", param="sp_f",
+                         help="TSV keeps ⌊f·min(m, n)⌋ singular triplets of each task matrix; 1/T is the TSV-M default.")
+hi = reachable_rank_fraction(cache)
 
 sv = _singular_values(cache, ws.key)
 layer = url.widget(st.selectbox, "Layer", key="spectra_layer", param="sp_layer", options=cache.names,

@@ -13,7 +13,7 @@ from analysis.interference import (cosine_table, sar_by, sign_conflict_table, st
                                    task_pair_stats)
 from analysis.plots.spectra import pair_depth_heatmap, sar_depth_figure, sti_depth_figure, task_heatmap
 from ui import url
-from ui.state import kept_directions_caption, reachable_rank_fraction, require_workspace, spectral_cache, start_page
+from ui.state import rank_fraction_slider, require_workspace, spectral_cache, start_page
 
 start_page("Interference")
 ws = require_workspace()
@@ -44,13 +44,8 @@ if len(tasks) < 2:
 
 st.caption(f"{ws.name}: {len(tasks)} tasks, {len(cache.names)} matrices. STI reads the cached SVD factors: "
            "moving the slider never recomputes an SVD.")
-hi = reachable_rank_fraction(cache)
-default_f = min(round(1.0 / len(tasks), 2), hi)
-f = url.widget(st.slider, "Rank fraction kept per task (of min(m, n))", key="interference_rank_fraction",
-               param="if_f", default=default_f, min_value=0.01, max_value=hi, step=0.01,
-               help="Each task's SVD is truncated to ⌊f·min(m, n)⌋ triplets before the concatenation.")
-if (kept_note := kept_directions_caption(cache, hi)):
-    st.caption(kept_note)
+f = rank_fraction_slider(cache, key="interference_rank_fraction", param="if_f",
+                         help="Each task's SVD is truncated to ⌊f·min(m, n)⌋ triplets before the concatenation.")
 
 # ------------------------------------------------------------------ STI
 st.header("Singular Task Interference")

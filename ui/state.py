@@ -101,6 +101,19 @@ def kept_directions_caption(cache: SpectralCache, hi: float) -> str | None:
             "Set MERGESCOPE_SPECTRA_KEEP=full (or a larger fraction) before starting the app to reach more.")
 
 
+def rank_fraction_slider(cache: SpectralCache, *, key: str, param: str, help: str) -> float:
+    """The 'rank fraction kept per task' slider over `cache`, default 1/T, capped at what the cache keeps
+    (with a caption saying why when the cap is below 1)."""
+    from ui import url
+    hi = reachable_rank_fraction(cache)
+    f = url.widget(st.slider, "Rank fraction kept per task (of min(m, n))", key=key, param=param,
+                   default=min(round(1.0 / max(len(cache.tasks), 1), 2), hi), min_value=0.01, max_value=hi,
+                   step=0.01, help=help)
+    if (note := kept_directions_caption(cache, hi)):
+        st.caption(note)
+    return f
+
+
 @st.cache_resource(show_spinner="Computing per-layer SVDs (once per set)…")
 def spectral_cache(_ws: Workspace, key: str, include_embeddings: bool = False) -> SpectralCache:
     # compute (or load from disk) every factor now, under the spinner, not on a slider move
