@@ -292,6 +292,16 @@ def estimate(shapes: dict, tasks: int, f: float) -> dict:
             "jobs": sorted(jobs, reverse=True)}
 
 
+def print_rows(results: dict) -> None:
+    print(f"\n{'path':6s} {'spectra':>9s} {'STI':>8s} {'TSV-M':>8s} {'total':>9s} {'+start':>9s}   "
+          f"{'peak ΣRSS':>10s} {'peak owned':>11s} {'bound':>8s}  procs", flush=True)
+    for path, r in results.items():
+        ok = "≤" if r["peak_owned"] <= r["bound"] else "> (over!)"
+        print(f"{path:6s} {r['spectra_s']:8.1f}s {r['sti_s']:7.1f}s {r['merge_s']:7.1f}s {r['total_s']:8.1f}s "
+              f"{r['total_s'] + r['start_s']:8.1f}s   {r['peak_rss'] / GIB:8.2f}G {r['peak_owned'] / GIB:9.2f}G {ok} "
+              f"{r['bound'] / GIB:5.2f}G  {r['procs']}", flush=True)
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--layers", type=int, default=20)
@@ -381,18 +391,13 @@ def main(argv=None) -> None:
             # the `workers` largest jobs at once, and the merge's shard buffer with the tensor arriving
             res["bound"] = baseline + sum(est["jobs"][:workers]) + 2 * SHARD_BYTES
             results[path] = res
+            print_rows({path: res})   # each path's figures as soon as it ends (a long run may be stopped later)
             if path == "ray":
                 ray.shutdown()
     finally:
         memory.stop()
 
-    print(f"\n{'path':6s} {'spectra':>9s} {'STI':>8s} {'TSV-M':>8s} {'total':>9s} {'+start':>9s}   "
-          f"{'peak ΣRSS':>10s} {'peak owned':>11s} {'bound':>8s}  procs")
-    for path, r in results.items():
-        ok = "≤" if r["peak_owned"] <= r["bound"] else "> (over!)"
-        print(f"{path:6s} {r['spectra_s']:8.1f}s {r['sti_s']:7.1f}s {r['merge_s']:7.1f}s {r['total_s']:8.1f}s "
-              f"{r['total_s'] + r['start_s']:8.1f}s   {r['peak_rss'] / GIB:8.2f}G {r['peak_owned'] / GIB:9.2f}G {ok} "
-              f"{r['bound'] / GIB:5.2f}G  {r['procs']}")
+    print_rows(results)
     print(f"set on disk {set_bytes / GIB:.2f} GiB; float32 deltas of the set {est['params'] * 4 * args.tasks / GIB:.2f} "
           f"GiB; largest jobs' working sets {', '.join(f'{j / GIB:.2f}' for j in est['jobs'][:2])} GiB")
     if len(results) == 2:
