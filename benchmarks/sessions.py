@@ -67,10 +67,15 @@ new MutationObserver(ms => { for (const m of ms) window.__msRuns.push(
     [performance.now(), m.target.getAttribute('data-test-script-state')]); })
   .observe(document, {attributes: true, subtree: true, attributeFilter: ['data-test-script-state']});
 """
-RUN_ENDED = """t0 => { let ran = false;
+# the run a key press starts has ended: the app went 'notRunning' after it ran and has stayed so for 300 ms
+# (a page may rerun itself right away: the Merge page does when its refinement lands). A press during a run
+# that is still going records no new 'running': the state at the press counts as the start then.
+RUN_START = """() => [performance.now(), (document.querySelector('[data-testid="stApp"]') || document.body)
+  .getAttribute('data-test-script-state')]"""
+RUN_ENDED = """([t0, state0]) => { let ran = state0 === 'running' || state0 === 'rerunRequested', end = null;
   for (const [t, s] of window.__msRuns) { if (t < t0) continue;
-    if (s === 'running') ran = true; else if (ran && s === 'notRunning') return t - t0; }
-  return false; }"""
+    if (s === 'notRunning') { if (ran && end === null) end = t; } else { if (s === 'running') ran = true; end = null; } }
+  return end !== null && performance.now() - end > 300 ? end - t0 : false; }"""
 
 CHART_TITLE = """() => { const el = document.querySelector('.js-plotly-plot');
   return el && el.layout && el.layout.title && el.layout.title.text ? el.layout.title.text : false; }"""
@@ -94,8 +99,9 @@ class Session:
         return f"#{self.index} {self.page_name}" + (f" ({self.method})" if self.method else "")
 
 
-async def run_end_ms(page, t0: float) -> float:
-    handle = await page.wait_for_function(RUN_ENDED, arg=t0, timeout=RUN_TIMEOUT_S * 1000, polling=20)
+async def run_end_ms(page, start: list) -> float:
+    """ms from `start` (RUN_START, taken just before the input) to the end of the run the input started."""
+    handle = await page.wait_for_function(RUN_ENDED, arg=start, timeout=RUN_TIMEOUT_S * 1000, polling=20)
     return float(await handle.json_value())
 
 
@@ -131,12 +137,12 @@ async def open_role(s: Session, base: str) -> None:
     await page.wait_for_url(re.compile(rf"/{s.page_name}(\?.*)?$"), timeout=60_000)
     await settle(page)
     if s.method and s.method != DEFAULT_METHOD:
-        t0 = await page.evaluate("performance.now()")
+        start = await page.evaluate(RUN_START)
         # Streamlit >= 1.5x draws a select box as a react-aria combobox: its button opens the list box
         box = page.locator('[data-testid="stSelectbox"]', has_text="Method").first
         await box.locator('button[aria-haspopup="listbox"], [data-baseweb="select"]').first.click()
         await page.get_by_role("option", name=re.compile(rf"^{re.escape(s.method)}\b")).first.click()
-        await run_end_ms(page, t0)
+        await run_end_ms(page, start)
         await settle(page)
     await check(s, "opening the page")
     print(f"{s.label}: open", flush=True)
@@ -159,10 +165,10 @@ async def move(s: Session) -> float:
         await slider.focus()
     except Exception as exc:
         raise await _stuck(s, f"its {s.slider!r} slider was not found", "slider") from exc
-    t0 = await s.page.evaluate("performance.now()")
+    start = await s.page.evaluate(RUN_START)
     await slider.press("ArrowRight" if s.direction > 0 else "ArrowLeft")
     try:
-        ms = await run_end_ms(s.page, t0)
+        ms = await run_end_ms(s.page, start)
     except Exception as exc:
         raise await _stuck(s, f"move {s.steps}'s script run did not end", "run") from exc
     await check(s, f"move {s.steps}")

@@ -38,6 +38,7 @@ from analysis.merging.scoring import comparison_table, merged_accuracy, referenc
 from analysis.plots.merge import accuracy_bars
 from ui import history, url
 from ui.labelfree import label_free_view
+from ui import refine
 from ui.refine import FIRST_ESTIMATE, Refiner, needs_estimate
 from ui.state import merge_inputs, require_workspace, start_page, with_progress
 
@@ -183,21 +184,7 @@ with right:
     except MergescopeError as exc:
         st.error(str(exc))
         st.stop()
-    if pending is not None:
-        @st.fragment(run_every=1.0)
-        def wait_for_refinement():
-            refiner = st.session_state["merge_refiner"]
-            result = refiner.done(pending)
-            if result is not None:
-                st.session_state["merge_refined"][pending] = result
-                st.rerun()
-            failed = refiner.failure(pending)
-            if failed is not None:
-                st.error(f"Refining the score failed: {failed}")
-            else:
-                st.caption(f"First estimate on {FIRST_ESTIMATE} examples per task (CPU); scoring "
-                           f"{'the full split' if n is None else f'{n} per task'} in the background…")
-        wait_for_refinement()
+    refinement_slot = st.empty() if pending is not None else None   # its caption while the refinement runs
     table = comparison_table(per_task, reference, split)
     scale = url.widget(st.radio, "Scale", key="merge_scale", param="scale", default="absolute",
                        options=["absolute", "normalised (÷ fine-tuned)"], horizontal=True)
@@ -225,3 +212,40 @@ rows = [{"#": i, "method": h["method"], "knobs": ", ".join(f"{k}={url.to_text(v)
 st.dataframe(pd.DataFrame(rows).round(2), width="stretch", hide_index=True)
 st.caption("Accuracy in %, on the split and number of examples per task of each row.")
 history.removal_control("merge_history")
+
+
+def wait_for_refinement(key, slot) -> None:
+    """Poll the session's refinement at the end of this run, then rerun to show it.
+
+    A slider move interrupts the wait at the slot's next update (Streamlit stops a
+    run at its next element call when a newer run is asked for); the wait gives up
+    after refine.REFINE_WAIT_S with a warning, so a run always ends. This was an
+    `st.fragment(run_every=1.0)` calling `st.rerun()`: with 8 browser sessions on
+    2 cores, that left Merge pages at their widgets' proto defaults (the first
+    method, 4 examples) in 2 of 2 runs, never with the refinement off
+    (benchmarks/sessions.py, docs/results_load.md)."""
+    refiner = st.session_state["merge_refiner"]
+    text = (f"First estimate on {FIRST_ESTIMATE} examples per task (CPU); scoring "
+            f"{'the full split' if key[-1] is None else f'{key[-1]} per task'} in the background…")
+    deadline = time.monotonic() + refine.REFINE_WAIT_S
+    while True:
+        result = refiner.done(key)
+        if result is not None:
+            st.session_state["merge_refined"][key] = result
+            st.rerun()
+        failed = refiner.failure(key)
+        if failed is not None:
+            slot.error(f"Refining the score failed: {failed}")
+            return
+        if not refiner.is_current(key):   # a newer request replaced it: nothing will land for this run
+            return
+        if time.monotonic() > deadline:   # never a run that does not end: the estimate stays, say so
+            slot.warning(f"The refined score did not arrive within {refine.REFINE_WAIT_S:.0f} s (a busy server); the "
+                         "numbers shown are the first estimate. Move a slider or reload to try again.")
+            return
+        slot.caption(text)
+        time.sleep(0.25)
+
+
+if refinement_slot is not None:
+    wait_for_refinement(pending, refinement_slot)

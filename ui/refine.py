@@ -6,7 +6,7 @@ are nested: the first n of one seeded permutation, so the estimate's examples
 are among the refined ones), shows it, and asks the session's `Refiner` for
 the full live subsample in a background thread. A newer request stops the
 older one between tasks (`ScoringStopped`), so a slider move never waits on a
-stale refinement; the page polls from an `st.fragment(run_every=…)`.
+stale refinement; the page polls at the end of its run (pages/3_Merge.py, wait_for_refinement).
 """
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ from typing import Callable, Hashable
 from ui.jobs import BackgroundJob
 
 FIRST_ESTIMATE = 8   # examples per task scored before the page first draws (CPU only)
+REFINE_WAIT_S = 90.0   # the longest a page run waits for its refinement (then it keeps the estimate and says so)
 
 
 def needs_estimate(device, subsample: int | None) -> bool:
@@ -50,6 +51,11 @@ class Refiner:
             self._key = key
             self._job = BackgroundJob(lambda report: compute(stop.is_set), label="refine")
             return self._job
+
+    def is_current(self, key: Hashable) -> bool:
+        """Whether `key` is the latest request (a stale one is never served)."""
+        with self._lock:
+            return key == self._key
 
     def failure(self, key: Hashable) -> BaseException | None:
         """The error of `key`'s job, if it failed (never a stop asked for by a newer request)."""
