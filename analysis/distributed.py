@@ -377,6 +377,17 @@ class Runner:
                 ray.cancel(ref)
 
 
+def cluster_summary(address: str | None = None) -> str:
+    """Where Ray tasks run, for progress lines: 'Ray at <address | this machine>: N node(s), C CPUs, G GPUs'
+    (connects as `connect` does)."""
+    ray = connect(address)
+    res = ray.cluster_resources()
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    where = address or os.environ.get("RAY_ADDRESS") or "this machine"
+    return (f"Ray at {where}: {nodes} node{'s' if nodes != 1 else ''}, {res.get('CPU', 0):g} CPUs, "
+            f"{res.get('GPU', 0):g} GPUs")
+
+
 # --------------------------------------------------------------------------- jobs (run in workers)
 def _worker_pid(hold_s: float) -> int:
     """A worker's process id, after holding it `hold_s` seconds (so each of a batch lands on its own worker)."""

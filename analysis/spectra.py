@@ -50,6 +50,7 @@ import hashlib
 import logging
 import math
 import os
+import shutil
 import threading
 import time
 import weakref
@@ -138,6 +139,7 @@ class SpectralCache:
         self.device = get_device(device)
         kinds = ("matrix", "conv", "embedding") if include_embeddings else ("matrix", "conv")
         self.names = tvs.names_of_kind(*kinds)
+        self.include_embeddings = include_embeddings
         self.keep = parse_keep(keep)
         self._ranks = {n: min(as_matrix(torch.empty(tvs.shape(n), device="meta")).shape) for n in self.names}
         self._kept = {n: kept_rank_for(k, len(tvs.tasks), self.keep) for n, k in self._ranks.items()}
@@ -354,7 +356,11 @@ class SpectralCache:
         budget allows. A group whose single parameter exceeds the budget runs on
         the CPU; an out-of-memory error halves the batch, and at one parameter
         moves to the CPU; only a CPU that cannot hold one parameter raises
-        ResourceError. Each fallback leaves a message in `messages`."""
+        ResourceError. Each fallback leaves a message in `messages`.
+        With $MERGESCOPE_DISTRIBUTED=ray the parameters are Ray tasks instead (`_compute_on_ray`)."""
+        from analysis import distributed
+        if distributed.backend() == "ray":
+            return self._compute_on_ray(distributed.Runner("ray", device=self.device))
         storage = self._storage()
         t = len(self.tasks)
         groups: dict[tuple[int, int], list[str]] = {}
@@ -416,6 +422,35 @@ class SpectralCache:
                 i += len(chunk)
                 del stack, u, s, vh
         return {nm: out[nm] for nm in self.names}
+
+    def _compute_on_ray(self, runner) -> dict[str, Factors]:
+        """The same decompositions as Ray tasks, one per parameter (analysis.distributed.compute_spectra:
+        same SVD method and tolerance, factors bit for bit those of `_compute`). Workers reopen the set from
+        its files and write each parameter's factors under this cache's folder (shared storage on a
+        cluster), keeping the largest fraction any parameter here keeps; they are read back, cut to what
+        this cache keeps, and the working folder is removed. `progress` names the cluster."""
+        from analysis import distributed
+        fraction = min(1.0, max(self._kept[n] / self._ranks[n] for n in self.names))
+        cluster = distributed.cluster_summary(runner.address)
+        report = (None if self.progress is None else
+                  lambda done, total, name: self.progress(done, total, f"{name} · {cluster}"))
+        work = self.cache_dir / f".ray-{self.key}-{os.getpid()}"
+        try:
+            store = distributed.compute_spectra(self.tvs, work, runner=runner, max_rank_fraction=fraction,
+                                                include_embeddings=self.include_embeddings, method=self.method,
+                                                tol=self.tol, progress=report)
+            storage, out = self._storage(), {}
+            for name in self.names:
+                u, s, vh = store.factors(name)
+                kk, k = self._kept[name], self._ranks[name]
+                out[name] = (_kept(u[..., :kk], storage, kk < k), s.to(storage),   # the layout `_compute` gives
+                             _kept(vh[..., :kk, :], storage, kk < k))
+                self.compute_count += 1
+            for name in self.names:   # one entry per job, as `_compute` has one per batch; plus where it ran
+                self.report.append({**store.report[name], "matrices": len(self.tasks), "ray": cluster})
+            return out
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
 
     def _meta(self) -> dict[str, str]:
         return {"format": CACHE_FORMAT, "tasks": ",".join(self.tasks), "key": self.key, "keep": str(self.keep)}

@@ -51,7 +51,8 @@ def _tsvc_errors(_cache, key: str, rank_fraction: float):
 
 methods = sorted({r["method"] for r in cache.report})
 st.caption(f"{ws.name}: {len(tasks)} tasks, {len(cache.names)} matrices decomposed once "
-           f"({'read from the disk cache' if not cache.report else 'computed with ' + ', '.join(methods)}); "
+           f"({'read from the disk cache' if not cache.report else 'computed with ' + ', '.join(methods)}"
+           f"{''.join(sorted({' as tasks on ' + r['ray'] for r in cache.report if 'ray' in r}))}); "
            "moving the slider re-slices the cached factors, no SVD is recomputed.")
 
 first_visit = url.first_run("spectra_rank_fraction")   # a fresh session or back from another page

@@ -167,3 +167,44 @@ def test_every_method_without_data_splits_into_per_parameter_jobs(llama_set, ref
             assert all(torch.equal(ours.for_task(task)[n], ref.for_task(task)[n]) for n in ref.for_task(task)), method
     with pytest.raises(ValidationError, match="labelled data"):
         dist.merge(store, "regmean")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("keep", ["full", 0.5])
+def test_the_apps_spectral_cache_on_ray_gives_the_same_factors_and_names_the_cluster(keep, llama_set, tmp_path,
+                                                                                     monkeypatch, request):
+    request.getfixturevalue("ray_session")
+    local = SpectralCache(llama_set, persist=False, keep=keep).compute()
+    monkeypatch.setenv(dist.ENV_VAR, "ray")
+    calls = []
+    on_ray = SpectralCache(llama_set, cache_dir=tmp_path, keep=keep,
+                           progress=lambda done, total, what: calls.append((done, total, what))).compute()
+    assert [(d, t) for d, t, _ in calls] == [(i, 15) for i in range(1, 16)]
+    assert all("Ray at this machine: 1 node, 2 CPUs, 0 GPUs" in what for *_, what in calls), calls[0]
+    assert on_ray.compute_count == 15 and len(on_ray.report) == 15
+    assert {r["method"] for r in on_ray.report} == {r["method"] for r in local.report}   # the Spectra page names it
+    assert all(r["ray"].startswith("Ray at this machine") for r in on_ray.report)
+    for name in local.names:
+        kept = local.kept_rank(name)
+        assert on_ray.kept_rank(name) == kept
+        for ours, theirs in zip(on_ray.top(name, kept), local.top(name, kept)):
+            assert torch.equal(ours, theirs), name
+    on_ray.flush()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ray-")] == []   # the working folder is gone
+    monkeypatch.setenv(dist.ENV_VAR, "off")   # the file it wrote is the cache a single-process start reads
+    again = SpectralCache(llama_set, cache_dir=tmp_path, keep=keep).compute()
+    first = local.names[0]
+    assert again.compute_count == 0 and torch.equal(again.top(first, 1)[0], local.top(first, 1)[0])
+
+
+def test_the_sidebar_says_when_spectra_run_on_ray(monkeypatch):
+    from ui.state import distributed_label
+    monkeypatch.delenv(dist.ENV_VAR, raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert distributed_label() is None
+    monkeypatch.setenv(dist.ENV_VAR, "ray")
+    assert "Ray tasks on a local Ray on this machine" in distributed_label()
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    assert "ray://head:10001" in distributed_label()
+    monkeypatch.setenv(dist.ENV_VAR, "dask")
+    assert "'dask'" in distributed_label()   # shown in the sidebar, never a traceback on every page

@@ -5,6 +5,7 @@ Tests inject a workspace with `AppTest.session_state["workspace"] = Workspace(..
 from __future__ import annotations
 
 import contextlib
+import os
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +13,7 @@ from typing import Any
 import pandas as pd
 import streamlit as st
 
+from analysis.errors import MergescopeError
 from analysis.merging.inputs import MergeInputs
 from analysis.paths import cache_root  # noqa: F401  (re-exported: pages and app.py import it from here)
 from analysis.spectra import SpectralCache
@@ -114,10 +116,25 @@ def rank_fraction_slider(cache: SpectralCache, *, key: str, param: str, help: st
     return f
 
 
-@st.cache_resource(show_spinner="Computing per-layer SVDs (once per set)…")
+@st.cache_resource(show_spinner=False)   # the bar says it (a spinner beside it squeezed its text)
 def spectral_cache(_ws: Workspace, key: str, include_embeddings: bool = False) -> SpectralCache:
-    # compute (or load from disk) every factor now, under the spinner, not on a slider move
-    return merge_inputs(_ws, key).spectra(include_embeddings).compute()
+    # compute (or load from disk) every factor now, under the bar, not on a slider move; on Ray the bar
+    # names the cluster (SpectralCache._compute_on_ray)
+    inputs = merge_inputs(_ws, key)
+    with with_progress(inputs, "Per-layer SVDs (once per set, cached on disk)", eager=True):
+        return inputs.spectra(include_embeddings).compute()
+
+
+def distributed_label() -> str | None:
+    """The sidebar's line when $MERGESCOPE_DISTRIBUTED asks for Ray (None when off); a bad value is shown, not raised."""
+    from analysis import distributed
+    try:
+        if distributed.backend() != "ray":
+            return None
+    except MergescopeError as exc:
+        return f"**Distributed:** {exc}"
+    where = os.environ.get("RAY_ADDRESS") or "a local Ray on this machine"
+    return f"**Distributed:** per-layer SVDs run as Ray tasks on {where} (${distributed.ENV_VAR}=ray)"
 
 
 @contextlib.contextmanager
@@ -141,11 +158,15 @@ def _unrecorded():
 
 
 @contextlib.contextmanager
-def with_progress(inputs: MergeInputs, label: str):
-    """While inside, a progress bar shows whenever `inputs` computes statistics or spectra.
+def with_progress(inputs: MergeInputs, label: str, eager: bool = False):
+    """While inside, a progress bar shows whenever `inputs` computes statistics or spectra
+    (`eager`: from the start, for a block that only runs when there is work).
 
     The bar is drawn live even from inside a cached function, and never replayed."""
     widget = None
+    if eager:
+        with _unrecorded():
+            widget = st.progress(0.0, text=f"{label} · starting…")
 
     def report(done, total, what):
         nonlocal widget
@@ -200,6 +221,8 @@ def sidebar_status() -> None:
     with st.sidebar:
         st.caption(f"**Device:** {device_label()}")
         st.caption(f"**Caches:** `{cache_root()}`")
+        if (ray_note := distributed_label()):
+            st.caption(ray_note)
         if ws is not None:
             st.caption(f"**Loaded:** {ws.name} · {len(ws.tvs.tasks)} tasks")
             if ws.extras.get("restore_note"):
