@@ -397,7 +397,8 @@ def main(argv=None) -> None:
     finally:
         memory.stop()
 
-    print_rows(results)
+    if len(results) > 1:   # each row was printed as its path ended; together here
+        print_rows(results)
     print(f"set on disk {set_bytes / GIB:.2f} GiB; float32 deltas of the set {est['params'] * 4 * args.tasks / GIB:.2f} "
           f"GiB; largest jobs' working sets {', '.join(f'{j / GIB:.2f}' for j in est['jobs'][:2])} GiB")
     if len(results) == 2:
