@@ -446,7 +446,7 @@ class SpectralCache:
                 out[name] = (_kept(u[..., :kk], storage, kk < k), s.to(storage),   # the layout `_compute` gives
                              _kept(vh[..., :kk, :], storage, kk < k))
                 self.compute_count += 1
-            for name in self.names:   # one entry per job, as `_compute` has one per batch; plus where it ran
+                # one entry per job, as `_compute` has one per batch; plus where it ran
                 self.report.append({**store.report[name], "matrices": len(self.tasks), "ray": cluster})
             return out
         finally:

@@ -36,9 +36,8 @@ from analysis.errors import HyperparameterError, MergescopeError
 from analysis.merging import METHODS, available_methods, merge, unavailable
 from analysis.merging.scoring import comparison_table, merged_accuracy, reference_on_examples, wide
 from analysis.plots.merge import accuracy_bars
-from ui import history, url
+from ui import history, refine, url
 from ui.labelfree import label_free_view
-from ui import refine
 from ui.refine import FIRST_ESTIMATE, Refiner, needs_estimate
 from ui.state import merge_inputs, require_workspace, start_page, with_progress
 
