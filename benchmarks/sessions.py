@@ -200,7 +200,7 @@ async def report_check(s: Session) -> list[str]:
 
 
 def pct(values: list[float], q: float) -> float:
-    """q-th percentile (linear interpolation). The stdlib's `statistics` is shadowed by benchmarks/statistics.py."""
+    """q-th percentile (linear interpolation)."""
     return float(np.percentile(values, q))
 
 

@@ -13,7 +13,7 @@ import pytest
 from test_browser import CHROMIUM
 
 ROOT = Path(__file__).resolve().parents[1]
-# loaded by path: benchmarks/ on sys.path would shadow the stdlib's `statistics` with benchmarks/statistics.py
+# loaded by path: benchmarks/ is not a package
 _spec = importlib.util.spec_from_file_location("benchmark_sessions", ROOT / "benchmarks" / "sessions.py")
 sessions = sys.modules["benchmark_sessions"] = importlib.util.module_from_spec(_spec)   # dataclasses look it up
 _spec.loader.exec_module(sessions)

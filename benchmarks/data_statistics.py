@@ -1,6 +1,6 @@
 """Time the data statistics and the data-aware merges on a demo build.
 
-    python benchmarks/statistics.py --build quick [--device cuda] [--n 256]
+    python benchmarks/data_statistics.py --build quick [--device cuda] [--n 256]
 
 Prints the seconds to compute every task's diagonal Fisher and linear-input
 Grams (n training examples per task), then to load them again from the disk
