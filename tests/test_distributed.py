@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from analysis import distributed as dist
+from analysis.device import get_device
 from analysis.errors import HyperparameterError, ValidationError
 from analysis.interference import sti_tables
 from analysis.merging import merge
@@ -29,6 +30,11 @@ from analysis.spectra import SpectralCache, singular_values_table
 from analysis.taskvectors import TaskVectorSet
 
 TASKS = ("code", "math", "chat")
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Bit for bit, wherever each lives (jobs hand their results back on the CPU)."""
+    return torch.equal(a.cpu(), b.cpu())
 RANK_FRACTION = 0.3
 
 
@@ -111,7 +117,7 @@ def test_factors_sti_and_tsv_m_match_the_single_process_path(where, llama_set, r
     if where == "ray":
         request.getfixturevalue("ray_session")
     cache, sti_ref, pairs_ref, merged_ref = reference
-    runner = dist.Runner(where, device="cpu")
+    runner = dist.Runner(where, device=str(get_device()))   # the reference ran there
     calls = []
     store = dist.compute_spectra(llama_set, tmp_path / "factors", runner=runner,
                                  progress=lambda done, total, name: calls.append((done, total, name)))
@@ -120,7 +126,7 @@ def test_factors_sti_and_tsv_m_match_the_single_process_path(where, llama_set, r
     assert sorted(n for *_, n in calls) == sorted(store.names)
     for name in cache.names:
         for ours, theirs in zip(store.factors(name), cache.factors(name)):
-            assert torch.equal(ours, theirs), name
+            assert same(ours, theirs), name
     pd.testing.assert_frame_equal(singular_values_table(store), singular_values_table(cache), check_exact=True)
 
     sti, pairs = dist.sti_tables(store, RANK_FRACTION, runner=runner)
@@ -131,7 +137,7 @@ def test_factors_sti_and_tsv_m_match_the_single_process_path(where, llama_set, r
     merged = dist.merge(store, "tsv_m", runner=runner)
     assert list(merged) == list(merged_ref) == llama_set.param_names
     for name in merged_ref:
-        assert torch.equal(merged[name], merged_ref[name]), name
+        assert same(merged[name], merged_ref[name]), name
 
 
 def test_a_store_keeping_the_top_directions_serves_fractions_up_to_its_own(llama_set, reference, tmp_path):
@@ -140,14 +146,14 @@ def test_a_store_keeping_the_top_directions_serves_fractions_up_to_its_own(llama
     name = "model.layers.0.mlp.up_proj.weight"          # 48 x 32: k = 32, 16 directions kept
     u, s, vh = store.factors(name)
     u_ref, s_ref, vh_ref = cache.factors(name)
-    assert torch.equal(s, s_ref) and u.shape[-1] == 16 == vh.shape[-2]
-    assert torch.equal(u, u_ref[..., :16]) and torch.equal(vh, vh_ref[..., :16, :])
+    assert same(s, s_ref) and u.shape[-1] == 16 == vh.shape[-2]
+    assert same(u, u_ref[..., :16]) and same(vh, vh_ref[..., :16, :])
 
     sti, _ = dist.sti_tables(store, 1 / 3, runner=dist.Runner("off"))
     pd.testing.assert_frame_equal(sti, sti_tables(llama_set, 1 / 3, cache=cache)[0], check_exact=True)
     merged = dist.merge(store, "tsv_m", runner=dist.Runner("off"), rank_fraction=1 / 3)
     merged_ref = merge(llama_set, "tsv_m", cache=cache, rank_fraction=1 / 3)
-    assert all(torch.equal(merged[n], merged_ref[n]) for n in merged_ref)
+    assert all(same(merged[n], merged_ref[n]) for n in merged_ref)
     with pytest.raises(HyperparameterError, match="0.75"):
         dist.merge(store, "tsv_m", runner=dist.Runner("off"), rank_fraction=0.75)
 
@@ -164,7 +170,7 @@ def test_every_method_without_data_splits_into_per_parameter_jobs(llama_set, ref
         ours = dist.merge(store, method, runner=dist.Runner("off"))
         ref = merge(llama_set, method, cache=cache)
         for task in TASKS:
-            assert all(torch.equal(ours.for_task(task)[n], ref.for_task(task)[n]) for n in ref.for_task(task)), method
+            assert all(same(ours.for_task(task)[n], ref.for_task(task)[n]) for n in ref.for_task(task)), method
     with pytest.raises(ValidationError, match="labelled data"):
         dist.merge(store, "regmean")
 
@@ -188,13 +194,13 @@ def test_the_apps_spectral_cache_on_ray_gives_the_same_factors_and_names_the_clu
         kept = local.kept_rank(name)
         assert on_ray.kept_rank(name) == kept
         for ours, theirs in zip(on_ray.top(name, kept), local.top(name, kept)):
-            assert torch.equal(ours, theirs), name
+            assert same(ours, theirs), name
     on_ray.flush()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".ray-")] == []   # the working folder is gone
     monkeypatch.setenv(dist.ENV_VAR, "off")   # the file it wrote is the cache a single-process start reads
     again = SpectralCache(llama_set, cache_dir=tmp_path, keep=keep).compute()
     first = local.names[0]
-    assert again.compute_count == 0 and torch.equal(again.top(first, 1)[0], local.top(first, 1)[0])
+    assert again.compute_count == 0 and same(again.top(first, 1)[0], local.top(first, 1)[0])
 
 
 def test_the_sidebar_says_when_spectra_run_on_ray(monkeypatch):

@@ -338,9 +338,10 @@ def test_padding_does_not_change_a_fast_gradient(demo):
     names, values, given = ev._grad_leaves(None, None)
     route = ev._grad_route(task, data, torch.tensor([i]), values, given, names)
     assert route is not None
-    own = data.batch(torch.tensor([i]))[0]
-    padded = {"input_ids": data.input_ids[i:i + 1], "attention_mask": data.attention_mask[i:i + 1]}
-    label = data.labels[i:i + 1]
+    on = lambda batch: {k: v.to(ev.device) for k, v in batch.items()}   # noqa: E731  (the data stays on the CPU)
+    own = on(data.batch(torch.tensor([i]))[0])
+    padded = on({"input_ids": data.input_ids[i:i + 1], "attention_mask": data.attention_mask[i:i + 1]})
+    label = data.labels[i:i + 1].to(ev.device)
     a = ev._vmap_chunk(task, own, label, values, given, names, route)
     b = ev._vmap_chunk(task, padded, label, values, given, names, route)
     _assert_same_up_to_rounding({k: b.example(k, 0) for k in names}, {k: a.example(k, 0) for k in names})
@@ -400,7 +401,7 @@ def test_a_backbone_vmap_cannot_batch_falls_back_to_the_loop_once(monkeypatch, r
     tried = len(calls)
     assert tried >= 1
     # the answer is the loop's, by hand: per-example autograd
-    expect = {k: torch.zeros_like(v) for k, v in ev.backbone.named_parameters()}
+    expect = {k: torch.zeros_like(v, device="cpu") for k, v in ev.backbone.named_parameters()}   # Fishers are on the CPU
     for i in range(30):
         params = {k: v.detach().clone().requires_grad_(True) for k, v in ev.backbone.named_parameters()}
         logits = functional_call(ev.backbone, params, (x[i:i + 1].to(ev.device),)) @ ev.heads["t"].weight.T

@@ -134,11 +134,38 @@ def test_history_keeps_one_row_per_recipe_looked_at_and_rows_can_be_removed(tiny
     assert [h["knobs"]["alpha"] for h in at.session_state["merge_history"]] == [1.5]
 
 
+def _skip_unless_scored_on_a_cpu(ws):
+    import pytest
+    if not str(ws.evaluator.device).startswith("cpu"):
+        pytest.skip(f"the first estimate is drawn on a CPU only; this evaluator runs on {ws.evaluator.device} "
+                    "(test_off_the_cpu_the_page_scores_in_full_in_one_run covers that case)")
+
+
+def test_off_the_cpu_the_page_scores_in_full_in_one_run(tiny_workspace, monkeypatch):
+    import pytest
+
+    from analysis.merging import merge
+    from analysis.merging.scoring import merged_accuracy
+    from ui import refine
+    monkeypatch.setenv("MERGESCOPE_FIRST_ESTIMATE", "1")
+    needs = refine.needs_estimate
+    monkeypatch.setattr(refine, "needs_estimate", lambda device, n: needs("cuda:0", n))   # as on a GPU
+    ws = tiny_workspace
+    at = _page(ws, query={"method": "task_arithmetic", "alpha": "0.5", "subsample": "20"})
+    assert not at.exception, at.exception
+    refined = at.session_state["merge_refined"] if "merge_refined" in at.session_state else {}
+    assert not refined                                       # no background refinement was asked for
+    want = merged_accuracy(ws.evaluator, merge(ws.tvs, "task_arithmetic", alpha=0.5), subsample=20)
+    assert _accuracy_table(at).loc[list(want), "merged"].tolist() == pytest.approx(list(want.values()))
+    assert not any("First estimate" in c.value for c in at.caption) and not at.warning
+
+
 def test_on_a_cpu_the_run_waits_for_the_refined_score_and_shows_it(tiny_workspace, monkeypatch):
     import pytest
 
     from analysis.merging import merge
     from analysis.merging.scoring import merged_accuracy
+    _skip_unless_scored_on_a_cpu(tiny_workspace)
     monkeypatch.setenv("MERGESCOPE_FIRST_ESTIMATE", "1")
     ws = tiny_workspace
     at = _page(ws, query={"method": "task_arithmetic", "alpha": "0.5", "subsample": "20"})
@@ -161,6 +188,7 @@ def test_a_refinement_that_does_not_arrive_in_time_leaves_the_estimate_and_says_
     from analysis.merging import merge
     from analysis.merging.scoring import merged_accuracy
     from ui import refine
+    _skip_unless_scored_on_a_cpu(tiny_workspace)
     monkeypatch.setenv("MERGESCOPE_FIRST_ESTIMATE", "1")
     monkeypatch.setattr(refine, "REFINE_WAIT_S", 1.0)
     gate = threading.Event()   # holds the refinement back until the first run has given up on it
