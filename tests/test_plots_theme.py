@@ -122,3 +122,19 @@ def test_wide_table_in_percent_matches_its_heading():
     pct = wide_table(comp, "accuracy", TASKS, percent=True)
     assert np.allclose(pct[TASKS + ["mean"]].to_numpy(), 100 * frac[TASKS + ["mean"]].to_numpy())
     assert pct.set_index("config").loc["fine-tuned", "mean"] == pytest.approx(90.0)
+
+
+def test_apply_theme_sets_the_validated_template_unshared():
+    """The template goes in without plotly re-validating it: the figure is the one a validated
+    assignment gives, and changing a figure's template leaves the shared one alone."""
+    import plotly.graph_objects as go
+
+    from analysis.plots import TEMPLATE
+    fig = apply_theme(go.Figure(go.Heatmap(z=[[1, 2], [3, 4]])), title="t")
+    slow = go.Figure(go.Heatmap(z=[[1, 2], [3, 4]]))
+    slow.update_layout(template=TEMPLATE, height=520, title_text="t")
+    slow.layout.legend, slow.layout.margin = None, None
+    assert fig.to_plotly_json() == slow.to_plotly_json()
+    before = TEMPLATE.to_plotly_json()
+    fig.layout.template.layout.font.size = 99
+    assert TEMPLATE.to_plotly_json() == before
