@@ -138,3 +138,20 @@ def test_apply_theme_sets_the_validated_template_unshared():
     before = TEMPLATE.to_plotly_json()
     fig.layout.template.layout.font.size = 99
     assert TEMPLATE.to_plotly_json() == before
+
+
+def test_figures_built_unchecked_are_what_plotly_checks_them_to_be():
+    """path_figure skips plotly's per-property checks on the way in: rebuilding its figure with the
+    checks on raises on any invalid property and gives the same JSON."""
+    import json
+
+    import plotly.graph_objects as go
+
+    from analysis.plots.landscape import path_figure
+    curves = pd.DataFrame([{"task": t, "metric": m, "lam": lam, "value": 0.1 * i + lam}
+                           for i, t in enumerate(TASKS) for m in ("loss", "accuracy") for lam in (0.0, 0.5, 1.0)])
+    fig = path_figure(curves, TASKS, title="a path", subtitle="sub", start_label="θ₀", end_label="merged")
+    assert json.loads(go.Figure(fig.to_dict()).to_json()) == json.loads(fig.to_json())
+    assert [t.xaxis for t in fig.data] == ["x"] * 4 + ["x2"] * 4 and fig.layout.xaxis2.ticktext[-1] == "1<br>merged"
+    with pytest.raises(ValueError):
+        fig.update_layout(not_a_property=1)    # checked again after construction
