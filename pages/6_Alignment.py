@@ -18,7 +18,7 @@ from analysis.barriers import BARRIERS, barrier_labels
 from analysis.errors import MergescopeError
 from analysis.permutation import c2m3, mlp_spec_from_state_dict
 from analysis.permutation.mlp import evaluate_mlp
-from analysis.permutation.pipeline import aligned_planes, compare_paths, cycle_errors, merge_models
+from analysis.permutation.pipeline import aligned_planes, align_to_first, compare_paths, cycle_errors, merge_models
 from analysis.plots.alignment import interpolation_figure, plane_figure
 from ui import own_transformers, url
 from ui.state import get_workspace, start_page
@@ -82,12 +82,21 @@ def eval_fn_for(n_eval: int):
     return lambda sd: evaluate_mlp(sd, x[:n_eval], y[:n_eval])
 
 
+@st.cache_data(show_spinner="Aligning…", max_entries=32)
+def aligned_to(key: str, a: str, b: str, method: str) -> dict:
+    """B in A's unit order: a change of the path's points or evaluation sizes does not re-align
+    (weight matching was half of such a rerun)."""
+    m = src["models"]
+    return align_to_first([m[a], m[b]], mlp_spec_from_state_dict(m[a]), method)[1]
+
+
 @st.cache_data(show_spinner="Interpolating…", max_entries=32)
 def paths_table(key: str, a: str, b: str, method: str, use_repair: bool, n_lam: int, n_eval: int, n_rep: int):
     m = src["models"]
     lams = [i / (n_lam - 1) for i in range(n_lam)]
     return compare_paths(m[a], m[b], mlp_spec_from_state_dict(m[a]), eval_fn_for(n_eval), lams, method,
-                         repair_x=src["train_x"][:n_rep] if use_repair else None)
+                         repair_x=src["train_x"][:n_rep] if use_repair else None,
+                         b_aligned=aligned_to(key, a, b, method))
 
 
 @st.cache_data(show_spinner="Evaluating the loss plane…", max_entries=16)

@@ -54,3 +54,22 @@ def test_page_without_models_asks_to_build_the_demo(tmp_path, monkeypatch):
     at = run_page(PAGE)
     assert not at.exception, at.exception
     assert any("Build the demo first" in i.value for i in at.info)
+
+
+def test_more_points_on_the_path_do_not_align_again(injected, monkeypatch):
+    import streamlit as st
+
+    from analysis.permutation import pipeline
+    st.cache_data.clear()                           # earlier tests cached this pair's alignment
+    calls = []
+    real = pipeline.weight_matching
+    monkeypatch.setattr(pipeline, "weight_matching", lambda *a, **k: calls.append(1) or real(*a, **k))
+    at = _page(injected, al_lam=7)
+    assert not at.exception, at.exception
+    first = len(calls)
+    assert first >= 1
+    at.slider(key="al_lam").set_value(9).run()
+    assert not at.exception, at.exception
+    bars = next(t.value for t in at.dataframe if "midpoint barrier" in t.value.columns)
+    assert set(bars["method"]) == {"naive", "weight matching"}
+    assert len(calls) == first                      # the path has new points, B keeps its alignment
