@@ -32,9 +32,17 @@ from analysis.taskvectors import TaskVectorSet
 TASKS = ("code", "math", "chat")
 
 
+DEVICE = get_device()
+
+
 def same(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bit for bit, wherever each lives (jobs hand their results back on the CPU)."""
-    return torch.equal(a.cpu(), b.cpu())
+    """Bit for bit on a CPU, wherever each lives (jobs hand their results back on the CPU). On a GPU,
+    to 1e-5 relative: cuBLAS picks its kernels by batch size, so one parameter per job and the
+    single process's shape-group batches differ in the last bits (H100: TSV-M, Iso-CTS merges)."""
+    a, b = a.cpu(), b.cpu()
+    if DEVICE.type == "cpu":
+        return torch.equal(a, b)
+    return a.shape == b.shape and float((a.double() - b.double()).norm()) <= 1e-5 * float(b.double().norm()) + 1e-12
 RANK_FRACTION = 0.3
 
 
@@ -117,7 +125,7 @@ def test_factors_sti_and_tsv_m_match_the_single_process_path(where, llama_set, r
     if where == "ray":
         request.getfixturevalue("ray_session")
     cache, sti_ref, pairs_ref, merged_ref = reference
-    runner = dist.Runner(where, device=str(get_device()))   # the reference ran there
+    runner = dist.Runner(where, device=str(DEVICE))   # the reference ran there
     calls = []
     store = dist.compute_spectra(llama_set, tmp_path / "factors", runner=runner,
                                  progress=lambda done, total, name: calls.append((done, total, name)))

@@ -344,7 +344,7 @@ def test_padding_does_not_change_a_fast_gradient(demo):
     label = data.labels[i:i + 1].to(ev.device)
     a = ev._vmap_chunk(task, own, label, values, given, names, route)
     b = ev._vmap_chunk(task, padded, label, values, given, names, route)
-    _assert_same_up_to_rounding({k: b.example(k, 0) for k in names}, {k: a.example(k, 0) for k in names})
+    _assert_same_up_to_rounding({k: b.example(k, 0).cpu() for k in names}, {k: a.example(k, 0).cpu() for k in names})
 
 
 def test_fast_grads_equal_the_loop_on_the_toy_feature_module(tiny_workspace, _toy):
