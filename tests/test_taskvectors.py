@@ -78,6 +78,22 @@ def test_fingerprint_changes_with_content():
     assert TaskVectorSet.from_state_dicts(base, fts).fingerprint() != tvs.fingerprint()
 
 
+def test_fingerprint_of_many_parameters_on_threads_keeps_order_and_per_parameter_digests():
+    g = torch.Generator().manual_seed(0)
+    base = {f"p{i}": torch.zeros(5, 3) for i in range(40)}            # more than the pool holds in flight
+    fts = {t: {k: torch.randn(5, 3, generator=g) for k in base} for t in ("a", "b")}
+    tvs = TaskVectorSet.from_state_dicts(base, fts)
+    full = tvs.fingerprint()
+    assert full == TaskVectorSet.from_state_dicts(base, fts).fingerprint()      # content, not identity
+    reads = tvs.reads
+    part = tvs.fingerprint(["p3", "p1"])
+    assert tvs.reads == reads                                                  # digests kept per parameter
+    assert part != tvs.fingerprint(["p1", "p3"]) and part != full              # names in order
+    fts["a"]["p39"] = fts["a"]["p39"].clone()
+    fts["a"]["p39"][4, 2] += 1e-6                                              # the last tensor's last number
+    assert TaskVectorSet.from_state_dicts(base, fts).fingerprint() != full
+
+
 def test_delta_reads_one_tensor_at_a_time_from_a_sharded_checkpoint(tmp_path):
     """Per-parameter access materialises exactly the two tensors it needs."""
     n_layers = 12
