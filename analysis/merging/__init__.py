@@ -6,7 +6,7 @@
     result = merge(inputs, "regmean", n_examples=256)
     state_dict = tvs.apply(result.for_task("task_a"))               # base + the delta task_a is scored with
 
-`merge(source, name, *, evaluator=None, cache=None, device=None, polar="auto", sink=None, **knobs)`:
+`merge(source, name, *, evaluator=None, cache=None, device=None, polar="auto", topk="auto", sink=None, **knobs)`:
 - `source` is a TaskVectorSet or a `MergeInputs` (which carries the lazily
   computed, content-keyed resources: spectra, activation Grams, Fishers, the
   evaluator's data). A bare set gets a default MergeInputs kept on it, so
@@ -27,6 +27,11 @@
 - `polar` picks the solver of the polar factor (`analysis.merging.polar`):
   "auto" (Newton–Schulz on CUDA, float64 Gram eigh elsewhere), "exact" (SVD),
   "gram", "newton_schulz"; all agree within 1e-5 relative (tests).
+- `topk` picks how Iso-CTS takes the top singular triplets of each projected
+  residual after a change of c: "exact" (a full eigh / SVD), "subspace"
+  (matmul-only subspace iteration, `analysis.svd.top_k_eigh`, exact fallback)
+  or "auto" ("subspace" on CUDA, "exact" elsewhere); they agree within 1e-4
+  relative, and "subspace" is the closer to a float64 reference (tests).
 
 Adding a method: its own module with a `MergeMethod(...)`, plus one line in
 `_REGISTRY` below.
@@ -87,9 +92,10 @@ _REGISTRY = (
 METHODS: dict[str, MergeMethod] = {m.name: m for m in _REGISTRY}
 
 POLAR_SOLVERS = ("auto", "exact", "gram", "newton_schulz")
+TOPK_SOLVERS = ("auto", "exact", "subspace")
 
 __all__ = ["METHODS", "merge", "get_method", "unavailable", "available_methods", "MergeMethod", "MergeResult",
-           "MergeInputs", "Hyperparameter", "Needs", "POLAR_SOLVERS", "MergeContext", "ParamGroup"]
+           "MergeInputs", "Hyperparameter", "Needs", "POLAR_SOLVERS", "TOPK_SOLVERS", "MergeContext", "ParamGroup"]
 
 
 def get_method(name: str) -> MergeMethod:
@@ -109,12 +115,14 @@ def available_methods(n_tasks: int, has_data: bool) -> list[str]:
     return [name for name in METHODS if unavailable(name, n_tasks, has_data) is None]
 
 
-def merge(source, method: str, *, evaluator=None, cache=None, device=None, polar: str = "auto", sink=None,
-          **hyperparams):
+def merge(source, method: str, *, evaluator=None, cache=None, device=None, polar: str = "auto", topk: str = "auto",
+          sink=None, **hyperparams):
     """The merged delta(s) of `source` by `method` with the given knobs (see the module docstring)."""
     spec = get_method(method)
     inputs = as_inputs(source, evaluator=evaluator, cache=cache, device=device)
     params = spec.validate(hyperparams, len(inputs.tasks))
     if polar not in POLAR_SOLVERS:
         raise HyperparameterError(f"{method}: polar solver {polar!r} is not one of {list(POLAR_SOLVERS)}")
-    return run(spec, inputs, params, polar=polar, sink=sink)
+    if topk not in TOPK_SOLVERS:
+        raise HyperparameterError(f"{method}: top-k solver {topk!r} is not one of {list(TOPK_SOLVERS)}")
+    return run(spec, inputs, params, polar=polar, topk=topk, sink=sink)

@@ -206,7 +206,7 @@ class MergeMethod:
 @dataclass
 class MergeContext:
     """What a method may use besides the parameter group: the device, the
-    inputs object (spectra, statistics, data), the polar solver, a memo that
+    inputs object (spectra, statistics, data), the polar and top-k solvers, a memo that
     lives as long as the inputs (SVDs of task sums, the last unscaled merge)
     and the state returned by the method's `prepare` pass."""
 
@@ -214,6 +214,7 @@ class MergeContext:
     inputs: Any = None             # analysis.merging.inputs.MergeInputs
     cache: Any = None              # the SpectralCache for this call (spectral methods), else None
     polar: str = "auto"            # "auto" | "exact" | "gram" | "newton_schulz"
+    topk: str = "auto"             # top-k eigenpairs: "auto" | "exact" | "subspace" (analysis.svd.top_k_eigh)
     memo: dict = field(default_factory=dict)
     state: Any = None
 

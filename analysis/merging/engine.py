@@ -135,13 +135,14 @@ def groups(method: MergeMethod, names: list[str], tvs, inputs) -> list[ParamGrou
     return out
 
 
-def run(method: MergeMethod, inputs, params: dict, *, polar: str = "auto", sink: Sink | None = None) -> MergeResult | None:
+def run(method: MergeMethod, inputs, params: dict, *, polar: str = "auto", topk: str = "auto",
+        sink: Sink | None = None) -> MergeResult | None:
     """Merge `inputs.tvs` with `method` at validated knobs `params` (see module doc).
 
     With a `sink`, tensors go there as they are made and None is returned."""
     tvs = inputs.tvs
     cache = inputs.spectra(bool(params.get("include_embeddings", False))) if method.needs.spectra else None
-    ctx = MergeContext(device=inputs.device, inputs=inputs, cache=cache, polar=polar, memo=inputs.memo)
+    ctx = MergeContext(device=inputs.device, inputs=inputs, cache=cache, polar=polar, topk=topk, memo=inputs.memo)
     if method.needs.labelled_data or method.needs.activations or method.needs.gradients:
         inputs.require_data(method.name)
     if method.prepare is not None:

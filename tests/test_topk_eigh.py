@@ -1,0 +1,120 @@
+"""analysis.svd.top_k_eigh (block subspace iteration for the top eigenpairs) and its use in Iso-CTS."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from analysis.device import get_device
+from analysis.svd import top_k_eigh
+
+DEVICE = get_device()
+
+
+def _psd(b: int, n: int, lam: torch.Tensor, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(b, n, n, generator=g, dtype=torch.float64))
+    return ((q * lam) @ q.mT).to(DEVICE), q.to(DEVICE)
+
+
+def _subspace_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖A Aᵀ − B Bᵀ‖_F / √(2k) for orthonormal n×k bases (0: the same subspace)."""
+    k = a.shape[-1]
+    return float(((a @ a.mT - b @ b.mT).norm(dim=(-2, -1)) / math.sqrt(2 * k)).max())
+
+
+@pytest.mark.parametrize("k", [5, 19, 40])
+def test_top_eigenpairs_of_matrices_with_known_spectra(k):
+    n = 256
+    lam = (1.0 / (1.0 + torch.arange(n, dtype=torch.float64) / 32.0)) ** 2     # a fine-tuning-like decay
+    g, q = _psd(3, n, lam)
+    vals, vecs, info = top_k_eigh(g, k, return_info=True)
+    assert info["route"] == "subspace" and info["fallback"] == 0
+    assert vals.shape == (3, k) and vecs.shape == (3, n, k)
+    torch.testing.assert_close(vals.cpu(), lam[:k].expand(3, k), rtol=1e-12, atol=1e-14)
+    assert _subspace_error(vecs, q[..., :k]) < 1e-6
+    torch.testing.assert_close((vecs.mT @ vecs).cpu(), torch.eye(k, dtype=torch.float64).expand(3, k, k),
+                               atol=1e-10, rtol=0)
+
+
+def test_small_or_wide_problems_take_the_full_eigh():
+    lam = torch.linspace(2.0, 0.1, 48, dtype=torch.float64)
+    g, q = _psd(2, 48, lam)
+    vals, vecs, info = top_k_eigh(g, 4, return_info=True)
+    assert info["route"] == "exact"
+    torch.testing.assert_close(vals.cpu(), lam[:4].expand(2, 4))
+    lam = torch.linspace(2.0, 0.1, 200, dtype=torch.float64)
+    assert top_k_eigh(_psd(1, 200, lam)[0], 90, return_info=True)[2]["route"] == "exact"   # k + p ≥ n/2
+
+
+def test_a_matrix_that_does_not_converge_in_time_is_solved_exactly_the_others_are_not():
+    n, k = 256, 10
+    easy = torch.cat([torch.full((k,), 10.0), torch.full((n - k,), 1e-3)]).double()     # a huge gap
+    hard = (1.0 / (1.0 + torch.arange(n, dtype=torch.float64))) ** 0.01                # almost flat: a tiny gap
+    g_easy, q_easy = _psd(1, n, easy, seed=1)
+    g_hard, q_hard = _psd(1, n, hard, seed=2)
+    vals, vecs, info = top_k_eigh(torch.cat([g_easy, g_hard]), k, max_iters=3, check_every=3, return_info=True)
+    assert info["fallback"] == 1
+    ref_vals, ref_vecs = torch.linalg.eigh(g_hard[0])
+    torch.testing.assert_close(vals[1], ref_vals.flip(-1)[:k])
+    assert _subspace_error(vecs[1:], ref_vecs.flip(-1)[None, :, :k]) < 1e-8
+    assert _subspace_error(vecs[:1], q_easy[..., :k]) < 1e-8
+
+
+def test_bad_k_is_refused():
+    with pytest.raises(ValueError, match="0 < k <= n"):
+        top_k_eigh(torch.eye(8, dtype=torch.float64, device=DEVICE), 9)
+
+
+def _set(n_tasks=4):
+    from analysis.taskvectors import TaskVectorSet
+    g = torch.Generator().manual_seed(3)
+    shapes = {"tall.weight": (240, 160), "wide.weight": (160, 320), "square.weight": (160, 160)}   # Grams past 64
+    base = {k: torch.zeros(s) for k, s in shapes.items()}
+    decay = {k: 1.0 / (1.0 + torch.arange(min(s)) / 8.0) for k, s in shapes.items()}
+    tasks = {f"t{i}": {k: (torch.randn(s[0], min(s), generator=g) * decay[k]) @ torch.randn(min(s), s[1], generator=g)
+                       / s[1] for k, s in shapes.items()} for i in range(n_tasks)}
+    return TaskVectorSet.from_state_dicts(base, tasks)
+
+
+@pytest.fixture(scope="module")
+def iso_set():
+    from analysis.spectra import SpectralCache
+    tvs = _set()
+    return tvs, SpectralCache(tvs, device=DEVICE, persist=False, keep="full").compute()
+
+
+@pytest.mark.parametrize("c", [0.5, 0.8, 0.95])
+def test_iso_cts_with_subspace_iteration_is_the_full_routes_merge(c, iso_set):
+    from analysis.merging import merge
+    from analysis.merging.iso import projected_top, split_rank
+    tvs, cache = iso_set
+    exact = merge(tvs, "iso_cts", common_fraction=c, cache=cache, topk="exact")
+    fast = merge(tvs, "iso_cts", common_fraction=c, cache=cache, topk="subspace")
+    for name in tvs.param_names:
+        a, b = fast[name].double().cpu(), exact[name].double().cpu()
+        assert float((a - b).norm()) <= 1e-4 * float(b.norm()), name
+    # the subspace route against a float64 reference of the projected residuals' top triplets
+    for name in tvs.param_names:
+        u, s, vh = cache.factors(name)
+        u_sum = cache.sum_factors(name)[0]
+        common, k = split_rank(min(u.shape[1], vh.shape[2]), len(tvs.tasks), c)
+        x, sig, _ = projected_top(u, s, vh, u_sum, common, k, "subspace")
+        tau = (u.double() * s.double()[:, None, :]) @ vh.double()
+        uc = u_sum.double()[:, :common]
+        ref_u, ref_s, _ = torch.linalg.svd(tau - uc @ (uc.mT @ tau), full_matrices=False)
+        assert _subspace_error(x.double(), ref_u[..., :k]) < 1e-5, name
+        torch.testing.assert_close(sig.double(), ref_s[..., :k], rtol=1e-5, atol=1e-9)
+        if c == 0.5:   # the iteration itself ran (not its full-eigh shortcut) on every Gram here
+            b = tau - uc @ (uc.mT @ tau)
+            gram = b.mT @ b if b.shape[-2] > b.shape[-1] else (u_sum.double()[:, common:].mT @ b) @ (
+                u_sum.double()[:, common:].mT @ b).mT
+            assert top_k_eigh(gram, k, return_info=True)[2]["route"] == "subspace", name
+
+
+def test_an_unknown_topk_solver_is_refused():
+    from analysis.errors import HyperparameterError
+    from analysis.merging import merge
+    with pytest.raises(HyperparameterError, match="top-k solver 'lanczos'"):
+        merge(_set(), "iso_cts", topk="lanczos")
