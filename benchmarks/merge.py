@@ -173,17 +173,23 @@ def main(argv=None) -> int:
               f"{rel_err({k: fast[k] for k in names}, {k: exact[k] for k in names}):.2e}")
     # ---- iso_cts: warm (sum SVDs memoised), then change the common fraction
     merge(tvs, "iso_cts", common_fraction=0.8, cache=cache, polar="exact")
-    for solver in ("exact", "gram"):
+    # (polar solver, top-k solver): the exact baseline, the CPU default (gram, exact top-k), the CUDA default
+    # (Newton-Schulz, subspace iteration), and each change alone
+    routes = [("exact", "exact"), ("gram", "exact"), ("newton_schulz", "exact"), ("newton_schulz", "subspace"),
+              ("gram", "subspace")]
+    for solver, topk in routes:
         times = []
         for c in [0.7, 0.9, 0.6, 0.75, 0.85][: args.repeat]:
-            _, t = timed(lambda: merge(tvs, "iso_cts", common_fraction=c, cache=cache, polar=solver), device)
+            _, t = timed(lambda: merge(tvs, "iso_cts", common_fraction=c, cache=cache, polar=solver, topk=topk), device)
             times.append(t[0])
-        rows.append(("iso_cts", f"cached, polar={solver}", statistics.median(times), len(times),
+        rows.append(("iso_cts", f"cached, polar={solver}, topk={topk}", statistics.median(times), len(times),
                      statistics.median(CPU_TIMES[-len(times):])))
-        log(f"iso_cts cached re-merge, polar={solver}: {times}")
-    ex = merge(tvs, "iso_cts", common_fraction=0.7, cache=cache, polar="exact")
-    gr = merge(tvs, "iso_cts", common_fraction=0.7, cache=cache, polar="gram")
-    print(f"iso_cts c=0.7: polar=gram vs exact relative error: {rel_err({k: gr[k] for k in names}, {k: ex[k] for k in names}):.2e}")
+        log(f"iso_cts cached re-merge, polar={solver}, topk={topk}: {times}")
+    ex = merge(tvs, "iso_cts", common_fraction=0.7, cache=cache, polar="exact", topk="exact")
+    for solver, topk in routes[1:]:
+        other = merge(tvs, "iso_cts", common_fraction=0.7, cache=cache, polar=solver, topk=topk)
+        print(f"iso_cts c=0.7: polar={solver}, topk={topk} vs exact/exact relative error: "
+              f"{rel_err({k: other[k] for k in names}, {k: ex[k] for k in names}):.2e}")
     count = cache.compute_count
     if not args.skip_naive:
         naive, t = timed(lambda: naive_tsv_m(tvs, f, 1.0, device), device)
@@ -195,7 +201,7 @@ def main(argv=None) -> int:
         rows.append(("iso_cts", "from scratch (naive SVD loop)", t[0], 1, CPU_TIMES[-1]))
         log(f"iso_cts naive: {t[0]:.2f} s (float32 SVDs that failed to converge and were redone in float64: "
             f"{NAIVE_SVD_RETRIES[0]})")
-        ours = merge(tvs, "iso_cts", common_fraction=0.7, cache=cache, polar="exact")
+        ours = merge(tvs, "iso_cts", common_fraction=0.7, cache=cache, polar="exact", topk="exact")
         print(f"iso_cts c=0.7: cached vs naive relative error: {rel_err({k: ours[k] for k in names}, naive):.2e}")
     assert cache.compute_count == count, "a rank change recomputed an SVD"
     print()
