@@ -175,64 +175,101 @@ def low_rank(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, r: int) -> torc
         return (u[..., :r] * s[..., None, :r]) @ vh[..., :r, :]
 
 
-def _orthonormal_columns(q: torch.Tensor) -> torch.Tensor:
-    """Orthonormal basis of each matrix's columns by Cholesky QR, twice (CholeskyQR2: the
-    second pass restores orthogonality to working precision). Cholesky and triangular solves
-    are batched on CUDA, Householder QR is not; a matrix whose columns are (nearly)
-    dependent fails the Cholesky and takes torch.linalg.qr instead."""
-    for _ in range(2):
-        gram = q.mT @ q
-        chol, info = torch.linalg.cholesky_ex(gram)
-        bad = info != 0
-        q_next = torch.linalg.solve_triangular(chol.mT, q, upper=True, left=False)   # Q R⁻¹ with R = Lᵀ
-        if bool(bad.any()):
-            q_next[bad] = torch.linalg.qr(q[bad])[0]
-        q = q_next
-    return q
+def _orthonormalise(x: torch.Tensor, passes: int) -> torch.Tensor:
+    """Orthonormal basis of each matrix's columns (…, n, w) by shifted Cholesky QR, with no
+    host synchronisation: the first pass factors XᵀX + s·I with s = 11(nw + w(w+1))·u·‖X‖_F²
+    (Fukaya et al. 2020: the Cholesky then succeeds whatever the conditioning, and leaves
+    κ ≲ u^(-1/2)), the later passes are plain Cholesky QR (two of them restore orthogonality
+    to working precision: shifted CholeskyQR3). Cholesky and triangular solves are batched on
+    CUDA, Householder QR (geqrf) is not."""
+    n, w = x.shape[-2], x.shape[-1]
+    eye = torch.eye(w, device=x.device, dtype=x.dtype)
+    for i in range(passes):
+        gram = x.mT @ x
+        if i == 0:
+            shift = 11 * (n * w + w * (w + 1)) * torch.finfo(x.dtype).eps
+            gram = gram + (shift * gram.diagonal(dim1=-2, dim2=-1).sum(-1))[..., None, None] * eye
+        chol, _ = torch.linalg.cholesky_ex(gram)
+        x = torch.linalg.solve_triangular(chol.mT, x, upper=True, left=False)   # X R⁻¹, R = Lᵀ
+    return x
 
 
-def top_k_eigh(g: torch.Tensor, k: int, *, oversample: int | None = None, squarings: int = 2, max_iters: int = 40,
-               check_every: int = 3, tol: float = 1e-7, return_info: bool = False):
-    """The k largest eigenpairs (values descending, vectors as columns) of symmetric positive
-    semi-definite matrices g (..., n, n), by block subspace iteration: matmuls, plus small
-    (k+p)×(k+p) problems, instead of a full eigendecomposition.
+SMALL_EIGH_ON_DEVICE_UP_TO = 32   # CUDA: cuSOLVER batches eigh (syevjBatched) only up to 32 × 32
 
-    Why: cuSOLVER's eigh is latency-bound on batches of small matrices (384 float64 768×768
-    took 3.04 s on an H100 whether batched or not, with or without vectors, in float32 or
-    float64: benchmarks/topk_solvers.py), while Iso-CTS needs only the top k ≈ r/(2T) of
-    each projected residual after a change of its common fraction.
 
-    Method: H = (G/‖G‖_F)^(2^squarings) (same eigenvectors, gaps raised to that power: two
-    squarings turn a ratio λ_{w+1}/λ_k of 0.7 into 0.24 per step), a seeded Gaussian block
-    of width w = k + p (p = max(8, k/2) unless given), Q ← orth(H Q) each step
-    (CholeskyQR2, in g's dtype), and every `check_every` steps a Rayleigh–Ritz step on G
-    itself: the eigenpairs (θ, Y) of QᵀGQ give Ritz pairs Z = QY. A matrix is done when
-    ‖G Z_k − Z_k Θ_k‖_F ≤ tol·(θ_k − θ_{k+1}) (Davis–Kahan: the sine of the angle between
-    the computed and the true top-k subspace is at most about that ratio; θ_k − θ_{k+1}
-    estimates the gap), or when the residual is below 1e-3·tol·θ_1 (eigenvectors to working
-    precision: with a repeated k-th eigenvalue any such choice is as valid as eigh's).
-    Matrices not done within `max_iters` steps are solved by torch.linalg.eigh: the answer
-    never depends on luck, only the time does. Precision: g's dtype (Iso-CTS passes float64
-    Grams); the squarings lose eigenvalues below ~1e-16^(1/2^squarings)·λ_1, far under any
-    top-k that matters (and the final Rayleigh–Ritz and residual use G, not H). Where
-    w ≥ n/2 or n ≤ 64 the full eigh is used directly (the iteration saves nothing there).
+def _small_eigh(a: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """eigh of a batch of small symmetric matrices (the Rayleigh–Ritz problems), descending.
+    where: "device" | "host" | "auto" (on CUDA, matrices wider than 32 go to the CPU:
+    cuSOLVER runs them one by one, each a few launches and host round trips)."""
+    if where == "auto":
+        where = "host" if a.device.type == "cuda" and a.shape[-1] > SMALL_EIGH_ON_DEVICE_UP_TO else "device"
+    if where == "host" and a.device.type != "cpu":
+        vals, vecs = torch.linalg.eigh(a.cpu())
+        vals, vecs = vals.to(a.device, non_blocking=True), vecs.to(a.device, non_blocking=True)
+    else:
+        vals, vecs = torch.linalg.eigh(a)
+    return vals.flip(-1), vecs.flip(-1)
 
-    Returns (values (..., k), vectors (..., n, k)) and, with return_info, a dict: steps,
-    fallback (matrices solved exactly), route ("subspace" | "exact").
+
+def top_k_eigh(g: torch.Tensor, k: int, *, oversample: int | None = None, squarings: int | None = None,
+               max_iters: int = 30, check_every: int = 3, tol: float = 1e-6, small_eigh: str = "auto",
+               return_info: bool = False):
+    """The k largest eigenpairs (values descending (..., k), vectors as columns (..., n, k)) of
+    symmetric positive semi-definite matrices g (..., n, n), by block subspace iteration:
+    batched matmuls and Cholesky factors plus small w × w eigenproblems instead of a full
+    eigendecomposition.
+
+    Why: cuSOLVER's eigh is latency-bound on batches of small matrices (384 float64 768 × 768
+    took 3.04 s on an H100 whether batched or not, with or without vectors, float32 or
+    float64: benchmarks/topk_solvers.py), while Iso-CTS needs only the top k ≈ r/(2T) of each
+    projected residual after every change of its common fraction.
+
+    Method. H = (G/‖G‖_F)^(2^s) by s squarings (the same eigenvectors; the ratio λ_{w+1}/λ_k
+    that sets the convergence rate is raised to the power 2^s: 0.88 → 0.36 for s = 3);
+    a seeded Gaussian start block of width w = k + p (p = max(16, k) unless `oversample` is
+    given; w ≤ n); then Q ← orth(H Q) (two Cholesky QR passes, the first shifted, no host
+    synchronisation: `_orthonormalise`). Every `check_every` steps a Rayleigh–Ritz step on G
+    itself: the eigenpairs (θ, Y) of QᵀGQ give Ritz pairs Z = Q Y, and a matrix is done when
+
+        ‖G Z_k − Z_k Θ_k‖_F ≤ tol · (θ_k − θ_{k+1})
+
+    (Davis–Kahan: the sine of the largest angle between span Z_k and the true top-k
+    eigenspace is then at most about tol; θ_k − θ_{k+1} estimates the gap). Matrices whose
+    k-th eigenvalue is numerically zero (θ_k ≤ n·u·θ_1: any basis of the rest is as valid
+    as eigh's) need only ‖G Z_k − Z_k Θ_k‖_F ≤ tol·θ_1; zero matrices are done at once.
+    The only host synchronisation is one bool per check. Matrices not done within `max_iters`
+    steps (a k-th eigenvalue repeated, so the top-k subspace is not defined; or too small a
+    gap) are solved by torch.linalg.eigh: the answer never depends on luck, only the time.
+
+    Precision: g's dtype throughout (Iso-CTS passes float64 Gram matrices). The squarings
+    keep only eigenvalues above ~u^(1/2^s)·λ_1 (float64, s = 3: 1e-2·λ_1) in H; a top-k
+    reaching below that does not converge and takes the fallback. s defaults to 3 in
+    float64 and 1 in float32. Measured on the ViT-block Grams of Iso-CTS (768 × 768 and
+    the square branch's (m − common)², T = 8, c = 0.5 / 0.8 / 0.95) on CPU: largest sine
+    between the subspaces ≤ 1e-6 (typically 1e-9), eigenvalues to 1e-14 relative; the
+    merged Iso-CTS deltas within 1e-6 relative of the exact route (benchmarks/merge.py).
+
+    small_eigh: where the w × w Rayleigh–Ritz problems run, "device" | "host" | "auto"
+    (`_small_eigh`). Where w > n/2 or n ≤ 64 the full eigh is used directly (the iteration
+    saves nothing there). Returns (values, vectors) and, with return_info, a dict: steps,
+    checks, fallback (matrices solved exactly), route ("subspace" | "exact").
     """
     n = g.shape[-1]
     if not 0 < k <= n:
         raise ValueError(f"top_k_eigh: need 0 < k <= n, got k={k}, n={n}")
-    p = max(8, k // 2) if oversample is None else oversample
+    p = max(16, k) if oversample is None else oversample
     w = min(n, k + p)
+    if squarings is None:
+        squarings = 3 if g.dtype == torch.float64 else 1
 
     def exact(mats):
         vals, vecs = torch.linalg.eigh(mats)
         return vals.flip(-1)[..., :k], vecs.flip(-1)[..., :k]
 
-    if 2 * w >= n or n <= 64:
+    if 2 * w > n or n <= 64:
         vals, vecs = exact(g)
-        return (vals, vecs, {"steps": 0, "fallback": 0, "route": "exact"}) if return_info else (vals, vecs)
+        info = {"steps": 0, "checks": 0, "fallback": 0, "route": "exact"}
+        return (vals, vecs, info) if return_info else (vals, vecs)
     lead = g.shape[:-2]
     mats = g.reshape(-1, n, n)
     b = mats.shape[0]
@@ -240,33 +277,40 @@ def top_k_eigh(g: torch.Tensor, k: int, *, oversample: int | None = None, squari
     gen = torch.Generator(device=g.device).manual_seed(0)
     q = torch.randn(b, n, w, generator=gen, device=g.device, dtype=g.dtype)
     vals = torch.zeros(b, k, device=g.device, dtype=g.dtype)
-    vecs = torch.zeros(b, n, k, device=g.device, dtype=g.dtype)
-    done = torch.zeros(b, dtype=torch.bool, device=g.device)
-    steps = 0
+    vecs = torch.eye(n, k, device=g.device, dtype=g.dtype).expand(b, n, k).clone()   # zero matrices keep these
+    norm = torch.linalg.matrix_norm(mats)
+    done = norm <= tiny
+    steps = checks = 0
     with _exact_matmul():
-        h = mats / torch.linalg.matrix_norm(mats).clamp_min(tiny)[:, None, None]
+        h = mats / norm.clamp_min(tiny)[:, None, None]
         for _ in range(squarings):
             h = h @ h
         for steps in range(1, max_iters + 1):
-            q = _orthonormal_columns(h @ q)
-            if steps % check_every and steps != max_iters:
+            check = steps % check_every == 0 or steps == max_iters
+            q = _orthonormalise(h @ q, 3 if check else 2)
+            if not check:
                 continue
+            checks += 1
             gq = mats @ q
-            theta, y = torch.linalg.eigh(q.mT @ gq)                    # Rayleigh–Ritz on G
-            theta, y = theta.flip(-1), y.flip(-1)
-            z = q @ y[..., :k]
-            resid = torch.linalg.matrix_norm(gq @ y[..., :k] - z * theta[:, None, :k])
+            small = q.mT @ gq
+            theta, y = _small_eigh(0.5 * (small + small.mT), small_eigh)          # descending
+            yk, tk = y[..., :k], theta[:, :k]
+            z = q @ yk
+            resid = torch.linalg.matrix_norm(gq @ yk - z * tk[:, None, :])
             gap = theta[:, k - 1] - theta[:, k]
-            ok = (resid <= tol * gap) | (resid <= 1e-3 * tol * theta[:, 0].abs()) | (theta[:, 0].abs() <= tiny)
+            null = theta[:, k - 1] <= n * torch.finfo(g.dtype).eps * theta[:, 0]
+            ok = (resid <= tol * gap) | (null & (resid <= tol * theta[:, 0]))
             fresh = ok & ~done
-            vals[fresh], vecs[fresh] = theta[fresh, :k], z[fresh]
-            done |= ok
+            vals = torch.where(fresh[:, None], tk, vals)
+            vecs = torch.where(fresh[:, None, None], z, vecs)
+            done = done | ok
             if bool(done.all()):
                 break
     fallback = ~done
-    if bool(fallback.any()):
+    n_fallback = int(fallback.sum())
+    if n_fallback:
         vals[fallback], vecs[fallback] = exact(mats[fallback])
     vals, vecs = vals.reshape(*lead, k), vecs.reshape(*lead, n, k)
     if return_info:
-        return vals, vecs, {"steps": steps, "fallback": int(fallback.sum()), "route": "subspace"}
+        return vals, vecs, {"steps": steps, "checks": checks, "fallback": n_fallback, "route": "subspace"}
     return vals, vecs

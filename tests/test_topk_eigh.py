@@ -118,3 +118,38 @@ def test_an_unknown_topk_solver_is_refused():
     from analysis.merging import merge
     with pytest.raises(HyperparameterError, match="top-k solver 'lanczos'"):
         merge(_set(), "iso_cts", topk="lanczos")
+
+
+def test_a_repeated_kth_eigenvalue_goes_to_the_fallback_and_a_zero_matrix_does_not():
+    n, k = 200, 12
+    lam = (1.0 / (1.0 + torch.arange(n, dtype=torch.float64) / 16.0)) ** 2
+    lam[k] = lam[k - 1]                                   # λ_k = λ_{k+1}: the top-k subspace is not defined
+    g, _ = _psd(1, n, lam, seed=4)
+    easy, q_easy = _psd(1, n, (1.0 / (1.0 + torch.arange(n, dtype=torch.float64) / 4.0)) ** 2, seed=5)
+    zero = torch.zeros(1, n, n, dtype=torch.float64, device=DEVICE)
+    vals, vecs, info = top_k_eigh(torch.cat([g, easy, zero]), k, return_info=True)
+    assert info["route"] == "subspace" and info["fallback"] == 1
+    ref_vals, ref_vecs = torch.linalg.eigh(g[0])
+    torch.testing.assert_close(vals[0], ref_vals.flip(-1)[:k])               # eigh's own answer
+    torch.testing.assert_close(vecs[0].abs(), ref_vecs.flip(-1)[:, :k].abs())
+    assert _subspace_error(vecs[1:2], q_easy[..., :k]) < 1e-6
+    assert float(vals[2].abs().max()) == 0.0
+    torch.testing.assert_close((vecs[2].mT @ vecs[2]).cpu(), torch.eye(k, dtype=torch.float64))
+
+
+def test_batched_projected_top_is_each_parameters_own():
+    # Iso-CTS decomposes every parameter of a shape-group run in one call (leading dims)
+    from analysis.merging.iso import projected_top
+    g = torch.Generator().manual_seed(6)
+    for m, n in ((200, 120), (120, 200)):
+        taus = torch.randn(2, 3, m, n, generator=g).to(DEVICE)      # 2 parameters, 3 tasks
+        u_t, s_t, vh_t = torch.linalg.svd(taus, full_matrices=False)
+        u_sum = torch.linalg.svd(taus.sum(1), full_matrices=False)[0]
+        for solver in ("exact", "subspace"):
+            both = projected_top(u_t, s_t, vh_t, u_sum, 60, 20, solver)
+            for i in range(2):
+                one = projected_top(u_t[i], s_t[i], vh_t[i], u_sum[i], 60, 20, solver)
+                torch.testing.assert_close(both[1][i], one[1], rtol=1e-5, atol=1e-6)      # σ
+                x, sig, yh = both                                                              # X Σ Yᵀ: signs cancel
+                torch.testing.assert_close((x[i] * sig[i][:, None, :]) @ yh[i], (one[0] * one[1][:, None, :]) @ one[2],
+                                           rtol=1e-4, atol=1e-5)

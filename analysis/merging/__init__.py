@@ -30,7 +30,8 @@
 - `topk` picks how Iso-CTS takes the top singular triplets of each projected
   residual after a change of c: "exact" (a full eigh / SVD), "subspace"
   (matmul-only subspace iteration, `analysis.svd.top_k_eigh`, exact fallback)
-  or "auto" ("subspace" on CUDA, "exact" elsewhere); they agree within 1e-4
+  or "auto" ("subspace" on every device: faster on CUDA and on the 2-core CPU,
+  `analysis.merging.iso`'s Speed section); they agree within 1e-4
   relative, and "subspace" is the closer to a float64 reference (tests).
 
 Adding a method: its own module with a `MergeMethod(...)`, plus one line in

@@ -49,14 +49,20 @@ needs every per-task direction: when the SpectralCache keeps only the top K
 (`analysis.spectra`, large matrices by default) the projected residual is
 formed from the deltas and decomposed instead (slower per c change, same
 result up to rounding).
-On CUDA (merge(topk="auto")) those top-s triplets come from block subspace
-iteration (`analysis.svd.top_k_eigh`: matmuls and small Rayleigh–Ritz problems,
-exact eigh as the fallback) on the float64 Gram matrices, B_tᵀB_t for m > n and
-(U_⊥ᵀB_t)(U_⊥ᵀB_t)ᵀ for m ≤ n: cuSOLVER's full eigh / SVD of many small
-matrices is latency-bound. Measured on one synthetic ViT block (T = 8, c from
-0 to 0.95): the merge is within 1.8e-6 to 2.6e-5 of the full route, and the
-subspace route is the closer of the two to a float64 reference (the full route
-SVDs U_⊥ᵀB_t in float32).
+With merge(topk="auto" | "subspace") those top-s triplets come from block
+subspace iteration (`analysis.svd.top_k_eigh`: batched matmuls and Cholesky
+factors, small Rayleigh–Ritz problems, exact eigh as the fallback) on the
+float64 Gram matrices, B_tᵀB_t for m > n and (U_⊥ᵀB_t)(U_⊥ᵀB_t)ᵀ for m ≤ n,
+every parameter of a shape-group run and every task in one call: cuSOLVER's
+full eigh / SVD of many small matrices is latency-bound, and so is a loop of
+small calls. "auto" takes it on every device: on the 2-core CPU, one
+synthetic ViT block (T = 8, `projected_top` over its four matrices) took
+2.3–2.6 s against 3.0–3.4 s for the full route with the default 2 threads at
+c = 0.5 / 0.8 / 0.95, and tied with 1 thread (5.2 vs 5.1 s at c = 0.8). Each
+task's rank-s projected part is within 1e-10 to 1.1e-5 of the full route there (the tall matrices
+within 2e-7: both take float64 Grams; the square / wide ones differ by the
+full route's float32 SVD of U_⊥ᵀB_t, and the subspace route is the closer of
+the two to a float64 reference, tests). topk="exact" keeps the full route.
 """
 from __future__ import annotations
 
@@ -111,34 +117,38 @@ def split_rank(rank: int, n_tasks: int, common_fraction: float, rule: str = "pub
 def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int, solver: str = "exact"):
     """Top-k SVD triplets of (I − U_c U_cᵀ) τ_t for every task, from τ_t's factors.
 
-    u_t (T,m,r), s_t (T,r), vh_t (T,r,n); u_sum (m, r_sum) the sum's left vectors.
-    solver: "exact" (full eigh / SVD) or "subspace" (`analysis.svd.top_k_eigh` on the
-    smaller float64 Gram matrix, exact fallback). Returns X (T,m,k), σ (T,k), Yh (T,k,n)."""
-    m, r = u_t.shape[1], u_t.shape[2]
-    us = u_t * s_t[:, None, :]                       # U_t S_t  (T, m, r)
-    u_c = u_sum[:, :common]
-    if u_sum.shape[1] == m:                          # square U: I − P_c = U_⊥ U_⊥ᵀ
-        u_perp = u_sum[:, common:]                   # (m, m − common)
-        small = u_perp.mT @ us                       # (T, m − common, r), m − common ≤ r
-        if solver == "subspace":                     # its left vectors: top eigenvectors of small·smallᵀ
+    u_t (..., T, m, r), s_t (..., T, r), vh_t (..., T, r, n); u_sum (..., m, r_sum) the
+    sum's left vectors (leading dims: several parameters of one shape at once).
+    solver: "exact" (a full eigh / SVD) or "subspace" (`analysis.svd.top_k_eigh` on the
+    smaller float64 Gram matrix, exact fallback; module doc: Speed).
+    Returns X (..., T, m, k), σ (..., T, k), Yh (..., T, k, n)."""
+    m, r = u_t.shape[-2], u_t.shape[-1]
+    tiny = torch.finfo(torch.float64).tiny
+    us = u_t * s_t[..., None, :]                     # U_t S_t  (..., T, m, r)
+    u_sum = u_sum.unsqueeze(-3)                      # (..., 1, m, r_sum): the same for every task
+    u_c = u_sum[..., :common]
+    if u_sum.shape[-1] == m:                         # square U: I − P_c = U_⊥ U_⊥ᵀ
+        u_perp = u_sum[..., common:]                 # (..., 1, m, m − common)
+        small = u_perp.mT @ us                       # (..., T, m − common, r), m − common ≤ r
+        if solver == "subspace":                     # its left vectors: the top eigenvectors of small·smallᵀ
             sd = small.double()
-            evals, xs = top_k_eigh(sd @ sd.mT, k)
+            evals, xs = top_k_eigh(sd @ sd.mT, k)    # (m − common)², descending
             sig = evals.clamp_min(0).sqrt()
-            y = (sd.mT @ xs) / sig.clamp_min(torch.finfo(torch.float64).tiny)[:, None, :]
-            x, sig, y_h = u_perp @ xs.float(), sig.float(), y.mT.float()
+            y_h = (xs.mT @ sd) / sig.clamp_min(tiny)[..., :, None]   # Yᵀ = Xᵀ small / σ
+            x, sig, y_h = u_perp @ xs.float(), sig.float(), y_h.float()
         else:
             x, sig, y_h = thin_svd(small)
-            x, sig, y_h = u_perp @ x[:, :, :k], sig[:, :k], y_h[:, :k, :]
+            x, sig, y_h = u_perp @ x[..., :k], sig[..., :k], y_h[..., :k, :]
     else:                                            # tall: Gram route in float64
-        b = us - u_c @ (u_c.mT @ us)                 # (T, m, r)
+        b = us - u_c @ (u_c.mT @ us)                 # (..., T, m, r)
         gram = (b.mT @ b).double()
         if solver == "subspace":
             evals, evecs = top_k_eigh(gram, k)       # descending
         else:
             evals, evecs = torch.linalg.eigh(gram)   # ascending
-            evals, evecs = evals.flip(-1)[:, :k], evecs.flip(-1)[:, :, :k]
+            evals, evecs = evals.flip(-1)[..., :k], evecs.flip(-1)[..., :k]
         sig = evals.clamp_min(0).sqrt()
-        x = (b.double() @ evecs) / sig.clamp_min(torch.finfo(torch.float64).tiny)[:, None, :]
+        x = (b.double() @ evecs) / sig.clamp_min(tiny)[..., None, :]
         x, sig, y_h = x.float(), sig.float(), evecs.mT.float()
     return x, sig, y_h @ vh_t                        # right vectors: (V_t Y)ᵀ = Yᵀ V_tᵀ
 
@@ -155,22 +165,32 @@ def projected_top_of_deltas(taus: torch.Tensor, u_sum, common: int, k: int):
     return u[..., :k], sig[..., :k], vh[..., :k, :]
 
 
-def _projected(ctx, name: str, u_sum, common: int, k: int):
-    """Each task's top-k projected-residual triplets: from the cached factors
-    when they hold every direction, else from the deltas (same subspace; the
-    merge is the same up to rounding, tests)."""
+def _projected(ctx, names: list[str], common: int, k: int) -> dict:
+    """{name: each task's top-k projected-residual triplets} for parameters of one shape:
+    from the cached factors when they hold every direction (all such names in one batched
+    `projected_top` call: on a GPU the call count, not the arithmetic, sets the time), else
+    from the deltas (same subspace; the merge is the same up to rounding, tests)."""
     cache = ctx.cache
-    if cache is not None and name in cache.names and not cache.keeps_all(name):
-        return projected_top_of_deltas(ctx.inputs.deltas(name), u_sum, common, k)
-    return projected_top(*task_factors(ctx, name), u_sum, common, k, topk_solver(ctx.topk, u_sum.device))
+    out, batch = {}, []
+    for name in names:
+        if cache is not None and name in cache.names and not cache.keeps_all(name):
+            out[name] = projected_top_of_deltas(ctx.inputs.deltas(name), sum_factors(ctx, name)[0], common, k)
+        else:
+            batch.append(name)
+    if batch:
+        factors = [task_factors(ctx, name) for name in batch]
+        u_t, s_t, vh_t = (torch.stack([f[i] for f in factors]) for i in range(3))
+        u_sum = torch.stack([sum_factors(ctx, name)[0] for name in batch])
+        x, sig, y_h = projected_top(u_t, s_t, vh_t, u_sum, common, k, topk_solver(ctx.topk, ctx.device))
+        out.update({name: (x[i], sig[i], y_h[i]) for i, name in enumerate(batch)})
+    return out
 
 
 def topk_solver(choice: str, device) -> str:
-    """"auto": subspace iteration on CUDA, where eigh is latency-bound (docs/results_gpu.md);
-    the full decomposition on a CPU, where one ViT block measured no gain (0.86-1.17x)."""
-    if choice == "auto":
-        return "subspace" if torch.device(device).type == "cuda" else "exact"
-    return choice
+    """"auto": subspace iteration on every device: on CUDA eigh is latency-bound
+    (docs/results_gpu.md), and on the 2-core CPU it was 1.3–1.45× faster on a ViT block
+    with 2 threads, a tie with 1 (module doc: Speed)."""
+    return "subspace" if choice == "auto" else choice
 
 
 def _iso_cts(group, params, ctx):
@@ -183,12 +203,13 @@ def _iso_cts(group, params, ctx):
         r = min(m, n)
         common, per_task = split_rank(r, n_tasks, c, params["split"])
         parts: dict[int, list] = {}          # by common width kc (the sum's numerical rank may cut it)
+        projected = _projected(ctx, group.names, common, per_task) if per_task > 0 else {}
         for name in group.names:
             u_sum, s_sum, vh_sum = sum_factors(ctx, name)
             kc = min(common, numerical_rank(s_sum, m, n))
             u_parts, vh_parts, s_parts = [u_sum[:, :kc]], [vh_sum[:kc]], [s_sum[:kc]]
             if per_task > 0:
-                x, sig, y_h = _projected(ctx, name, u_sum, common, per_task)
+                x, sig, y_h = projected[name]
                 u_parts += list(x.unbind(0))
                 vh_parts += list(y_h.unbind(0))
                 s_parts += list(sig.unbind(0))
