@@ -484,7 +484,7 @@ class _JobFactors:
 
 def _merge_job(recipe: SetRecipe, directory: str | None, tasks: list[str], max_rank_fraction: float,
                method: str, params: dict, name: str, covered: bool, device: str, polar: str, svd_method: str,
-               tol: float, state=None):
+               tol: float, state=None, topk: str = "auto"):
     """One parameter's merged delta: the method's `merge_group` on it alone (with the
     driver's `prepare` result as `ctx.state`), or its `rest` rule."""
     from analysis.merging import METHODS, MergeContext, MergeInputs, ParamGroup
@@ -498,7 +498,8 @@ def _merge_job(recipe: SetRecipe, directory: str | None, tasks: list[str], max_r
     inputs = MergeInputs(tvs, device=device, persist=False)
     if not covered:
         return spec.rest(_stacked(tvs, name).to(inputs.device), params).cpu()
-    ctx = MergeContext(device=inputs.device, inputs=inputs, cache=cache, polar=polar, memo=inputs.memo, state=state)
+    ctx = MergeContext(device=inputs.device, inputs=inputs, cache=cache, polar=polar, topk=topk, memo=inputs.memo,
+                       state=state)
     return spec.merge_group(ParamGroup([name], inputs), params, ctx)[name].cpu()
 
 
@@ -556,7 +557,7 @@ def sti_tables(store: FactorStore, rank_fraction: float, *, runner: Runner | Non
     return pd.DataFrame(rows, columns=STI_COLUMNS), pd.DataFrame(pair_rows, columns=PAIR_COLUMNS)
 
 
-def merge(store: FactorStore, method: str, *, runner: Runner | None = None, polar: str = "auto",
+def merge(store: FactorStore, method: str, *, runner: Runner | None = None, polar: str = "auto", topk: str = "auto",
           sink: Callable[[str, torch.Tensor], None] | None = None, progress: Progress | None = None, **knobs):
     """`analysis.merging.merge(tvs, method, **knobs)` with one job per parameter.
 
@@ -567,13 +568,15 @@ def merge(store: FactorStore, method: str, *, runner: Runner | None = None, pola
     in `analysis.merging.engine.run`, and its small result goes to every job.
     Returns the same `MergeResult`, or with `sink(name, delta)` passes each
     tensor on as it arrives and returns None."""
-    from analysis.merging import POLAR_SOLVERS, MergeResult, get_method
+    from analysis.merging import POLAR_SOLVERS, TOPK_SOLVERS, MergeResult, get_method
     runner = runner or Runner()
     spec = get_method(method)
     tvs = store.tvs
     params = spec.validate(knobs, len(tvs.tasks))
     if polar not in POLAR_SOLVERS:
         raise HyperparameterError(f"{method}: polar solver {polar!r} is not one of {list(POLAR_SOLVERS)}")
+    if topk not in TOPK_SOLVERS:
+        raise HyperparameterError(f"{method}: top-k solver {topk!r} is not one of {list(TOPK_SOLVERS)}")
     if spec.needs.labelled_data or spec.needs.activations or spec.needs.gradients:
         raise ValidationError(f"{method} needs labelled data (an evaluator in one process); it does not split into "
                               "per-parameter jobs: use analysis.merging.merge")
@@ -599,10 +602,10 @@ def merge(store: FactorStore, method: str, *, runner: Runner | None = None, pola
         from analysis.merging import MergeContext, MergeInputs
         inputs = MergeInputs(tvs, device=runner.device if runner.backend == "off" else "cpu", persist=False)
         cache = _JobFactors(store, tvs, store.svd_method, store.tol) if spec.needs.spectra else None
-        ctx = MergeContext(device=inputs.device, inputs=inputs, cache=cache, polar=polar, memo=inputs.memo)
+        ctx = MergeContext(device=inputs.device, inputs=inputs, cache=cache, polar=polar, topk=topk, memo=inputs.memo)
         state = spec.prepare(inputs, params, ctx)
     jobs = [(n, (recipe, directory, store.tasks, store.max_rank_fraction, method, params, n, n in covered,
-                 runner.device, polar, store.svd_method, store.tol, state))
+                 runner.device, polar, store.svd_method, store.tol, state, topk))
             for n in tvs.param_names]
     out = {}
     emit = sink if sink is not None else out.__setitem__
