@@ -173,8 +173,8 @@ def main(argv=None) -> int:
               f"{rel_err({k: fast[k] for k in names}, {k: exact[k] for k in names}):.2e}")
     # ---- iso_cts: warm (sum SVDs memoised), then change the common fraction
     merge(tvs, "iso_cts", common_fraction=0.8, cache=cache, polar="exact")
-    # (polar solver, top-k solver): the exact baseline, the CPU default (gram, exact top-k), the CUDA default
-    # (Newton-Schulz, subspace iteration), and each change alone
+    # (polar solver, top-k solver): the exact baseline, the CPU default (gram, subspace iteration), the CUDA
+    # default (Newton-Schulz, subspace iteration), and each change alone
     routes = [("exact", "exact"), ("gram", "exact"), ("newton_schulz", "exact"), ("newton_schulz", "subspace"),
               ("gram", "subspace")]
     for solver, topk in routes:
