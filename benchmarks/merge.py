@@ -132,6 +132,33 @@ def rel_err(a: dict, b: dict) -> float:
     return math.sqrt(num / den)
 
 
+def profile_iso(tvs, cache, device) -> None:
+    """Where one Iso-CTS re-merge (c 0.8 -> 0.65, default solvers) spends its time: Python functions
+    (cProfile, by own time) and torch operators (torch.profiler, by self CPU and device time)."""
+    import cProfile
+    import pstats
+
+    merge(tvs, "iso_cts", common_fraction=0.8, cache=cache)
+    prof = cProfile.Profile()
+    sync(device)
+    prof.enable()
+    merge(tvs, "iso_cts", common_fraction=0.65, cache=cache)
+    sync(device)
+    prof.disable()
+    print("\n== cProfile of one Iso-CTS re-merge (c = 0.65), by own time")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(25)
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                     if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as tp:
+        merge(tvs, "iso_cts", common_fraction=0.55, cache=cache)
+        sync(device)
+    print("== torch.profiler, by self CPU time")
+    print(tp.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
+    if device.type == "cuda":
+        print("== torch.profiler, by self device time")
+        print(tp.key_averages().table(sort_by="self_cuda_time_total", row_limit=15))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", type=int, default=12, help="number of transformer blocks (12 = ViT-B/32)")
@@ -139,6 +166,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default=None, help="cpu / cuda (default: analysis.device.get_device())")
     ap.add_argument("--repeat", type=int, default=3, help="cached re-merges timed per method")
     ap.add_argument("--skip-naive", action="store_true", help="skip the from-scratch reference timing")
+    ap.add_argument("--profile", action="store_true",
+                    help="after the timings, one Iso-CTS re-merge (default solvers) under cProfile and torch.profiler")
     args = ap.parse_args(argv)
     device = get_device(args.device)
     info = device_info(device)
@@ -191,6 +220,8 @@ def main(argv=None) -> int:
         print(f"iso_cts c=0.7: polar={solver}, topk={topk} vs exact/exact relative error: "
               f"{rel_err({k: other[k] for k in names}, {k: ex[k] for k in names}):.2e}")
     count = cache.compute_count
+    if args.profile:
+        profile_iso(tvs, cache, device)
     if not args.skip_naive:
         naive, t = timed(lambda: naive_tsv_m(tvs, f, 1.0, device), device)
         rows.append(("tsv_m", "from scratch (naive SVD loop)", t[0], 1, CPU_TIMES[-1]))
