@@ -36,9 +36,9 @@ from analysis.errors import HyperparameterError, MergescopeError
 from analysis.merging import METHODS, available_methods, merge, unavailable
 from analysis.merging.scoring import comparison_table, merged_accuracy, reference_on_examples, wide
 from analysis.plots.merge import accuracy_bars
-from ui import history, refine, url
+from ui import history, url
 from ui.labelfree import label_free_view
-from ui.refine import FIRST_ESTIMATE, Refiner, needs_estimate
+from ui.refine import FIRST_ESTIMATE, Refiner, needs_estimate, wait_for_refinement
 from ui.state import merge_inputs, require_workspace, start_page, with_progress
 
 RUN_STARTED = time.monotonic()   # history: how long the previous configuration stayed on screen
@@ -213,38 +213,8 @@ st.caption("Accuracy in %, on the split and number of examples per task of each 
 history.removal_control("merge_history")
 
 
-def wait_for_refinement(key, slot) -> None:
-    """Poll the session's refinement at the end of this run, then rerun to show it.
-
-    A slider move interrupts the wait at the slot's next update (Streamlit stops a
-    run at its next element call when a newer run is asked for); the wait gives up
-    after refine.REFINE_WAIT_S with a warning, so a run always ends. This was an
-    `st.fragment(run_every=1.0)` calling `st.rerun()`: with 8 browser sessions on
-    2 cores, that left Merge pages at their widgets' proto defaults (the first
-    method, 4 examples) in 2 of 2 runs, never with the refinement off
-    (benchmarks/sessions.py, docs/results_load.md)."""
-    refiner = st.session_state["merge_refiner"]
-    text = (f"First estimate on {FIRST_ESTIMATE} examples per task (CPU); scoring "
-            f"{'the full split' if key[-1] is None else f'{key[-1]} per task'} in the background…")
-    deadline = time.monotonic() + refine.REFINE_WAIT_S
-    while True:
-        result = refiner.done(key)
-        if result is not None:
-            st.session_state["merge_refined"][key] = result
-            st.rerun()
-        failed = refiner.failure(key)
-        if failed is not None:
-            slot.error(f"Refining the score failed: {failed}")
-            return
-        if not refiner.is_current(key):   # a newer request replaced it: nothing will land for this run
-            return
-        if time.monotonic() > deadline:   # never a run that does not end: the estimate stays, say so
-            slot.warning(f"The refined score did not arrive within {refine.REFINE_WAIT_S:.0f} s (a busy server); the "
-                         "numbers shown are the first estimate. Move a slider or reload to try again.")
-            return
-        slot.caption(text)
-        time.sleep(0.25)
-
-
 if refinement_slot is not None:
-    wait_for_refinement(pending, refinement_slot)
+    wait_for_refinement(st.session_state["merge_refiner"], pending, refinement_slot,
+                        lambda result: st.session_state["merge_refined"].__setitem__(pending, result),
+                        f"First estimate on {FIRST_ESTIMATE} examples per task (CPU); scoring "
+                        f"{'the full split' if pending[-1] is None else f'{pending[-1]} per task'} in the background…")

@@ -17,10 +17,12 @@ import streamlit as st
 
 from analysis.errors import MergescopeError
 from analysis.barriers import BARRIERS
+from analysis.merging.scoring import ScoringStopped
 from analysis.landscape import barrier_table, barriers, best_scale, delta_path, lambda_grid, scaling_path
 from analysis.plots.landscape import path_figure
 from ui import history, url
 from ui.endpoints import PRETRAINED, delta_of, endpoint_options, spec_key
+from ui.refine import FIRST_ESTIMATE, Refiner, needs_estimate, wait_for_refinement
 from ui.state import merge_inputs, require_workspace, start_page
 
 start_page("Loss Landscape", "Loss landscape")
@@ -73,42 +75,75 @@ if not tasks:
     st.stop()
 
 
-def run_path(progress):
-    """Curves for the current choices.
+def path_plan(n):
+    """(coord, grid, path_key, compute(xs, report)) of the current choices, scored on `n` examples per
+    task (None: the full split). Deltas and the base are read here, in the page's thread."""
+    inputs = merge_inputs(ws, ws.key)
+    evaluate = functools.partial(ws.evaluator.evaluate, split=split, subsample=n, tasks=tasks)
+    base = tvs.apply({})
+    if path_kind == LINE:
+        sa, sb = options[start], options[end]
+        da, db = delta_of(ws, sa, inputs), delta_of(ws, sb, inputs)
+        return ("lam", lambda_grid(points), ("line", spec_key(sa), spec_key(sb), split, n, tuple(tasks)),
+                lambda xs, report: delta_path(evaluate, base, da, db, xs, progress=report))
+    sd = options[delta_label]
+    d = delta_of(ws, sd, inputs)
+    return ("alpha", np.linspace(lo, hi, points), ("scale", spec_key(sd), split, n, tuple(tasks)),
+            lambda xs, report: scaling_path(evaluate, base, d, xs, progress=report))
+
+
+def point_keys(path_key, grid):
+    return [(path_key, round(float(x), 9)) for x in grid]
+
+
+def remember(coord, path_key, fresh: pd.DataFrame) -> None:
+    memo = ws.extras.setdefault("landscape_points", {})
+    for x, g in fresh.groupby(coord, sort=False):
+        memo[(path_key, round(float(x), 9))] = g
+    while len(memo) > 2000:  # bounded: each entry is a few rows
+        memo.pop(next(iter(memo)))
+
+
+def run_path(progress, n):
+    """Curves for the current choices on `n` examples per task.
 
     Memoised per point: every evaluated (path, split, subsample, tasks, λ or α)
     is kept in the workspace, so a grid change only evaluates the new points
     (0 and 1 are shared by every λ grid, all of a 5-point grid by the 9-point one).
     """
     memo = ws.extras.setdefault("landscape_points", {})
-    n = None if full else int(subsample)
-    inputs = merge_inputs(ws, ws.key)
-    evaluate = functools.partial(ws.evaluator.evaluate, split=split, subsample=n, tasks=tasks)
-    if path_kind == LINE:
-        sa, sb = options[start], options[end]
-        coord, grid = "lam", lambda_grid(points)
-        path_key = ("line", spec_key(sa), spec_key(sb), split, n, tuple(tasks))
-
-        def compute(xs, report):
-            return delta_path(evaluate, tvs.apply({}), delta_of(ws, sa, inputs),
-                              delta_of(ws, sb, inputs), xs, progress=report)
-    else:
-        sd = options[delta_label]
-        coord, grid = "alpha", np.linspace(lo, hi, points)
-        path_key = ("scale", spec_key(sd), split, n, tuple(tasks))
-
-        def compute(xs, report):
-            return scaling_path(evaluate, tvs.apply({}), delta_of(ws, sd, inputs), xs, progress=report)
-    keys = [(path_key, round(float(x), 9)) for x in grid]
+    coord, grid, path_key, compute = path_plan(n)
+    keys = point_keys(path_key, grid)
     missing = [float(x) for x, k in zip(grid, keys) if k not in memo]
     if missing:
-        fresh = compute(missing, progress)
-        for x, g in fresh.groupby(coord, sort=False):
-            memo[(path_key, round(float(x), 9))] = g
-        while len(memo) > 2000:  # bounded: each entry is a few rows
-            memo.pop(next(iter(memo)))
+        remember(coord, path_key, compute(missing, progress))
     st.session_state["ll_points_evaluated"] = len(missing)
     return pd.concat([memo[k] for k in keys], ignore_index=True)
+
+
+def live_curves(progress):
+    """(curves, pending): the live subsample's curves, or on a CPU, while points of it are missing, a
+    first estimate on FIRST_ESTIMATE examples per task with the missing points evaluated in the
+    background by the session's Refiner (pending: its key, then the page waits for it at the end of
+    the run, as the Merge page does)."""
+    n = None if full else int(subsample)
+    if not needs_estimate(ws.evaluator.device, n):
+        return run_path(progress, n), None
+    memo = ws.extras.setdefault("landscape_points", {})
+    coord, grid, path_key, compute = path_plan(n)
+    missing = [float(x) for x, k in zip(grid, point_keys(path_key, grid)) if k not in memo]
+    if not missing:
+        return run_path(progress, n), None
+    key = ("landscape", path_key, tuple(missing))
+
+    def refine_points(stop):
+        def report(fraction, message):
+            if stop():
+                raise ScoringStopped("a newer choice replaced this refinement")
+        return coord, path_key, compute(missing, report)
+
+    st.session_state.setdefault("ll_refiner", Refiner()).request(key, refine_points)
+    return run_path(progress, FIRST_ESTIMATE), key
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -119,7 +154,7 @@ def cached_barriers(curves):
 bar = st.progress(0.0, text="evaluating…")
 t0 = time.perf_counter()
 try:
-    curves = run_path(lambda f, m: bar.progress(f, text=f"evaluating {m}"))
+    curves, pending = live_curves(lambda f, m: bar.progress(f, text=f"evaluating {m}"))
 except MergescopeError as exc:
     bar.empty()
     st.error(str(exc))
@@ -131,6 +166,9 @@ st.session_state["ll_last_seconds"] = elapsed
 n_used = int(curves["n"].max()) if "n" in curves else None
 path_coord = "lam" if path_kind == LINE else "alpha"
 scope = "full split" if full else f"subsample of {subsample} per task"
+if pending is not None:
+    scope = f"first estimate on {FIRST_ESTIMATE} per task"
+refinement_slot = st.empty() if pending is not None else None   # its caption while the refinement runs
 st.caption(f"{split} split, {scope}{f' (n ≤ {n_used})' if n_used else ''} · {elapsed:.2f} s for "
            f"{st.session_state['ll_points_evaluated']} new of {curves[path_coord].nunique()} points × {len(tasks)} tasks "
            "(evaluated points are kept: moving back costs nothing)")
@@ -170,3 +208,12 @@ with st.expander("Data (tidy table)"):
     st.dataframe(curves, hide_index=True)
     st.download_button("Download the curves (CSV)", curves.to_csv(index=False).encode(), "landscape_curves.csv",
                        "text/csv", key="ll_csv")
+
+
+if refinement_slot is not None:
+    def land(result):
+        coord, path_key, fresh = result
+        remember(coord, path_key, fresh)
+    wait_for_refinement(st.session_state["ll_refiner"], pending, refinement_slot, land,
+                        f"First estimate on {FIRST_ESTIMATE} examples per task (CPU); evaluating "
+                        f"{'the full split' if full else f'{subsample} per task'} in the background…")

@@ -109,3 +109,24 @@ def test_tsv_c_from_history_gives_one_endpoint_per_task(tiny_workspace):
     got = delta_of(tiny_workspace, spec)
     assert set(got) == set(expected)
     assert all(torch.allclose(got[k], expected[k].float().cpu()) for k in expected)   # merges live on the device
+
+
+def test_on_a_cpu_a_new_grid_shows_a_first_estimate_then_the_live_subsample(tiny_workspace, monkeypatch):
+    """With the first estimate on (as users run it on a CPU), the run evaluates the new points on
+    FIRST_ESTIMATE examples per task, waits for the background evaluation of the live subsample
+    and reruns with it: the curves the page ends on are the live subsample's."""
+    from ui.refine import FIRST_ESTIMATE
+    if not str(tiny_workspace.evaluator.device).startswith("cpu"):
+        pytest.skip(f"the first estimate is drawn on a CPU only; this evaluator runs on {tiny_workspace.evaluator.device}")
+    monkeypatch.setenv("MERGESCOPE_FIRST_ESTIMATE", "1")
+    at = _page(tiny_workspace, {"ll_sub": "32", "ll_points": "4"})
+    assert not at.exception, at.exception
+    memo = tiny_workspace.extras["landscape_points"]
+    ns = {key[0][4] for key in memo}                               # path key: (kind, a, b, split, n, tasks)
+    assert ns == {FIRST_ESTIMATE, 32}                             # the estimate, then the live subsample
+    curves = tiny_workspace.extras["landscape_last"]["curves"]
+    assert curves["n"].max() == 32 and curves["lam"].nunique() == 4
+    want = tiny_workspace.evaluator.evaluate(None, split="validation", subsample=32).query("metric == 'loss'")
+    got = curves[(curves.lam == 0) & (curves.metric == "loss")].set_index("task")["value"]
+    assert got.loc[want["task"]].tolist() == pytest.approx(want["value"].tolist())
+    assert not at.warning and not any("First estimate" in c.value for c in at.caption)

@@ -6,7 +6,7 @@ are nested: the first n of one seeded permutation, so the estimate's examples
 are among the refined ones), shows it, and asks the session's `Refiner` for
 the full live subsample in a background thread. A newer request stops the
 older one between tasks (`ScoringStopped`), so a slider move never waits on a
-stale refinement; the page polls at the end of its run (pages/3_Merge.py, wait_for_refinement).
+stale refinement; the page polls at the end of its run (`wait_for_refinement`).
 """
 from __future__ import annotations
 
@@ -70,3 +70,37 @@ class Refiner:
         if job is None or job.running or job.error is not None:
             return None
         return job.result
+
+
+def wait_for_refinement(refiner: Refiner, key: Hashable, slot, on_result: Callable[[object], None], text: str) -> None:
+    """Poll the session's refinement at the end of a page run; when it lands, hand it to
+    `on_result` (which keeps it where the next run finds it) and rerun to show it.
+
+    A slider move interrupts the wait at the slot's next update (Streamlit stops a
+    run at its next element call when a newer run is asked for); the wait gives up
+    after REFINE_WAIT_S with a warning, so a run always ends. This was an
+    `st.fragment(run_every=1.0)` calling `st.rerun()`: with 8 browser sessions on
+    2 cores, that left Merge pages at their widgets' proto defaults (the first
+    method, 4 examples) in 2 of 2 runs, never with the refinement off
+    (benchmarks/sessions.py, docs/results_load.md). Used by the Merge and Loss Landscape pages."""
+    import time
+
+    import streamlit as st
+    deadline = time.monotonic() + REFINE_WAIT_S
+    while True:
+        result = refiner.done(key)
+        if result is not None:
+            on_result(result)
+            st.rerun()
+        failed = refiner.failure(key)
+        if failed is not None:
+            slot.error(f"Refining failed: {failed}")
+            return
+        if not refiner.is_current(key):   # a newer request replaced it: nothing will land for this run
+            return
+        if time.monotonic() > deadline:   # never a run that does not end: the estimate stays, say so
+            slot.warning(f"The refined numbers did not arrive within {REFINE_WAIT_S:.0f} s (a busy server); the "
+                         "numbers shown are the first estimate. Move a slider or reload to try again.")
+            return
+        slot.caption(text)
+        time.sleep(0.25)
