@@ -328,8 +328,10 @@ st.caption("The built-in zoo: small BERT encoders trained from scratch on the te
 tsrc, tkey = transformer_source()
 if tsrc is None:
     if not own_req:   # else the error opening your own is shown above
-        st.info("**No transformer zoo built yet.** Run `python -m analysis.zoo build-transformers --quick` "
-                "(a few minutes on a CPU) and reload this page, or give your own transformers above.")
+        st.info("**No transformer zoo built yet.** The demo build (`python -m analysis.zoo build --quick`, or "
+                "**Home**'s build button) trains it after the demo; on its own: `python -m analysis.zoo "
+                "build-transformers --quick` (a few minutes on a CPU). Reload this page when it is done, or give "
+                "your own transformers above.")
 else:
     tnames = list(tsrc["models"])
     st.caption(f"Models: {tsrc.get('label', 'injected')} — {len(tnames)} seeds, {len(tsrc['data'])} tasks.")

@@ -34,5 +34,7 @@ def test_tiny_zoo_builds_loads_and_beats_the_majority_class(tmp_path, capsys):
     assert not torch.allclose(a["encoder.layer.0.intermediate.dense.weight"],
                               b["encoder.layer.0.intermediate.dense.weight"])
     # a second build call finds the finished folder instead of training again
+    stamps = {p: p.stat().st_mtime_ns for p in zoo.root.rglob("*")}
     assert main(["build-transformers", "--tiny", "--cache-dir", str(tmp_path)]) == 0
-    assert "already built" not in capsys.readouterr().err
+    assert "already built" in capsys.readouterr().out
+    assert {p: p.stat().st_mtime_ns for p in zoo.root.rglob("*")} == stamps

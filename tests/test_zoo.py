@@ -221,10 +221,24 @@ def test_epoch_cap_limits_steps_on_small_tasks():
 
 def test_cli_builds_then_does_nothing(tmp_path, capsys):
     from analysis.zoo.__main__ import main
+    from analysis.zoo.transformers import find_transformer_zoo
     assert main(["build", "--tiny", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "toy_topic: test accuracy zero-shot" in out and "built in" in out
+    zoo = find_transformer_zoo(tmp_path, "tiny")   # one command builds the demo and the transformer zoo
+    assert "transformer zoo: built" in out and str(zoo) in out
+    stamps = {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()}
     assert main(["build", "--tiny", "--cache-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "already built" in out and "fine-tuning" not in out
+    assert out.count("already built") == 2 and "fine-tuning" not in out
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob("*") if p.is_file()} == stamps   # nothing rewritten
     assert load_demo(tmp_path).kind == "tiny"
+
+
+def test_cli_builds_the_demo_alone_when_asked(tmp_path):
+    from analysis.zoo.__main__ import main
+    from analysis.zoo.transformers import find_transformer_zoo
+    assert main(["build", "--tiny", "--no-transformers", "--cache-dir", str(tmp_path)]) == 0
+    assert load_demo(tmp_path).kind == "tiny"
+    with pytest.raises(DemoNotBuilt):
+        find_transformer_zoo(tmp_path)

@@ -1,5 +1,6 @@
-"""`python -m analysis.zoo build [--quick] [--cache-dir D]`;
-`python -m analysis.zoo build-transformers [--quick] [--cache-dir D]` (the Alignment page's transformer zoo);
+"""`python -m analysis.zoo build [--quick] [--cache-dir D]` (the demo, then the Alignment page's transformer zoo
+of the same preset; `--no-transformers`: the demo only);
+`python -m analysis.zoo build-transformers [--quick] [--cache-dir D]` (the transformer zoo only);
 `python -m analysis.zoo atm|cold-fusion [--quick|--full]` (iterative merging on the built demo: analysis/iterative)."""
 from __future__ import annotations
 
@@ -14,13 +15,16 @@ from analysis.zoo.builder import build, default_cache_dir, preset
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.zoo", description="Build mergescope's built-in benchmark.")
     sub = parser.add_subparsers(dest="command", required=True)
-    b = sub.add_parser("build", help="fine-tune the text backbone on every task and train the MNIST MLPs")
+    b = sub.add_parser("build", help="fine-tune the text backbone on every task, train the MNIST MLPs, then the "
+                                     "transformer zoo of the same preset")
     b.add_argument("--quick", action="store_true", help="the CPU-friendly preset (short sequences, few steps)")
     b.add_argument("--tiny", action="store_true", help="the seconds-long toy preset used by tests")
     b.add_argument("--cache-dir", default=None, help=f"cache folder (default $MERGESCOPE_CACHE or {default_cache_dir()})")
     b.add_argument("--device", default=None, help="cuda | mps | cpu (default: the best available)")
     b.add_argument("--csv", action="append", default=[], metavar="PATH",
                    help="add your own task: a CSV with text,label columns (repeatable; task name = file stem)")
+    b.add_argument("--no-transformers", action="store_true",
+                   help="skip the Alignment page's transformer zoo (build it later with build-transformers)")
     t = sub.add_parser("build-transformers", help="train small BERT-style encoders from several seeds on the text "
                                                   "tasks (the Alignment page's transformer zoo)")
     t.add_argument("--quick", action="store_true", help="the CPU-friendly preset (minutes)")
@@ -35,7 +39,8 @@ def main(argv=None) -> int:
         return args.handler(args)
 
     import dataclasses
-    config = preset("tiny" if args.tiny else "quick" if args.quick else "full")
+    kind = "tiny" if args.tiny else "quick" if args.quick else "full"
+    config = preset(kind)
     if args.device:
         config = dataclasses.replace(config, device=args.device)
     if args.csv:
@@ -48,10 +53,14 @@ def main(argv=None) -> int:
 
     try:
         folder = build(config, args.cache_dir, progress=progress)
+        print(folder, flush=True)
+        if not args.no_transformers:
+            from analysis.zoo.transformers import build_transformer_zoo
+            print(build_transformer_zoo(kind, args.cache_dir,
+                                        progress=lambda f, m: progress(f, f"transformer zoo: {m}")))
     except MergescopeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(folder)
     return 0
 
 
