@@ -125,8 +125,14 @@ def history_frame(history: Sequence[Mapping]) -> pd.DataFrame:
         label = config_label(i, entry)
         for task, acc in _per_task(entry).items():
             rows.append({"config": label, "method": entry["method"], "knobs": json.dumps(knobs, sort_keys=True),
-                         "split": entry.get("split", ""), "task": task, "accuracy": acc})
-    return pd.DataFrame(rows, columns=["config", "method", "knobs", "split", "task", "accuracy"])
+                         "split": entry.get("split", ""), "task": task, "accuracy": acc,
+                         "examples": examples_label(entry.get("subsample"))})
+    return pd.DataFrame(rows, columns=["config", "method", "knobs", "split", "task", "accuracy", "examples"])
+
+
+def examples_label(subsample: int | None) -> str:
+    """How many examples per task a score was computed on: 'full split' or '<n> per task'."""
+    return "full split" if not subsample else f"{int(subsample)} per task"
 
 
 def _scores():
@@ -138,7 +144,7 @@ def _scores():
         return (lambda m, f: m / f), (lambda m, z, f: (m - z) / (f - z))
 
 
-def comparison_table(history: Sequence[Mapping], reference: pd.DataFrame | None = None,
+def comparison_table(history: Sequence[Mapping], reference: pd.DataFrame | Mapping | None = None,
                      split: str | None = None, include_reference: bool = True) -> pd.DataFrame:
     """Tidy: config, method, knobs, split, task, metric, value.
 
@@ -146,41 +152,55 @@ def comparison_table(history: Sequence[Mapping], reference: pd.DataFrame | None 
     split) is known, normalized_accuracy = acc / fine-tuned and
     normalized_accuracy_improvement = (acc − zero-shot) / (fine-tuned − zero-shot).
     Reference rows ("zero-shot", "fine-tuned") are added as configurations.
+
+    `reference` is one table, which every configuration is compared with, or
+    {examples per task (None: the full split): table}: each configuration is
+    then compared with the references scored on its own examples (its entry's
+    "subsample"), and one pair of reference rows is drawn per example count,
+    labelled with it when there is more than one. A configuration whose count
+    has no table gets accuracy only.
     """
     hist = history_frame(history)
     if split is None:
         split = hist["split"].iloc[0] if len(hist) and hist["split"].iloc[0] else "validation"
     hist = hist[(hist["split"] == split) | (hist["split"] == "")]
+    per_count = isinstance(reference, Mapping)
+    tables = ({examples_label(n): t for n, t in reference.items() if t is not None and len(t)} if per_count
+              else {None: reference} if reference is not None and len(reference) else {})
+    refs = {}   # examples label (None: every configuration) -> {model: accuracy by task}
+    for examples, table in tables.items():
+        r = reference_accuracy(table, split)
+        refs[examples] = {model: r[model].dropna() if model in r.columns else pd.Series(dtype=float)
+                          for model in ("zero_shot", "fine_tuned")}
     frames = []
-    ref_acc = {}
-    if reference is not None and len(reference):
-        r = reference_accuracy(reference, split)
-        for model in ("zero_shot", "fine_tuned"):
-            ref_acc[model] = r[model].dropna() if model in r.columns else pd.Series(dtype=float)
-        if include_reference:
-            for model, acc in ref_acc.items():
+    if include_reference:
+        for examples, by_model in refs.items():
+            for model, acc in by_model.items():
                 if len(acc):
-                    frames.append(pd.DataFrame({"config": REFERENCE_LABELS[model], "method": model, "knobs": "{}",
-                                                "split": split, "task": acc.index, "accuracy": acc.values}))
+                    label = REFERENCE_LABELS[model] + (f" ({examples})" if len(refs) > 1 else "")
+                    frames.append(pd.DataFrame({"config": label, "method": model, "knobs": "{}", "split": split,
+                                                "task": acc.index, "accuracy": acc.values, "examples": examples}))
     frames.append(hist)
     table = pd.concat([f for f in frames if len(f)], ignore_index=True) if any(len(f) for f in frames) else hist
     out = [table.assign(metric="accuracy", value=table["accuracy"])]
-    zs, ft = ref_acc.get("zero_shot"), ref_acc.get("fine_tuned")
-    if ft is not None and len(ft):
-        na, nai = _scores()
-        for config, g in table.groupby("config", sort=False):
-            acc = dict(zip(g["task"], g["accuracy"]))
-            tasks = [t for t in acc if t in ft.index]
-            if not tasks:
-                continue
-            sub = {t: acc[t] for t in tasks}
-            v = _series(na(sub, {t: float(ft[t]) for t in tasks}))
-            out.append(g[g["task"].isin(tasks)].assign(metric="normalized_accuracy", value=g["task"].map(v)))
-            if zs is not None and all(t in zs.index for t in tasks):
-                v = _series(nai(sub, {t: float(zs[t]) for t in tasks}, {t: float(ft[t]) for t in tasks}))
-                out.append(g[g["task"].isin(tasks)].assign(metric="normalized_accuracy_improvement",
-                                                           value=g["task"].map(v)))
-    res = pd.concat(out, ignore_index=True).drop(columns="accuracy")
+    na, nai = _scores()
+    for config, g in table.groupby("config", sort=False):
+        ref = refs.get(g["examples"].iloc[0] if per_count else None, {})
+        zs, ft = ref.get("zero_shot"), ref.get("fine_tuned")
+        if ft is None or not len(ft):
+            continue
+        acc = dict(zip(g["task"], g["accuracy"]))
+        tasks = [t for t in acc if t in ft.index]
+        if not tasks:
+            continue
+        sub = {t: acc[t] for t in tasks}
+        v = _series(na(sub, {t: float(ft[t]) for t in tasks}))
+        out.append(g[g["task"].isin(tasks)].assign(metric="normalized_accuracy", value=g["task"].map(v)))
+        if zs is not None and all(t in zs.index for t in tasks):
+            v = _series(nai(sub, {t: float(zs[t]) for t in tasks}, {t: float(ft[t]) for t in tasks}))
+            out.append(g[g["task"].isin(tasks)].assign(metric="normalized_accuracy_improvement",
+                                                       value=g["task"].map(v)))
+    res = pd.concat(out, ignore_index=True).drop(columns=["accuracy", "examples"])
     return res[["config", "method", "knobs", "split", "task", "metric", "value"]]
 
 

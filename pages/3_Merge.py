@@ -39,7 +39,7 @@ from analysis.plots.merge import accuracy_bars
 from ui import history, url
 from ui.labelfree import label_free_view
 from ui.refine import FIRST_ESTIMATE, Refiner, needs_estimate, wait_for_refinement
-from ui.state import merge_inputs, require_workspace, start_page, with_progress
+from ui.state import merge_inputs, references, require_workspace, start_page, with_progress
 
 RUN_STARTED = time.monotonic()   # history: how long the previous configuration stayed on screen
 SPLITS = ("validation", "test")
@@ -132,14 +132,6 @@ def merged_delta(_ws, ws_key: str, method: str, knobs_json: str):
 @st.cache_data(max_entries=64, show_spinner="Scoring the merged model…")
 def scores(_ws, _delta, ws_key: str, method: str, knobs_json: str, split: str, subsample: int | None):
     return merged_accuracy(_ws.evaluator, _delta, split=split, subsample=subsample)
-
-
-@st.cache_data(max_entries=16, show_spinner="Scoring the references on the same examples…")
-def references(_ws, ws_key: str, split: str, subsample: int | None):
-    """Zero-shot and fine-tuned on the merged model's own examples (the full split: the workspace's table)."""
-    if subsample is None and _ws.reference is not None:
-        return _ws.reference
-    return reference_on_examples(_ws.evaluator, _ws.tvs, split, subsample)
 
 
 def live_scores(n: int | None):

@@ -1,7 +1,8 @@
 """Report: every configuration tried on the Merge page, compared and exported.
 
-Reads st.session_state["merge_history"] (written by pages/3_Merge.py) and the
-workspace's reference (zero-shot / fine-tuned). Exports: CSV tables, each
+Reads st.session_state["merge_history"] (written by pages/3_Merge.py) and
+compares each row with the zero-shot / fine-tuned references scored on the
+same examples (its subsample, or the workspace's full-split table). Exports: CSV tables, each
 figure as PNG / SVG (kaleido + a local Chromium), one self-contained HTML
 report with the configuration that reproduces it, and per configuration a
 mergekit YAML (or why there is none) and the merged backbone as a Hugging Face
@@ -24,7 +25,7 @@ from ui import history as merge_history
 from ui import url
 from ui.export import merged_model_section
 from ui.labelfree import history_table as label_free_table
-from ui.state import require_workspace, start_page
+from ui.state import references, require_workspace, start_page
 
 start_page("Report")
 ws = require_workspace()
@@ -75,8 +76,19 @@ def cached_comparison(history: list, reference, split: str):
     return comparison_table(history, reference, split=split)
 
 
+def same_example_references(split: str) -> dict | None:
+    """{examples per task: references scored on them} for every count this split's rows were scored on,
+    so that each row is drawn and normalised beside references on its own examples (as on Merge)."""
+    if ws.evaluator is None:
+        return ws.reference
+    counts = dict.fromkeys(e.get("subsample") for e in history if e.get("split", "validation") == split)
+    if not counts and has_ref:
+        counts = {None: None}
+    return {n: references(ws, ws.key, split, n) for n in counts}
+
+
 try:
-    comp = cached_comparison(history, ws.reference, split)
+    comp = cached_comparison(history, same_example_references(split), split)
 except MergescopeError as exc:
     st.error(f"The configurations could not be compared: {exc}")
     st.stop()

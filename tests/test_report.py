@@ -46,6 +46,27 @@ def test_comparison_table_hand_worked():
     assert json.loads(wide.loc[ta, "knobs"]) == {"alpha": 0.3}
 
 
+def test_each_row_is_compared_with_references_on_its_own_examples():
+    """A row scored on 4 examples per task is normalised by references on those 4; a full-split row by the
+    full-split table; one reference pair per example count, labelled with it."""
+    on_four = REFERENCE.assign(value=REFERENCE["value"] / 2)   # different numbers on the subsample
+    hist = [{**HISTORY[0], "subsample": 4}, {**HISTORY[1], "subsample": None}]
+    comp = comparison_table(hist, {4: on_four, None: REFERENCE})
+    v = comp.set_index(["config", "task", "metric"])["value"]
+    ta, tsv = "#1 task_arithmetic (alpha=0.3) [subsample 4]", "#2 tsv_m (rank_fraction=0.5, alpha=1)"
+    assert v[(ta, "a", "normalized_accuracy")] == pytest.approx(0.80 / 0.50)
+    assert v[(ta, "b", "normalized_accuracy_improvement")] == pytest.approx((0.60 - 0.20) / (0.40 - 0.20))
+    assert v[(tsv, "a", "normalized_accuracy")] == pytest.approx(0.90 / 1.00)
+    assert v[("zero-shot (4 per task)", "a", "accuracy")] == pytest.approx(0.25)
+    assert v[("fine-tuned (full split)", "b", "accuracy")] == pytest.approx(0.80)
+    assert v[("fine-tuned (4 per task)", "a", "normalized_accuracy")] == pytest.approx(1.0)
+    # one count: the plain labels; a count with no table: accuracy only, never another count's references
+    one = comparison_table([hist[0]], {4: on_four}).set_index(["config", "task", "metric"])["value"]
+    assert one[("zero-shot", "a", "accuracy")] == pytest.approx(0.25)
+    none = comparison_table([hist[0]], {None: REFERENCE})
+    assert set(none.loc[none["config"] == ta, "metric"]) == {"accuracy"}
+
+
 def test_history_accepts_tidy_tables_and_rejects_bad_entries():
     tidy = pd.DataFrame({"task": ["a", "b"], "metric": "accuracy", "value": [0.5, 0.25]})
     h = history_frame([{"method": "ties", "knobs": {}, "accuracy": tidy}])

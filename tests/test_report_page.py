@@ -41,6 +41,25 @@ def test_renders_history_with_reference_rows(tiny_workspace):
     assert "Report (self-contained HTML)" in labels and "Table (CSV, tidy)" in labels
 
 
+def test_references_are_scored_on_the_rows_own_examples(tiny_workspace):
+    """Rows scored on a subsample are drawn beside zero-shot / fine-tuned scored on the same examples
+    (as the Merge page does), not beside the full split's table."""
+    from analysis.merging.scoring import merged_accuracy, reference_accuracy, reference_on_examples
+    ws = tiny_workspace
+    acc = merged_accuracy(ws.evaluator, ws.tvs.sum() * 0.3, split="validation", subsample=4)
+    hist = [{"method": "task_arithmetic", "knobs": {"alpha": 0.3}, "split": "validation", "subsample": 4,
+             "per_task": acc, "mean": sum(acc.values()) / len(acc)}]
+    at = _page(ws, hist)
+    assert not at.exception, at.exception
+    table = _shown(at).set_index("config")
+    same = reference_accuracy(reference_on_examples(ws.evaluator, ws.tvs, "validation", 4), "validation")
+    full = reference_accuracy(ws.reference, "validation")
+    for model, label in (("zero_shot", "zero-shot"), ("fine_tuned", "fine-tuned")):
+        for task in same.index:
+            assert table.loc[label, task] == pytest.approx(100 * same.loc[task, model], abs=0.06)
+    assert not same.equals(full)   # the test would not tell the two apart otherwise
+
+
 def test_nai_view_and_query_params(tiny_workspace):
     hist = _history(tiny_workspace)
     at = _page(tiny_workspace, hist)

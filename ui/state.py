@@ -116,6 +116,16 @@ def rank_fraction_slider(cache: SpectralCache, *, key: str, param: str, help: st
     return f
 
 
+@st.cache_data(max_entries=16, show_spinner="Scoring the references on the same examples…")
+def references(_ws: Workspace, ws_key: str, split: str, subsample: int | None):
+    """Zero-shot and fine-tuned on the examples a merged model was scored on (`subsample` per task, the
+    evaluator's seeded choice; the full split: the workspace's table). Merge and Report compare with these."""
+    if subsample is None and _ws.reference is not None:
+        return _ws.reference
+    from analysis.merging.scoring import reference_on_examples
+    return reference_on_examples(_ws.evaluator, _ws.tvs, split, subsample)
+
+
 @st.cache_resource(show_spinner=False)   # the bar says it (a spinner beside it squeezed its text)
 def spectral_cache(_ws: Workspace, key: str, include_embeddings: bool = False) -> SpectralCache:
     # compute (or load from disk) every factor now, under the bar, not on a slider move; on Ray the bar
