@@ -6,7 +6,7 @@ page picks a configuration, starts or resumes the run in a background thread
 folder as rounds finish. A finished run's final model joins the Merge history
 (st.session_state["merge_history"], see pages/3_Merge.py) with
 `"model_file"`: the Report and Loss Landscape pages read that model instead
-of re-merging.
+of re-merging. Every choice is kept in the URL (it_* parameters, ui/url.py).
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from analysis.evaluation import Evaluator
 from analysis.iterative import PRESETS, load_run, preset, run, run_folder, source_key
 from analysis.merging import METHODS, available_methods
 from analysis.plots.iterative import accuracy_curves, geometry_curves, heldout_curves
+from ui import url
 from ui.jobs import BackgroundJob
 from ui.state import require_workspace, start_page
 
@@ -54,43 +55,55 @@ def source_for(names: tuple) -> str:
 
 
 # ---------------------------------------------------------------- configuration
+# every choice is in the URL (it_* parameters, ui/url.py); the budget knobs and the round's merge are
+# per preset / procedure, so they are read from a link only for the preset / procedure that link named
+LINK = {p: st.query_params.get(p) for p in ("it_procedure", "it_preset")}
 left, right = st.columns([1, 2.4])
 with left:
-    procedure = st.radio("Procedure", list(LABELS), format_func=LABELS.get, key="it_procedure")
-    name = st.selectbox("Preset", PRESETS[1:], key="it_preset",
-                        help="quick: 3 rounds (CPU); full: 5 rounds. Either way each task's total fine-tuning "
-                             "budget is the build's own, split over the rounds")
+    procedure = url.widget(st.radio, "Procedure", key="it_procedure", options=list(LABELS), default="atm",
+                           format_func=LABELS.get)
+    name = url.widget(st.selectbox, "Preset", key="it_preset", options=list(PRESETS[1:]), default=PRESETS[1],
+                      help="quick: 3 rounds (CPU); full: 5 rounds. Either way each task's total fine-tuning "
+                           "budget is the build's own, split over the rounds")
+    same_preset = LINK["it_preset"] == name
     heldout = []
     if procedure == "cold_fusion":
         if len(tasks) < 2:
             st.warning("ColD Fusion needs at least one contributor and one held-out task.")
             st.stop()
         default_held = tasks[-2:] if len(tasks) > 3 else tasks[-1:]
-        heldout = st.multiselect("Held-out tasks (never fused; probed per round)", tasks, default=default_held,
-                                 key="it_heldout")
+        heldout = url.widget(st.multiselect, "Held-out tasks (never fused; probed per round)", key="it_heldout",
+                             options=tasks, default=default_held)
+    else:
+        url.drop("it_heldout", "it_hsteps")
     contributors = [t for t in tasks if t not in heldout]
     if not contributors:
         st.warning("Every task is held out: keep at least one to fuse.")
         st.stop()
     base_cfg = preset(name, procedure, contributors, build, sizes, heldout=heldout)
-    rounds = st.number_input("Rounds R", 1, 50, value=base_cfg.rounds, key=f"it_rounds_{name}")
-    steps = st.number_input("Fine-tuning steps per task, all rounds together", int(rounds), 100_000,
-                            value=max(int(rounds), base_cfg.total_steps), key=f"it_steps_{name}",
-                            help="the build's own budget by default, so the comparison with one-shot merging is fair")
+    rounds = url.widget(st.number_input, "Rounds R", key=f"it_rounds_{name}", param="it_rounds",
+                        default=base_cfg.rounds, min_value=1, max_value=50, url=same_preset)
+    steps = url.widget(st.number_input, "Fine-tuning steps per task, all rounds together", key=f"it_steps_{name}",
+                       param="it_steps", default=max(int(rounds), base_cfg.total_steps), min_value=int(rounds),
+                       max_value=100_000, url=same_preset,
+                       help="the build's own budget by default, so the comparison with one-shot merging is fair")
     offered = [m for m in available_methods(len(contributors), True) if not METHODS[m].per_task]
-    method = st.selectbox("Merge of each round", offered, index=offered.index(base_cfg.merge_method),
-                          key=f"it_method_{procedure}", format_func=lambda m: f"{m} — {METHODS[m].summary}")
+    method = url.widget(st.selectbox, "Merge of each round", key=f"it_method_{procedure}", param="it_method",
+                        options=offered, default=base_cfg.merge_method,
+                        url=LINK["it_procedure"] == procedure)
     defaults = METHODS[method].defaults(len(contributors))
-    st.caption("knobs at their defaults: " + (", ".join(f"{k}={v}" for k, v in defaults.items()) or "none"))
-    subsample = st.number_input("Examples per task scored each round (0 = the whole split)", 0, 100_000, value=0,
-                                step=50, key="it_subsample")
+    st.caption(f"{METHODS[method].summary}. Knobs at their defaults: "
+               + (", ".join(f"{k}={v}" for k, v in defaults.items()) or "none"))
+    subsample = url.widget(st.number_input, "Examples per task scored each round (0 = the whole split)",
+                           key="it_subsample", default=0, min_value=0, max_value=100_000, step=50)
     overrides = {"rounds": int(rounds), "total_steps": int(steps), "merge_method": method,
                  "eval_subsample": int(subsample) or None}
     if int(steps) != base_cfg.total_steps or int(rounds) != base_cfg.rounds:
         overrides["task_total_steps"] = ()   # the user's budget, the same for every task
     if procedure == "cold_fusion":
-        overrides["heldout_steps"] = int(st.number_input("Short fine-tune on each held-out task (steps)", 1, 100_000,
-                                                         value=base_cfg.heldout_steps, key=f"it_hsteps_{name}"))
+        overrides["heldout_steps"] = int(url.widget(
+            st.number_input, "Short fine-tune on each held-out task (steps)", key=f"it_hsteps_{name}",
+            param="it_hsteps", default=base_cfg.heldout_steps, min_value=1, max_value=100_000, url=same_preset))
     try:
         config = preset(name, procedure, contributors, build, sizes, heldout=heldout, **overrides)
     except MergescopeError as exc:

@@ -133,9 +133,14 @@ def change_curvature(page):
     return ("ws", "cv_rank", "cv_metric", "cv_n")
 
 
+def change_iterative(page):
+    click_radio(page, "Procedure", "ColD Fusion (collaborative descent)")
+    return ("ws", "it_procedure", "it_preset", "it_heldout", "it_rounds", "it_steps", "it_method", "it_hsteps")
+
+
 CHANGES = {"Spectra": change_spectra, "Interference": change_interference, "Merge": change_merge,
            "Loss_Landscape": change_landscape, "Report": change_report, "Alignment": change_alignment,
-           "Curvature": change_curvature}
+           "Curvature": change_curvature, "Iterative": change_iterative}
 
 
 def open_in_new_context(browser, link: str) -> tuple[dict, str]:
@@ -207,6 +212,7 @@ def test_every_page_link_restores_its_view_in_a_new_context(tiny_demo_dir, tmp_p
     # the choices made in the first session are in the links
     assert parse_qs(urlparse(links["Merge"]).query)["method"] == ["ties"]
     assert parse_qs(urlparse(links["Report"]).query)["rp_chart"] == ["radar"]
+    assert parse_qs(urlparse(links["Iterative"]).query)["it_procedure"] == ["cold_fusion"]
     end = parse_qs(urlparse(links["Loss_Landscape"]).query)["ll_end"][0]
     assert end.startswith("merge: ties (") and "#" not in end                     # a recipe, not "merge #8"
     for name in links:
