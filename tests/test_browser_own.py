@@ -5,7 +5,8 @@ BertForSequenceClassification folders written by save_pretrained, a labelled CSV
 loaded through the Home page's form with the CSVs attached as uploads; then Merge (two
 configurations), Report, and "Write merged model". The exported folder must load with
 transformers' AutoModel and AutoModelForSequenceClassification without a missing-weight
-warning (the transformers logger is captured), and give the logits the app scored.
+warning (the transformers logger is captured), hold base + α·Σ τ for the configuration exported, and
+give each task's classifier the logits of that backbone with the task's own head.
 
     python tests/test_browser_own.py --out docs/screenshots/own   # the screenshots, by hand
 """
@@ -68,11 +69,13 @@ def drive_own(bert: dict, cache: Path, out_model: Path, shots: Path, log: Path) 
             _go(page, "Merge")
             check_no_exception(page, "Merge (own set)")
             page.locator(".js-plotly-plot").first.wait_for(timeout=OWN_TIMEOUT_MS)
+            time.sleep(2.5)   # kept on screen long enough to be a history row (ui/history.DWELL_S)
             slider = _widget(page, "stSlider", "alpha").locator('input[type="range"]')
             slider.focus()
             slider.press("ArrowRight")       # a second configuration
             time.sleep(1.0)
             wait_idle(page, 240)
+            time.sleep(2.5)
             check_no_exception(page, "Merge after a slider move")
             seen["merge"] = page.locator('[data-testid="stMain"]').inner_text()
             full_screenshot(page, shots / "own_1_Merge.png")
@@ -126,16 +129,26 @@ def test_own_checkpoints_with_a_csv_through_merge_report_and_export(tiny_bert_di
 
     model, log = transformers_log(lambda: AutoModel.from_pretrained(out))
     assert "MISSING" not in log and "newly initialized" not in log, log
-    clf, log = transformers_log(
-        lambda: AutoModelForSequenceClassification.from_pretrained(out / "sequence-classification" / "sentiment"))
-    assert "MISSING" not in log and "newly initialized" not in log, log
-    # the exported classifier is the merge the app exported: base + α Σ τ on the backbone, the task's own head
-    tok = AutoTokenizer.from_pretrained(out / "sequence-classification" / "sentiment")
-    batch = tok(["a really great movie", "the film was awful"], return_tensors="pt", padding=True)
-    with torch.no_grad():
-        logits = clf.eval()(**batch).logits
-    assert logits.argmax(1).tolist() in ([0, 1], [1, 0], [0, 0], [1, 1])  # runs; classes as in config.json
-    assert clf.config.id2label == {0: "positive", 1: "negative"}
+    # the exported configuration is the last row, #2: task arithmetic at the α the slider moved to
+    alpha = float(re.search(r"#2 task_arithmetic \(alpha=([0-9.]+)\)", seen["report"]).group(1))
+    assert alpha != 0.3
+    base = AutoModel.from_pretrained(tiny_bert_dir["base"]).state_dict()
+    fine = {t: AutoModelForSequenceClassification.from_pretrained(p).eval() for t, p in tiny_bert_dir["tasks"].items()}
+    merged = {n: base[n] + alpha * sum(m.bert.state_dict()[n] - base[n] for m in fine.values()) for n in base}
+    for n, w in model.state_dict().items():
+        assert torch.allclose(w, merged[n], atol=1e-6), n
+    texts = ["a really great movie", "the film was awful", "the coach and the ball", "a vote on the law today"]
+    for task, ft in fine.items():
+        folder = out / "sequence-classification" / task
+        clf, log = transformers_log(lambda: AutoModelForSequenceClassification.from_pretrained(folder))
+        assert "MISSING" not in log and "newly initialized" not in log, (task, log)
+        assert clf.config.id2label == ft.config.id2label
+        # the exported classifier is base + α Σ τ on the backbone with the task's own head
+        ft.bert.load_state_dict(merged)
+        batch = AutoTokenizer.from_pretrained(folder)(texts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            torch.testing.assert_close(clf.eval()(**batch).logits, ft(**batch).logits, atol=1e-5, rtol=1e-5)
+    assert fine["sentiment"].config.id2label == {0: "positive", 1: "negative"}
     for shot in seen["screenshots"]:
         assert Path(shot).stat().st_size > 10_000
 
