@@ -7,7 +7,7 @@ st.session_state["alignment_models"] = {"models": {name: state_dict},
 "train_x": Tensor, "test": (x, y), "label": str} (tests inject tiny ones); without them the
 transformer section still runs. Transformers: st.session_state["alignment_transformers"] (tests), else
 your own BERT folders + data (ui/own_transformers.py: the form, `al_own_*` in the URL), else the zoo.
-Choices live in the URL (al_* query parameters, ui/url.py).
+Choices live in the URL (al_*, lat_* and tr_* query parameters, ui/url.py).
 """
 from __future__ import annotations
 
@@ -233,24 +233,26 @@ if src is not None:   # without MLPs the transformer section below still works
     st.caption(LATENT_CAPTION)
     try:
         lc1, lc2, lc3 = st.columns(3)
-        la = lc1.selectbox("Model A", names, index=0, key="lat_a")
-        lb = lc2.selectbox("Model B", names, index=min(1, len(names) - 1), key="lat_b")
-        lmethod = lc3.radio("Alignment", ["weight_matching", "activation_matching", "c2m3"], format_func=lambda m: {
-            "weight_matching": "weight matching", "activation_matching": "activation matching", "c2m3": "C2M3"}[m],
-            key="lat_method", horizontal=True)
+        la = url.widget(lc1.selectbox, "Model A", key="lat_a", options=names, default=names[0])
+        lb = url.widget(lc2.selectbox, "Model B", key="lat_b", options=names, default=names[min(1, len(names) - 1)])
+        lmethod = url.widget(lc3.radio, "Alignment", key="lat_method",
+                             options=["weight_matching", "activation_matching", "c2m3"], default="weight_matching",
+                             format_func={"weight_matching": "weight matching", "activation_matching":
+                                          "activation matching", "c2m3": "C2M3"}.get, horizontal=True)
         if la == lb:
             st.warning("Pick two different models.")
-        elif st.toggle("Compare the latent spaces", value=False, key="lat_on"):
+        elif url.widget(st.toggle, "Compare the latent spaces", key="lat_on", default=False):
             sim = mlp_latent(src_key, la, lb, lmethod, n_eval)
             st.plotly_chart(layer_similarity_figure(sim), width="stretch")
             st.dataframe(sim.pivot_table(index=["comparison", "measure"], columns="layer", values="value", sort=False),
                          width="stretch")
-        agg_models = st.multiselect("Models whose relative spaces are aggregated", names, default=names[:3],
-                                    key="lat_agg")
-        n_anchors = st.slider("Anchors", 10, 200, 50, step=10, key="lat_anchors")
-        if len(agg_models) >= 2 and st.toggle("Train the probes", value=False, key="lat_agg_on",
-                                              help="last hidden layer; probes trained on half of the evaluated test "
-                                                   "examples, scored on the other half"):
+        agg_models = url.widget(st.multiselect, "Models whose relative spaces are aggregated", key="lat_agg",
+                                options=names, default=names[:3])
+        n_anchors = url.widget(st.slider, "Anchors", key="lat_anchors", default=50, min_value=10, max_value=200,
+                               step=10)
+        if len(agg_models) >= 2 and url.widget(st.toggle, "Train the probes", key="lat_agg_on", default=False,
+                                               help="last hidden layer; probes trained on half of the evaluated "
+                                                    "test examples, scored on the other half"):
             agg = mlp_aggregation(src_key, tuple(agg_models), n_eval, n_anchors)
             st.plotly_chart(aggregation_figure(agg), width="stretch")
             st.dataframe(agg, hide_index=True, width="stretch")
@@ -339,35 +341,37 @@ else:
         st.caption(f"Heads: {tsrc['heads']}.")
     try:
         t1, t2, t3, t4 = st.columns(4)
-        ta = t1.selectbox("Model A", tnames, index=0, key="tr_a")
-        tb = t2.selectbox("Model B", tnames, index=min(1, len(tnames) - 1), key="tr_b")
-        tmethod = t3.radio("Alignment", list(T_METHODS), format_func=T_METHODS.get, key="tr_method")
-        t_rep = t4.checkbox("REPAIR", value=False, key="tr_repair")
+        ta = url.widget(t1.selectbox, "Model A", key="tr_a", options=tnames, default=tnames[0])
+        tb = url.widget(t2.selectbox, "Model B", key="tr_b", options=tnames,
+                        default=tnames[min(1, len(tnames) - 1)])
+        tmethod = url.widget(t3.radio, "Alignment", key="tr_method", options=list(T_METHODS),
+                             default=list(T_METHODS)[0], format_func=T_METHODS.get)
+        t_rep = url.widget(t4.checkbox, "REPAIR", key="tr_repair", default=False)
         if ta == tb:
             st.warning("Pick two different models.")
-        elif st.toggle("Compute the path", value=False, key="tr_path_on"):
+        elif url.widget(st.toggle, "Compute the path", key="tr_path_on", default=False):
             curves, bars = t_paths(tkey, ta, tb, tmethod, t_rep, 7)
             f1, f2 = st.columns(2)
             f1.plotly_chart(interpolation_figure(curves, "loss"), width="stretch")
             f2.plotly_chart(interpolation_figure(curves, "accuracy", title="Test accuracy along the path A → B"),
                             width="stretch")
             st.dataframe(bars.rename(columns=barrier_labels()), hide_index=True, width="stretch")
-        tchosen = st.multiselect("Transformers to merge", tnames, default=tnames[: min(3, len(tnames))],
-                                 key="tr_merge")
-        if len(tchosen) >= 2 and st.toggle("Compute the merges", value=False, key="tr_merge_on",
-                                           help="naive, pairwise weight / activation matching and C2M3"):
+        tchosen = url.widget(st.multiselect, "Transformers to merge", key="tr_merge", options=tnames,
+                             default=tnames[: min(3, len(tnames))])
+        if len(tchosen) >= 2 and url.widget(st.toggle, "Compute the merges", key="tr_merge_on", default=False,
+                                            help="naive, pairwise weight / activation matching and C2M3"):
             ttable, tcyc = t_merges(tkey, tuple(tchosen), t_rep)
             st.dataframe(ttable, hide_index=True, width="stretch")
             if tcyc is not None:
                 st.dataframe(tcyc, hide_index=True, width="stretch")
-        if ta != tb and st.toggle("Compare latent spaces by layer", value=False, key="tr_latent_on"):
+        if ta != tb and url.widget(st.toggle, "Compare latent spaces by layer", key="tr_latent_on", default=False):
             st.caption(LATENT_CAPTION)
             tsim = t_latent(tkey, ta, tb, tmethod)
             st.plotly_chart(layer_similarity_figure(tsim), width="stretch")
             st.dataframe(tsim.pivot_table(index=["comparison", "measure"], columns="layer", values="value",
                                           sort=False), width="stretch")
-        if len(tchosen) >= 2 and st.toggle("Aggregate relative spaces", value=False, key="tr_agg_on",
-                                           help="per task, last layer; probes on the training split"):
+        if len(tchosen) >= 2 and url.widget(st.toggle, "Aggregate relative spaces", key="tr_agg_on", default=False,
+                                            help="per task, last layer; probes on the training split"):
             tagg = t_aggregation(tkey, tuple(tchosen), 64)
             st.plotly_chart(aggregation_figure(tagg), width="stretch")
             st.dataframe(tagg, hide_index=True, width="stretch")

@@ -83,3 +83,21 @@ def test_transformer_section_paths_merges_latent_and_aggregation(mlps, transform
                                                                                 "linear CKA")], abs=1e-6)
     agg = next(t for t in tables if "space" in t.columns and "aggregated relative" in set(t["space"]))
     assert len(agg) >= 3
+
+
+def test_latent_and_transformer_choices_come_from_and_go_to_the_url(mlps, transformers_src):
+    link = {"lat_b": "seed 2", "lat_method": "c2m3", "lat_anchors": "30", "lat_agg": ["seed 0", "seed 2"],
+            "tr_a": "seed 2", "tr_b": "seed 0", "tr_method": "activation_matching", "tr_repair": "true",
+            "tr_merge": ["seed 1", "seed 2"]}
+    at = run_page(PAGE, alignment_models=mlps, alignment_transformers=transformers_src, query=link)
+    assert not at.exception, at.exception
+    assert at.selectbox(key="lat_b").value == "seed 2" and at.radio(key="lat_method").value == "c2m3"
+    assert at.slider(key="lat_anchors").value == 30 and at.multiselect(key="lat_agg").value == ["seed 0", "seed 2"]
+    assert at.selectbox(key="tr_a").value == "seed 2" and at.selectbox(key="tr_b").value == "seed 0"
+    assert at.radio(key="tr_method").value == "activation_matching" and at.checkbox(key="tr_repair").value
+    assert at.multiselect(key="tr_merge").value == ["seed 1", "seed 2"]
+    url = {k: at.query_params.get_all(k) if hasattr(at.query_params, "get_all") else at.query_params[k]
+           for k in at.query_params}
+    for key, value in link.items():
+        assert url[key] in (value, [value]), (key, url[key])
+    assert url["tr_path_on"] in ("false", ["false"]) and url["lat_on"] in ("false", ["false"])
