@@ -136,3 +136,38 @@ def test_background_job_reports_progress_result_and_errors():
     bad = BackgroundJob(fail, "f")
     bad._thread.join(5)
     assert isinstance(bad.error, RuntimeError) and "disk full" in bad.details and bad.elapsed < 5
+
+
+def test_home_opens_the_demo_while_the_build_still_trains_the_transformer_zoo(tiny_demo_dir, tmp_path, monkeypatch):
+    """The build button runs the demo build then the transformer zoo (one command); once the demo part is
+    on disk Home opens it and says the rest is still training."""
+    import threading
+    import time
+    import analysis.zoo.transformers as zoo_transformers
+    release, demo_done = threading.Event(), threading.Event()
+
+    def fake_build(kind, root, progress=None):
+        assert kind == "quick"
+        for folder in tiny_demo_dir.glob("zoo-*"):   # the demo part: a finished build appears in the cache
+            (root / folder.name).symlink_to(folder, target_is_directory=True)
+        progress(0.8, "transformer zoo: training seed 1")
+        demo_done.set()
+        release.wait(60)
+        return root, root
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("MERGESCOPE_CACHE", str(cache))
+    monkeypatch.setattr(zoo_transformers, "build_demo_and_transformer_zoo", fake_build)
+    at = AppTest.from_file(APP, default_timeout=120).run()
+    try:
+        at.button(key="home_build").click().run()
+        assert demo_done.wait(30)
+        time.sleep(0.2)
+        at.run()
+        assert not at.exception, at.exception
+        assert any("Demo loaded" in s.value for s in at.success)
+        assert any("transformer zoo" in c.value and "80 %" in c.value for c in at.caption)
+        assert at.session_state["workspace"].name == "demo"
+    finally:
+        release.set()
