@@ -222,7 +222,8 @@ def test_every_page_in_chromium(tiny_demo_dir, tmp_path):
 
 
 def quick_demo_cache(tmp: Path) -> Path | None:
-    """A cache folder that holds only the user's finished quick build (linked, not copied), or None."""
+    """A cache folder that holds only the user's finished quick build and its transformer zoo (linked, not
+    copied), or None."""
     real = Path(os.environ.get("MERGESCOPE_REAL_CACHE", Path.home() / ".cache" / "mergescope")).expanduser()
     builds = sorted(p for p in real.glob("zoo-quick-*") if (p / "manifest.json").is_file()) if real.is_dir() else []
     if not builds:
@@ -230,6 +231,9 @@ def quick_demo_cache(tmp: Path) -> Path | None:
     cache = tmp / "cache"
     cache.mkdir(parents=True, exist_ok=True)
     (cache / builds[-1].name).symlink_to(builds[-1], target_is_directory=True)
+    zoos = sorted(p for p in real.glob("transformers-quick-*") if (p / "manifest.json").is_file())
+    if zoos:   # the same build command trains it after the demo (the Alignment page's transformer section)
+        (cache / zoos[-1].name).symlink_to(zoos[-1], target_is_directory=True)
     return cache
 
 
