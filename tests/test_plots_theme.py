@@ -32,6 +32,9 @@ def _legend_clear_of_title(fig):
         pytest.skip(f"the full layout needs kaleido and a browser: {why}")
     full = fig.full_figure_for_development(warn=False)
     legend, title = full.layout.legend, full.layout.title
+    assert title.yref == "container" and title.automargin
+    if full.layout.showlegend is False:   # one trace, no legend drawn (plotly's default): nothing to collide
+        return
     assert legend.x >= 1.0 and legend.xanchor == "left" and legend.orientation == "v"
     assert title.yref == "container" and title.automargin
 
@@ -155,3 +158,24 @@ def test_figures_built_unchecked_are_what_plotly_checks_them_to_be():
     assert [t.xaxis for t in fig.data] == ["x"] * 4 + ["x2"] * 4 and fig.layout.xaxis2.ticktext[-1] == "1<br>merged"
     with pytest.raises(ValueError):
         fig.update_layout(not_a_property=1)    # checked again after construction
+
+
+def test_spectra_and_interference_figures_keep_legends_clear_of_titles(tiny_workspace):
+    """The pages' figures with legends (Spectra: spectrum, energy, effective rank; Interference: STI and SAR
+    by depth), from a real spectral cache of the tiny set."""
+    from analysis.interference import sar_by, sti_tables, subspace_alignment_table
+    from analysis.plots.spectra import (effective_rank_figure, energy_figure, sar_depth_figure, spectrum_figure,
+                                        sti_depth_figure)
+    from analysis.spectra import SpectralCache, effective_rank_table, energy_table, singular_values_table
+    tvs = tiny_workspace.tvs
+    cache = SpectralCache(tvs).compute()
+    tasks, layer = cache.tasks, cache.names[0]
+    sti, _ = sti_tables(tvs, 0.5, cache=cache)
+    sar = sar_by(subspace_alignment_table(tvs, cache=cache, energy=0.95), "depth")
+    figures = {"spectrum": spectrum_figure(singular_values_table(cache), layer, tasks),
+               "energy": energy_figure(energy_table(cache, [0.25, 0.5, 1.0]), layer, tasks, rank_fraction=0.5),
+               "effective rank": effective_rank_figure(effective_rank_table(cache), tasks),
+               "STI by depth": sti_depth_figure(sti), "SAR by depth": sar_depth_figure(sar, tasks)}
+    for name, fig in figures.items():
+        assert fig.layout.title.text, name
+        _legend_clear_of_title(fig)
