@@ -2,7 +2,8 @@
 
 A tiny BERT of the user's own (tests/tinybert.py: a base BertModel folder, two fine-tuned
 BertForSequenceClassification folders written by save_pretrained, a labelled CSV per task) is
-loaded through the Home page's form with the CSVs attached as uploads; then Merge (two
+uploaded from the browser (each folder zipped, "Put the uploads into the form") and loaded
+through the Home page's form with the CSVs attached as uploads; then Merge (two
 configurations), Report, and "Write merged model". The exported folder must load with
 transformers' AutoModel and AutoModelForSequenceClassification without a missing-weight
 warning (the transformers logger is captured), hold base + α·Σ τ for the configuration exported, and
@@ -36,8 +37,20 @@ def _go(page, name: str) -> None:
     wait_idle(page, 240)
 
 
-def drive_own(bert: dict, cache: Path, out_model: Path, shots: Path, log: Path) -> dict:
-    """Load `bert` through the Home form, merge twice, export from Report; returns what was seen."""
+def zip_folder(folder: Path, out: Path) -> Path:
+    """A Hugging Face folder as the user would zip it: one top-level folder named like the zip."""
+    import zipfile
+    with zipfile.ZipFile(out, "w") as z:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                z.write(f, f"{out.stem}/{f.relative_to(folder)}")
+    return out
+
+
+def drive_own(bert: dict, cache: Path, out_model: Path, shots: Path, log: Path,
+              uploads: list[Path] | None = None) -> dict:
+    """Load `bert` through the Home form (its checkpoints by path, or `uploads`: zipped checkpoint folders
+    uploaded from the browser), merge twice, export from Report; returns what was seen."""
     from playwright.sync_api import sync_playwright
     shots.mkdir(parents=True, exist_ok=True)
     port = free_port()
@@ -51,9 +64,20 @@ def drive_own(bert: dict, cache: Path, out_model: Path, shots: Path, log: Path) 
             wait_idle(page)
             page.get_by_text("Your checkpoints", exact=True).click()
             wait_idle(page)
-            _widget(page, "stTextInput", "Base (pretrained) model").locator("input").fill(str(bert["base"]))
-            _widget(page, "stTextArea", "Tasks, one per line").locator("textarea").fill(
-                "\n".join(f"{t} = {p}" for t, p in bert["tasks"].items()))
+            if uploads:   # small checkpoints from the browser: zipped folders, then "Put the uploads into the form"
+                page.get_by_text(re.compile(r"^Upload checkpoints from this browser")).click()
+                _widget(page, "stFileUploader", "Checkpoints").locator('input[type="file"]').set_input_files(
+                    [str(p) for p in uploads])
+                page.get_by_role("button", name="Put the uploads into the form").click(timeout=OWN_TIMEOUT_MS)
+                wait_idle(page, 240)
+                seen["form_base"] = _widget(page, "stTextInput", "Base (pretrained) model").locator("input") \
+                    .input_value()
+                seen["form_tasks"] = _widget(page, "stTextArea", "Tasks, one per line").locator("textarea") \
+                    .input_value()
+            else:
+                _widget(page, "stTextInput", "Base (pretrained) model").locator("input").fill(str(bert["base"]))
+                _widget(page, "stTextArea", "Tasks, one per line").locator("textarea").fill(
+                    "\n".join(f"{t} = {p}" for t, p in bert["tasks"].items()))
             _widget(page, "stFileUploader", "upload data files").locator('input[type="file"]').set_input_files(
                 [str(p) for p in bert["data"].values()])
             page.wait_for_function("() => document.querySelectorAll('[data-testid=\"stFileChip\"]').length >= 2",
@@ -116,7 +140,13 @@ def test_own_checkpoints_with_a_csv_through_merge_report_and_export(tiny_bert_di
 
     cache = tmp_path / "cache"
     out = tmp_path / "merged"
-    seen = drive_own(tiny_bert_dir, cache, out, tmp_path / "shots", tmp_path / "streamlit.log")
+    zips = [zip_folder(tiny_bert_dir["base"], tmp_path / "base.zip")]
+    zips += [zip_folder(folder, tmp_path / f"{task}.zip") for task, folder in tiny_bert_dir["tasks"].items()]
+    seen = drive_own(tiny_bert_dir, cache, out, tmp_path / "shots", tmp_path / "streamlit.log", uploads=zips)
+    # the uploaded checkpoints were kept in the cache and put into the form
+    assert Path(seen["form_base"]).is_relative_to(cache / "uploads"), seen["form_base"]
+    lines = dict(line.split(" = ") for line in seen["form_tasks"].splitlines())
+    assert set(lines) == {"sentiment", "topic"} and all(Path(p).is_relative_to(cache) for p in lines.values())
 
     assert "from the checkpoint: classifier on the pooler output" in seen["home"]
     assert "56 train / 12 validation / 12 test · split seeded 70/15/15 per label (seed 0)" in seen["home"]
@@ -125,6 +155,7 @@ def test_own_checkpoints_with_a_csv_through_merge_report_and_export(tiny_bert_di
     assert "#1 task_arithmetic" in seen["report"] and "#2 task_arithmetic" in seen["report"]   # both compared
     # uploads went to the cache, never next to the user's files
     assert len(list((cache / "uploads").rglob("*.csv"))) == 2
+    assert len(list((cache / "uploads").rglob("config.json"))) == 3
     assert sorted(p.name for p in tiny_bert_dir["data"]["topic"].parent.iterdir()) == ["sentiment.csv", "topic.csv"]
 
     model, log = transformers_log(lambda: AutoModel.from_pretrained(out))
