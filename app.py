@@ -28,8 +28,8 @@ DEMO, OWN = "Built-in demo", "Your checkpoints"
 QUICK_BUILD_NOTE = ("The quick CPU build fine-tunes the 6-layer MiniLM on 8 text tasks with short sequences and "
                     "trains 5 MNIST MLPs. Measured: about 14 minutes on a shared 2-core CPU (about 10 CPU-minutes); "
                     "a GPU is much faster. It writes about 0.8 GB to the cache folder. Then, for the Alignment "
-                    "page, it trains 4 small BERT encoders from scratch (about 8 more minutes; the demo opens "
-                    "before they are done).")
+                    "page, it trains 4 small BERT encoders from scratch (about 1 more minute on an idle 2-core CPU, "
+                    "8 on a busy one; the demo opens before they are done).")
 
 st.set_page_config(page_title="mergescope", page_icon=str(ASSETS / "logo.svg"), layout="wide")
 if (ASSETS / "logo.svg").is_file():
