@@ -194,6 +194,8 @@ if __name__ == "__main__":
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="mergescope-own-"))
     bert = tinybert.build(work / "bert")
-    res = drive_own(bert, work / "cache", work / "merged", args.out, work / "streamlit.log")
+    zips = [zip_folder(bert["base"], work / "base.zip")]
+    zips += [zip_folder(folder, work / f"{task}.zip") for task, folder in bert["tasks"].items()]
+    res = drive_own(bert, work / "cache", work / "merged", args.out, work / "streamlit.log", uploads=zips)
     print(res["screenshots"])
     shutil.rmtree(work, ignore_errors=True)
