@@ -378,9 +378,17 @@ def _model_root(folder: Path, name: str) -> Path:
     return hits[0]
 
 
-def upload_name(path: Path) -> str:
-    """A task name for an uploaded checkpoint: its file or folder name without the suffix."""
-    return path.stem if path.is_file() else path.name
+UPLOAD_SUFFIXES = (".zip", ".safetensors", ".bin", ".pt", ".pth")
+
+
+def upload_name(name: str | Path) -> str:
+    """A task name for an uploaded checkpoint: the uploaded file's name without its checkpoint or zip
+    suffix ('sentiment.zip' -> 'sentiment'); judged by the name alone, as the upload is not on disk."""
+    base = Path(name).name
+    for suffix in UPLOAD_SUFFIXES:
+        if base.lower().endswith(suffix) and len(base) > len(suffix):
+            return base[: -len(suffix)]
+    return base
 
 
 def describe_split(sizes: Mapping[str, int]) -> str:

@@ -144,6 +144,13 @@ def test_uploads_go_to_the_cache_by_content(tmp_path):
     assert f.read_bytes() == b"abc" and f.parent.parent == root
 
 
+def test_an_uploaded_checkpoint_is_named_after_its_file():
+    from analysis.owndata import upload_name
+    # the browser gives a bare file name that is not on disk: the suffix goes all the same
+    assert upload_name("sentiment.zip") == "sentiment" and upload_name("base.safetensors") == "base"
+    assert upload_name("/x/my.task.v2.pt") == "my.task.v2" and upload_name("notes") == "notes"
+
+
 @pytest.mark.parametrize("entries, needle", [
     ({"../evil/config.json": b"{}"}, "points outside the folder"),
     ({"/abs/config.json": b"{}"}, "points outside the folder"),

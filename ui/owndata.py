@@ -33,7 +33,7 @@ def upload_section() -> None:
             except ValidationError as exc:
                 st.error(str(exc))
                 continue
-            saved[upload_name(Path(f.name))] = str(path)
+            saved[upload_name(f.name)] = str(path)
         st.session_state[UPLOADS_KEY] = saved
         if saved:
             st.code("\n".join(f"{name} = {path}" for name, path in saved.items()), language="text")
