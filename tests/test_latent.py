@@ -97,7 +97,9 @@ def test_mlp_layers_cka_is_unchanged_by_alignment_and_unit_correlation_rises(mlp
     t0 = similarity_by_layer(fa, fb, idx).set_index(["layer", "measure"])["value"]
     t1 = similarity_by_layer(fa, fal, idx).set_index(["layer", "measure"])["value"]
     for layer in ("layer 1", "layer 2"):
-        assert t1[(layer, "linear CKA")] == pytest.approx(t0[(layer, "linear CKA")], abs=1e-9)
+        # equal up to float32 rounding: the aligned model's features are B's, permuted, but its next layer
+        # sums its inputs in another order (2.3e-9 apart with numpy 2.4.6 / transformers 5.25 on this CPU)
+        assert t1[(layer, "linear CKA")] == pytest.approx(t0[(layer, "linear CKA")], abs=1e-6)
         assert t1[(layer, "relative similarity")] == pytest.approx(t0[(layer, "relative similarity")], abs=1e-6)
         assert t1[(layer, "mean unit correlation")] > t0[(layer, "mean unit correlation")] + 0.2
     # the two seeds' relative spaces aggregate: a probe on the mean is as good as the single ones

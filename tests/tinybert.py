@@ -124,8 +124,8 @@ def permuted_bert_pair(root: Path, n_rows: int = 80, seed: int = 0, classifier: 
     """Two folders of one random tiny BERT from "different seeds" whose second is an exact permuted copy of the
     first (a random valid permutation of `bert_spec`: residual stream, FFN, whole heads and units inside heads,
     and the pooler's outputs), plus a CSV of the 'sentiment' texts labelled by the first model's own classifier
-    (its bias shifted so that it splits them at the median of its logit margin: both classes occur, and
-    the model scores 100 %). `classifier=False`: `BertModel` folders
+    (its bias shifted so that it splits them halfway between the two middle logit margins: both classes
+    occur equally, and the model scores 100 %). `classifier=False`: `BertModel` folders
     (with a pooler, no head), labelled the same way. Returns {"a", "b", "data", "perms", "labels"}."""
     from transformers import BertConfig, BertForSequenceClassification, BertModel, BertTokenizer
 
@@ -154,9 +154,14 @@ def permuted_bert_pair(root: Path, n_rows: int = 80, seed: int = 0, classifier: 
     enc = tok([t for t, _ in rows], padding=True, return_tensors="pt")
     with torch.no_grad():
         margin = model(**enc).logits @ torch.tensor([-1.0, 1.0])
-    y = (margin > margin.median()).long()
+    # split halfway between the two middle margins, so no text sits on the decision boundary (a text at
+    # margin 0 is classified by float rounding, which differs between transformers and our forward pass)
+    middle = margin.sort().values[len(margin) // 2 - 1: len(margin) // 2 + 1]
+    assert middle[1] > middle[0], "two texts share the middle margin: pick another seed"
+    threshold = middle.mean()
+    y = (margin > threshold).long()
     with torch.no_grad():  # the classifier's own decisions are the labels: the model scores 100 % on them
-        model.classifier.bias[1] -= margin.median()
+        model.classifier.bias[1] -= threshold
     sd = {k: v.detach().clone() for k, v in model.state_dict().items() if v.dtype.is_floating_point}
     spec = bert_spec(sd, heads, extra_inputs=["classifier"])
     perms = random_perms(spec.sizes(sd), seed + 1, spec=spec)
