@@ -82,9 +82,7 @@ def same_example_references(split: str) -> dict | None:
     if ws.evaluator is None:
         return ws.reference
     counts = dict.fromkeys(e.get("subsample") for e in history if e.get("split", "validation") == split)
-    if not counts and has_ref:
-        counts = {None: None}
-    return {n: references(ws, ws.key, split, n) for n in counts}
+    return {n: references(ws, ws.key, split, n) for n in counts or ([None] if has_ref else [])}
 
 
 try:

@@ -39,8 +39,7 @@ def main(argv=None) -> int:
         return args.handler(args)
 
     import dataclasses
-    kind = "tiny" if args.tiny else "quick" if args.quick else "full"
-    config = preset(kind)
+    config = preset("tiny" if args.tiny else "quick" if args.quick else "full")
     if args.device:
         config = dataclasses.replace(config, device=args.device)
     if args.csv:
@@ -52,12 +51,11 @@ def main(argv=None) -> int:
         print(f"[{time.time() - t0:7.1f} s {100 * fraction:5.1f}%] {message}", flush=True)
 
     try:
-        folder = build(config, args.cache_dir, progress=progress)
-        print(folder, flush=True)
-        if not args.no_transformers:
-            from analysis.zoo.transformers import build_transformer_zoo
-            print(build_transformer_zoo(kind, args.cache_dir,
-                                        progress=lambda f, m: progress(f, f"transformer zoo: {m}")))
+        if args.no_transformers:
+            print(build(config, args.cache_dir, progress=progress))
+        else:
+            from analysis.zoo.transformers import build_demo_and_transformer_zoo
+            print(*build_demo_and_transformer_zoo(config, args.cache_dir, progress=progress), sep="\n")
     except MergescopeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

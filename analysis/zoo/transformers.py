@@ -253,16 +253,18 @@ def build_transformer_zoo(config: TransformerZooConfig | str = "quick", cache_di
 ZOO_SHARE = 0.15
 
 
-def build_demo_and_transformer_zoo(kind: str = "quick", cache_dir: str | Path | None = None,
+def build_demo_and_transformer_zoo(config="quick", cache_dir: str | Path | None = None,
                                    progress: Progress | None = None) -> tuple[Path, Path]:
-    """The one build command's work: the demo of preset `kind` (text tasks and
-    MNIST MLPs), then the Alignment page's transformer zoo of the same preset,
-    into the same cache. Returns (demo folder, zoo folder); finished parts are
-    found, never rebuilt. Progress is one bar over both; the zoo weighs ZOO_SHARE
-    of it (quick on the 2-core CPU: the zoo 62 s idle / 457 s busy, the demo 819 s)."""
+    """The one build command's work: the demo (`config`: a preset name or a
+    BuildConfig of one: text tasks and MNIST MLPs), then the Alignment page's
+    transformer zoo of the same preset, into the same cache. Returns (demo
+    folder, zoo folder); finished parts are found, never rebuilt. Progress is one
+    bar over both; the zoo weighs ZOO_SHARE of it (quick on the 2-core CPU: the
+    zoo 62 s idle / 457 s busy, the demo 819 s)."""
     from analysis.zoo.builder import build
     report = progress or (lambda f, m: None)
-    demo = build(kind, cache_dir, progress=lambda f, m: report((1 - ZOO_SHARE) * f, m))
+    kind = config if isinstance(config, str) else config.kind
+    demo = build(config, cache_dir, progress=lambda f, m: report((1 - ZOO_SHARE) * f, m))
     zoo = build_transformer_zoo(kind, cache_dir,
                                 progress=lambda f, m: report(1 - ZOO_SHARE + ZOO_SHARE * f, f"transformer zoo: {m}"))
     return demo, zoo
