@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from pagetest import run_page
+from pagetest import run_page, url_params
 
 from analysis.permutation.mlp import train_small_mlp
 from analysis.permutation.transformer import head_logits, pack_tokens
@@ -96,8 +96,7 @@ def test_latent_and_transformer_choices_come_from_and_go_to_the_url(mlps, transf
     assert at.selectbox(key="tr_a").value == "seed 2" and at.selectbox(key="tr_b").value == "seed 0"
     assert at.radio(key="tr_method").value == "activation_matching" and at.checkbox(key="tr_repair").value
     assert at.multiselect(key="tr_merge").value == ["seed 1", "seed 2"]
-    url = {k: at.query_params.get_all(k) if hasattr(at.query_params, "get_all") else at.query_params[k]
-           for k in at.query_params}
+    url = url_params(at)
     for key, value in link.items():
-        assert url[key] in (value, [value]), (key, url[key])
-    assert url["tr_path_on"] in ("false", ["false"]) and url["lat_on"] in ("false", ["false"])
+        assert url[key] == value, (key, url[key])
+    assert url["tr_path_on"] == "false" and url["lat_on"] == "false"

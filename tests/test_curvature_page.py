@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from pagetest import run_page
+from pagetest import run_page, url_params
 
 from analysis.merging.inputs import MergeInputs
 
@@ -50,10 +50,6 @@ def _tables(at, column):
     return [d.value for d in at.dataframe if column in getattr(d.value, "columns", [])]
 
 
-def _url(at):
-    return {k: (v[0] if isinstance(v, list) else v) for k, v in at.query_params.items()}
-
-
 def test_renders_fisher_mass_diagnostics_and_departures(tiny_workspace, synthetic_statistics):
     at = run_page(PAGE, tiny_workspace)
     assert not at.exception, at.exception
@@ -70,7 +66,7 @@ def test_renders_fisher_mass_diagnostics_and_departures(tiny_workspace, syntheti
     assert _tables(at, "ta_departure")
     assert len(at.get("plotly_chart")) == 6
     assert synthetic_statistics["fisher"] >= 1
-    assert _url(at) == {"cv_metric": "fisher", "cv_rank": "0", "cv_n": "256"}
+    assert url_params(at) == {"cv_metric": "fisher", "cv_rank": "0", "cv_n": "256"}
 
 
 def test_metric_and_rank_come_from_the_url_and_go_back_to_it(tiny_workspace, synthetic_statistics):
@@ -83,7 +79,7 @@ def test_metric_and_rank_come_from_the_url_and_go_back_to_it(tiny_workspace, syn
     assert synthetic_statistics["grams"] >= 1
     at.selectbox(key="cv_metric").set_value("identity").run()
     assert not at.exception, at.exception
-    assert _url(at)["cv_metric"] == "identity"
+    assert url_params(at)["cv_metric"] == "identity"
     wide = _tables(at, "frechet_variance")[0]
     assert (wide["flat_departure"].abs() < 1e-9).all()
 

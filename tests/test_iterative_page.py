@@ -5,7 +5,7 @@ import time
 
 import pytest
 import torch
-from pagetest import run_page
+from pagetest import leave_and_return, run_app, run_page, url_params
 
 from analysis.paths import cache_root
 
@@ -77,10 +77,6 @@ def test_without_labelled_data_the_page_says_so(tiny_workspace):
     assert any("has none" in i.value for i in at.info)
 
 
-def _url(at) -> dict:
-    return {k: (v[0] if isinstance(v, list) and len(v) == 1 else v) for k, v in at.query_params.items()}
-
-
 def test_a_link_restores_every_choice_and_another_preset_starts_from_its_own_budget(tiny_workspace):
     link = {"it_procedure": "cold_fusion", "it_preset": "quick", "it_heldout": ["beta"], "it_rounds": "2",
             "it_steps": "6", "it_hsteps": "3", "it_method": "task_arithmetic", "it_subsample": "50"}
@@ -91,27 +87,20 @@ def test_a_link_restores_every_choice_and_another_preset_starts_from_its_own_bud
     assert at.number_input(key="it_rounds_quick").value == 2 and at.number_input(key="it_steps_quick").value == 6
     assert at.number_input(key="it_hsteps_quick").value == 3 and at.number_input(key="it_subsample").value == 50
     assert at.selectbox(key="it_method_cold_fusion").value == "task_arithmetic"
-    assert {k: _url(at)[k] for k in link} == {**link, "it_heldout": "beta"}   # the page writes back what it shows
+    assert {k: url_params(at)[k] for k in link} == {**link, "it_heldout": "beta"}   # the page writes back what it shows
     # the full preset's budget is its own, not the quick one's the link named
     at.selectbox(key="it_preset").set_value("full").run()
     assert not at.exception, at.exception
-    assert at.number_input(key="it_rounds_full").value == 5 and _url(at)["it_rounds"] == "5"
+    assert at.number_input(key="it_rounds_full").value == 5 and url_params(at)["it_rounds"] == "5"
 
 
 def test_choices_survive_a_page_switch(tiny_workspace):
-    from streamlit.testing.v1 import AppTest
-    from pagetest import PAGES
-    at = AppTest.from_file(str(PAGES.parent / "app.py"), default_timeout=120)
-    at.session_state["workspace"] = tiny_workspace
-    at.run()
+    at = run_app(tiny_workspace)
     at.switch_page("pages/8_Iterative.py").run()
     assert not at.exception, at.exception
     at.radio(key="it_procedure").set_value("cold_fusion").run()
     at.number_input(key="it_rounds_quick").set_value(4).run()
-    at.switch_page("pages/1_Spectra.py").run()
-    assert "it_rounds_quick" not in at.session_state    # Streamlit forgot the widget: memory must restore it
-    at.query_params.clear()                              # a page switch starts from a bare URL
-    at.switch_page("pages/8_Iterative.py").run()
+    leave_and_return(at, "pages/8_Iterative.py", "it_rounds_quick")
     assert not at.exception, at.exception
     assert at.radio(key="it_procedure").value == "cold_fusion"
-    assert at.number_input(key="it_rounds_quick").value == 4 and _url(at)["it_rounds"] == "4"
+    assert at.number_input(key="it_rounds_quick").value == 4 and url_params(at)["it_rounds"] == "4"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pagetest import run_page
+from pagetest import leave_and_return, run_app, run_page, url_params
 from streamlit.testing.v1 import AppTest
 
 from ui.url import parse_param, to_text
@@ -27,10 +27,6 @@ class FakeQuery(dict):
 
 def _query(params: dict) -> FakeQuery:
     return FakeQuery({k: v if isinstance(v, list) else [v] for k, v in params.items()})
-
-
-def _url(at) -> dict:
-    return {k: (v[0] if isinstance(v, list) and len(v) == 1 else v) for k, v in at.query_params.items()}
 
 
 # ---------------------------------------------------------------- values as text
@@ -115,22 +111,16 @@ def test_a_link_to_own_checkpoints_reopens_them_in_a_new_session(tiny_checkpoint
 
 # ---------------------------------------------------------------- state survives page switches
 def test_merge_choices_survive_a_page_switch(tiny_workspace):
-    at = AppTest.from_file(APP, default_timeout=120)
-    at.session_state["workspace"] = tiny_workspace
-    at.run()
+    at = run_app(tiny_workspace)
     at.switch_page("pages/3_Merge.py").run()
     assert not at.exception, at.exception
     at.selectbox(key="merge_method").set_value("ties").run()
     at.slider(key="merge_ties_density").set_value(0.4).run()
-    at.switch_page("pages/1_Spectra.py").run()
-    assert not at.exception, at.exception
-    assert "merge_method" not in at.session_state        # Streamlit forgot the widget: memory must restore it
-    at.query_params.clear()                               # a page switch starts from a bare URL
-    at.switch_page("pages/3_Merge.py").run()
+    leave_and_return(at, "pages/3_Merge.py", "merge_method")
     assert not at.exception, at.exception
     assert at.selectbox(key="merge_method").value == "ties"
     assert at.slider(key="merge_ties_density").value == 0.4
-    assert _url(at)["method"] == "ties" and float(_url(at)["density"]) == 0.4
+    assert url_params(at)["method"] == "ties" and float(url_params(at)["density"]) == 0.4
 
 
 def test_a_landscape_link_names_a_merge_by_its_recipe(tiny_workspace):
