@@ -155,6 +155,7 @@ class SpectralCache:
         self.messages: list[str] = []   # fallbacks taken for memory (smaller batches, the CPU)
         self._factors: dict[str, Factors] | None = None
         self._sum: dict[str, Factors] = {}
+        self._first_looks: dict[str, torch.Tensor] = {}   # first_look's values, before the factors exist
         self._key: str | None = None
         self._lock = threading.RLock()  # one cache object is shared by the app's sessions
         self._write_lock = threading.Lock()
@@ -259,6 +260,28 @@ class SpectralCache:
         """(T, k) on the CPU, without moving U and V."""
         self._require(name)
         return self._all()[name][1].cpu()
+
+    @property
+    def ready(self) -> bool:
+        """Reading a factor now decomposes nothing: the factors are in memory, or in a file for this set."""
+        return self._factors is not None or (self.persist and self.path.is_file())
+
+    def first_look(self, name: str) -> torch.Tensor:
+        """(T, k) singular values of one parameter on the CPU, before the cache is computed.
+
+        From the factors when they exist; else one batched `svdvals` of that
+        parameter's T matrices alone, kept in memory but never written, so a
+        page can draw the layer it shows first and decompose the rest after
+        (the first figure in the time of one layer, not of the whole set).
+        LAPACK's values, not the Gram route's: they agree with
+        `singular_values` to float32 precision (a figure's, not a merge's)."""
+        self._require(name)
+        if self._factors is not None:
+            return self.singular_values(name)
+        if name not in self._first_looks:
+            stack = as_matrix_batch(self.tvs.deltas(name)).to(self.device, torch.float32)
+            self._first_looks[name] = torch.linalg.svdvals(stack).cpu()
+        return self._first_looks[name]
 
     def compute(self, progress: Progress | None = None) -> "SpectralCache":
         """Load or compute every factor now (the first `factors()` call does it too)."""

@@ -29,11 +29,15 @@ def _names(cache: "SpectralCache", names: Iterable[str] | None) -> list[str]:
     return list(cache.names if names is None else names)
 
 
-def singular_values_table(cache: "SpectralCache", names: Iterable[str] | None = None) -> pd.DataFrame:
-    """param, depth, kind, module, task, index (0-based), rank_fraction ((index+1)/k), sigma."""
+def singular_values_table(cache: "SpectralCache", names: Iterable[str] | None = None,
+                          first_look: bool = False) -> pd.DataFrame:
+    """param, depth, kind, module, task, index (0-based), rank_fraction ((index+1)/k), sigma.
+
+    `first_look`: the values of `cache.first_look` (these layers alone, without computing the cache)."""
     frames = []
+    values = cache.first_look if first_look else cache.singular_values
     for name in _names(cache, names):
-        s = cache.singular_values(name)
+        s = values(name)
         t, k = s.shape
         df = pd.DataFrame({"task": [task for task in cache.tasks for _ in range(k)],
                            "index": list(range(k)) * t,

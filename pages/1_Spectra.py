@@ -15,14 +15,17 @@ from analysis.plots.spectra import (effective_rank_figure, energy_figure, spectr
 from analysis.spectra import (effective_rank_table, energy_table, singular_values_table, truncation_rank,
                               tsvc_accuracy_table, tsvc_error_table)
 from ui import url
-from ui.state import rank_fraction_slider, reachable_rank_fraction, require_workspace, spectral_cache, start_page
+from ui.state import (merge_inputs, rank_fraction_slider, reachable_rank_fraction, require_workspace,
+                      spectral_cache, start_page)
 
 ENERGY_GRID = [i / 100 for i in range(1, 101)]
 QP = st.query_params
 
 start_page("Spectra")
 ws = require_workspace()
-cache = spectral_cache(ws, ws.key)
+# the same cache object spectral_cache() fills; the widgets need only its names and ranks, so on a
+# set seen for the first time the chosen layer is drawn before every other layer is decomposed
+cache = merge_inputs(ws, ws.key).spectra()
 tasks = cache.tasks
 if not cache.names:
     st.info("This set has no matrix or conv parameters, so there is no spectrum to show.")
@@ -49,23 +52,28 @@ def _tsvc_errors(_cache, key: str, rank_fraction: float):
     return tsvc_error_table(_cache, rank_fraction)
 
 
-methods = sorted({r["method"] for r in cache.report})
-st.caption(f"{ws.name}: {len(tasks)} tasks, {len(cache.names)} matrices decomposed once "
-           f"({'read from the disk cache' if not cache.report else 'computed with ' + ', '.join(methods)}"
-           f"{''.join(sorted({' as tasks on ' + r['ray'] for r in cache.report if 'ray' in r}))}); "
-           "moving the slider re-slices the cached factors, no SVD is recomputed.")
-
+caption = st.empty()
 first_visit = url.first_run("spectra_rank_fraction")   # a fresh session or back from another page
 f = rank_fraction_slider(cache, key="spectra_rank_fraction", param="sp_f",
                          help="TSV keeps ⌊f·min(m, n)⌋ singular triplets of each task matrix; 1/T is the TSV-M default.")
 hi = reachable_rank_fraction(cache)
 
-sv = _singular_values(cache, ws.key)
 layer = url.widget(st.selectbox, "Layer", key="spectra_layer", param="sp_layer", options=cache.names,
                    default=cache.names[0])
 c1, c2 = st.columns(2)
 with c1:
-    st.plotly_chart(spectrum_figure(sv, layer, tasks), width="stretch", key="spectra_spectrum")
+    spectrum = st.empty()
+if not cache.ready:   # this layer's values alone (one batched svdvals), then every factor under the bar
+    spectrum.plotly_chart(spectrum_figure(singular_values_table(cache, [layer], first_look=True), layer, tasks),
+                          width="stretch")
+cache = spectral_cache(ws, ws.key)
+methods = sorted({r["method"] for r in cache.report})
+caption.caption(f"{ws.name}: {len(tasks)} tasks, {len(cache.names)} matrices decomposed once "
+                f"({'read from the disk cache' if not cache.report else 'computed with ' + ', '.join(methods)}"
+                f"{''.join(sorted({' as tasks on ' + r['ray'] for r in cache.report if 'ray' in r}))}); "
+                "moving the slider re-slices the cached factors, no SVD is recomputed.")
+sv = _singular_values(cache, ws.key)
+spectrum.plotly_chart(spectrum_figure(sv, layer, tasks), width="stretch", key="spectra_spectrum")
 with c2:
     scope = url.widget(st.radio, "Energy curve of", key="spectra_scope", param="sp_scope",
                        options=["this layer", "mean over layers"], default="this layer", horizontal=True)

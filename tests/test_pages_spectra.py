@@ -13,8 +13,8 @@ from ui.state import Workspace
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _tiny_workspace(name="tiny-spectra"):
-    g = torch.Generator().manual_seed(0)
+def _tiny_workspace(name="tiny-spectra", seed=0):
+    g = torch.Generator().manual_seed(seed)
     base = {f"encoder.layer.{i}.{p}": torch.zeros(12, 8) for i in range(3) for p in ("query.weight", "out.weight")}
     base["encoder.norm.weight"] = torch.ones(8)
     tasks = {t: {k: v + 0.1 * torch.randn(v.shape, generator=g) for k, v in base.items()} for t in ("a", "b", "c")}
@@ -47,6 +47,29 @@ def test_spectra_page_renders_and_slider_changes_the_table():
     at.selectbox(key="spectra_layer").set_value("encoder.layer.2.out.weight").run()
     _no_errors(at)
     assert "accuracy needs labelled data" in " ".join(i.value for i in at.info).lower()
+
+
+def test_on_a_new_set_the_shown_layer_is_drawn_before_the_others_are_decomposed(monkeypatch):
+    from analysis.spectra import SpectralCache
+    from ui.state import spectral_cache
+    looked_before_computing = []
+    compute = SpectralCache._compute
+
+    def spy(self):
+        looked_before_computing.append(sorted(self._first_looks))
+        return compute(self)
+    monkeypatch.setattr(SpectralCache, "_compute", spy)
+    ws = _tiny_workspace("tiny-spectra-first-look", seed=7)    # content no other test decomposes
+    at = _app("pages/1_Spectra.py", ws)
+    _no_errors(at)
+    cache = spectral_cache(ws, ws.key)
+    assert looked_before_computing == [[cache.names[0]]]      # the default layer alone, then the rest
+    shown = [c for c in at.get("plotly_chart") if "spectra_spectrum" in (c.proto.id or "")]
+    warm = _app("pages/1_Spectra.py", ws)                     # the cache computed: no first look
+    assert len(shown) == 1 and len(at.get("plotly_chart")) == len(warm.get("plotly_chart"))  # replaced, not stacked
+    at.selectbox(key="spectra_layer").set_value(cache.names[2]).run()
+    _no_errors(at)
+    assert looked_before_computing == [[cache.names[0]]]      # a computed cache: no more first looks
 
 
 def test_spectra_page_slider_does_not_recompute_svds():

@@ -106,6 +106,24 @@ def test_cache_counts_calls_reuses_disk_and_is_invalidated(tmp_path):
     assert torch.allclose(s2[0], cache.factors("blocks.1.attn.weight")[1][0])  # task a unchanged
 
 
+@pytest.mark.parametrize("name", ["blocks.0.attn.weight", "blocks.1.conv.weight"])
+def test_a_first_look_at_one_layer_decomposes_nothing_else(tmp_path, name):
+    tvs = _random_set(seed=3)
+    cache = SpectralCache(tvs, device="cpu", cache_dir=tmp_path)
+    assert not cache.ready
+    looked = cache.first_look(name)
+    table = singular_values_table(cache, [name], first_look=True)
+    assert cache.compute_count == 0 and not cache.ready and not cache.path.exists()
+    assert set(table["param"]) == {name} and len(table) == looked.numel()
+    cache.compute()
+    assert cache.ready
+    torch.testing.assert_close(looked, cache.singular_values(name), rtol=1e-5, atol=1e-6)
+    assert torch.equal(cache.first_look(name), cache.singular_values(name))   # the factors once they exist
+    assert cache.flush()
+    from_disk = SpectralCache(tvs, device="cpu", cache_dir=tmp_path)
+    assert from_disk.ready and from_disk.compute_count == 0
+
+
 def test_no_persist_writes_nothing(tmp_path):
     cache = SpectralCache(_random_set(), device="cpu", cache_dir=tmp_path, persist=False)
     cache.compute()
