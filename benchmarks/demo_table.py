@@ -248,8 +248,11 @@ def main(argv=None) -> int:
         "",
         "## Normalised accuracy (% of fine-tuned), best first",
         "",
-        "`merge s`: wall time of one merge at the chosen knobs from warm caches (spectra and data statistics "
-        "already computed; the statistics' own time is above), scoring excluded; – for references.",
+        "`merge s`: wall time of one merge, scoring excluded; – for references. A defaults row times the "
+        "method's first merge, with the spectra and data statistics already computed (their own time is above) "
+        "but anything the method computes for itself included (Iso-C's SVD of each task sum, for one); an "
+        "'on validation' row times a later merge of the same method, which reuses what the first one memoised, "
+        "so it can be far shorter.",
         "",
         markdown(normalised),
         "",
