@@ -12,6 +12,10 @@ slerp is listed only when the demo has exactly two tasks.
     python benchmarks/demo_table.py [--quick | --full] [--val-subsample N]
 
 Needs a finished demo build (`python -m analysis.zoo build [--quick]`).
+Resumable: after every method its rows are saved (atomically) to a progress file in
+the cache's bench/ folder, keyed by the build and every option; the same command,
+run again after an interruption, reads those rows back and goes on with the next
+method (`--no-resume` starts over). The file is removed once the table is written.
 Every α of ALPHA_GRIDS is applied as evaluate_delta(merge(..., alpha=1), alpha=a):
 those methods are linear in α (vector parameters included); RegMean++ and
 CART's λ are not, so each of their values is merged anew. The data statistics (Fishers, Grams)
@@ -20,6 +24,8 @@ are computed once, timed, and reported.
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import platform
 import sys
 import time
@@ -29,6 +35,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from analysis.atomic import atomic_write_json  # noqa: E402
 from analysis.device import device_info  # noqa: E402
 from analysis.merging import METHODS, MergeInputs, merge, unavailable  # noqa: E402
 from analysis.merging.scoring import (accuracy_by_task, merged_accuracy, reference_accuracy,  # noqa: E402
@@ -74,6 +81,18 @@ def markdown(df: pd.DataFrame, digits: int = 2) -> str:
     return "\n".join([head, rule, *body])
 
 
+def progress_file(demo, chosen: list[str], args) -> Path:
+    """Where an interrupted run of this command keeps its finished rows: keyed by the build, every option
+    and the grids, so only the same command on the same build resumes from it."""
+    from analysis.zoo import default_cache_dir
+    key = json.dumps({"build": str(demo.root), "finished": demo.manifest.get("finished"), "methods": chosen,
+                      "val": args.val_subsample, "test": args.test_subsample, "defaults_only": args.defaults_only,
+                      "out": str(Path(args.out).resolve()), "alpha": ALPHA_GRIDS, "remerge": REMERGE_GRIDS},
+                     sort_keys=True)
+    digest = hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+    return default_cache_dir(args.cache_dir) / "bench" / f"demo_table-{digest}.json"
+
+
 def in_memory(tvs):
     """The same set with every tensor read once into RAM (each merge re-reads all deltas)."""
     from analysis.taskvectors import TaskVectorSet
@@ -104,6 +123,8 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", default=None,
                     help="comma-separated method names (default: every registered method); the table says "
                          "which were left out")
+    ap.add_argument("--no-resume", action="store_true",
+                    help="ignore the rows an interrupted run of the same command saved, and start over")
     args = ap.parse_args(argv)
     chosen = list(METHODS) if args.methods is None else [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in chosen if m not in METHODS]
@@ -123,6 +144,16 @@ def main(argv=None) -> int:
     inputs = MergeInputs(tvs, ev)
     rows: list[dict] = []
     notes: list[str] = []
+    progress_path = progress_file(demo, chosen, args)
+    saved = {} if args.no_resume or not progress_path.is_file() else json.loads(progress_path.read_text())
+    if saved:
+        rows, notes = saved["rows"], saved["notes"]
+        log(f"resuming: {len(saved['done'])} method(s) read back from {progress_path}")
+
+    def save_progress(done: list[str]) -> None:
+        atomic_write_json(progress_path, {"rows": rows, "notes": notes, "done": done,
+                                          "stats_seconds": saved.get("stats_seconds", stats_seconds),
+                                          "elapsed_s": saved.get("elapsed_s", 0.0) + time.perf_counter() - t_start})
 
     def add(label, method, knobs, per_task, seconds=None):
         rows.append({"model": label, "method": method, "knobs": knobs, "merge_s": seconds,
@@ -142,16 +173,19 @@ def main(argv=None) -> int:
             compute()
             stats_seconds[label] = time.perf_counter() - t0
             log(f"statistics: {label}: {stats_seconds[label]:.1f} s")
-    add("zero-shot (linear probe)", "zero_shot", "", ref_test["zero_shot"].to_dict())
-    add("fine-tuned (own task)", "fine_tuned", "", ref_test["fine_tuned"].to_dict())
-
-    skipped = [m for m in METHODS if m not in chosen]
-    if skipped:
-        notes.append(f"Not run this time (`--methods`): {', '.join(skipped)}.")
-    for name, spec in ((m, METHODS[m]) for m in chosen):
+    done = list(saved.get("done", []))
+    if not saved:
+        add("zero-shot (linear probe)", "zero_shot", "", ref_test["zero_shot"].to_dict())
+        add("fine-tuned (own task)", "fine_tuned", "", ref_test["fine_tuned"].to_dict())
+        skipped = [m for m in METHODS if m not in chosen]
+        if skipped:
+            notes.append(f"Not run this time (`--methods`): {', '.join(skipped)}.")
+    for name, spec in ((m, METHODS[m]) for m in chosen if m not in done):
         why = unavailable(name, len(tvs.tasks), inputs.has_data)
         if why:
             notes.append(f"`{name}` is not listed: it {why}.")
+            done.append(name)
+            save_progress(done)
             continue
         t0 = time.perf_counter()
         defaults = spec.defaults(len(tvs.tasks))
@@ -196,6 +230,8 @@ def main(argv=None) -> int:
                              for k, v in defaults.items() if k != "alpha")
             add(f"{name} (α on validation)", name, f"alpha={best} (val mean {best_mean:.4f})" + (f", {rest}" if rest else ""),
                 acc, t_unit)
+        done.append(name)
+        save_progress(done)
 
     table = pd.DataFrame(rows)
     ft = ref_test["fine_tuned"]
@@ -209,7 +245,8 @@ def main(argv=None) -> int:
     seconds = table.set_index("model")["merge_s"]
     normalised["merge s"] = seconds.reindex(order).astype(float)
     info = device_info()
-    elapsed = time.perf_counter() - t_start
+    elapsed = saved.get("elapsed_s", 0.0) + time.perf_counter() - t_start
+    stats_seconds = saved.get("stats_seconds", stats_seconds)   # as first computed, not as read back
     sizes = {t: ev.split_size(t, "test") for t in tasks} if hasattr(ev, "split_size") else {}
     if args.test_subsample is not None:
         sizes = {t: min(n, args.test_subsample) for t, n in sizes.items()}
@@ -218,7 +255,9 @@ def main(argv=None) -> int:
         "",
         f"Written by `python benchmarks/demo_table.py{' ' + ' '.join(argv or sys.argv[1:]) if (argv or sys.argv[1:]) else ''}` "
         f"on {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; device: {info['name']} ({info['device']}), "
-        f"torch {info['torch']}, Python {platform.python_version()}; run time {elapsed / 60:.1f} min.",
+        f"torch {info['torch']}, Python {platform.python_version()}; run time {elapsed / 60:.1f} min"
+        + (f" (over more than one invocation: {len(saved['done'])} of {len(chosen)} methods were read back from "
+           "an interrupted run of the same command)" if saved else "") + ".",
         f"Demo build: `{demo.root}` ({demo.kind}); backbone task vectors over {len(tasks)} tasks.",
         (f"Test examples per task: {sizes}" + ("" if args.test_subsample is None else
          f" (a fixed, seeded subsample of at most {args.test_subsample} per task; the zero-shot and fine-tuned "
@@ -266,6 +305,7 @@ def main(argv=None) -> int:
     if out.is_file() and KEEP_MARKER in out.read_text():
         tail = out.read_text().split(KEEP_MARKER, 1)[1]
     out.write_text("\n".join(lines) + "\n" + KEEP_MARKER + tail)
+    progress_path.unlink(missing_ok=True)
     log(f"wrote {args.out}")
     return 0
 
