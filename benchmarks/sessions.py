@@ -46,7 +46,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS, EXCEPTION, free_port, start_app_cmd, wait_healthy  # noqa: E402
+from test_browser import (CHROMIUM, CHROMIUM_ARGS, EXCEPTION, free_port, start_app_cmd, stop_server,  # noqa: E402
+                          wait_healthy)
 
 # (page file name in the URL, slider label, Merge method or None)
 ROLES = [
@@ -261,11 +262,7 @@ def run(cache: Path, roles, moves: int, seconds: float, log: Path) -> dict:
         wait_healthy(proc, port, log, timeout=120)
         sessions = asyncio.run(drive(f"http://127.0.0.1:{port}", roles, moves, seconds))
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc, 30)
     text = log.read_text(errors="replace")
     svd, stats = shared_cache_counts(text)
     problems = [p for s in sessions for p in s.problems]

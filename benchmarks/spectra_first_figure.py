@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
 from test_browser import (CHROMIUM, CHROMIUM_ARGS, free_port, quick_demo_cache, start_app_cmd,  # noqa: E402
-                          wait_healthy, wait_idle)
+                          stop_server, wait_healthy, wait_idle)
 
 CHART = '[data-testid="stMain"] [data-testid="stPlotlyChart"]'
 
@@ -66,11 +66,7 @@ def one_visit(root: Path, cache: Path, log: Path, timeout: float) -> dict:
         return {"first_figure_s": round(first, 2), "all_figures_s": round(done, 2), "charts": charts,
                 "exceptions": errors}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc, 20)
 
 
 def cold_and_warm(root: Path, tmp: Path, tag: str, timeout: float) -> dict:

@@ -68,6 +68,16 @@ def wait_healthy(proc: subprocess.Popen, port: int, log: Path, timeout: float = 
     raise RuntimeError(f"streamlit did not answer on port {port} within {timeout:.0f} s: {log.read_text()[-2000:]}")
 
 
+def stop_server(proc: subprocess.Popen, timeout: float = 20.0) -> None:
+    """SIGTERM, then SIGKILL if the server has not exited within `timeout` s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def start_app(cache: Path, port: int, log: Path) -> subprocess.Popen:
     env = {**os.environ, "MERGESCOPE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(start_app_cmd(port), cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -162,11 +172,7 @@ def drive(cache: Path, out: Path, log: Path, moves: int = 1) -> dict:
                 print(f"{name}: {results['page_seconds'][name]} s", flush=True)
             browser.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc, 10)
     return results
 
 

@@ -21,7 +21,7 @@ from urllib.parse import parse_qs, urlparse
 import pytest
 
 import test_browser
-from test_browser import CHROMIUM, CHROMIUM_ARGS, check_no_exception, free_port, start_app, wait_idle
+from test_browser import CHROMIUM, CHROMIUM_ARGS, check_no_exception, free_port, start_app, stop_server, wait_idle
 
 BUSY_CPU_MS = 300_000   # playwright's waits: this machine's CPU is shared, and a busy one answers in minutes
 
@@ -185,11 +185,7 @@ def drive(cache: Path, log: Path) -> dict:
                 out["restored"][name], _ = open_in_new_context(browser, link)
             browser.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc, 10)
     return out
 
 

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS, check_no_exception, free_port, full_screenshot, start_app, wait_idle
+from test_browser import (CHROMIUM, CHROMIUM_ARGS, check_no_exception, free_port, full_screenshot, start_app,
+                          stop_server, wait_idle)
 
 OWN_TIMEOUT_MS = 180_000
 
@@ -121,11 +122,7 @@ def drive_own(bert: dict, cache: Path, out_model: Path, shots: Path, log: Path,
             seen["screenshots"].append(str(shots / "own_2_Report.png"))
             browser.close()
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_server(proc, 10)
     return seen
 
 

@@ -1,0 +1,168 @@
+"""Slider -> first estimate on every page, in a browser against a `make app`-style server on a CPU.
+
+Issue 12's CPU target: any slider move shows an updated page within 1.5 s, at least as a first estimate.
+For each page and slider below, one browser session (a fresh context) opens the page on the quick demo and
+moves the slider --moves times, always one step the same way, so every move asks for a value not seen
+before. Per move, from the key press (the page's own clock):
+- first:  when the page first shows the moved value's result. On the Merge and Loss Landscape pages on a
+          CPU that is the first estimate (its "First estimate on 8 examples per task" caption appears once
+          the chart is sent); on the other pages, and where no estimate is made, the end of the run;
+- final:  the end of the run the press started (Merge and Loss Landscape wait there for the refinement
+          on the full live subsample, so this is when the refined numbers are on screen).
+Baseline, in the same run: a second server with `MERGESCOPE_FIRST_ESTIMATE=0` (each move scores the full
+live subsample before drawing), the same pages and moves, interleaved page by page with the first.
+
+    python benchmarks/first_estimate.py [--moves 3] [--cache ~/.cache/mergescope] [--json out.json]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
+
+from sessions import RECORDER, RUN_START, Session, check, fresh_cache, open_role, run_end_ms, settle  # noqa: E402
+from test_browser import CHROMIUM, CHROMIUM_ARGS, free_port, start_app_cmd, stop_server, wait_healthy  # noqa: E402
+
+# (page in the URL, slider label, Merge method or None, key that moves to an unseen value)
+ROLES = [
+    ("Spectra", "Rank fraction", None, "ArrowRight"),
+    ("Interference", "Rank fraction kept per task", None, "ArrowRight"),
+    ("Merge", "alpha", "task_arithmetic", "ArrowRight"),
+    ("Merge", "rank fraction", "tsv_m", "ArrowRight"),
+    ("Merge", "common fraction", "iso_cts", "ArrowLeft"),
+    ("Loss_Landscape", "λ points", None, "ArrowRight"),
+    ("Alignment", "Points on the path", None, "ArrowRight"),
+]
+TARGET_S = 1.5
+CAPTION = "First estimate on"
+# when the first-estimate caption is added to the page (its text node or an element holding it)
+ESTIMATE_RECORDER = RECORDER + """
+window.__msEstimate = [];
+new MutationObserver(ms => { for (const m of ms) {
+    const nodes = m.type === 'characterData' ? [m.target] : Array.from(m.addedNodes);
+    if (nodes.some(n => (n.textContent || '').includes('%s'))) { window.__msEstimate.push(performance.now()); return; }
+  } }).observe(document, {childList: true, characterData: true, subtree: true});
+""" % CAPTION
+
+
+async def thumb_value(s: Session) -> str:
+    box = s.page.locator('[data-testid="stSlider"]', has_text=s.slider).first
+    return (await box.locator('[data-testid="stSliderThumbValue"]').first.inner_text()).strip()
+
+
+async def one_move(s: Session, key: str) -> dict:
+    slider = s.page.locator('[data-testid="stSlider"]', has_text=s.slider).first.locator(
+        '[role="slider"], input[type="range"]')
+    await slider.focus()
+    before = await thumb_value(s)
+    start = await s.page.evaluate(RUN_START)
+    await slider.press(key)
+    final = await run_end_ms(s.page, start) / 1000
+    marks = await s.page.evaluate("t0 => window.__msEstimate.filter(t => t >= t0)", start[0])
+    estimate = (min(marks) - start[0]) / 1000 if marks else None
+    await check(s, f"move to {await thumb_value(s)}")
+    await settle(s.page)
+    return {"from": before, "first_s": round(min(estimate or final, final), 3),
+            "estimate_s": None if estimate is None else round(estimate, 3), "final_s": round(final, 3)}
+
+
+async def visit(base: str, role: tuple, moves: int, timeout: float) -> tuple[list[dict], list[str]]:
+    from playwright.async_api import async_playwright
+    page_name, label, method, key = role
+    s = Session(0, page_name, label, method)
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        ctx = await browser.new_context(viewport={"width": 1400, "height": 900})
+        ctx.set_default_timeout(timeout * 1000)
+        await ctx.add_init_script(ESTIMATE_RECORDER)
+        s.page = await ctx.new_page()
+        await open_role(s, base)
+        rows = [await one_move(s, key) for _ in range(moves)]
+        await browser.close()
+    return rows, s.problems
+
+
+def serve(cache: Path, log: Path, first_estimate: bool) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    env = {**os.environ, "MERGESCOPE_CACHE": str(cache), "PYTHONUNBUFFERED": "1",
+           "MERGESCOPE_FIRST_ESTIMATE": "1" if first_estimate else "0"}
+    proc = subprocess.Popen(start_app_cmd(port), cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    wait_healthy(proc, port, log, 300)
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def table(results: dict) -> str:
+    lines = ["| page | slider | first estimate on: first s (median, runs) | refined s (median) | "
+             "estimate off (baseline): s (median, runs) | first / baseline | every move ≤ 1.5 s |", "|---|---|---|---|---|---|---|"]
+    for (page, label, method, _), by in results.items():
+        on, off = by["on"], by["off"]
+        first = [m["first_s"] for m in on]
+        final = [m["final_s"] for m in on]
+        base = [m["final_s"] for m in off]
+        med, bmed = statistics.median(first), statistics.median(base)
+        lines.append(f"| {page.replace('_', ' ')} | {f'{method} ' if method else ''}{label} | {med:.2f} "
+                     f"({', '.join(f'{x:.2f}' for x in first)}) | {statistics.median(final):.2f} | {bmed:.2f} "
+                     f"({', '.join(f'{x:.2f}' for x in base)}) | {med / bmed:.2f}× | "
+                     f"{'yes' if max(first) <= TARGET_S else 'no'} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cache", type=Path, default=Path(os.environ.get("MERGESCOPE_CACHE", "~/.cache/mergescope")))
+    ap.add_argument("--moves", type=int, default=3)
+    ap.add_argument("--pages", default=None, help="comma list of page names to run, e.g. Merge,Spectra")
+    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    roles = [r for r in ROLES if not args.pages or r[0] in args.pages.split(",")]
+    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    builds = sorted(p.name for p in args.cache.expanduser().glob("zoo-*"))
+    print(f"commit {rev}; load average {os.getloadavg()}; {os.cpu_count()} CPUs; demo builds {builds} in {args.cache}; "
+          "Home opens the quick demo", flush=True)
+    results: dict = {r: {} for r in roles}
+    problems: list[str] = []
+    t0 = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="ms-first-estimate-") as tmp_s:
+        tmp = Path(tmp_s)
+        servers = {}
+        try:
+            for variant in ("on", "off"):   # each server its own cold caches (SVD factors, statistics)
+                cache = fresh_cache(args.cache.expanduser(), tmp / f"cache-{variant}")
+                servers[variant] = serve(cache, tmp / f"server-{variant}.log", variant == "on")
+            for role in roles:              # interleaved page by page: drift on the machine hits both alike
+                for variant in ("on", "off"):
+                    rows, bad = asyncio.run(visit(servers[variant][1], role, args.moves, args.timeout))
+                    results[role][variant] = rows
+                    problems += [f"estimate {variant}: {p}" for p in bad]
+                    print(f"{role[0]} {role[2] or ''} {role[1]!r}, first estimate {variant}: {json.dumps(rows)}",
+                          flush=True)
+        finally:
+            for proc, _ in servers.values():
+                stop_server(proc)
+        for variant in ("on", "off"):
+            text = (tmp / f"server-{variant}.log").read_text(errors="replace")
+            if "Traceback" in text:
+                problems.append(f"server (estimate {variant}) logged a traceback: "
+                                + text[text.index("Traceback"):][:1500])
+    print(f"\n{args.moves} moves per page, {time.perf_counter() - t0:.0f} s in all; "
+          f"load average after {os.getloadavg()}\n")
+    print(table(results))
+    print(f"\nproblems: {problems or 'none'}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({f"{r[0]}|{r[2] or ''}|{r[1]}": v for r, v in results.items()}, indent=1))
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
