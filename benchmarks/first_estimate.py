@@ -11,8 +11,10 @@ before. Per move, from the key press (the page's own clock):
           on the full live subsample, so this is when the refined numbers are on screen).
 Baseline, in the same run: a second server with `MERGESCOPE_FIRST_ESTIMATE=0` (each move scores the full
 live subsample before drawing), the same pages and moves, interleaved page by page with the first.
+`--code-rev REV` serves an earlier commit's app (a temporary git worktree) for a before/after.
 
-    python benchmarks/first_estimate.py [--moves 3] [--cache ~/.cache/mergescope] [--json out.json]
+    python benchmarks/first_estimate.py [--moves 3] [--preset quick] [--pages Merge,Spectra] [--json out.json]
+    python benchmarks/first_estimate.py --pages Merge --code-rev HEAD~1      # the same, on an earlier commit
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -30,7 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from sessions import RECORDER, RUN_START, Session, check, fresh_cache, open_role, run_end_ms, settle  # noqa: E402
+from sessions import RECORDER, RUN_START, Session, check, open_role, run_end_ms, settle  # noqa: E402
 from test_browser import CHROMIUM, CHROMIUM_ARGS, free_port, start_app_cmd, stop_server, wait_healthy  # noqa: E402
 
 # (page in the URL, slider label, Merge method or None, key that moves to an unseen value)
@@ -92,11 +95,28 @@ async def visit(base: str, role: tuple, moves: int, timeout: float) -> tuple[lis
     return rows, s.problems
 
 
-def serve(cache: Path, log: Path, first_estimate: bool) -> tuple[subprocess.Popen, str]:
+def preset_cache(cache: Path, preset: str, into: Path) -> Path:
+    """A cache folder holding only the newest finished `preset` demo build and its transformer zoo (linked):
+    Home opens the full demo when one is there, so the other builds are left out. SVD factors and statistics
+    start cold."""
+    into.mkdir(parents=True)
+    for kind in ("zoo", "transformers"):
+        found = sorted((p for p in cache.glob(f"{kind}-{preset}-*") if (p / "manifest.json").is_file()),
+                       key=lambda p: p.stat().st_mtime)
+        if not found and kind == "zoo":
+            raise SystemExit(f"no finished {preset} demo build in {cache}")
+        if found:
+            (into / found[-1].name).symlink_to(found[-1].resolve(), target_is_directory=True)
+    return into
+
+
+def serve(root: Path, cache: Path, log: Path, first_estimate: bool) -> tuple[subprocess.Popen, str]:
+    """A `make app`-style server of the project at `root` (this checkout, or --code-rev's worktree)."""
     port = free_port()
     env = {**os.environ, "MERGESCOPE_CACHE": str(cache), "PYTHONUNBUFFERED": "1",
            "MERGESCOPE_FIRST_ESTIMATE": "1" if first_estimate else "0"}
-    proc = subprocess.Popen(start_app_cmd(port), cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    cmd = [str(root / "app.py") if c == str(ROOT / "app.py") else c for c in start_app_cmd(port)]
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     wait_healthy(proc, port, log, 300)
     return proc, f"http://127.0.0.1:{port}"
 
@@ -105,6 +125,8 @@ def table(results: dict) -> str:
     lines = ["| page | slider | first estimate on: first s (median, runs) | refined s (median) | "
              "estimate off (baseline): s (median, runs) | first / baseline | every move ≤ 1.5 s |", "|---|---|---|---|---|---|---|"]
     for (page, label, method, _), by in results.items():
+        if "off" not in by:
+            continue
         on, off = by["on"], by["off"]
         first = [m["first_s"] for m in on]
         final = [m["final_s"] for m in on]
@@ -120,26 +142,36 @@ def table(results: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", type=Path, default=Path(os.environ.get("MERGESCOPE_CACHE", "~/.cache/mergescope")))
+    ap.add_argument("--preset", choices=["quick", "full", "tiny"], default="quick", help="which demo build")
     ap.add_argument("--moves", type=int, default=3)
     ap.add_argument("--pages", default=None, help="comma list of page names to run, e.g. Merge,Spectra")
     ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--code-rev", default=None,
+                    help="serve the app of this commit (a temporary git worktree) instead of this checkout")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a killed run still stops its servers
     roles = [r for r in ROLES if not args.pages or r[0] in args.pages.split(",")]
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    builds = sorted(p.name for p in args.cache.expanduser().glob("zoo-*"))
-    print(f"commit {rev}; load average {os.getloadavg()}; {os.cpu_count()} CPUs; demo builds {builds} in {args.cache}; "
-          "Home opens the quick demo", flush=True)
+    rev = subprocess.run(["git", "rev-parse", "--short", args.code_rev or "HEAD"], cwd=ROOT, capture_output=True,
+                         text=True).stdout.strip() + ("" if args.code_rev else " + working tree")
+    print(f"commit {rev}; load average {os.getloadavg()}; {os.cpu_count()} CPUs; {args.preset} demo from {args.cache}",
+          flush=True)
     results: dict = {r: {} for r in roles}
     problems: list[str] = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ms-first-estimate-") as tmp_s:
         tmp = Path(tmp_s)
         servers = {}
+        root = ROOT
+        if args.code_rev:
+            root = tmp / "code"
+            subprocess.run(["git", "worktree", "add", "--detach", str(root), args.code_rev], cwd=ROOT, check=True,
+                           capture_output=True)
         try:
             for variant in ("on", "off"):   # each server its own cold caches (SVD factors, statistics)
-                cache = fresh_cache(args.cache.expanduser(), tmp / f"cache-{variant}")
-                servers[variant] = serve(cache, tmp / f"server-{variant}.log", variant == "on")
+                cache = preset_cache(args.cache.expanduser(), args.preset, tmp / f"cache-{variant}")
+                served = sorted(p.name for p in cache.iterdir())
+                servers[variant] = serve(root, cache, tmp / f"server-{variant}.log", variant == "on")
             for role in roles:              # interleaved page by page: drift on the machine hits both alike
                 for variant in ("on", "off"):
                     rows, bad = asyncio.run(visit(servers[variant][1], role, args.moves, args.timeout))
@@ -150,12 +182,14 @@ def main() -> int:
         finally:
             for proc, _ in servers.values():
                 stop_server(proc)
+            if args.code_rev:
+                subprocess.run(["git", "worktree", "remove", "--force", str(root)], cwd=ROOT, capture_output=True)
         for variant in ("on", "off"):
             text = (tmp / f"server-{variant}.log").read_text(errors="replace")
             if "Traceback" in text:
                 problems.append(f"server (estimate {variant}) logged a traceback: "
                                 + text[text.index("Traceback"):][:1500])
-    print(f"\n{args.moves} moves per page, {time.perf_counter() - t0:.0f} s in all; "
+    print(f"\n{args.moves} moves per page, {args.preset} demo (`{', '.join(served)}`), {time.perf_counter() - t0:.0f} s in all; "
           f"load average after {os.getloadavg()}\n")
     print(table(results))
     print(f"\nproblems: {problems or 'none'}")

@@ -34,12 +34,13 @@ import streamlit as st
 
 from analysis.errors import HyperparameterError, MergescopeError
 from analysis.merging import METHODS, available_methods, merge, unavailable
-from analysis.merging.scoring import comparison_table, merged_accuracy, reference_on_examples, wide
+from analysis.merging.scoring import comparison_table, merged_accuracy, wide
 from analysis.plots.merge import accuracy_bars
 from ui import history, url
 from ui.labelfree import label_free_view
 from ui.refine import FIRST_ESTIMATE, Refiner, needs_estimate, wait_for_refinement
-from ui.state import merge_inputs, references, require_workspace, start_page, with_progress
+from ui.state import (merge_inputs, references, references_on_examples, require_workspace, start_page,
+                      with_progress)
 
 RUN_STARTED = time.monotonic()   # history: how long the previous configuration stayed on screen
 SPLITS = ("validation", "test")
@@ -135,20 +136,22 @@ def scores(_ws, _delta, ws_key: str, method: str, knobs_json: str, split: str, s
 
 
 def live_scores(n: int | None):
-    """(per_task, references, examples per task, pending key): the final numbers, or on a CPU a first
-    estimate on FIRST_ESTIMATE examples per task while the session's Refiner scores `n` in the background."""
+    """(per_task, references, examples per task, pending): the final numbers, or on a CPU a first
+    estimate on FIRST_ESTIMATE examples per task, with pending = (key, compute) of the refinement on `n`
+    that the end of the run starts in the background (ui.refine.wait_for_refinement)."""
     refined = st.session_state.setdefault("merge_refined", {})
     key = (ws.key, method_name, knob_key, split, n)
     if key in refined:
         return (*refined[key], n, None)
     if not needs_estimate(ws.evaluator.device, n):
         return scores(ws, delta, ws.key, method_name, knob_key, split, n), references(ws, ws.key, split, n), n, None
-    ev, tvs_, d = ws.evaluator, ws.tvs, delta
-    refiner = st.session_state.setdefault("merge_refiner", Refiner())
-    refiner.request(key, lambda stop: (merged_accuracy(ev, d, split, n, stop=stop),
-                                       reference_on_examples(ev, tvs_, split, n, stop=stop)))
+    ev, d, ws_ = ws.evaluator, delta, ws
+    st.session_state.setdefault("merge_refiner", Refiner()).cancel_unless(key)   # no stale one beside the estimate
+
+    def compute(stop):
+        return merged_accuracy(ev, d, split, n, stop=stop), references_on_examples(ws_, split, n, stop=stop)
     return (scores(ws, delta, ws.key, method_name, knob_key, split, FIRST_ESTIMATE),
-            references(ws, ws.key, split, FIRST_ESTIMATE), FIRST_ESTIMATE, key)
+            references(ws, ws.key, split, FIRST_ESTIMATE), FIRST_ESTIMATE, (key, compute))
 
 
 try:
@@ -206,7 +209,9 @@ history.removal_control("merge_history")
 
 
 if refinement_slot is not None:
-    wait_for_refinement(st.session_state["merge_refiner"], pending, refinement_slot,
-                        lambda result: st.session_state["merge_refined"].__setitem__(pending, result),
+    pending_key, compute = pending
+    wait_for_refinement(st.session_state["merge_refiner"], pending_key, compute, refinement_slot,
+                        lambda result: st.session_state["merge_refined"].__setitem__(pending_key, result),
                         f"First estimate on {FIRST_ESTIMATE} examples per task (CPU); scoring "
-                        f"{'the full split' if pending[-1] is None else f'{pending[-1]} per task'} in the background…")
+                        f"{'the full split' if pending_key[-1] is None else f'{pending_key[-1]} per task'} in the "
+                        "background…")

@@ -124,8 +124,8 @@ def run_path(progress, n):
 def live_curves(progress):
     """(curves, pending): the live subsample's curves, or on a CPU, while points of it are missing, a
     first estimate on FIRST_ESTIMATE examples per task with the missing points evaluated in the
-    background by the session's Refiner (pending: its key, then the page waits for it at the end of
-    the run, as the Merge page does)."""
+    background by the session's Refiner (pending: its key and computation, started and waited for at
+    the end of the run, as on the Merge page)."""
     n = None if full else int(subsample)
     if not needs_estimate(ws.evaluator.device, n):
         return run_path(progress, n), None
@@ -142,8 +142,8 @@ def live_curves(progress):
                 raise ScoringStopped("a newer choice replaced this refinement")
         return coord, path_key, compute(missing, report)
 
-    st.session_state.setdefault("ll_refiner", Refiner()).request(key, refine_points)
-    return run_path(progress, FIRST_ESTIMATE), key
+    st.session_state.setdefault("ll_refiner", Refiner()).cancel_unless(key)   # no stale one beside the estimate
+    return run_path(progress, FIRST_ESTIMATE), (key, refine_points)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -214,6 +214,6 @@ if refinement_slot is not None:
     def land(result):
         coord, path_key, fresh = result
         remember(coord, path_key, fresh)
-    wait_for_refinement(st.session_state["ll_refiner"], pending, refinement_slot, land,
+    wait_for_refinement(st.session_state["ll_refiner"], *pending, refinement_slot, land,
                         f"First estimate on {FIRST_ESTIMATE} examples per task (CPU); evaluating "
                         f"{'the full split' if full else f'{subsample} per task'} in the background…")

@@ -179,6 +179,48 @@ def test_on_a_cpu_the_run_waits_for_the_refined_score_and_shows_it(tiny_workspac
     assert not any("First estimate" in c.value for c in at.caption) and not at.warning
 
 
+def test_the_refinement_starts_only_after_the_first_estimate_is_scored(tiny_workspace, monkeypatch):
+    """Started before it, the refinement took the CPU from the estimate (benchmarks/first_estimate.py)."""
+    from analysis.merging import scoring
+    from ui import refine
+    _skip_unless_scored_on_a_cpu(tiny_workspace)
+    monkeypatch.setenv("MERGESCOPE_FIRST_ESTIMATE", "1")
+    events = []
+    score = scoring.merged_accuracy
+    monkeypatch.setattr(scoring, "merged_accuracy",
+                        lambda *a, **k: events.append(("score", k.get("subsample", a[3] if len(a) > 3 else None)))
+                        or score(*a, **k))
+    request = refine.Refiner.request
+    monkeypatch.setattr(refine.Refiner, "request",
+                        lambda self, key, compute: events.append(("request",)) or request(self, key, compute))
+    at = _page(tiny_workspace, query={"method": "task_arithmetic", "alpha": "0.45", "subsample": "20"})
+    assert not at.exception, at.exception
+    assert ("score", refine.FIRST_ESTIMATE) in events and ("request",) in events and ("score", 20) in events
+    assert events.index(("score", refine.FIRST_ESTIMATE)) < events.index(("request",)) < events.index(("score", 20))
+
+
+def test_refinements_score_the_references_once_per_subsample(tiny_workspace, monkeypatch):
+    """Zero-shot and fine-tuned on the live subsample do not depend on the merge: one scoring for every move."""
+    import pytest
+
+    from analysis.merging import merge, scoring
+    from analysis.merging.scoring import merged_accuracy
+    _skip_unless_scored_on_a_cpu(tiny_workspace)
+    monkeypatch.setenv("MERGESCOPE_FIRST_ESTIMATE", "1")
+    calls = []
+    ref = scoring.reference_on_examples
+    monkeypatch.setattr(scoring, "reference_on_examples",
+                        lambda ev, tvs, split, n, stop=None: calls.append(n) or ref(ev, tvs, split, n, stop=stop))
+    at = _page(tiny_workspace, query={"method": "task_arithmetic", "alpha": "0.55", "subsample": "24"})
+    for alpha in (0.6, 0.65):
+        at.slider(key="merge_task_arithmetic_alpha").set_value(alpha).run()
+        assert not at.exception, at.exception
+    assert calls.count(24) == 1
+    want = merged_accuracy(tiny_workspace.evaluator, merge(tiny_workspace.tvs, "task_arithmetic", alpha=0.65),
+                           subsample=24)
+    assert _accuracy_table(at).loc[list(want), "merged"].tolist() == pytest.approx(list(want.values()))
+
+
 def test_a_refinement_that_does_not_arrive_in_time_leaves_the_estimate_and_says_so(tiny_workspace, monkeypatch):
     import threading
     import time

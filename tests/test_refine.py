@@ -47,3 +47,22 @@ def test_estimates_are_for_the_cpu_and_larger_subsamples_only(monkeypatch):
     assert not needs_estimate("cuda:0", 64)
     monkeypatch.setenv("MERGESCOPE_FIRST_ESTIMATE", "0")
     assert not needs_estimate("cpu", 64)
+
+
+def test_cancel_unless_stops_a_stale_refinement_and_keeps_the_current_one():
+    refiner = Refiner()
+    release = threading.Event()
+    seen_stop = []
+
+    def slow(stop):
+        release.wait(5)
+        seen_stop.append(stop())
+        return "a"
+    job = refiner.request("a", slow)
+    refiner.cancel_unless("a")                 # the same key: left running
+    assert refiner.is_current("a") and not seen_stop
+    refiner.cancel_unless("b")                 # a new estimate is about to be scored: the old one stops
+    release.set()
+    _wait(job)
+    assert seen_stop == [True]
+    assert refiner.done("a") is None and not refiner.is_current("a")

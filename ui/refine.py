@@ -3,10 +3,15 @@
 On a CPU, scoring the merged backbone on every task's live subsample takes
 seconds. A page scores a small seeded subset first (the evaluator's subsets
 are nested: the first n of one seeded permutation, so the estimate's examples
-are among the refined ones), shows it, and asks the session's `Refiner` for
-the full live subsample in a background thread. A newer request stops the
-older one between tasks (`ScoringStopped`), so a slider move never waits on a
-stale refinement; the page polls at the end of its run (`wait_for_refinement`).
+are among the refined ones), shows it, and at the end of its run asks the session's `Refiner` for the
+full live subsample in a background thread and waits for it
+(`wait_for_refinement`). The refinement starts only once the estimate is on
+screen: started before it, it shared the 2 cores with the estimate's own
+scoring (on the quick demo, a task-arithmetic α move's first estimate took
+as long as scoring the whole live subsample; benchmarks/first_estimate.py).
+A run that needs a new estimate first stops an older refinement
+(`Refiner.cancel_unless`, honoured between tasks via `ScoringStopped`), so
+a slider move never waits on, or competes with, a stale refinement.
 """
 from __future__ import annotations
 
@@ -52,6 +57,14 @@ class Refiner:
             self._job = BackgroundJob(lambda report: compute(stop.is_set), label="refine")
             return self._job
 
+    def cancel_unless(self, key: Hashable) -> None:
+        """Stop the refinement in flight unless it is for `key`: called before a first estimate is scored,
+        so a stale refinement does not take the CPU from it (its result would never be served anyway)."""
+        with self._lock:
+            if key != self._key:
+                self._stop.set()
+                self._key, self._job = None, None
+
     def is_current(self, key: Hashable) -> bool:
         """Whether `key` is the latest request (a stale one is never served)."""
         with self._lock:
@@ -72,9 +85,11 @@ class Refiner:
         return job.result
 
 
-def wait_for_refinement(refiner: Refiner, key: Hashable, slot, on_result: Callable[[object], None], text: str) -> None:
-    """Poll the session's refinement at the end of a page run; when it lands, hand it to
-    `on_result` (which keeps it where the next run finds it) and rerun to show it.
+def wait_for_refinement(refiner: Refiner, key: Hashable, compute: Callable[[Callable[[], bool]], object], slot,
+                        on_result: Callable[[object], None], text: str) -> None:
+    """At the end of a page run (the first estimate is on screen), start the session's refinement of
+    `key` (`Refiner.request(key, compute)`; one already running for `key` is kept) and poll it; when it
+    lands, hand it to `on_result` (which keeps it where the next run finds it) and rerun to show it.
 
     A slider move interrupts the wait at the slot's next update (Streamlit stops a
     run at its next element call when a newer run is asked for); the wait gives up
@@ -86,6 +101,7 @@ def wait_for_refinement(refiner: Refiner, key: Hashable, slot, on_result: Callab
     import time
 
     import streamlit as st
+    refiner.request(key, compute)
     deadline = time.monotonic() + REFINE_WAIT_S
     while True:
         result = refiner.done(key)

@@ -122,8 +122,20 @@ def references(_ws: Workspace, ws_key: str, split: str, subsample: int | None):
     evaluator's seeded choice; the full split: the workspace's table). Merge and Report compare with these."""
     if subsample is None and _ws.reference is not None:
         return _ws.reference
-    from analysis.merging.scoring import reference_on_examples
-    return reference_on_examples(_ws.evaluator, _ws.tvs, split, subsample)
+    return references_on_examples(_ws, split, subsample)
+
+
+def references_on_examples(ws: Workspace, split: str, subsample: int | None, stop=None):
+    """`analysis.merging.scoring.reference_on_examples`, kept in the workspace per (split, subsample): they do
+    not depend on the merge, so a page's background refinement (ui.refine) scores them once, not on every
+    slider move (they were 2/3 of each refinement's forward passes: zero-shot and fine-tuned against one
+    merged model). Callable from a refinement's thread (no Streamlit call)."""
+    memo = ws.extras.setdefault("references_on_examples", {})
+    key = (split, subsample)
+    if key not in memo:
+        from analysis.merging.scoring import reference_on_examples
+        memo[key] = reference_on_examples(ws.evaluator, ws.tvs, split, subsample, stop=stop)
+    return memo[key]
 
 
 @st.cache_resource(show_spinner=False)   # the bar says it (a spinner beside it squeezed its text)
