@@ -115,8 +115,7 @@ def serve(root: Path, cache: Path, log: Path, first_estimate: bool) -> tuple[sub
     port = free_port()
     env = {**os.environ, "MERGESCOPE_CACHE": str(cache), "PYTHONUNBUFFERED": "1",
            "MERGESCOPE_FIRST_ESTIMATE": "1" if first_estimate else "0"}
-    cmd = [str(root / "app.py") if c == str(ROOT / "app.py") else c for c in start_app_cmd(port)]
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(start_app_cmd(port, root=root), cwd=root, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     wait_healthy(proc, port, log, 300)
     return proc, f"http://127.0.0.1:{port}"
 

@@ -40,8 +40,7 @@ def one_visit(root: Path, cache: Path, log: Path, timeout: float) -> dict:
     from playwright.sync_api import sync_playwright
     port = free_port()
     env = {**os.environ, "MERGESCOPE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-    cmd = [str(root / "app.py") if c == str(ROOT / "app.py") else c for c in start_app_cmd(port)]
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(start_app_cmd(port, root=root), cwd=root, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         wait_healthy(proc, port, log, 300)
         with sync_playwright() as pw:

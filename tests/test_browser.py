@@ -43,10 +43,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_app_cmd(port: int, python: str | None = None) -> list[str]:
+def start_app_cmd(port: int, python: str | None = None, root: Path = ROOT) -> list[str]:
     """`streamlit run app.py` as `make app` runs it: settings from .streamlit/config.toml (the file watcher
-    included: users get what this test sees), only the port, address and telemetry given here."""
-    return [python or sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"), "--server.port", str(port),
+    included: users get what this test sees), only the port, address and telemetry given here. `root`: the
+    project to serve (a benchmark's git worktree of an earlier commit; run it with cwd=root)."""
+    return [python or sys.executable, "-m", "streamlit", "run", str(root / "app.py"), "--server.port", str(port),
             "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
             # streamlit run from outside site-packages (a wheel unpacked on a bare GPU box) assumes
             # development mode, which refuses --server.port

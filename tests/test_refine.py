@@ -12,15 +12,21 @@ def _wait(job, timeout=10.0):
     assert not job.running
 
 
-def test_a_new_request_stops_the_old_one_and_only_the_latest_result_is_served():
-    refiner = Refiner()
+def _held(result):
+    """A refinement that waits for `release`, then records whether it was told to stop and returns `result`."""
     release = threading.Event()
     seen_stop = []
 
     def slow(stop):
         release.wait(5)
         seen_stop.append(stop())
-        return "old"
+        return result
+    return slow, release, seen_stop
+
+
+def test_a_new_request_stops_the_old_one_and_only_the_latest_result_is_served():
+    refiner = Refiner()
+    slow, release, seen_stop = _held("old")
     old = refiner.request("a", slow)
     new = refiner.request("b", lambda stop: "new")
     release.set()
@@ -51,13 +57,7 @@ def test_estimates_are_for_the_cpu_and_larger_subsamples_only(monkeypatch):
 
 def test_cancel_unless_stops_a_stale_refinement_and_keeps_the_current_one():
     refiner = Refiner()
-    release = threading.Event()
-    seen_stop = []
-
-    def slow(stop):
-        release.wait(5)
-        seen_stop.append(stop())
-        return "a"
+    slow, release, seen_stop = _held("a")
     job = refiner.request("a", slow)
     refiner.cancel_unless("a")                 # the same key: left running
     assert refiner.is_current("a") and not seen_stop
