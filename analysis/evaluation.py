@@ -68,6 +68,9 @@ SPLITS = ("train", "validation", "test")
 _SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
 COLUMNS = ["task", "metric", "value", "split", "n"]
 _log = logging.getLogger(__name__)
+# Scoring batches on a CPU: compute there grows with padded tokens, so smaller length-sorted batches
+# waste less. Quick demo, 8 tasks × 64 validation examples: 5.0 s at 128 per batch, 3.6 s at 32, 3.2 s at 16.
+SCORE_BATCH_CPU = 16
 
 
 def canonical_split(split: str) -> str:
@@ -263,8 +266,10 @@ class Evaluator:
         split = canonical_split(split)
         prepared = self._prepare(params)
         rows = []
-        for task in self._tasks(tasks):
-            acc, loss, n = self._score(task, split, prepared, subsample)
+        tasks = self._tasks(tasks)
+        together = self._logits_of_tasks(tasks, split, prepared, subsample)
+        for task in tasks:
+            acc, loss, n = self._score(task, split, prepared, subsample, together.get(task))
             rows.append({"task": task, "metric": "accuracy", "value": acc, "split": split, "n": n})
             rows.append({"task": task, "metric": "loss", "value": loss, "split": split, "n": n})
         return pd.DataFrame(rows, columns=COLUMNS)
@@ -456,6 +461,48 @@ class Evaluator:
             yield (b, _to(inputs, self.device), data.labels[b].to(self.device),
                    None if mask is None else mask.to(self.device))
 
+    def _score_batch_size(self) -> int:
+        """Examples per scoring forward: at most SCORE_BATCH_CPU on a CPU, where padding costs as much as
+        tokens (module constant's note); `batch_size` elsewhere."""
+        return min(self.batch_size, SCORE_BATCH_CPU) if self.device.type == "cpu" else self.batch_size
+
+    @torch.no_grad()
+    def _logits_of_tasks(self, tasks, split, params, subsample) -> dict:
+        """{task: (logits, labels)} of several token-data tasks scored with the same parameters, their
+        examples pooled and length-sorted across tasks, so short examples of one task share batches with
+        short ones of another (less padding than task by task). Empty when there is one task or any split
+        is not token data (a task then takes `_logits`). Each example's logits come from its own task's
+        head; only the batch it rides in differs, which changes float32 rounding, not the result."""
+        splits = [self._split(t, split) for t in tasks]
+        if len(tasks) < 2 or not all(isinstance(d, EncodedSplit) for d in splits):
+            return {}
+        idx = [self._indices(len(d), subsample) for d in splits]
+        owner = torch.cat([torch.full((len(i),), k, dtype=torch.long) for k, i in enumerate(idx)])
+        row = torch.cat(idx)
+        lengths = torch.cat([d.lengths()[i] for d, i in zip(splits, idx)])
+        order = torch.argsort(lengths, descending=True, stable=True)
+        feats = [torch.empty(len(i), self.heads[t].weight.shape[1], device=self.device) for t, i in zip(tasks, idx)]
+        where = torch.cat([torch.arange(len(i)) for i in idx])      # position in its task's subset
+        size = self._score_batch_size()
+        for start in range(0, len(order), size):
+            b = order[start:start + size]
+            width = int(lengths[b].max())
+            ids = torch.zeros(len(b), width, dtype=splits[0].input_ids.dtype)
+            mask = torch.zeros(len(b), width, dtype=splits[0].attention_mask.dtype)
+            for j, e in enumerate(b.tolist()):
+                d, r, w = splits[int(owner[e])], int(row[e]), min(width, splits[int(owner[e])].input_ids.shape[1])
+                ids[j, :w] = d.input_ids[r, :w]
+                mask[j, :w] = d.attention_mask[r, :w]
+            f = features(self.backbone, {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)},
+                         params)
+            for j, e in enumerate(b.tolist()):
+                feats[int(owner[e])][int(where[e])] = f[j]
+        out = {}
+        for k, task in enumerate(tasks):
+            head = self.heads[task]
+            out[task] = ((feats[k] @ head.weight.T + head.bias).float().cpu(), splits[k].labels[idx[k]])
+        return out
+
     @torch.no_grad()
     def _logits(self, task, split, params, subsample):
         data = self._split(task, split)
@@ -463,7 +510,7 @@ class Evaluator:
         head = self.heads[task]
         logits = torch.empty(len(idx), head.weight.shape[0])
         order = []
-        for b, inputs, _, _ in self._batches(task, split, idx):
+        for b, inputs, _, _ in self._batches(task, split, idx, self._score_batch_size()):
             feats = features(self.backbone, inputs, params)
             logits[len(order):len(order) + len(b)] = (feats @ head.weight.T + head.bias).float().cpu()
             order += b.tolist()
@@ -698,8 +745,8 @@ class Evaluator:
             features(self.backbone, inputs, given)
         return {m: plain[m] for m in plain if seen.count(m) == 1}
 
-    def _score(self, task, split, params, subsample):
-        logits, labels = self._logits(task, split, params, subsample)
+    def _score(self, task, split, params, subsample, logits_labels=None):
+        logits, labels = logits_labels if logits_labels is not None else self._logits(task, split, params, subsample)
         if len(labels) == 0:
             return float("nan"), float("nan"), 0
         acc = float((logits.argmax(1) == labels).float().mean())

@@ -121,10 +121,16 @@ except HyperparameterError as exc:
     st.error(str(exc))
     st.stop()
 knob_key = json.dumps(params, sort_keys=True)
+merge_key = spec.merge_key(params, ws.tvs)   # knobs that give the same merge share its caches
+if spec.note is not None and (note := spec.note(params, ws.tvs)):
+    with left:
+        st.caption(note)
 
 
 @st.cache_resource(max_entries=3, show_spinner="Merging…")
-def merged_delta(_ws, ws_key: str, method: str, knobs_json: str):
+def merged_delta(_ws, ws_key: str, method: str, merge_key: str, _knobs_json: str):
+    """The merge at `_knobs_json`, cached by `merge_key` (knobs that give the same merge share it)."""
+    knobs_json = _knobs_json
     inputs = merge_inputs(_ws, ws_key)
     with with_progress(inputs, f"{method}: computing data statistics (once per set, cached on disk)"):
         return merge(inputs, method, **json.loads(knobs_json))
@@ -140,22 +146,22 @@ def live_scores(n: int | None):
     estimate on FIRST_ESTIMATE examples per task, with pending = (key, compute) of the refinement on `n`
     that the end of the run starts in the background (ui.refine.wait_for_refinement)."""
     refined = st.session_state.setdefault("merge_refined", {})
-    key = (ws.key, method_name, knob_key, split, n)
+    key = (ws.key, method_name, merge_key, split, n)
     if key in refined:
         return (*refined[key], n, None)
     if not needs_estimate(ws.evaluator.device, n):
-        return scores(ws, delta, ws.key, method_name, knob_key, split, n), references(ws, ws.key, split, n), n, None
+        return scores(ws, delta, ws.key, method_name, merge_key, split, n), references(ws, ws.key, split, n), n, None
     ev, d, ws_ = ws.evaluator, delta, ws
     st.session_state.setdefault("merge_refiner", Refiner()).cancel_unless(key)   # no stale one beside the estimate
 
     def compute(stop):
         return merged_accuracy(ev, d, split, n, stop=stop), references_on_examples(ws_, split, n, stop=stop)
-    return (scores(ws, delta, ws.key, method_name, knob_key, split, FIRST_ESTIMATE),
+    return (scores(ws, delta, ws.key, method_name, merge_key, split, FIRST_ESTIMATE),
             references(ws, ws.key, split, FIRST_ESTIMATE), FIRST_ESTIMATE, (key, compute))
 
 
 try:
-    delta = merged_delta(ws, ws.key, method_name, knob_key)
+    delta = merged_delta(ws, ws.key, method_name, merge_key, knob_key)
 except MergescopeError as exc:
     st.error(str(exc))
     st.stop()

@@ -151,3 +151,17 @@ def test_two_threads_scoring_one_evaluator_each_see_their_own_parameters(tiny_wo
     for i, frames in got.items():
         for df in frames:
             pd.testing.assert_frame_equal(df, want[i])
+
+
+def test_tasks_scored_together_match_tasks_scored_one_by_one(demo):
+    """Several tasks' examples share length-sorted batches (less padding on a CPU); every example still
+    gets its own task's head, so each task's table rows are the one-task rows up to float32 rounding."""
+    ev = demo.evaluator
+    tv = demo.tvs.task_vector(demo.tasks[0])
+    for params in (None, demo.tvs.apply(tv, 0.7)):
+        for subsample in (None, 5):
+            together = ev.evaluate(params, split="validation", subsample=subsample)
+            alone = pd.concat([ev.evaluate(params, split="validation", subsample=subsample, tasks=[t])
+                               for t in demo.tasks], ignore_index=True)
+            pd.testing.assert_frame_equal(together, alone, atol=1e-5, rtol=0)
+    assert len(ev._logits_of_tasks(demo.tasks, "validation", None, 5)) == len(demo.tasks)   # the pooled route ran

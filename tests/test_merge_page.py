@@ -265,3 +265,18 @@ def test_switching_method_does_not_carry_the_previous_methods_alpha(tiny_workspa
     assert not at.exception, at.exception
     assert at.slider(key="merge_ties_alpha").value == 1.0
     assert at.query_params.get("alpha") in (["1.0"], "1.0", None), dict(at.query_params)
+
+
+def test_tsv_m_above_the_rank_cap_says_so_and_gives_the_same_scores(tiny_workspace):
+    """T·⌊f·r⌋ > r caps every task at ⌊r/T⌋ triplets: the page says so, and a move between two capped
+    fractions is the same merge (one cache key for the merge and its scores)."""
+    n_tasks = len(tiny_workspace.tvs.tasks)
+    at = _page(tiny_workspace, {"method": "tsv_m", "rank_fraction": "0.9"})
+    assert not at.exception, at.exception
+    assert any("overflow=cap" in c.value for c in at.caption)
+    before = _accuracy_table(at).copy()
+    at.slider(key="merge_tsv_m_rank_fraction").set_value(0.95).run()
+    assert not at.exception, at.exception
+    assert _accuracy_table(at).equals(before)
+    at.slider(key="merge_tsv_m_rank_fraction").set_value(round(0.5 / n_tasks, 3)).run()
+    assert not any("overflow=cap" in c.value for c in at.caption)

@@ -8,6 +8,7 @@ import torch
 
 from analysis.errors import HyperparameterError
 from analysis.merging import METHODS, get_method, merge
+from analysis.merging.inputs import MergeInputs
 from analysis.merging.iso import split_rank
 from analysis.merging.tsv import tsv_rank
 from analysis.spectra import SpectralCache
@@ -404,3 +405,62 @@ def test_embeddings_excluded_by_default_get_the_vector_rule():
     torch.testing.assert_close(out["embed.weight"], 0.6 * tvs.deltas("embed.weight").mean(0))
     inc = merge(tvs, "tsv_m", alpha=0.6, include_embeddings=True, device="cpu")
     assert not torch.allclose(inc["embed.weight"], out["embed.weight"])
+
+
+def test_tsv_m_gram_slices_match_the_exact_polar_at_every_rank():
+    """The Gram route reads each rank's UᵀU, VᵀV as principal submatrices of the ones memoised at ⌊r/T⌋
+    triplets per task; at every rank (and with a task repeated, so the Grams are singular and the SVD
+    fallback runs) it is the exact-polar merge."""
+    tvs = random_set(n_tasks=3, shapes={"blocks.0.w": (18, 24), "blocks.1.w": (30, 12), "blocks.1.b": (30,)})
+    twin = exact_set({**{t: {n: tvs.delta(t, n) for n in tvs.param_names} for t in tvs.tasks},
+                      "t0_again": {n: tvs.delta("t0", n) for n in tvs.param_names}})
+    for s in (tvs, twin):
+        cache = SpectralCache(s, persist=False)
+        for f in (0.05, 0.15, 0.25, 1 / len(s.tasks), 0.6):
+            exact = merge(s, "tsv_m", rank_fraction=f, cache=cache, device="cpu", polar="exact")
+            gram = merge(s, "tsv_m", rank_fraction=f, cache=cache, device="cpu", polar="gram")
+            for name in ("blocks.0.w", "blocks.1.w"):
+                rel = float((gram[name] - exact[name]).norm() / exact[name].norm())
+                assert rel <= 1e-5, (len(s.tasks), f, name, rel)
+
+
+def test_tsv_m_fractions_above_the_cap_are_one_merge_with_one_key():
+    tvs = random_set(n_tasks=3)                     # decomposed ranks 12, 10, 6 (conv 6 × 36)
+    spec = get_method("tsv_m")
+    above = [spec.validate({"rank_fraction": f}, 3) for f in (0.34, 0.5, 0.9)]
+    assert len({spec.merge_key(p, tvs) for p in above}) == 1
+    assert spec.merge_key(spec.validate({"rank_fraction": 0.2}, 3), tvs) != spec.merge_key(above[0], tvs)
+    assert spec.note(above[0], tvs) is None and "4 of rank 12" in spec.note(above[1], tvs)   # 0.34: 3·⌊4.08⌋ = 12
+    assert spec.note(spec.validate({"rank_fraction": 0.2}, 3), tvs) is None
+    cache = SpectralCache(tvs, persist=False)
+    first = merge(tvs, "tsv_m", rank_fraction=0.34, cache=cache, device="cpu")
+    again = merge(tvs, "tsv_m", rank_fraction=0.9, cache=cache, device="cpu")
+    for name in tvs.param_names:
+        assert torch.equal(first[name], again[name])
+
+
+def test_the_vector_rule_mean_is_kept_for_a_resident_set_and_never_scaled_in_place():
+    tvs = random_set()
+    tvs.keep_resident("cpu")
+    inputs = MergeInputs(tvs, device="cpu", persist=False)
+    once = merge(inputs, "tsv_m", alpha=1.0)
+    twice = merge(inputs, "tsv_m", rank_fraction=0.1, alpha=2.0)    # a new merge: the mean comes from the memo
+    assert ("task_mean", "norm.weight", "cpu") in inputs.memo
+    for name in ("norm.weight", "blocks.0.attn.bias"):
+        torch.testing.assert_close(once[name], tvs.deltas(name).mean(0))
+        torch.testing.assert_close(twice[name], 2 * tvs.deltas(name).mean(0))
+
+
+def test_iso_cts_with_memoised_projections_matches_the_definition():
+    """A change of c reads the projected residuals from memoised projections (W_t = U_sumᵀU_tS_t and, for
+    tall matrices, (U_tS_t)ᵀ(U_tS_t)); every c, wide and tall, still matches the definition."""
+    tvs = random_set(n_tasks=3)
+    inputs = MergeInputs(tvs, device="cpu", persist=False)
+    for c in (0.0, 0.3, 0.8, 0.5):
+        for topk in ("exact", "subspace"):
+            out = merge(inputs, "iso_cts", common_fraction=c, alpha=0.9, topk=topk)
+            for name in ("blocks.0.attn.weight", "blocks.1.mlp.weight"):     # wide and tall
+                ref = naive_iso_cts(tvs.deltas(name), c, 0.9)
+                rel = float((out[name].double() - ref).norm() / ref.norm())
+                assert rel <= 1e-5, (c, topk, name, rel)
+    assert any(isinstance(k, tuple) and k[0] == "iso_cts_projections" for k in inputs.memo)

@@ -148,6 +148,9 @@ class MergeMethod:
       `ctx.state`. `peak_memory` declares what the method holds at once
       beyond the engine's one group (engine docstring: peak memory): what a
       prepare pass holds, what it keeps across groups.
+    - `same_merge(params, tvs)` / `note(params, tvs)`: optional; the first maps knobs to what
+      decides the merge (`merge_key`), the second says in one line what the knobs do on this set
+      where that is not what they read (a rank cap that binds), or None.
     - `check(params)`: optional constraints between knobs (DELLA's
       density ± ε inside (0, 1)), run by `validate` after every knob passed
       its own range; raises HyperparameterError naming the knobs.
@@ -166,6 +169,16 @@ class MergeMethod:
     reference: str = ""
     peak_memory: str = "one parameter group (T deltas of one tensor, or of one shape-group run)"
     check: Callable | None = None
+    same_merge: Callable | None = None
+    note: Callable | None = None
+
+    def merge_key(self, params: Mapping[str, Any], tvs) -> str:
+        """A JSON key shared by validated knobs that give the same merged model: `same_merge(params, tvs)`
+        where the method declares one (TSV-M: rank fractions that keep the same number of triplets per
+        layer), else the knobs themselves. Pages key their caches of merges and scores by it."""
+        import json
+        return json.dumps(self.same_merge(params, tvs) if self.same_merge is not None else dict(params),
+                          sort_keys=True)
 
     def knob(self, name: str) -> Hyperparameter:
         for hp in self.hyperparameters:

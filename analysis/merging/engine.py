@@ -37,7 +37,7 @@ from typing import Callable, Iterator
 import torch
 
 from analysis.errors import ValidationError
-from analysis.merging.base import MergeContext, MergeMethod
+from analysis.merging.base import MergeContext, MergeMethod, mean_rule
 
 Sink = Callable[[str, torch.Tensor], None]   # (name, delta) -> None; delta is (T, *shape) for per-task methods
 
@@ -157,7 +157,10 @@ def run(method: MergeMethod, inputs, params: dict, *, polar: str = "auto", topk:
     covered_set = set(covered)
     for name in tvs.param_names:
         if name not in covered_set:
-            emit(name, method.rest(inputs.deltas(name), params))
+            if method.rest is mean_rule:   # the mean does not depend on the knobs: kept (resident sets)
+                emit(name, params.get("alpha", 1.0) * inputs.task_mean(name))
+            else:
+                emit(name, method.rest(inputs.deltas(name), params))
     if sink is not None:
         return None
     ordered = {n: out[n] for n in tvs.param_names}

@@ -73,6 +73,18 @@ class MergeInputs:
         """(T, *shape) float32 deltas of one parameter on the device."""
         return self.tvs.deltas(name).to(self.device, torch.float32)
 
+    def task_mean(self, name: str) -> torch.Tensor:
+        """Mean over tasks of one parameter's deltas, on the device (the vector rule's α × mean, before α).
+        Kept in the memo when the set is resident (one model's worth in all, beside the T kept), so a knob
+        change does not average the embeddings again; a streaming set computes it per call. Do not modify
+        the result in place."""
+        if not self.tvs.is_resident:
+            return self.deltas(name).mean(0)
+        key = ("task_mean", name, str(self.device))
+        if key not in self.memo:
+            self.memo[key] = self.deltas(name).mean(0)
+        return self.memo[key]
+
     # ------------------------------------------------------------ spectra
     def spectra(self, include_embeddings: bool = False):
         """The SpectralCache of this set (built on first use; factors computed on first read)."""

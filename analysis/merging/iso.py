@@ -114,22 +114,39 @@ def split_rank(rank: int, n_tasks: int, common_fraction: float, rule: str = "pub
     return rank - n_tasks * per_task, per_task
 
 
-def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int, solver: str = "exact"):
+def task_projections(u_t, s_t, u_sum) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What `projected_top` needs of τ_t's factors at every common size, computed once:
+    W_t = U_sumᵀ U_t S_t (..., T, r_sum, r) and, for tall matrices (U_sum not square),
+    the Gram (U_t S_t)ᵀ(U_t S_t) (..., T, r, r) (else None); float32, both together at most
+    half the memory of the factors they come from (r ≤ (m + n)/2)."""
+    us = u_t * s_t[..., None, :]
+    w = u_sum.unsqueeze(-3).mT @ us
+    if u_sum.shape[-1] == u_t.shape[-2]:
+        return w, None
+    usd = us.double()
+    return w, (usd.mT @ usd).float()
+
+
+def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int, solver: str = "exact", proj=None):
     """Top-k SVD triplets of (I − U_c U_cᵀ) τ_t for every task, from τ_t's factors.
 
     u_t (..., T, m, r), s_t (..., T, r), vh_t (..., T, r, n); u_sum (..., m, r_sum) the
     sum's left vectors (leading dims: several parameters of one shape at once).
     solver: "exact" (a full eigh / SVD) or "subspace" (`analysis.svd.top_k_eigh` on the
     smaller float64 Gram matrix, exact fallback; module doc: Speed).
+    proj: `task_projections(u_t, s_t, u_sum)`, kept by the caller across common sizes: the
+    m-sized products then become slices (square U_sum: U_⊥ᵀU_tS_t is rows of W_t; tall: the
+    projected residual's Gram is (U_tS_t)ᵀ(U_tS_t) − W_cᵀW_c, formed in float64).
     Returns X (..., T, m, k), σ (..., T, k), Yh (..., T, k, n)."""
     m, r = u_t.shape[-2], u_t.shape[-1]
     tiny = torch.finfo(torch.float64).tiny
-    us = u_t * s_t[..., None, :]                     # U_t S_t  (..., T, m, r)
+    us = u_t * s_t[..., None, :] if proj is None else None   # U_t S_t  (..., T, m, r)
     u_sum = u_sum.unsqueeze(-3)                      # (..., 1, m, r_sum): the same for every task
     u_c = u_sum[..., :common]
     if u_sum.shape[-1] == m:                         # square U: I − P_c = U_⊥ U_⊥ᵀ
         u_perp = u_sum[..., common:]                 # (..., 1, m, m − common)
-        small = u_perp.mT @ us                       # (..., T, m − common, r), m − common ≤ r
+        # (..., T, m − common, r), m − common ≤ r
+        small = proj[0][..., common:, :] if proj is not None else u_perp.mT @ us
         if solver == "subspace":                     # its left vectors: the top eigenvectors of small·smallᵀ
             sd = small.double()
             evals, xs = top_k_eigh(sd @ sd.mT, k)    # (m − common)², descending
@@ -140,15 +157,24 @@ def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int, solver: str = "exa
             x, sig, y_h = thin_svd(small)
             x, sig, y_h = u_perp @ x[..., :k], sig[..., :k], y_h[..., :k, :]
     else:                                            # tall: Gram route in float64
-        b = us - u_c @ (u_c.mT @ us)                 # (..., T, m, r)
-        gram = (b.mT @ b).double()
+        if proj is not None:                         # bᵀb = (U_tS_t)ᵀ(U_tS_t) − W_cᵀW_c, no m-sized product
+            w_c = proj[0][..., :common, :].double()
+            gram = proj[1].double() - w_c.mT @ w_c
+        else:
+            b = us - u_c @ (u_c.mT @ us)             # (..., T, m, r)
+            gram = (b.mT @ b).double()
         if solver == "subspace":
             evals, evecs = top_k_eigh(gram, k)       # descending
         else:
             evals, evecs = torch.linalg.eigh(gram)   # ascending
             evals, evecs = evals.flip(-1)[..., :k], evecs.flip(-1)[..., :k]
         sig = evals.clamp_min(0).sqrt()
-        x = (b.double() @ evecs) / sig.clamp_min(tiny)[..., None, :]
+        if proj is not None:   # b·E = U_t (S_t E) − U_c (W_c E), float32 like b itself on the other route
+            e32 = evecs.float()
+            b_e = (u_t @ (s_t[..., :, None] * e32) - u_c @ (proj[0][..., :common, :] @ e32)).double()
+        else:
+            b_e = b.double() @ evecs
+        x = b_e / sig.clamp_min(tiny)[..., None, :]
         x, sig, y_h = x.float(), sig.float(), evecs.mT.float()
     return x, sig, y_h @ vh_t                        # right vectors: (V_t Y)ᵀ = Yᵀ V_tᵀ
 
@@ -181,9 +207,19 @@ def _projected(ctx, names: list[str], common: int, k: int) -> dict:
         factors = [task_factors(ctx, name) for name in batch]
         u_t, s_t, vh_t = (torch.stack([f[i] for f in factors]) for i in range(3))
         u_sum = torch.stack([sum_factors(ctx, name)[0] for name in batch])
-        x, sig, y_h = projected_top(u_t, s_t, vh_t, u_sum, common, k, topk_solver(ctx.topk, ctx.device))
+        proj = _projections(ctx, batch, u_t, s_t, u_sum)
+        x, sig, y_h = projected_top(u_t, s_t, vh_t, u_sum, common, k, topk_solver(ctx.topk, ctx.device), proj)
         out.update({name: (x[i], sig[i], y_h[i]) for i, name in enumerate(batch)})
     return out
+
+
+def _projections(ctx, names: list[str], u_t, s_t, u_sum):
+    """`task_projections` of a batch of names, kept in the memo per SpectralCache (a change of c then
+    forms no m-sized product; module doc: Memory)."""
+    key = ("iso_cts_projections", tuple(names), id(ctx.cache), str(ctx.device))
+    if key not in ctx.memo:
+        ctx.memo[key] = task_projections(u_t, s_t, u_sum)
+    return ctx.memo[key]
 
 
 def topk_solver(choice: str, device) -> str:
@@ -218,11 +254,16 @@ def _iso_cts(group, params, ctx):
         for kc, items in parts.items():
             u = torch.stack([it[1] for it in items])
             vh = torch.stack([it[2] for it in items])
+            means = torch.stack([it[3] for it in items])[:, None, None]
             if per_task > 0:   # with c = 1 the sum's own U, V are already orthonormal
                 # U* = [U_c, X]: X ⟂ U_c by construction, so polar(U*) = [U_c, polar(X)]
                 u = torch.cat([u[:, :, :kc], polar(u[:, :, kc:], ctx.polar)], dim=2)
-                vh = polar(vh, ctx.polar)
-            merged = torch.stack([it[3] for it in items])[:, None, None] * (u @ vh)
+                # V* = [V_c, Y] gets the full polar factor: its Gram is I + a low-rank part, but
+                # for square matrices V* is nearly singular (λ_min(V*ᵀV*) 1e-11 to 1e-5 on the
+                # demo), so a shortcut that takes V_c as exactly orthonormal was off by up to 4e-2
+                merged = means * (u @ polar(vh, ctx.polar))
+            else:
+                merged = means * (u @ vh)
             for i, (name, *_rest) in enumerate(items):
                 slot[name] = merged[i].reshape(group.shape(name))
     return {name: a * slot[name] for name in group.names}

@@ -57,8 +57,7 @@ _QUINTIC = (3.4445, -4.7750, 2.0315)
 def polar(x: torch.Tensor, method: str = "auto", **kwargs) -> torch.Tensor:
     """Polar factor of x (..., m, p). method: "exact" | "gram" | "newton_schulz" | "auto"
     ("auto": Newton–Schulz on CUDA, where matmuls are cheap; the Gram route elsewhere)."""
-    if method == "auto":
-        method = "newton_schulz" if x.device.type == "cuda" else "gram"
+    method = polar_route(method, x.device)
     if method == "exact":
         return polar_exact(x)
     if method == "gram":
@@ -66,6 +65,13 @@ def polar(x: torch.Tensor, method: str = "auto", **kwargs) -> torch.Tensor:
     if method == "newton_schulz":
         return polar_newton_schulz(x, **kwargs)
     raise ValueError(f"unknown polar solver {method!r}; expected 'auto', 'exact', 'gram' or 'newton_schulz'")
+
+
+def polar_route(method: str, device) -> str:
+    """The solver `polar(x, method)` uses on `device`: "auto" is Newton–Schulz on CUDA, else "gram"."""
+    if method == "auto":
+        return "newton_schulz" if torch.device(device).type == "cuda" else "gram"
+    return method
 
 
 def polar_exact(x: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,7 @@ import torch
 from analysis.merging.base import (Hyperparameter, MergeMethod, Needs, alpha, include_embeddings, own_delta_rule,
                                    rank_fraction)
 from analysis.merging.common import decomposed, kept_rank, matrix_rank_of, task_factors, unscaled_slot
-from analysis.merging.polar import polar
+from analysis.merging.polar import polar, polar_exact, polar_route
 
 
 def tsv_rank(fraction: float, rank: int, n_tasks: int, overflow: str) -> int:
@@ -52,13 +52,53 @@ def tsv_rank(fraction: float, rank: int, n_tasks: int, overflow: str) -> int:
     return q
 
 
+def kept_ranks(params, tvs, cap: bool = True) -> tuple[tuple[int, int], ...]:
+    """((r, q), …): the triplets kept per task, q, for every matrix rank r of the decomposed
+    parameters (TSV-M's q when `cap`, with its overflow rule; TSV-C's ⌊f·r⌋ otherwise)."""
+    n_tasks = len(tvs.tasks)
+    ranks = sorted({matrix_rank_of(tvs.shape(name)) for name in decomposed(tvs, params)})
+    f = params["rank_fraction"]
+    if not cap:
+        return tuple((r, kept_rank(f, r)) for r in ranks)
+    return tuple((r, tsv_rank(f, r, n_tasks, params["overflow"])) for r in ranks)
+
+
+def _same_tsv_m(params, tvs) -> dict:
+    return {**{k: v for k, v in params.items() if k != "rank_fraction"}, "kept": kept_ranks(params, tvs)}
+
+
+def _same_tsv_c(params, tvs) -> dict:
+    return {**{k: v for k, v in params.items() if k != "rank_fraction"}, "kept": kept_ranks(params, tvs, cap=False)}
+
+
+def _tsv_m_note(params, tvs) -> str | None:
+    """Where the cap binds: the rank fraction asks for more triplets than are kept."""
+    if params["overflow"] != "cap":
+        return None
+    capped = [(r, q) for r, q in kept_ranks(params, tvs) if q < kept_rank(params["rank_fraction"], r)]
+    if not capped:
+        return None
+    t = len(tvs.tasks)
+    where = ", ".join(f"{q} of rank {r}" for r, q in capped)
+    return (f"T·⌊f·r⌋ > r: each task keeps ⌊r/T⌋ triplets ({where}; overflow=cap), so rank fractions above "
+            f"about 1/T = {1 / t:.3g} give this same merge.")
+
+
 def _tsv_m(group, params, ctx):
-    f, a, overflow = params["rank_fraction"], params["alpha"], params["overflow"]
-    slot = unscaled_slot(ctx, "tsv_m", (f, overflow, params["include_embeddings"], ctx.polar))
+    a = params["alpha"]
+    # keyed by the triplets kept, not f: fractions above the cap share one merge
+    slot = unscaled_slot(ctx, "tsv_m", (kept_ranks(params, ctx.inputs.tvs), params["overflow"],
+                                        params["include_embeddings"], ctx.polar))
+    f, overflow = params["rank_fraction"], params["overflow"]
     if not all(name in slot for name in group.names):
         shape = group.shape(group.names[0])
         m, n, n_tasks = shape[0], int(math.prod(shape[1:])), group.n_tasks
         q = tsv_rank(f, matrix_rank_of(shape), n_tasks, overflow)
+        if _grams_serve(ctx, group, q):
+            merged = _merged_from_grams(ctx, group, q)
+            for i, name in enumerate(group.names):
+                slot[name] = merged[i].reshape(group.shape(name))
+            return {name: a * slot[name] for name in group.names}
         factors = [task_factors(ctx, name, q) for name in group.names]   # only the q triplets used
         # (B, m, T·q): task-major column blocks [U_1 … U_T]
         u = torch.stack([fu[:, :, :q].permute(1, 0, 2).reshape(m, n_tasks * q) for fu, _, _ in factors])
@@ -70,6 +110,75 @@ def _tsv_m(group, params, ctx):
         for i, name in enumerate(group.names):
             slot[name] = merged[i].reshape(group.shape(name))
     return {name: a * slot[name] for name in group.names}
+
+
+def _grams_serve(ctx, group, q: int) -> bool:
+    """The Gram-slicing route applies: the Gram polar solver, every name in the SpectralCache with
+    its top q kept, and T·q ≤ min(m, n) (U and V tall: no wide polar factor)."""
+    cache = ctx.cache
+    if polar_route(ctx.polar, ctx.device) != "gram" or cache is None:
+        return False
+    shape = group.shape(group.names[0])
+    r = matrix_rank_of(shape)
+    return group.n_tasks * q <= r and all(name in cache.names and q <= cache.kept_rank(name)
+                                          for name in group.names)
+
+
+def task_grams(ctx, name: str, n_tasks: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(UᵀU, VᵀV, p) in float64 for U = [U_1 … U_T], V = [V_1 … V_T] at p = min(K, ⌊r/T⌋)
+    directions per task (task-major blocks), computed once per SpectralCache and kept in
+    the memo: every TSV-M rank q ≤ p reads its Grams as principal submatrices."""
+    cache = ctx.cache
+    p = min(cache.kept_rank(name), max(1, matrix_rank_of(ctx.inputs.tvs.shape(name)) // n_tasks))
+    key = ("tsv_m_grams", name, p, id(cache), str(ctx.device))
+    if key not in ctx.memo:
+        u, _, vh = task_factors(ctx, name, p)
+        m, n = u.shape[1], vh.shape[2]
+        uc = u.permute(1, 0, 2).reshape(m, n_tasks * p).double()
+        vc = vh.reshape(n_tasks * p, n).double()
+        ctx.memo[key] = (uc.mT @ uc, vc @ vc.mT, p)
+    return ctx.memo[key]
+
+
+def _merged_from_grams(ctx, group, q: int, rcond: float = 1e-10):
+    """TSV-M's merged matrices U⊥ Σ V⊥ᵀ of one shape group (B, m, n).
+
+    polar(U) = U (UᵀU)^(-1/2) and polar(Vᵀ) = (VᵀV)^(-1/2) Vᵀ: the Gram matrices of rank q
+    are principal submatrices of the memoised ones (`task_grams`), so a rank change forms
+    no Gram; the rest is `polar_gram`'s arithmetic (float64 eigh, (·)^(-1/2) applied in
+    float64, then one float32 product).
+    A matrix whose Gram is (near) singular, λ_min ≤ rcond·λ_max, takes `polar_exact` for
+    both factors, as `polar_gram` does."""
+    n_tasks = group.n_tasks
+    gu, gv, cores_s = [], [], []
+    for name in group.names:
+        g_u, g_v, p = task_grams(ctx, name, n_tasks)
+        idx = (torch.arange(n_tasks, device=g_u.device)[:, None] * p
+               + torch.arange(q, device=g_u.device)).reshape(-1)
+        gu.append(g_u[idx][:, idx])
+        gv.append(g_v[idx][:, idx])
+    evals_u, evecs_u = torch.linalg.eigh(torch.stack(gu))
+    evals_v, evecs_v = torch.linalg.eigh(torch.stack(gv))
+    tiny = torch.finfo(torch.float64).tiny
+    bad = torch.zeros(len(group.names), dtype=torch.bool, device=evals_u.device)
+    for ev in (evals_u, evals_v):
+        bad |= ev[:, 0] <= rcond * ev[:, -1].clamp_min(tiny)
+    factors = [task_factors(ctx, name, q) for name in group.names]
+    m, n = factors[0][0].shape[1], factors[0][2].shape[2]
+    s = torch.stack([fs.reshape(n_tasks * q) for _, fs, _ in factors])
+    tiny_u, tiny_v = evals_u.clamp_min(tiny), evals_v.clamp_min(tiny)
+    inv_u = (evecs_u * tiny_u.rsqrt().unsqueeze(-2)) @ evecs_u.mT
+    inv_v = (evecs_v * tiny_v.rsqrt().unsqueeze(-2)) @ evecs_v.mT
+    u = torch.stack([fu.permute(1, 0, 2).reshape(m, n_tasks * q) for fu, _, _ in factors])
+    vh = torch.stack([fv.reshape(n_tasks * q, n) for _, _, fv in factors])
+    # each polar factor in float64 before the float32 product: near the cap the Grams reach
+    # κ ~ 1e7, and folding (·)^(-1/2) into one float32 core matrix cost 6e-3 on the demo
+    u_perp = (u.double() @ inv_u).float()
+    vh_perp = (inv_v @ vh.double()).float()
+    merged = (u_perp * s[:, None, :]) @ vh_perp
+    if bool(bad.any()):
+        merged[bad] = (polar_exact(u[bad]) * s[bad][:, None, :]) @ polar_exact(vh[bad])
+    return merged
 
 
 def _tsv_c(group, params, ctx):
@@ -88,14 +197,15 @@ TSV_M = MergeMethod(
      Hyperparameter("overflow", "choice", "cap", help="when T·⌊f·r⌋ > r: cap the rank at ⌊r/T⌋, or keep it and "
                     "use the wide polar factor (orthonormal rows)", choices=("cap", "polar")),
      include_embeddings()),
-    needs=Needs(spectra=True), covers=decomposed, group_by="shape",
+    needs=Needs(spectra=True), covers=decomposed, group_by="shape", same_merge=_same_tsv_m, note=_tsv_m_note,
     peak_memory="one shape-group run's top-q factors and their polar factors, plus the unscaled merged delta of "
-                "every matrix (kept in the inputs' memo for α changes)",
+                "every matrix (kept in the inputs' memo for α changes), plus, with the Gram polar solver, the "
+                "Gram matrices of U and V at ⌊r/T⌋ triplets per task of every matrix (`task_grams`)",
     reference="Gargiulo et al., Task Singular Vectors, CVPR 2025 (arXiv 2412.00081)")
 
 TSV_C = MergeMethod(
     "tsv_c", "each task's own low-rank reconstruction (compression; one delta per task)", _tsv_c,
     (rank_fraction(), include_embeddings()),
-    needs=Needs(spectra=True), covers=decomposed, rest=own_delta_rule, per_task=True,
+    needs=Needs(spectra=True), covers=decomposed, rest=own_delta_rule, per_task=True, same_merge=_same_tsv_c,
     peak_memory="one parameter's top-q factors and its T reconstructions",
     reference="Gargiulo et al., Task Singular Vectors, CVPR 2025 (arXiv 2412.00081)")
