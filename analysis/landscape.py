@@ -33,6 +33,23 @@ def lambda_grid(points: int) -> np.ndarray:
     return np.linspace(0.0, 1.0, int(points))
 
 
+def spread_order(known: Sequence[float], missing: Sequence[float]) -> list[float]:
+    """`missing` grid points in the order that shows a curve's shape soonest: the two ends of the
+    grid first when nothing is `known`, then always the point farthest from every point known or
+    already taken (ties: the first in `missing`'s order)."""
+    have, todo, order = [float(x) for x in known], [float(x) for x in missing], []
+    if not have and todo:
+        order = list(dict.fromkeys([min(todo), max(todo)]))
+        have += order
+        todo = [x for x in todo if x not in order]
+    while todo:
+        x = max(todo, key=lambda v: min(abs(v - h) for h in have))
+        order.append(x)
+        have.append(x)
+        todo.remove(x)
+    return order
+
+
 def interpolate(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor], lam: float) -> dict[str, torch.Tensor]:
     """(1−λ)·a + λ·b for floating tensors; other tensors (buffers) are taken from `a`."""
     if set(a) != set(b):

@@ -18,11 +18,11 @@ import streamlit as st
 from analysis.errors import MergescopeError
 from analysis.barriers import BARRIERS
 from analysis.merging.scoring import ScoringStopped
-from analysis.landscape import barrier_table, barriers, best_scale, delta_path, lambda_grid, scaling_path
+from analysis.landscape import barrier_table, barriers, best_scale, delta_path, lambda_grid, scaling_path, spread_order
 from analysis.plots.landscape import path_figure
 from ui import history, url
 from ui.endpoints import PRETRAINED, delta_of, endpoint_options, spec_key
-from ui.refine import FIRST_ESTIMATE, Refiner, needs_estimate, wait_for_refinement
+from ui.refine import FIRST_ESTIMATE, Refiner, estimate_budget_s, needs_estimate, wait_for_refinement
 from ui.state import merge_inputs, require_workspace, start_page
 
 start_page("Loss Landscape", "Loss landscape")
@@ -143,7 +143,27 @@ def live_curves(progress):
         return coord, path_key, compute(missing, report)
 
     st.session_state.setdefault("ll_refiner", Refiner()).cancel_unless(key)   # no stale one beside the estimate
-    return run_path(progress, FIRST_ESTIMATE), (key, refine_points)
+    return estimate_path(progress), (key, refine_points)
+
+
+def estimate_path(progress):
+    """The first estimate's curves on FIRST_ESTIMATE examples per task: new points in `spread_order`
+    for about `estimate_budget_s()` (at least one), then the page draws what it has; the background
+    refinement evaluates every new point of the live subsample."""
+    memo = ws.extras.setdefault("landscape_points", {})
+    coord, grid, path_key, compute = path_plan(FIRST_ESTIMATE)
+    keys = point_keys(path_key, grid)
+    known = [float(x) for x, k in zip(grid, keys) if k in memo]
+    missing = [float(x) for x, k in zip(grid, keys) if k not in memo]
+    t0, done, budget = time.perf_counter(), 0, estimate_budget_s()
+    for x in spread_order(known, missing):
+        if done and time.perf_counter() - t0 > budget:
+            break
+        remember(coord, path_key, compute([x], progress))
+        done += 1
+    st.session_state["ll_points_evaluated"] = done
+    st.session_state["ll_points_left"] = len(missing) - done
+    return pd.concat([memo[k] for k in keys if k in memo], ignore_index=True)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
@@ -169,9 +189,11 @@ scope = "full split" if full else f"subsample of {subsample} per task"
 if pending is not None:
     scope = f"first estimate on {FIRST_ESTIMATE} per task"
 refinement_slot = st.empty() if pending is not None else None   # its caption while the refinement runs
+left = st.session_state.get("ll_points_left", 0) if pending is not None else 0
 st.caption(f"{split} split, {scope}{f' (n ≤ {n_used})' if n_used else ''} · {elapsed:.2f} s for "
-           f"{st.session_state['ll_points_evaluated']} new of {curves[path_coord].nunique()} points × {len(tasks)} tasks "
-           "(evaluated points are kept: moving back costs nothing)")
+           f"{st.session_state['ll_points_evaluated']} new of {curves[path_coord].nunique() + left} points × "
+           f"{len(tasks)} tasks" + (f"; {left} more in the background" if left else "") +
+           " (evaluated points are kept: moving back costs nothing)")
 
 if path_kind == LINE:
     title = f"{start} → {end}"

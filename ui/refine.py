@@ -25,6 +25,16 @@ FIRST_ESTIMATE = 8   # examples per task scored before the page first draws (CPU
 REFINE_WAIT_S = 90.0   # the longest a page run waits for its refinement (then it keeps the estimate and says so)
 
 
+def estimate_budget_s() -> float:
+    """Seconds a page's first estimate may spend on work it can split (the Loss Landscape's new points:
+    at least one is always evaluated); $MERGESCOPE_ESTIMATE_BUDGET_S, default 1.0. With the page's own
+    overhead that keeps the first view near the issue's 1.5 s on the 2-core CPU."""
+    try:
+        return max(0.0, float(os.environ.get("MERGESCOPE_ESTIMATE_BUDGET_S", "1.0")))
+    except ValueError:
+        return 1.0
+
+
 def needs_estimate(device, subsample: int | None) -> bool:
     """A first estimate pays off only on a CPU and when the live subsample is larger.
 
