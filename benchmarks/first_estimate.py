@@ -41,7 +41,8 @@ ROLES = [
     ("Spectra", "Rank fraction", None, "ArrowRight"),
     ("Interference", "Rank fraction kept per task", None, "ArrowRight"),
     ("Merge", "alpha", "task_arithmetic", "ArrowRight"),
-    ("Merge", "rank fraction", "tsv_m", "ArrowRight"),
+    ("Merge", "rank fraction", "tsv_m", "ArrowRight"),   # from 1/T up: capped fractions, one merge (tsv.py)
+    ("Merge", "rank fraction", "tsv_m", "ArrowLeft"),    # down from 1/T: every move a new rank
     ("Merge", "common fraction", "iso_cts", "ArrowLeft"),
     ("Loss_Landscape", "λ points", None, "ArrowRight"),
     ("Alignment", "Points on the path", None, "ArrowRight"),
@@ -123,7 +124,7 @@ def serve(root: Path, cache: Path, log: Path, first_estimate: bool) -> tuple[sub
 def table(results: dict) -> str:
     lines = ["| page | slider | first estimate on: first s (median, runs) | refined s (median) | "
              "estimate off (baseline): s (median, runs) | first / baseline | every move ≤ 1.5 s |", "|---|---|---|---|---|---|---|"]
-    for (page, label, method, _), by in results.items():
+    for (page, label, method, key), by in results.items():
         if "off" not in by:
             continue
         on, off = by["on"], by["off"]
@@ -131,7 +132,9 @@ def table(results: dict) -> str:
         final = [m["final_s"] for m in on]
         base = [m["final_s"] for m in off]
         med, bmed = statistics.median(first), statistics.median(base)
-        lines.append(f"| {page.replace('_', ' ')} | {f'{method} ' if method else ''}{label} | {med:.2f} "
+        way = f" ({'up' if key == 'ArrowRight' else 'down'})" if sum(r[:3] == (page, label, method)
+                                                                   for r in results) > 1 else ""
+        lines.append(f"| {page.replace('_', ' ')} | {f'{method} ' if method else ''}{label}{way} | {med:.2f} "
                      f"({', '.join(f'{x:.2f}' for x in first)}) | {statistics.median(final):.2f} | {bmed:.2f} "
                      f"({', '.join(f'{x:.2f}' for x in base)}) | {med / bmed:.2f}× | "
                      f"{'yes' if max(first) <= TARGET_S else 'no'} |")
@@ -193,7 +196,8 @@ def main() -> int:
     print(table(results))
     print(f"\nproblems: {problems or 'none'}")
     if args.json:
-        Path(args.json).write_text(json.dumps({f"{r[0]}|{r[2] or ''}|{r[1]}": v for r, v in results.items()}, indent=1))
+        Path(args.json).write_text(json.dumps({f"{r[0]}|{r[2] or ''}|{r[1]}|{r[3]}": v for r, v in results.items()},
+                                              indent=1))
     return 1 if problems else 0
 
 
