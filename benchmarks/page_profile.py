@@ -53,6 +53,7 @@ def main(argv=None) -> int:
     ap.add_argument("--page", required=True)
     ap.add_argument("--key", default=None, help="slider key (substring) to move; none: the first render only")
     ap.add_argument("--values", default="", help="comma list of slider values, moved in order")
+    ap.add_argument("--query", default="", help="the page's URL query, e.g. method=tsv_m&rank_fraction=0.125")
     ap.add_argument("--build", choices=["quick", "full"], default="quick")
     ap.add_argument("--device", default=None)
     ap.add_argument("--warm-cache", action="store_true", help="keep $MERGESCOPE_CACHE (spectral factors on disk)")
@@ -90,7 +91,9 @@ def main(argv=None) -> int:
         spy.wait(timeout=60)
         return result, seconds, raw
 
-    at, first_s, raw_first = sampled("first", lambda: run_page(args.page, ws, {}, timeout=1200))
+    from urllib.parse import parse_qsl
+    query = dict(parse_qsl(args.query))
+    at, first_s, raw_first = sampled("first", lambda: run_page(args.page, ws, query, timeout=1200))
     print(f"{args.page}: first render {first_s:.2f} s (device {ws.evaluator.device})")
     raws = [("first render", raw_first)]
     if args.key and values:

@@ -5,6 +5,7 @@ per-task, per-layer torch.linalg.svd loop, in the same run.
     python benchmarks/spectra.py --blocks 2      # smaller (CPU)
     python benchmarks/spectra.py --demo          # also the built-in demo set, if built
     python benchmarks/spectra.py --shape minilm  # synthetic set shaped like the demo backbone
+    python benchmarks/spectra.py --first-look --keep auto --methods "" --skip-naive   # the app's first figure, default cache
 
 Synthetic set: CLIP ViT-B/32 vision tower shapes, per block 2304×768 (qkv in),
 768×768 (attn out), 3072×768 (mlp fc), 768×3072 (mlp proj); deltas are
@@ -102,7 +103,7 @@ def errors(tvs, cache) -> tuple[float, float]:
 
 
 def run(label: str, tvs: TaskVectorSet, device: torch.device, methods, skip_naive: bool, rank_fraction: float,
-        new_fraction: float) -> dict:
+        new_fraction: float, first_look: bool = False, keeps=()) -> dict:
     names = tvs.names_of_kind("matrix", "conv")
     shapes = sorted({tuple(as_matrix(torch.empty(tvs.shape(n), device="meta")).shape) for n in names})
     print(f"\n== {label}: T={len(tvs.tasks)} tasks, {len(names)} matrices, shapes {shapes}, device {device}")
@@ -114,6 +115,22 @@ def run(label: str, tvs: TaskVectorSet, device: torch.device, methods, skip_naiv
         res["naive"] = {"factors_wall_s": w, "factors_cpu_s": c, "sti_wall_s": ws, "total_wall_s": w + ws}
         print(f"naive loop   factors {w:8.2f} s wall ({c:8.2f} s CPU)   + STI {ws:6.2f} s = {w + ws:8.2f} s")
         del naive
+    if first_look:   # what the Spectra page draws first on a new set: one layer's singular values
+        first = names[0]
+        cache = SpectralCache(tvs, device=device, persist=False)
+        _, w, c = timed(lambda: cache.first_look(first), device)
+        res["first_look"] = {"name": first, "wall_s": w, "cpu_s": c}
+        print(f"first look   {first}: singular values of its {len(tvs.tasks)} matrices {w:8.2f} s wall ({c:8.2f} s CPU)"
+              " (the Spectra page's first figure on a new set)")
+        del cache
+    for keep in keeps:   # the app's default `keep` (top K of large matrices; analysis.spectra: keep)
+        cache = SpectralCache(tvs, device=device, persist=False, keep=keep)
+        _, w, c = timed(cache.compute, device)
+        kept = sorted({cache.kept_rank(n) for n in names})
+        res.setdefault("keep", {})[keep] = {"factors_wall_s": w, "factors_cpu_s": c, "kept": kept}
+        print(f"cache[keep={keep}] (method {cache.method}) factors {w:8.2f} s wall ({c:8.2f} s CPU), "
+              f"K kept per matrix {kept}")
+        del cache
     for method in methods:
         cache = SpectralCache(tvs, device=device, persist=False, method=method, keep="full")   # errors() reads every triplet
         _, w, c = timed(cache.compute, device)
@@ -154,6 +171,10 @@ def main(argv=None) -> int:
     p.add_argument("--no-synthetic", action="store_true")
     p.add_argument("--rank-fraction", type=float, default=None, help="STI rank fraction (default 1/T)")
     p.add_argument("--new-rank-fraction", type=float, default=0.25)
+    p.add_argument("--first-look", action="store_true",
+                   help="also time the Spectra page's first figure on a new set (SpectralCache.first_look of one layer)")
+    p.add_argument("--keep", default="", help="comma list of SpectralCache `keep` values to time compute() with "
+                   "(e.g. auto: the app's default, top K of large matrices); the --methods runs keep every triplet")
     p.add_argument("--json", default=None, help="write results here")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (1 gives reproducible CPU seconds on a shared, loaded machine)")
@@ -171,7 +192,8 @@ def main(argv=None) -> int:
         tvs = synthetic_set(blocks, args.tasks, shape=args.shape)
         f = args.rank_fraction or 1.0 / args.tasks
         results["runs"].append(run(f"{SHAPES[args.shape][2]} synthetic ({blocks} blocks)", tvs, device, methods,
-                                   args.skip_naive, f, args.new_rank_fraction))
+                                   args.skip_naive, f, args.new_rank_fraction, args.first_look,
+                                   [k for k in args.keep.split(",") if k]))
         del tvs
     if args.demo:
         try:

@@ -147,17 +147,18 @@ def live_curves(progress):
 
 
 def estimate_path(progress):
-    """The first estimate's curves on FIRST_ESTIMATE examples per task: new points in `spread_order`
-    for about `estimate_budget_s()` (at least one), then the page draws what it has; the background
-    refinement evaluates every new point of the live subsample."""
+    """The first estimate's curves on FIRST_ESTIMATE examples per task: the grid's ends, then new points
+    in `spread_order` for about `estimate_budget_s()` (at least one), then the page draws what it has;
+    the background refinement evaluates every new point of the live subsample."""
     memo = ws.extras.setdefault("landscape_points", {})
     coord, grid, path_key, compute = path_plan(FIRST_ESTIMATE)
     keys = point_keys(path_key, grid)
     known = [float(x) for x, k in zip(grid, keys) if k in memo]
     missing = [float(x) for x, k in zip(grid, keys) if k not in memo]
     t0, done, budget = time.perf_counter(), 0, estimate_budget_s()
+    ends = {float(grid[0]), float(grid[-1])}   # the barriers and the figure's span need them whatever the budget
     for x in spread_order(known, missing):
-        if done and time.perf_counter() - t0 > budget:
+        if done and x not in ends and time.perf_counter() - t0 > budget:
             break
         remember(coord, path_key, compute([x], progress))
         done += 1

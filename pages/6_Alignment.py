@@ -17,7 +17,7 @@ import streamlit as st
 from analysis.barriers import BARRIERS, barrier_labels
 from analysis.errors import MergescopeError
 from analysis.permutation import c2m3, mlp_spec_from_state_dict
-from analysis.permutation.mlp import evaluate_mlp
+from analysis.permutation.mlp import MLPEvaluator
 from analysis.permutation.pipeline import aligned_planes, align_to_first, compare_paths, cycle_errors, merge_models
 from analysis.plots.alignment import interpolation_figure, plane_figure
 from ui import own_transformers, url
@@ -79,7 +79,7 @@ if src is not None:   # without MLPs the transformer section below still works
 
 def eval_fn_for(n_eval: int):
     x, y = src["test"]
-    return lambda sd: evaluate_mlp(sd, x[:n_eval], y[:n_eval])
+    return MLPEvaluator(x[:n_eval], y[:n_eval])
 
 
 @st.cache_data(show_spinner="Aligning…", max_entries=32)

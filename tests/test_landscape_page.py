@@ -134,8 +134,8 @@ def test_on_a_cpu_a_new_grid_shows_a_first_estimate_then_the_live_subsample(tiny
 
 def test_the_first_estimate_draws_what_its_time_budget_allows_and_the_background_does_the_rest(
         tiny_workspace, monkeypatch):
-    """With no time to spare the estimate evaluates one new point (an end of the grid), and the page still
-    ends on every point of the live subsample, evaluated in the background."""
+    """With no time to spare the estimate evaluates the grid's two ends only (a line path's barriers need
+    them), and the page still ends on every point of the live subsample, evaluated in the background."""
     from ui.refine import FIRST_ESTIMATE
     if not str(tiny_workspace.evaluator.device).startswith("cpu"):
         pytest.skip(f"the first estimate is drawn on a CPU only; this evaluator runs on {tiny_workspace.evaluator.device}")
@@ -146,7 +146,7 @@ def test_the_first_estimate_draws_what_its_time_budget_allows_and_the_background
     assert not at.exception, at.exception
     memo = tiny_workspace.extras["landscape_points"]
     estimated = sorted(key[1] for key in memo if key[0][-2] == FIRST_ESTIMATE)   # path key (..., n, tasks)
-    assert len(estimated) == 1
+    assert estimated == [0.0, 1.5]                                 # the α range's ends (default 0 to 1.5)
     curves = tiny_workspace.extras["landscape_last"]["curves"]
     assert curves["n"].max() == 16 and curves["alpha"].nunique() == 5
 
@@ -156,3 +156,17 @@ def test_spread_order_shows_the_shape_first():
     assert spread_order([], [0.0, 0.25, 0.5, 0.75, 1.0]) == [0.0, 1.0, 0.5, 0.25, 0.75]
     assert spread_order([0.0, 1.0], [0.2, 0.4, 0.6, 0.8]) == [0.4, 0.2, 0.6, 0.8]
     assert spread_order([0.5], []) == []
+
+
+def test_a_line_path_first_estimate_on_a_new_set_has_its_barriers(tiny_workspace, monkeypatch):
+    from ui.refine import FIRST_ESTIMATE
+    if not str(tiny_workspace.evaluator.device).startswith("cpu"):
+        pytest.skip(f"the first estimate is drawn on a CPU only; this evaluator runs on {tiny_workspace.evaluator.device}")
+    monkeypatch.setenv("MERGESCOPE_FIRST_ESTIMATE", "1")
+    monkeypatch.setenv("MERGESCOPE_ESTIMATE_BUDGET_S", "0")
+    tiny_workspace.extras.pop("landscape_points", None)
+    at = _page(tiny_workspace, {"ll_sub": "16", "ll_points": "7"})
+    assert not at.exception, at.exception
+    memo = tiny_workspace.extras["landscape_points"]
+    assert sorted(key[1] for key in memo if key[0][-2] == FIRST_ESTIMATE) == [0.0, 1.0]
+    assert len(tiny_workspace.extras["landscape_last"]["barriers"])

@@ -320,3 +320,23 @@ def test_activation_matching_recovers_a_random_permutation_of_an_mlp(models, dig
     naive = evaluate_mlp(merge_models(models, spec, "none"), xt, yt)["accuracy"]
     am = evaluate_mlp(merge_models(models, spec, "activation_matching", match_x=digits[0][0]), xt, yt)["accuracy"]
     assert am > naive + 0.2
+
+
+def test_the_mlp_evaluator_scores_a_whole_path_as_its_points_one_by_one(models, digits):
+    """MLPEvaluator.along reuses the ends' first-layer pre-activations (linear in λ): the same loss and
+    accuracy as evaluating every interpolated model, also with several batches."""
+    from analysis.permutation.barrier import interpolate
+    from analysis.permutation.mlp import MLPEvaluator
+    _, (xt, yt) = digits
+    a, b = models[0], models[1]
+    lams = [0.0, 0.2, 0.5, 0.9, 1.0]
+    for batch_size in (8192, 100):
+        ev = MLPEvaluator(xt, yt, batch_size=batch_size)
+        whole = ev.along(a, b, lams)
+        for lam, got in zip(lams, whole):
+            want = evaluate_mlp(interpolate(a, b, lam), xt, yt)
+            assert got["loss"] == pytest.approx(want["loss"], rel=1e-5, abs=1e-6)
+            assert got["accuracy"] == want["accuracy"]
+    table = interpolation_curve(MLPEvaluator(xt, yt), a, b, lams)
+    slow = interpolation_curve(lambda sd: evaluate_mlp(sd, xt, yt), a, b, lams)
+    pd.testing.assert_frame_equal(table, slow, atol=1e-5, rtol=0)

@@ -27,12 +27,13 @@ REFINE_WAIT_S = 90.0   # the longest a page run waits for its refinement (then i
 
 def estimate_budget_s() -> float:
     """Seconds a page's first estimate may spend on work it can split (the Loss Landscape's new points:
-    at least one is always evaluated); $MERGESCOPE_ESTIMATE_BUDGET_S, default 1.0. With the page's own
-    overhead that keeps the first view near the issue's 1.5 s on the 2-core CPU."""
+    at least one is always evaluated); $MERGESCOPE_ESTIMATE_BUDGET_S, default 0.5. On the 2-core CPU a
+    quick-demo point takes ~0.4 s (8 tasks × 8 examples), so two new points, and the page's own
+    overhead, keep the first view near the issue's 1.5 s (docs/results_live.md)."""
     try:
-        return max(0.0, float(os.environ.get("MERGESCOPE_ESTIMATE_BUDGET_S", "1.0")))
+        return max(0.0, float(os.environ.get("MERGESCOPE_ESTIMATE_BUDGET_S", "0.5")))
     except ValueError:
-        return 1.0
+        return 0.5
 
 
 def needs_estimate(device, subsample: int | None) -> bool:

@@ -28,8 +28,14 @@ def interpolate(sd_a: StateDict, sd_b: StateDict, lam: float) -> dict[str, torch
 def interpolation_curve(eval_fn: EvalFn, sd_a: StateDict, sd_b: StateDict, lambdas: Sequence[float],
                         repair_fn: Callable[[StateDict, float], StateDict] | None = None) -> pd.DataFrame:
     """Tidy table lam, metric, value of `eval_fn` along the path; `repair_fn`
-    (sd, lam) -> sd is applied to interior points (e.g. REPAIR)."""
+    (sd, lam) -> sd is applied to interior points (e.g. REPAIR). An eval_fn with an
+    `along(sd_a, sd_b, lambdas)` method (`analysis.permutation.mlp.MLPEvaluator`) scores the
+    whole straight path in one call."""
     rows = []
+    if repair_fn is None and hasattr(eval_fn, "along"):
+        for lam, scores in zip(lambdas, eval_fn.along(sd_a, sd_b, lambdas)):
+            rows += [{"lam": float(lam), "metric": metric, "value": float(value)} for metric, value in scores.items()]
+        return pd.DataFrame(rows)
     for lam in lambdas:
         sd = interpolate(sd_a, sd_b, lam)
         if repair_fn is not None and 0.0 < lam < 1.0:

@@ -69,6 +69,43 @@ def evaluate_mlp(sd: StateDict, x: Tensor, y: Tensor, batch_size: int = 8192,
     return {"loss": loss / len(x), "accuracy": correct / len(x)}
 
 
+class MLPEvaluator:
+    """`evaluate_mlp` on fixed examples (x, y), as an eval function (sd -> {loss, accuracy}), plus
+    `along(sd_a, sd_b, lambdas)`: every point of the straight path (1 − λ)·A + λ·B at once. The
+    first layer's pre-activations are linear in λ, (1 − λ)·(W_a x + b_a) + λ·(W_b x + b_b), so
+    the two ends' are computed once and each point pays only for the layers after it (on the demo
+    MLP 784-512-512-512-10 the first layer is 43 % of a forward pass). Equal to evaluating each
+    interpolated model to float32 rounding (tests)."""
+
+    def __init__(self, x: Tensor, y: Tensor, batch_size: int = 8192, device: str | torch.device | None = None):
+        self.x, self.y, self.batch_size, self.device = x, y, batch_size, get_device(device)
+
+    def __call__(self, sd: StateDict) -> dict[str, float]:
+        return evaluate_mlp(sd, self.x, self.y, self.batch_size, self.device)
+
+    @torch.no_grad()
+    def along(self, sd_a: StateDict, sd_b: StateDict, lambdas) -> list[dict[str, float]]:
+        a = {k: v.to(device=self.device, dtype=torch.float32) for k, v in sd_a.items()}
+        b = {k: v.to(device=self.device, dtype=torch.float32) for k, v in sd_b.items()}
+        names = linear_chain_names(a)
+        rest = [[k for k in a if k.startswith(f"{n}.")] for n in names[1:]]
+        points = [(float(lam), {k: torch.lerp(a[k], b[k], float(lam)) for ks in rest for k in ks}) for lam in lambdas]
+        loss, correct = [0.0] * len(points), [0] * len(points)
+        first = names[0]
+        for s in range(0, len(self.x), self.batch_size):
+            xb, yb = self.x[s:s + self.batch_size].to(self.device).flatten(1), self.y[s:s + self.batch_size].to(self.device)
+            za = F.linear(xb, a[f"{first}.weight"], a.get(f"{first}.bias"))
+            zb = F.linear(xb, b[f"{first}.weight"], b.get(f"{first}.bias"))
+            for i, (lam, sd) in enumerate(points):
+                h = torch.lerp(za, zb, lam)
+                for n in names[1:]:
+                    h = F.linear(torch.relu(h), sd[f"{n}.weight"], sd.get(f"{n}.bias"))
+                loss[i] += float(F.cross_entropy(h, yb, reduction="sum"))
+                correct[i] += int((h.argmax(1) == yb).sum())
+        n = len(self.x)
+        return [{"loss": loss[i] / n, "accuracy": correct[i] / n} for i in range(len(points))]
+
+
 def train_small_mlp(x: Tensor, y: Tensor, widths: Sequence[int], seed: int, epochs: int = 20,
                     batch_size: int = 64, lr: float = 2e-3) -> dict[str, Tensor]:
     """A small MLP trained with Adam on (x, y), named `layers.{i}.*` (for tests
