@@ -168,6 +168,9 @@ def main(argv=None) -> int:
     ap.add_argument("--skip-naive", action="store_true", help="skip the from-scratch reference timing")
     ap.add_argument("--profile", action="store_true",
                     help="after the timings, one Iso-CTS re-merge (default solvers) under cProfile and torch.profiler")
+    ap.add_argument("--tsv-polar", default="exact,gram,newton_schulz", help="TSV-M polar solvers to time")
+    ap.add_argument("--iso-routes", default="exact/exact,gram/exact,newton_schulz/exact,newton_schulz/subspace,"
+                    "gram/subspace", help="Iso-CTS (polar/top-k) solver pairs to time; exact/exact is the baseline")
     args = ap.parse_args(argv)
     device = get_device(args.device)
     info = device_info(device)
@@ -185,7 +188,7 @@ def main(argv=None) -> int:
     # ---- tsv_m: warm at f = 1/T, then change the rank fraction
     merge(tvs, "tsv_m", rank_fraction=1 / T, cache=cache, polar="exact")
     fractions = [0.05, 0.08, 0.1, 0.03, 0.06][: args.repeat]
-    for solver in ("exact", "gram", "newton_schulz"):
+    for solver in args.tsv_polar.split(","):
         times = []
         for f in fractions:
             _, t = timed(lambda: merge(tvs, "tsv_m", rank_fraction=f, alpha=1.0, cache=cache, polar=solver), device)
@@ -196,7 +199,7 @@ def main(argv=None) -> int:
     f = fractions[0]
     exact = merge(tvs, "tsv_m", rank_fraction=f, cache=cache, polar="exact")
     names = tvs.names_of_kind("matrix")
-    for solver in ("gram", "newton_schulz"):
+    for solver in [p for p in args.tsv_polar.split(",") if p != "exact"]:
         fast = merge(tvs, "tsv_m", rank_fraction=f, cache=cache, polar=solver)
         print(f"tsv_m f={f}: polar={solver} vs exact polar, relative error over all matrices: "
               f"{rel_err({k: fast[k] for k in names}, {k: exact[k] for k in names}):.2e}")
@@ -204,8 +207,8 @@ def main(argv=None) -> int:
     merge(tvs, "iso_cts", common_fraction=0.8, cache=cache, polar="exact")
     # (polar solver, top-k solver): the exact baseline, the CPU default (gram, subspace iteration), the CUDA
     # default (Newton-Schulz, subspace iteration), and each change alone
-    routes = [("exact", "exact"), ("gram", "exact"), ("newton_schulz", "exact"), ("newton_schulz", "subspace"),
-              ("gram", "subspace")]
+    routes = [tuple(r.split("/")) for r in args.iso_routes.split(",")]
+    routes = [("exact", "exact")] + [r for r in routes if r != ("exact", "exact")]
     for solver, topk in routes:
         times = []
         for c in [0.7, 0.9, 0.6, 0.75, 0.85][: args.repeat]:
