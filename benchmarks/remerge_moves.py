@@ -1,0 +1,101 @@
+"""Re-merge time per knob move on the built demo, this checkout against an earlier commit in the same run.
+
+What the Merge page's `merged_delta` does on a slider move, without the page: one `merge(inputs, method, knob=v)`
+on a resident demo set with its SpectralCache warm (factors from disk, or computed once before the clock), for
+a sequence of knob values; each value is new, so each move re-merges. `--code-rev REV` runs the same moves on
+REV's engine (a temporary git worktree, in a child process) before this checkout's, interleaved per method.
+
+    python benchmarks/remerge_moves.py --code-rev b2bb2cc
+    python benchmarks/remerge_moves.py --method tsv_m:rank_fraction:0.125,0.12,0.115,0.11
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT = ["tsv_m:rank_fraction:0.125,0.12,0.115,0.11,0.105", "tsv_m:rank_fraction:0.125,0.13,0.135,0.14",
+           "iso_cts:common_fraction:0.8,0.79,0.78,0.77,0.76"]
+
+
+def child(root: str, moves: list[str], quick: bool) -> dict:
+    """Runs in a process whose sys.path starts at `root`: times each move of each method."""
+    sys.path.insert(0, root)
+    import torch  # noqa: F401
+
+    from analysis.merging import merge
+    from analysis.merging.inputs import MergeInputs
+    from analysis.taskvectors import TaskVectorSet
+    from analysis.zoo import find_build
+    folder = find_build(None, quick=quick)
+    tasks = json.loads((folder / "manifest.json").read_text())["tasks"]
+    tvs = TaskVectorSet.from_checkpoints(folder / "pretrained", {t: folder / "tasks" / t / "finetuned" for t in tasks})
+    tvs.keep_resident()
+    out = {"build": folder.name, "moves": {}}
+    for spec in moves:
+        method, knob, values = spec.split(":")
+        vals = [float(v) for v in values.split(",")]
+        inputs = MergeInputs(tvs)            # a fresh page session: memos empty, factors from the disk cache
+        merge(inputs, method, **{knob: vals[0]})   # the page's first render (not timed)
+        times = []
+        for v in vals[1:]:
+            t0 = time.perf_counter()
+            merge(inputs, method, **{knob: v})
+            times.append(round(time.perf_counter() - t0, 3))
+        out["moves"][spec] = times
+    return out
+
+
+def run_child(root: Path, moves: list[str], quick: bool) -> dict:
+    code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import remerge_moves as r; "
+            f"print(json.dumps(r.child({str(root)!r}, {moves!r}, {quick!r})))")
+    res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"the run on {root} failed:\n{res.stderr[-3000:]}")
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--method", action="append", default=None,
+                    help="method:knob:v0,v1,... (v0 is the untimed first render); repeatable")
+    ap.add_argument("--code-rev", default=None, help="also run REV's engine (a git worktree) as the baseline")
+    ap.add_argument("--full", action="store_true", help="the full demo build (default: quick)")
+    args = ap.parse_args()
+    moves = args.method or DEFAULT
+    print(f"load average {os.getloadavg()}; {os.cpu_count()} CPUs", flush=True)
+    results = {}
+    with tempfile.TemporaryDirectory(prefix="ms-remerge-") as tmp:
+        if args.code_rev:
+            wt = Path(tmp) / "code"
+            subprocess.run(["git", "worktree", "add", "--detach", str(wt), args.code_rev], cwd=ROOT, check=True,
+                           capture_output=True)
+            try:
+                results["before"] = run_child(wt, moves, not args.full)
+            finally:
+                subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ROOT, capture_output=True)
+        results["now"] = run_child(ROOT, moves, not args.full)
+    print(f"demo build {results['now']['build']}; load average after {os.getloadavg()}\n")
+    print("| method: knob moves | now s (median; runs) | " + ("before s (median; runs) | now / before |"
+                                                            if "before" in results else ""))
+    print("|---|---|" + ("---|---|" if "before" in results else ""))
+    for spec in moves:
+        now = results["now"]["moves"][spec]
+        row = f"| {spec} | {statistics.median(now):.3f} ({', '.join(f'{t:.3f}' for t in now)}) |"
+        if "before" in results:
+            b = results["before"]["moves"][spec]
+            row += (f" {statistics.median(b):.3f} ({', '.join(f'{t:.3f}' for t in b)}) | "
+                    f"{statistics.median(now) / statistics.median(b):.2f}× |")
+        print(row)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
