@@ -39,8 +39,8 @@ reads every direction) and the unscaled merged delta of every matrix (kept in
 the inputs' memo so an α change is a multiply), plus `task_projections` of every
 matrix the cached factors serve (W_t = U_sumᵀU_tS_t, and for tall matrices
 (U_tS_t)ᵀ(U_tS_t): at most half the memory of the per-task factors), so a change
-of c forms no m-sized product: on the quick demo a c move took 1.9–2.1 s against
-2.9–3.1 s before (2-core CPU).
+of c forms no m-sized product: on the quick demo a c move took 1.88 s against
+2.64 s before, median of 4 (2-core CPU, benchmarks/remerge_moves.py).
 
 Speed: the sum's SVD is memoised per SpectralCache; a change of c only needs
 the top-s triplets of the projected task matrices, computed from the cached

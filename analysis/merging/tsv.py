@@ -150,7 +150,7 @@ def _merged_from_grams(ctx, group, q: int, rcond: float = 1e-10):
     A matrix whose Gram is (near) singular, λ_min ≤ rcond·λ_max, takes `polar_exact` for
     both factors, as `polar_gram` does."""
     n_tasks = group.n_tasks
-    gu, gv, cores_s = [], [], []
+    gu, gv = [], []
     for name in group.names:
         g_u, g_v, p = task_grams(ctx, name, n_tasks)
         idx = (torch.arange(n_tasks, device=g_u.device)[:, None] * p
@@ -166,9 +166,8 @@ def _merged_from_grams(ctx, group, q: int, rcond: float = 1e-10):
     factors = [task_factors(ctx, name, q) for name in group.names]
     m, n = factors[0][0].shape[1], factors[0][2].shape[2]
     s = torch.stack([fs.reshape(n_tasks * q) for _, fs, _ in factors])
-    tiny_u, tiny_v = evals_u.clamp_min(tiny), evals_v.clamp_min(tiny)
-    inv_u = (evecs_u * tiny_u.rsqrt().unsqueeze(-2)) @ evecs_u.mT
-    inv_v = (evecs_v * tiny_v.rsqrt().unsqueeze(-2)) @ evecs_v.mT
+    inv_u = (evecs_u * evals_u.clamp_min(tiny).rsqrt().unsqueeze(-2)) @ evecs_u.mT   # (UᵀU)^(-1/2)
+    inv_v = (evecs_v * evals_v.clamp_min(tiny).rsqrt().unsqueeze(-2)) @ evecs_v.mT
     u = torch.stack([fu.permute(1, 0, 2).reshape(m, n_tasks * q) for fu, _, _ in factors])
     vh = torch.stack([fv.reshape(n_tasks * q, n) for _, _, fv in factors])
     # each polar factor in float64 before the float32 product: near the cap the Grams reach
