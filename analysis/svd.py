@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -45,6 +47,44 @@ def tf32_matmuls(allowed: bool):
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = old
+
+
+_EIGH_POOL = None   # worker threads of `batched_eigh`, one intra-op thread each (made on first use)
+_EIGH_POOL_LOCK = threading.Lock()
+
+
+def _eigh_pool(workers: int):
+    global _EIGH_POOL
+    with _EIGH_POOL_LOCK:
+        if _EIGH_POOL is None or _EIGH_POOL._max_workers != workers:
+            # torch.set_num_threads in a worker sets that thread's own OpenMP / MKL thread count
+            _EIGH_POOL = ThreadPoolExecutor(workers, thread_name_prefix="mergescope-eigh",
+                                            initializer=torch.set_num_threads, initargs=(1,))
+        return _EIGH_POOL
+
+
+def batched_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.linalg.eigh of a batch (..., n, n). On a CPU with several intra-op threads, the batch
+    is split over as many worker threads, each solving its share with one thread.
+
+    Why: LAPACK's eigh of one matrix parallelises poorly (much of it is BLAS-2), and its threads
+    spin-wait between parallel regions, so beside other work on the CPU (a page's background
+    scoring) it slows down badly. On the 2-core CPU, 24 float64 368 × 368 matrices: 0.21–0.24 s
+    split over two 1-thread workers against 0.26–0.30 s batched with 2 threads and 0.32–0.37 s
+    with 1, idle. Quick-demo re-merge per knob move (benchmarks/remerge_moves.py, medians), before
+    → after: TSV-M rank 0.98 → 0.88 s idle, 2.12 → 1.49 s beside forward passes on another
+    thread; Iso-CTS common fraction 2.12 → 1.75 s and 3.57 → 2.96 s (docs/results_live.md).
+    Elsewhere (CUDA, one thread, one matrix) it is torch.linalg.eigh as is."""
+    workers = min(torch.get_num_threads(), 8)
+    lead = a.shape[:-2]
+    flat = a.reshape(-1, *a.shape[-2:])
+    if a.device.type != "cpu" or workers < 2 or flat.shape[0] < 2:
+        return torch.linalg.eigh(a)
+    chunks = [c for c in torch.tensor_split(flat, min(workers, flat.shape[0])) if c.shape[0]]
+    parts = list(_eigh_pool(workers).map(torch.linalg.eigh, chunks))
+    vals = torch.cat([p[0] for p in parts]).reshape(*lead, a.shape[-1])
+    vecs = torch.cat([p[1] for p in parts]).reshape(*lead, *a.shape[-2:])
+    return vals, vecs
 
 
 def _exact_matmul():
@@ -207,7 +247,7 @@ def _small_eigh(a: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor
         vals, vecs = torch.linalg.eigh(a.cpu())
         vals, vecs = vals.to(a.device, non_blocking=True), vecs.to(a.device, non_blocking=True)
     else:
-        vals, vecs = torch.linalg.eigh(a)
+        vals, vecs = batched_eigh(a)
     return vals.flip(-1), vecs.flip(-1)
 
 
@@ -265,7 +305,7 @@ def top_k_eigh(g: torch.Tensor, k: int, *, oversample: int | None = None, squari
         squarings = 3 if g.dtype == torch.float64 else 1
 
     def exact(mats):
-        vals, vecs = torch.linalg.eigh(mats)
+        vals, vecs = batched_eigh(mats)
         return vals.flip(-1)[..., :k], vecs.flip(-1)[..., :k]
 
     if 2 * w > n or n <= 64:

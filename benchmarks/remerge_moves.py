@@ -7,6 +7,7 @@ REV's engine (a temporary git worktree, in a child process) before this checkout
 
     python benchmarks/remerge_moves.py --code-rev b2bb2cc
     python benchmarks/remerge_moves.py --method tsv_m:rank_fraction:0.125,0.12,0.115,0.11
+    python benchmarks/remerge_moves.py --code-rev HEAD --beside-scoring     # while a refinement scores
 """
 from __future__ import annotations
 
@@ -25,9 +26,13 @@ DEFAULT = ["tsv_m:rank_fraction:0.125,0.12,0.115,0.11,0.105", "tsv_m:rank_fracti
            "iso_cts:common_fraction:0.8,0.79,0.78,0.77,0.76"]
 
 
-def child(root: str, moves: list[str], quick: bool) -> dict:
-    """Runs in a process whose sys.path starts at `root`: times each move of each method."""
+def child(root: str, moves: list[str], quick: bool, beside_scoring: bool = False) -> dict:
+    """Runs in a process whose sys.path starts at `root`: times each move of each method (with
+    `beside_scoring`, while another thread scores the base model on 8 examples of one task over and
+    over, as a page's background refinement does)."""
     sys.path.insert(0, root)
+    import threading
+
     import torch  # noqa: F401
 
     from analysis.merging import merge
@@ -39,6 +44,17 @@ def child(root: str, moves: list[str], quick: bool) -> dict:
     tvs = TaskVectorSet.from_checkpoints(folder / "pretrained", {t: folder / "tasks" / t / "finetuned" for t in tasks})
     tvs.keep_resident()
     out = {"build": folder.name, "moves": {}}
+    stop = threading.Event()
+    if beside_scoring:
+        from analysis.zoo import load_demo
+        ev = load_demo(None, quick=quick).evaluator
+
+        def score():
+            while not stop.is_set():
+                ev.evaluate(None, subsample=8, tasks=[ev.tasks[0]])
+        scorer = threading.Thread(target=score, daemon=True)
+        scorer.start()
+        time.sleep(3)
     for spec in moves:
         method, knob, values = spec.split(":")
         vals = [float(v) for v in values.split(",")]
@@ -50,12 +66,15 @@ def child(root: str, moves: list[str], quick: bool) -> dict:
             merge(inputs, method, **{knob: v})
             times.append(round(time.perf_counter() - t0, 3))
         out["moves"][spec] = times
+    stop.set()
+    if beside_scoring:
+        scorer.join()   # a thread still inside torch at exit aborts the process
     return out
 
 
-def run_child(root: Path, moves: list[str], quick: bool) -> dict:
+def run_child(root: Path, moves: list[str], quick: bool, beside_scoring: bool) -> dict:
     code = (f"import sys, json; sys.path.insert(0, {str(ROOT / 'benchmarks')!r}); import remerge_moves as r; "
-            f"print(json.dumps(r.child({str(root)!r}, {moves!r}, {quick!r})))")
+            f"print(json.dumps(r.child({str(root)!r}, {moves!r}, {quick!r}, {beside_scoring!r})))")
     res = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True)
     if res.returncode:
         raise SystemExit(f"the run on {root} failed:\n{res.stderr[-3000:]}")
@@ -68,6 +87,8 @@ def main() -> int:
                     help="method:knob:v0,v1,... (v0 is the untimed first render); repeatable")
     ap.add_argument("--code-rev", default=None, help="also run REV's engine (a git worktree) as the baseline")
     ap.add_argument("--full", action="store_true", help="the full demo build (default: quick)")
+    ap.add_argument("--beside-scoring", action="store_true",
+                    help="time the moves while another thread scores forward passes (a background refinement)")
     args = ap.parse_args()
     moves = args.method or DEFAULT
     print(f"load average {os.getloadavg()}; {os.cpu_count()} CPUs", flush=True)
@@ -78,10 +99,10 @@ def main() -> int:
             subprocess.run(["git", "worktree", "add", "--detach", str(wt), args.code_rev], cwd=ROOT, check=True,
                            capture_output=True)
             try:
-                results["before"] = run_child(wt, moves, not args.full)
+                results["before"] = run_child(wt, moves, not args.full, args.beside_scoring)
             finally:
                 subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ROOT, capture_output=True)
-        results["now"] = run_child(ROOT, moves, not args.full)
+        results["now"] = run_child(ROOT, moves, not args.full, args.beside_scoring)
     print(f"demo build {results['now']['build']}; load average after {os.getloadavg()}\n")
     print("| method: knob moves | now s (median; runs) | " + ("before s (median; runs) | now / before |"
                                                             if "before" in results else ""))

@@ -155,3 +155,17 @@ def test_batched_projected_top_is_each_parameters_own():
                 x, sig, yh = both                                                              # X Σ Yᵀ: signs cancel
                 torch.testing.assert_close((x[i] * sig[i][:, None, :]) @ yh[i], (one[0] * one[1][:, None, :]) @ one[2],
                                            rtol=1e-4, atol=1e-5)
+
+
+def test_batched_eigh_splits_a_cpu_batch_over_one_thread_workers_and_changes_nothing_else():
+    from analysis.svd import batched_eigh
+    g = torch.Generator().manual_seed(0)
+    for lead in ((5,), (2, 3), (1,)):
+        a = torch.randn(*lead, 12, 12, generator=g, dtype=torch.float64)
+        a = a @ a.mT
+        threads = torch.get_num_threads()
+        vals, vecs = batched_eigh(a)
+        assert torch.get_num_threads() == threads
+        ref_vals, _ = torch.linalg.eigh(a)
+        torch.testing.assert_close(vals, ref_vals, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close((vecs * vals.unsqueeze(-2)) @ vecs.mT, a, rtol=1e-10, atol=1e-9)

@@ -78,7 +78,7 @@ from analysis.merging.base import Hyperparameter, MergeMethod, Needs, alpha, inc
 from analysis.merging.common import decomposed, sum_factors, task_factors, unscaled_slot
 from analysis.merging.polar import polar
 from analysis.spectra import thin_svd
-from analysis.svd import _exact_matmul, top_k_eigh
+from analysis.svd import _exact_matmul, batched_eigh, top_k_eigh
 
 
 def _iso_c(group, params, ctx):
@@ -170,7 +170,7 @@ def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int, solver: str = "exa
         if solver == "subspace":
             evals, evecs = top_k_eigh(gram, k)       # descending
         else:
-            evals, evecs = torch.linalg.eigh(gram)   # ascending
+            evals, evecs = batched_eigh(gram)   # ascending
             evals, evecs = evals.flip(-1)[..., :k], evecs.flip(-1)[..., :k]
         sig = evals.clamp_min(0).sqrt()
         if proj is not None:   # b·E = U_t (S_t E) − U_c (W_c E), float32 like b itself on the other route

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import torch
 
-from analysis.svd import thin_svd, tf32_matmuls
+from analysis.svd import batched_eigh, thin_svd, tf32_matmuls
 
 # Quintic map x ↦ a·x + b·x³ + c·x⁵ (the coefficients popularised by the Muon
 # optimiser): slope 3.44 at 0, maps [0, 1] into (0, 1.21]; it does not
@@ -88,7 +88,7 @@ def polar_gram(x: torch.Tensor, rcond: float = 1e-10, return_info: bool = False)
     if squeeze:
         y = y.unsqueeze(0)
     yd = y.double()
-    evals, evecs = torch.linalg.eigh(yd.mT @ yd)
+    evals, evecs = batched_eigh(yd.mT @ yd)
     bad = evals[:, 0] <= rcond * evals[:, -1].clamp_min(torch.finfo(torch.float64).tiny)
     inv_sqrt = (evecs * evals.clamp_min(torch.finfo(torch.float64).tiny).rsqrt().unsqueeze(-2)) @ evecs.mT
     w = (yd @ inv_sqrt).float()

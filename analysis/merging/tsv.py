@@ -43,6 +43,7 @@ from analysis.merging.base import (Hyperparameter, MergeMethod, Needs, alpha, in
                                    rank_fraction)
 from analysis.merging.common import decomposed, kept_rank, matrix_rank_of, task_factors, unscaled_slot
 from analysis.merging.polar import polar, polar_exact, polar_route
+from analysis.svd import batched_eigh
 
 
 def tsv_rank(fraction: float, rank: int, n_tasks: int, overflow: str) -> int:
@@ -157,8 +158,8 @@ def _merged_from_grams(ctx, group, q: int, rcond: float = 1e-10):
                + torch.arange(q, device=g_u.device)).reshape(-1)
         gu.append(g_u[idx][:, idx])
         gv.append(g_v[idx][:, idx])
-    evals_u, evecs_u = torch.linalg.eigh(torch.stack(gu))
-    evals_v, evecs_v = torch.linalg.eigh(torch.stack(gv))
+    evals_u, evecs_u = batched_eigh(torch.stack(gu))
+    evals_v, evecs_v = batched_eigh(torch.stack(gv))
     tiny = torch.finfo(torch.float64).tiny
     bad = torch.zeros(len(group.names), dtype=torch.bool, device=evals_u.device)
     for ev in (evals_u, evals_v):
