@@ -53,13 +53,30 @@ _EIGH_POOL = None   # worker threads of `batched_eigh`, one intra-op thread each
 _EIGH_POOL_LOCK = threading.Lock()
 
 
+def _one_thread_worker(ready: threading.Barrier) -> None:
+    torch.set_num_threads(1)   # this thread's OpenMP / MKL count, and torch's process-wide default
+    torch.get_num_threads()    # settle this thread's lazy init at 1 now
+    ready.wait(timeout=30)
+
+
 def _eigh_pool(workers: int):
+    """`workers` threads that each run torch with one intra-op thread. torch.set_num_threads also sets
+    the default every *new* thread starts with, so the caller's count is put back once every worker
+    has started (a thread born in that instant would start with 1: slower, never wrong)."""
     global _EIGH_POOL
     with _EIGH_POOL_LOCK:
         if _EIGH_POOL is None or _EIGH_POOL._max_workers != workers:
-            # torch.set_num_threads in a worker sets that thread's own OpenMP / MKL thread count
-            _EIGH_POOL = ThreadPoolExecutor(workers, thread_name_prefix="mergescope-eigh",
-                                            initializer=torch.set_num_threads, initargs=(1,))
+            threads = torch.get_num_threads()
+            ready = threading.Barrier(workers + 1)
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="mergescope-eigh")
+            started = [pool.submit(_one_thread_worker, ready) for _ in range(workers)]
+            try:
+                ready.wait(timeout=30)
+            finally:
+                torch.set_num_threads(threads)
+            for f in started:
+                f.result()
+            _EIGH_POOL = pool
         return _EIGH_POOL
 
 
@@ -127,7 +144,7 @@ def svd_gram(a: torch.Tensor) -> Factors:
     x = (a.mT if m < n else a).double()            # (B, p, k), p >= k
     with _exact_matmul():
         gram = x.mT @ x
-        _, v = torch.linalg.eigh(gram)             # ascending
+        _, v = batched_eigh(gram)                  # ascending
         v = v.flip(-1)
         y = x @ v                                  # = U S (columns nearly orthogonal)
     s = torch.linalg.vector_norm(y, dim=-2)

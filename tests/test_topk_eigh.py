@@ -169,3 +169,19 @@ def test_batched_eigh_splits_a_cpu_batch_over_one_thread_workers_and_changes_not
         ref_vals, _ = torch.linalg.eigh(a)
         torch.testing.assert_close(vals, ref_vals, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close((vecs * vals.unsqueeze(-2)) @ vecs.mT, a, rtol=1e-10, atol=1e-9)
+
+
+def test_the_eigh_workers_leave_new_threads_their_usual_thread_count():
+    """torch.set_num_threads(1) in a worker also sets the default of every thread started later; the
+    pool puts the caller's count back, so a page's next script thread still gets every core."""
+    import threading
+
+    from analysis.svd import batched_eigh
+    a = torch.eye(4, dtype=torch.float64).expand(3, 4, 4).clone()
+    threads = torch.get_num_threads()
+    batched_eigh(a)
+    seen = []
+    t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    assert seen == [threads] and torch.get_num_threads() == threads
