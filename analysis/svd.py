@@ -89,8 +89,9 @@ def batched_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     scoring) it slows down badly. On the 2-core CPU, 24 float64 368 × 368 matrices: 0.21–0.24 s
     split over two 1-thread workers against 0.26–0.30 s batched with 2 threads and 0.32–0.37 s
     with 1, idle. Quick-demo re-merge per knob move (benchmarks/remerge_moves.py, medians), before
-    → after: TSV-M rank 0.98 → 0.88 s idle, 2.12 → 1.49 s beside forward passes on another
-    thread; Iso-CTS common fraction 2.12 → 1.75 s and 3.57 → 2.96 s (docs/results_live.md).
+    → after: idle no gain (TSV-M rank 0.98 → 1.00 s, Iso-CTS common fraction 1.83 → 1.74 s);
+    beside forward passes on another thread TSV-M 2.06 → 1.59 s, Iso-CTS 3.35 → 3.00 s
+    (docs/results_live.md).
     Elsewhere (CUDA, one thread, one matrix) it is torch.linalg.eigh as is."""
     workers = min(torch.get_num_threads(), 8)
     lead = a.shape[:-2]
