@@ -130,14 +130,13 @@ if spec.note is not None and (note := spec.note(params, ws.tvs)):
 @st.cache_resource(max_entries=3, show_spinner="Merging…")
 def merged_delta(_ws, ws_key: str, method: str, merge_key: str, _knobs_json: str):
     """The merge at `_knobs_json`, cached by `merge_key` (knobs that give the same merge share it)."""
-    knobs_json = _knobs_json
     inputs = merge_inputs(_ws, ws_key)
     with with_progress(inputs, f"{method}: computing data statistics (once per set, cached on disk)"):
-        return merge(inputs, method, **json.loads(knobs_json))
+        return merge(inputs, method, **json.loads(_knobs_json))
 
 
 @st.cache_data(max_entries=64, show_spinner="Scoring the merged model…")
-def scores(_ws, _delta, ws_key: str, method: str, knobs_json: str, split: str, subsample: int | None):
+def scores(_ws, _delta, ws_key: str, method: str, merge_key: str, split: str, subsample: int | None):
     return merged_accuracy(_ws.evaluator, _delta, split=split, subsample=subsample)
 
 

@@ -104,21 +104,36 @@ def remember(coord, path_key, fresh: pd.DataFrame) -> None:
         memo.pop(next(iter(memo)))
 
 
-def run_path(progress, n):
+def run_path(progress, n, budget_s: float | None = None):
     """Curves for the current choices on `n` examples per task.
 
     Memoised per point: every evaluated (path, split, subsample, tasks, λ or α)
     is kept in the workspace, so a grid change only evaluates the new points
     (0 and 1 are shared by every λ grid, all of a 5-point grid by the 9-point one).
+    With `budget_s` (a first estimate): the grid's ends, then new points in
+    `spread_order` one at a time for about that long (at least one), and the curves
+    hold the points evaluated so far; without, every new point in one call.
     """
     memo = ws.extras.setdefault("landscape_points", {})
     coord, grid, path_key, compute = path_plan(n)
     keys = point_keys(path_key, grid)
     missing = [float(x) for x, k in zip(grid, keys) if k not in memo]
-    if missing:
+    done = 0
+    if missing and budget_s is None:
         remember(coord, path_key, compute(missing, progress))
-    st.session_state["ll_points_evaluated"] = len(missing)
-    return pd.concat([memo[k] for k in keys], ignore_index=True)
+        done = len(missing)
+    elif missing:
+        known = [float(x) for x, k in zip(grid, keys) if k in memo]
+        ends = {float(grid[0]), float(grid[-1])}   # the barriers and the figure's span need them whatever the budget
+        t0 = time.perf_counter()
+        for x in spread_order(known, missing):
+            if done and x not in ends and time.perf_counter() - t0 > budget_s:
+                break
+            remember(coord, path_key, compute([x], progress))
+            done += 1
+    st.session_state["ll_points_evaluated"] = done
+    st.session_state["ll_points_left"] = len(missing) - done
+    return pd.concat([memo[k] for k in keys if k in memo], ignore_index=True)
 
 
 def live_curves(progress):
@@ -143,28 +158,7 @@ def live_curves(progress):
         return coord, path_key, compute(missing, report)
 
     st.session_state.setdefault("ll_refiner", Refiner()).cancel_unless(key)   # no stale one beside the estimate
-    return estimate_path(progress), (key, refine_points)
-
-
-def estimate_path(progress):
-    """The first estimate's curves on FIRST_ESTIMATE examples per task: the grid's ends, then new points
-    in `spread_order` for about `estimate_budget_s()` (at least one), then the page draws what it has;
-    the background refinement evaluates every new point of the live subsample."""
-    memo = ws.extras.setdefault("landscape_points", {})
-    coord, grid, path_key, compute = path_plan(FIRST_ESTIMATE)
-    keys = point_keys(path_key, grid)
-    known = [float(x) for x, k in zip(grid, keys) if k in memo]
-    missing = [float(x) for x, k in zip(grid, keys) if k not in memo]
-    t0, done, budget = time.perf_counter(), 0, estimate_budget_s()
-    ends = {float(grid[0]), float(grid[-1])}   # the barriers and the figure's span need them whatever the budget
-    for x in spread_order(known, missing):
-        if done and x not in ends and time.perf_counter() - t0 > budget:
-            break
-        remember(coord, path_key, compute([x], progress))
-        done += 1
-    st.session_state["ll_points_evaluated"] = done
-    st.session_state["ll_points_left"] = len(missing) - done
-    return pd.concat([memo[k] for k in keys if k in memo], ignore_index=True)
+    return run_path(progress, FIRST_ESTIMATE, estimate_budget_s()), (key, refine_points)
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
