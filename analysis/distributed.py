@@ -421,15 +421,15 @@ def _factor_job(recipe: SetRecipe, name: str, directory: str, tasks: list[str], 
     dev = torch.device(device)
     stack = as_matrix_batch(_stacked(tvs, name))
     note = ""
+    kept = truncation_rank(min(stack.shape[-2:]), max_rank_fraction)
     try:
-        (u, s, vh), info = exact_svd(stack.to(dev, torch.float32), method, tol)
+        (u, s, vh), info = exact_svd(stack.to(dev, torch.float32), method, tol, keep=kept)
     except Exception as exc:
         if not out_of_memory(exc) or dev.type == "cpu":
             raise
         note = f"out of memory on {dev} for {name!r}; decomposed on the CPU"
         dev = torch.device("cpu")
-        (u, s, vh), info = exact_svd(stack.float(), method if method != "auto" else "gram", tol)
-    kept = truncation_rank(s.shape[-1], max_rank_fraction)
+        (u, s, vh), info = exact_svd(stack.float(), method if method != "auto" else "gram", tol, keep=kept)
     tensors = {"S": s.contiguous().cpu()}
     for key, t in (("U", u[..., :kept]), ("Vh", vh[..., :kept, :])):
         tensors.update(_stored(key, t))

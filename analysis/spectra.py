@@ -411,7 +411,9 @@ class SpectralCache:
                 try:
                     stack = torch.cat([as_matrix_batch(self.tvs.deltas(nm)) for nm in chunk])
                     stack = stack.to(device, torch.float32)
-                    (u, s, vh), info = exact_svd(stack, self.method, self.tol)
+                    # only the directions kept are formed (the shape group shares one K)
+                    keep = max(self._kept[nm] for nm in chunk)
+                    (u, s, vh), info = exact_svd(stack, self.method, self.tol, keep=keep)
                 except Exception as exc:
                     if not out_of_memory(exc):
                         raise

@@ -67,11 +67,11 @@ def test_out_of_memory_halves_the_batch_and_still_gives_every_factor(monkeypatch
     real = spectra.exact_svd
     sizes = []
 
-    def fails_over_one_parameter(a, method="auto", tol=1e-5):
+    def fails_over_one_parameter(a, method="auto", tol=1e-5, keep=None):
         sizes.append(a.shape[0])
         if a.shape[0] > 3:                                           # more than one parameter of 3 tasks
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (simulated)")
-        return real(a, method, tol)
+        return real(a, method, tol, keep=keep)
 
     monkeypatch.setattr(spectra, "exact_svd", fails_over_one_parameter)
     cache = SpectralCache(tvs, device="cpu", persist=False).compute()
@@ -88,10 +88,10 @@ def test_a_device_that_runs_out_of_memory_falls_back_to_the_cpu(monkeypatch):
     whole = SpectralCache(tvs, device="cpu", persist=False).compute()
     real = spectra.exact_svd
 
-    def gpu_always_full(a, method="auto", tol=1e-5):
+    def gpu_always_full(a, method="auto", tol=1e-5, keep=None):
         if a.device.type != "cpu":
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return real(a, method, tol)
+        return real(a, method, tol, keep=keep)
 
     monkeypatch.setattr(spectra, "exact_svd", gpu_always_full)
     monkeypatch.setattr(SpectralCache, "_storage", lambda self: torch.device("cpu"))
@@ -105,7 +105,7 @@ def test_a_device_that_runs_out_of_memory_falls_back_to_the_cpu(monkeypatch):
 
 
 def test_a_cpu_out_of_memory_for_one_parameter_is_a_named_error(monkeypatch):
-    def always_full(a, method="auto", tol=1e-5):
+    def always_full(a, method="auto", tol=1e-5, keep=None):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory")
 
     monkeypatch.setattr(spectra, "exact_svd", always_full)

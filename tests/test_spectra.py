@@ -11,6 +11,7 @@ from analysis.errors import ValidationError
 from analysis.spectra import (SpectralCache, effective_rank, effective_rank_table, energy_table, exact_svd,
                               factor_errors, singular_values_table, svd_gram, truncation_rank, tsvc_accuracy_table,
                               tsvc_delta, tsvc_error_table)
+from analysis.svd import kept_factor_errors
 from analysis.taskvectors import TaskVectorSet
 
 
@@ -50,6 +51,54 @@ def test_gram_svd_is_exact(shape, kind):
     ref = torch.linalg.svdvals(a.double())
     assert torch.allclose(s.double(), ref, atol=1e-5 * float(ref.max()))
     assert bool((s[:, :-1] >= s[:, 1:]).all())
+
+
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40), (20, 20)])
+@pytest.mark.parametrize("kind", ["random", "ill", "rank2"])
+def test_gram_svd_keeping_the_top_k_forms_those_and_every_value(shape, kind):
+    """keep=K: U, Vh are the full route's first K columns, S every value (the tail from the eigenvalues)."""
+    g = torch.Generator().manual_seed(2)
+    m, n = shape
+    k = min(m, n)
+    if kind == "random":
+        a = torch.randn(3, m, n, generator=g)
+    elif kind == "ill":
+        u, _ = torch.linalg.qr(torch.randn(3, m, k, generator=g, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(3, n, k, generator=g, dtype=torch.float64))
+        a = ((u * torch.logspace(0, -7, k, dtype=torch.float64)) @ v.mT).float()
+    else:
+        a = torch.randn(3, m, 2, generator=g) @ torch.randn(3, 2, n, generator=g)
+    kk = 2 if kind == "rank2" else 5
+    fu, fs, fvh = svd_gram(a)
+    u, s, vh = svd_gram(a, keep=kk)
+    assert u.shape == (3, m, kk) and s.shape == (3, k) and vh.shape == (3, kk, n)
+    assert torch.allclose(u, fu[..., :kk], atol=1e-6) and torch.allclose(vh, fvh[..., :kk, :], atol=1e-6)
+    ref = torch.linalg.svdvals(a.double())
+    assert torch.allclose(s.double(), ref, atol=1e-6 * float(ref.max()))
+    assert bool((s[:, :-1] >= s[:, 1:]).all())
+    rec, orth = kept_factor_errors(a, u, s, vh)
+    assert float(rec.max()) < 1e-5 and float(orth.max()) < 1e-5
+    (u2, s2, vh2), info = exact_svd(a, "gram", keep=kk)
+    assert info["fallbacks"] == 0 and info["kept"] == kk and u2.shape[-1] == kk and s2.shape[-1] == k
+
+
+@pytest.mark.parametrize("shape", [(40, 12), (12, 40)])
+def test_kept_factor_checks_catch_a_wrong_direction_and_a_wrong_value(shape):
+    a = torch.randn(2, *shape, generator=torch.Generator().manual_seed(4))
+    u, s, vh = svd_gram(a, keep=4)
+    bad_v = vh.clone()
+    bad_v[0, 1] = torch.linalg.qr(torch.randn(shape[1], 1))[0][:, 0]     # not a right singular vector
+    bad_u = u.clone()
+    bad_u[0, :, 1] = torch.linalg.qr(torch.randn(shape[0], 1))[0][:, 0]
+    bad_s = s.clone()
+    bad_s[0, -1] *= 1.5                                                 # a tail value off: energy mismatch
+    for uu, ss, vv in ((u, s, bad_v), (bad_u, s, vh), (u, bad_s, vh)):
+        rec, orth = kept_factor_errors(a, uu, ss, vv)
+        assert float(torch.maximum(rec, orth)[0]) > 1e-3 and float(torch.maximum(rec, orth)[1]) < 1e-5
+    (u2, s2, vh2), info = exact_svd(a, "gram", tol=0.0, keep=4)     # nothing passes a zero tolerance
+    assert info["fallbacks"] == 2 and u2.shape[-1] == 4 and s2.shape[-1] == min(shape)
+    ref = torch.linalg.svd(a.double(), full_matrices=False)
+    assert torch.allclose(s2.double(), ref.S, atol=1e-5)
 
 
 def test_exact_svd_falls_back_when_the_check_fails():
