@@ -361,8 +361,10 @@ def top_k_eigh(g: torch.Tensor, k: int, *, oversample: int | None = None, squari
     merged Iso-CTS deltas within 1e-6 relative of the exact route (benchmarks/merge.py).
 
     small_eigh: where the w × w Rayleigh–Ritz problems run, "device" | "host" | "auto"
-    (`_small_eigh`). Where w > n/2 or n ≤ 64 the full eigh is used directly (the iteration
-    saves nothing there). Returns (values, vectors) and, with return_info, a dict: steps,
+    (`_small_eigh`). Where w > n/2, or n ≤ 64 (n ≤ 128 on a CPU), the full eigh is used directly
+    (the iteration saves nothing there: on the 2-core CPU, 192 float64 80 × 80 Grams, top 10,
+    took 0.046 s by `batched_eigh` against 0.069 s by the iteration; 96 × 96, top 12: 0.036 vs
+    0.040 s). Returns (values, vectors) and, with return_info, a dict: steps,
     checks, fallback (matrices solved exactly), route ("subspace" | "exact").
     """
     n = g.shape[-1]
@@ -377,7 +379,7 @@ def top_k_eigh(g: torch.Tensor, k: int, *, oversample: int | None = None, squari
         vals, vecs = batched_eigh(mats)
         return vals.flip(-1)[..., :k], vecs.flip(-1)[..., :k]
 
-    if 2 * w > n or n <= 64:
+    if 2 * w > n or n <= (128 if g.device.type == "cpu" else 64):
         vals, vecs = exact(g)
         info = {"steps": 0, "checks": 0, "fallback": 0, "route": "exact"}
         return (vals, vecs, info) if return_info else (vals, vecs)

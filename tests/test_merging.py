@@ -453,7 +453,7 @@ def test_the_vector_rule_mean_is_kept_for_a_resident_set_and_never_scaled_in_pla
 
 def test_iso_cts_with_memoised_projections_matches_the_definition():
     """A change of c reads the projected residuals from memoised projections (W_t = U_sumᵀU_tS_t and, for
-    tall matrices, (U_tS_t)ᵀ(U_tS_t)); every c, wide and tall, still matches the definition."""
+    tall matrices, G_out = (U_tS_t)ᵀ(U_tS_t) − W_tᵀW_t); every c, wide and tall, still matches the definition."""
     tvs = random_set(n_tasks=3)
     inputs = MergeInputs(tvs, device="cpu", persist=False)
     for c in (0.0, 0.3, 0.8, 0.5):

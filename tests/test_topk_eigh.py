@@ -70,7 +70,8 @@ def test_bad_k_is_refused():
 def _set(n_tasks=4):
     from analysis.taskvectors import TaskVectorSet
     g = torch.Generator().manual_seed(3)
-    shapes = {"tall.weight": (240, 160), "wide.weight": (160, 320), "square.weight": (160, 160)}   # Grams past 64
+    # at c = 0.5 every Gram is past 128 (a CPU's full-eigh cutoff), so the iteration runs on each
+    shapes = {"tall.weight": (360, 288), "wide.weight": (288, 576), "square.weight": (288, 288)}
     base = {k: torch.zeros(s) for k, s in shapes.items()}
     decay = {k: 1.0 / (1.0 + torch.arange(min(s)) / 8.0) for k, s in shapes.items()}
     tasks = {f"t{i}": {k: (torch.randn(s[0], min(s), generator=g) * decay[k]) @ torch.randn(min(s), s[1], generator=g)

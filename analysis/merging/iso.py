@@ -37,10 +37,13 @@ Memory: one shape-group run's deltas and factors at a time, plus the sum's
 SVD of every matrix (the SpectralCache's `sum_factors`, kept whole: Iso-C
 reads every direction) and the unscaled merged delta of every matrix (kept in
 the inputs' memo so an α change is a multiply), plus `task_projections` of every
-matrix the cached factors serve (W_t = U_sumᵀU_tS_t, and for tall matrices
-(U_tS_t)ᵀ(U_tS_t): at most half the memory of the per-task factors), so a change
+matrix the cached factors serve (W_t = U_sumᵀU_tS_t, and for tall matrices the
+Gram of τ_t outside the sum's column space: at most half the memory of the per-task factors), so a change
 of c forms no m-sized product: on the quick demo a c move took 1.88 s against
-2.64 s before, median of 4 (2-core CPU, benchmarks/remerge_moves.py).
+2.64 s before, median of 4 (2-core CPU, benchmarks/remerge_moves.py). Keeping the
+tall matrices' Gram outside the sum's column space (so a move adds r_sum − common
+rows, not subtracts common) and a full eigh for the small Grams on a CPU
+(`top_k_eigh`) took it from 1.75 to 1.55 s, median of 6, same run.
 
 Speed: the sum's SVD is memoised per SpectralCache; a change of c only needs
 the top-s triplets of the projected task matrices, computed from the cached
@@ -121,14 +124,18 @@ def split_rank(rank: int, n_tasks: int, common_fraction: float, rule: str = "pub
 def task_projections(u_t, s_t, u_sum) -> tuple[torch.Tensor, torch.Tensor | None]:
     """What `projected_top` needs of τ_t's factors at every common size, computed once:
     W_t = U_sumᵀ U_t S_t (..., T, r_sum, r) and, for tall matrices (U_sum not square),
-    the Gram (U_t S_t)ᵀ(U_t S_t) (..., T, r, r) (else None); float32, both together at most
-    half the memory of the factors they come from (r ≤ (m + n)/2)."""
+    G_out = (U_t S_t)ᵀ(U_t S_t) − W_tᵀW_t (..., T, r, r), the Gram of τ_t's part outside the
+    sum's column space (formed in float64; else None). The projected residual's Gram at any
+    common size is then G_out + W_⊥ᵀW_⊥ with W_⊥ = W_t's rows past `common`: r_sum − common
+    rows per move instead of common. float32, both together at most half the memory of the
+    factors they come from (r ≤ (m + n)/2); G_out is stored after the subtraction, so its
+    rounding is relative to itself, not to the larger Gram it came from."""
     us = u_t * s_t[..., None, :]
     w = u_sum.unsqueeze(-3).mT @ us
     if u_sum.shape[-1] == u_t.shape[-2]:
         return w, None
-    usd = us.double()
-    return w, (usd.mT @ usd).float()
+    usd, wd = us.double(), w.double()
+    return w, (usd.mT @ usd - wd.mT @ wd).float()
 
 
 def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int, solver: str = "exact", proj=None):
@@ -140,7 +147,7 @@ def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int, solver: str = "exa
     smaller float64 Gram matrix, exact fallback; module doc: Speed).
     proj: `task_projections(u_t, s_t, u_sum)`, kept by the caller across common sizes: the
     m-sized products then become slices (square U_sum: U_⊥ᵀU_tS_t is rows of W_t; tall: the
-    projected residual's Gram is (U_tS_t)ᵀ(U_tS_t) − W_cᵀW_c, formed in float64).
+    projected residual's Gram is G_out + W_⊥ᵀW_⊥, formed in float64).
     Returns X (..., T, m, k), σ (..., T, k), Yh (..., T, k, n)."""
     m, r = u_t.shape[-2], u_t.shape[-1]
     tiny = torch.finfo(torch.float64).tiny
@@ -161,9 +168,9 @@ def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int, solver: str = "exa
             x, sig, y_h = thin_svd(small)
             x, sig, y_h = u_perp @ x[..., :k], sig[..., :k], y_h[..., :k, :]
     else:                                            # tall: Gram route in float64
-        if proj is not None:                         # bᵀb = (U_tS_t)ᵀ(U_tS_t) − W_cᵀW_c, no m-sized product
-            w_c = proj[0][..., :common, :].double()
-            gram = proj[1].double() - w_c.mT @ w_c
+        if proj is not None:                         # bᵀb = G_out + W_⊥ᵀW_⊥, no m-sized product
+            w_perp = proj[0][..., common:, :].double()
+            gram = proj[1].double() + w_perp.mT @ w_perp
         else:
             b = us - u_c @ (u_c.mT @ us)             # (..., T, m, r)
             gram = (b.mT @ b).double()
