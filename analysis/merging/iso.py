@@ -176,11 +176,7 @@ def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int, solver: str = "exa
         else:
             b = us - u_c @ (u_c.mT @ us)             # (..., T, m, r)
             gram = (b.mT @ b).double()
-        if solver == "subspace":
-            evals, evecs = top_k_eigh(gram, k)       # descending
-        else:
-            evals, evecs = batched_eigh(gram)   # ascending
-            evals, evecs = evals.flip(-1)[..., :k], evecs.flip(-1)[..., :k]
+        evals, evecs = _top_eigh(gram, k, solver)   # descending
         sig = evals.clamp_min(0).sqrt()
         if proj is not None:   # b·E = U_t (S_t E) − U_c (W_c E), float32 like b itself on the other route
             e32 = evecs.float()
