@@ -190,11 +190,16 @@ def factor_errors(a: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.T
         rec = (u * s.unsqueeze(-2)) @ vh
         num = torch.linalg.matrix_norm(a.float() - rec)
         den = torch.linalg.matrix_norm(a.float()).clamp_min(torch.finfo(torch.float32).tiny)
-        k = s.shape[-1]
-        eye = torch.eye(k, device=a.device)
+    return num / den, _orthonormality_error(u, vh)
+
+
+def _orthonormality_error(u: torch.Tensor, vh: torch.Tensor) -> torch.Tensor:
+    """Per batch element, max |UᵀU − I|, |Vh Vhᵀ − I| (float32, no TF32)."""
+    with _exact_matmul():
+        eye = torch.eye(u.shape[-1], device=u.device)
         orth_u = (u.mT @ u - eye).abs().amax(dim=(-2, -1))
         orth_v = (vh @ vh.mT - eye).abs().amax(dim=(-2, -1))
-    return num / den, torch.maximum(orth_u, orth_v)
+    return torch.maximum(orth_u, orth_v)
 
 
 def kept_factor_errors(a: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor
@@ -218,10 +223,7 @@ def kept_factor_errors(a: torch.Tensor, u: torch.Tensor, s: torch.Tensor, vh: to
         den = norm2.sqrt().clamp_min(torch.finfo(torch.float32).tiny)
         rec = torch.linalg.matrix_norm(res).double() / den
         energy = (norm2 - s.double().square().sum(-1)).abs() / norm2.clamp_min(torch.finfo(torch.float64).tiny)
-        eye = torch.eye(kk, device=a.device)
-        orth_u = (u.mT @ u - eye).abs().amax(dim=(-2, -1))
-        orth_v = (vh @ vh.mT - eye).abs().amax(dim=(-2, -1))
-    return torch.maximum(rec, energy).float(), torch.maximum(orth_u, orth_v)
+    return torch.maximum(rec, energy).float(), _orthonormality_error(u, vh)
 
 
 def exact_svd(a: torch.Tensor, method: str = "auto", tol: float = 1e-5, keep: int | None = None
@@ -320,6 +322,12 @@ def _small_eigh(a: torch.Tensor, where: str) -> tuple[torch.Tensor, torch.Tensor
     return vals.flip(-1), vecs.flip(-1)
 
 
+def top_eigh_exact(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k largest eigenpairs of symmetric g (..., n, n), descending, by a full `batched_eigh`."""
+    vals, vecs = batched_eigh(g)
+    return vals.flip(-1)[..., :k], vecs.flip(-1)[..., :k]
+
+
 def top_k_eigh(g: torch.Tensor, k: int, *, oversample: int | None = None, squarings: int | None = None,
                max_iters: int = 30, check_every: int = 3, tol: float = 1e-6, small_eigh: str = "auto",
                return_info: bool = False):
@@ -375,12 +383,8 @@ def top_k_eigh(g: torch.Tensor, k: int, *, oversample: int | None = None, squari
     if squarings is None:
         squarings = 3 if g.dtype == torch.float64 else 1
 
-    def exact(mats):
-        vals, vecs = batched_eigh(mats)
-        return vals.flip(-1)[..., :k], vecs.flip(-1)[..., :k]
-
     if 2 * w > n or n <= (128 if g.device.type == "cpu" else 64):
-        vals, vecs = exact(g)
+        vals, vecs = top_eigh_exact(g, k)
         info = {"steps": 0, "checks": 0, "fallback": 0, "route": "exact"}
         return (vals, vecs, info) if return_info else (vals, vecs)
     lead = g.shape[:-2]
@@ -430,7 +434,7 @@ def top_k_eigh(g: torch.Tensor, k: int, *, oversample: int | None = None, squari
     fallback = ~done
     n_fallback = int(fallback.sum())
     if n_fallback:
-        vals[fallback], vecs[fallback] = exact(mats[fallback])
+        vals[fallback], vecs[fallback] = top_eigh_exact(mats[fallback], k)
     vals, vecs = vals.reshape(*lead, k), vecs.reshape(*lead, n, k)
     if return_info:
         return vals, vecs, {"steps": steps, "checks": checks, "fallback": n_fallback, "route": "subspace"}

@@ -30,20 +30,26 @@ def _random_set(seed=0, tasks=("a", "b", "c")):
                      "blocks.1.norm.bias": torch.randn(8, generator=g)} for t in tasks})
 
 
+def _test_matrices(kind: str, m: int, n: int, seed: int) -> torch.Tensor:
+    """3 matrices m × n: "random" Gaussian, "ill" (singular values over 7 decades: a float32 Gram
+    would lose the tail) or "rank2"."""
+    g = torch.Generator().manual_seed(seed)
+    k = min(m, n)
+    if kind == "random":
+        return torch.randn(3, m, n, generator=g)
+    if kind == "ill":
+        u, _ = torch.linalg.qr(torch.randn(3, m, k, generator=g, dtype=torch.float64))
+        v, _ = torch.linalg.qr(torch.randn(3, n, k, generator=g, dtype=torch.float64))
+        return ((u * torch.logspace(0, -7, k, dtype=torch.float64)) @ v.mT).float()
+    return torch.randn(3, m, 2, generator=g) @ torch.randn(3, 2, n, generator=g)
+
+
 @pytest.mark.parametrize("shape", [(40, 12), (12, 40), (20, 20)])
 @pytest.mark.parametrize("kind", ["random", "ill", "rank2"])
 def test_gram_svd_is_exact(shape, kind):
-    g = torch.Generator().manual_seed(1)
     m, n = shape
     k = min(m, n)
-    if kind == "random":
-        a = torch.randn(3, m, n, generator=g)
-    elif kind == "ill":  # singular values over 7 decades: float32 Gram would lose the tail
-        u, _ = torch.linalg.qr(torch.randn(3, m, k, generator=g, dtype=torch.float64))
-        v, _ = torch.linalg.qr(torch.randn(3, n, k, generator=g, dtype=torch.float64))
-        a = ((u * torch.logspace(0, -7, k, dtype=torch.float64)) @ v.mT).float()
-    else:
-        a = torch.randn(3, m, 2, generator=g) @ torch.randn(3, 2, n, generator=g)
+    a = _test_matrices(kind, m, n, seed=1)
     u, s, vh = svd_gram(a)
     assert u.shape == (3, m, k) and s.shape == (3, k) and vh.shape == (3, k, n)
     rec, orth = factor_errors(a, u, s, vh)
@@ -57,17 +63,9 @@ def test_gram_svd_is_exact(shape, kind):
 @pytest.mark.parametrize("kind", ["random", "ill", "rank2"])
 def test_gram_svd_keeping_the_top_k_forms_those_and_every_value(shape, kind):
     """keep=K: U, Vh are the full route's first K columns, S every value (the tail from the eigenvalues)."""
-    g = torch.Generator().manual_seed(2)
     m, n = shape
     k = min(m, n)
-    if kind == "random":
-        a = torch.randn(3, m, n, generator=g)
-    elif kind == "ill":
-        u, _ = torch.linalg.qr(torch.randn(3, m, k, generator=g, dtype=torch.float64))
-        v, _ = torch.linalg.qr(torch.randn(3, n, k, generator=g, dtype=torch.float64))
-        a = ((u * torch.logspace(0, -7, k, dtype=torch.float64)) @ v.mT).float()
-    else:
-        a = torch.randn(3, m, 2, generator=g) @ torch.randn(3, 2, n, generator=g)
+    a = _test_matrices(kind, m, n, seed=2)
     kk = 2 if kind == "rank2" else 5
     fu, fs, fvh = svd_gram(a)
     u, s, vh = svd_gram(a, keep=kk)

@@ -83,7 +83,7 @@ from analysis.merging.base import Hyperparameter, MergeMethod, Needs, alpha, inc
 from analysis.merging.common import decomposed, sum_factors, task_factors, unscaled_slot
 from analysis.merging.polar import polar
 from analysis.spectra import thin_svd
-from analysis.svd import _exact_matmul, batched_eigh, top_k_eigh
+from analysis.svd import _exact_matmul, top_eigh_exact, top_k_eigh
 
 
 def _iso_c(group, params, ctx):
@@ -160,12 +160,9 @@ def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int, solver: str = "exa
         u_perp = u_sum[..., common:]                 # (..., 1, m, m − common)
         # (..., T, m − common, r), m − common ≤ r
         small = proj[0][..., common:, :] if proj is not None else u_perp.mT @ us
-        if solver == "subspace":                     # its left vectors: the top eigenvectors of small·smallᵀ
-            sd = small.double()
-            evals, xs = top_k_eigh(sd @ sd.mT, k)    # (m − common)², descending
-            sig = evals.clamp_min(0).sqrt()
-            y_h = (xs.mT @ sd) / sig.clamp_min(tiny)[..., :, None]   # Yᵀ = Xᵀ small / σ
-            x, sig, y_h = u_perp @ xs.float(), sig.float(), y_h.float()
+        if solver == "subspace":
+            xs, sig, y_h = _top_of_rows(small, k, solver)
+            x = u_perp @ xs
         else:
             x, sig, y_h = thin_svd(small)
             x, sig, y_h = u_perp @ x[..., :k], sig[..., :k], y_h[..., :k, :]
@@ -204,7 +201,7 @@ def projected_top_of_deltas(taus: torch.Tensor, u_sum, common: int, k: int, solv
     which `projected_top` needs. The same arithmetic as `projected_top`, on the deltas:
     - m ≤ n (U_sum square): (I − P_c)τ_t = U_⊥W_⊥ with W_⊥ = U_⊥ᵀτ_t ((m − common) × n), so
       only W_⊥ W_⊥ᵀ ((m − common)², float64) is decomposed;
-    - m > n: the Gram (I − P_c)τ_t's is G_out + W_⊥ᵀW_⊥ (n × n, float64) with G_out =
+    - m > n: the Gram of (I − P_c)τ_t is G_out + W_⊥ᵀW_⊥ (n × n, float64) with G_out =
       `outside_gram` (pass it when kept across common sizes: then a move forms W_⊥ and nothing
       m·n²-sized); left vectors X = (I − P_c)τ_t E / σ in float32, as on the factor route.
     solver: "exact" (a full eigh) or "subspace" (`top_k_eigh`). This replaced a full float32
@@ -219,11 +216,8 @@ def projected_top_of_deltas(taus: torch.Tensor, u_sum, common: int, k: int, solv
     with _exact_matmul():
         w_perp = u_perp.mT @ x                            # (T, r_sum − common, n)
     if u_sum.shape[-1] == m:                              # square U: (I − P_c)τ = U_⊥ W_⊥
-        wd = w_perp.double()
-        evals, xs = _top_eigh(wd @ wd.mT, k, solver)
-        sig = evals.clamp_min(0).sqrt()
-        y_h = (xs.mT @ wd) / sig.clamp_min(tiny)[..., :, None]
-        return u_perp @ xs.float(), sig.float(), y_h.float()
+        xs, sig, y_h = _top_of_rows(w_perp, k, solver)
+        return u_perp @ xs, sig, y_h
     if g_out is None:
         g_out = outside_gram(taus, u_sum)
     wd = w_perp.double()
@@ -238,10 +232,17 @@ def projected_top_of_deltas(taus: torch.Tensor, u_sum, common: int, k: int, solv
 
 def _top_eigh(gram: torch.Tensor, k: int, solver: str):
     """The k largest eigenpairs (descending) of float64 Gram matrices, by `solver`."""
-    if solver == "subspace":
-        return top_k_eigh(gram, k)
-    evals, evecs = batched_eigh(gram)
-    return evals.flip(-1)[..., :k], evecs.flip(-1)[..., :k]
+    return top_k_eigh(gram, k) if solver == "subspace" else top_eigh_exact(gram, k)
+
+
+def _top_of_rows(small: torch.Tensor, k: int, solver: str):
+    """Top-k SVD triplets (X, σ, Yᵀ) of short matrices small (..., p, q), p ≤ q, through the float64
+    Gram small·smallᵀ (p × p): X its top eigenvectors, σ = √λ, Yᵀ = Xᵀ small / σ; float32 out."""
+    sd = small.double()
+    evals, xs = _top_eigh(sd @ sd.mT, k, solver)
+    sig = evals.clamp_min(0).sqrt()
+    y_h = (xs.mT @ sd) / sig.clamp_min(torch.finfo(torch.float64).tiny)[..., :, None]
+    return xs.float(), sig.float(), y_h.float()
 
 
 def _projected(ctx, names: list[str], common: int, k: int) -> dict:
