@@ -186,3 +186,54 @@ def test_the_eigh_workers_leave_new_threads_their_usual_thread_count():
     t.start()
     t.join()
     assert seen == [threads] and torch.get_num_threads() == threads
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_top_eigh_exact_takes_only_the_top_k_by_mrrr_on_a_cpu_with_the_full_eighs_answer(dtype):
+    from analysis.svd import _mrrr_pays, batched_eigh, top_eigh_exact
+    n, k = 300, 12
+    lam = (1.0 / (1.0 + torch.arange(n, dtype=torch.float64) / 32.0)) ** 2
+    g, q = _psd(6, n, lam, seed=8)
+    g = g.cpu().to(dtype).reshape(2, 3, n, n)
+    assert _mrrr_pays(g, k) and not _mrrr_pays(g, n // 10) and not _mrrr_pays(g[..., :200, :200], 8)
+    vals, vecs = top_eigh_exact(g, k)
+    assert vals.shape == (2, 3, k) and vecs.shape == (2, 3, n, k) and vals.dtype == vecs.dtype == dtype
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(vals.double(), lam[:k].expand(2, 3, k), rtol=tol, atol=tol)
+    assert _subspace_error(vecs.double().reshape(6, n, k), q.cpu()[..., :k]) < (1e-9 if dtype == torch.float64 else 1e-3)
+    ref_vals, ref_vecs = batched_eigh(g)
+    torch.testing.assert_close(vals, ref_vals.flip(-1)[..., :k])
+    # each vector the full eigh's up to its sign
+    signs = torch.sign((vecs * ref_vecs.flip(-1)[..., :k]).sum(-2, keepdim=True))
+    torch.testing.assert_close(vecs * signs, ref_vecs.flip(-1)[..., :k], atol=tol * 1e3, rtol=0)
+
+
+def test_top_eigh_exact_of_a_non_finite_matrix_is_the_full_eighs_answer():
+    from analysis.svd import top_eigh_exact
+    g = torch.eye(300, dtype=torch.float64).expand(2, 300, 300).clone()
+    g[1, 5, 7] = g[1, 7, 5] = float("nan")
+    vals, vecs = top_eigh_exact(g, 10)               # scipy refuses it; torch's eigh answers (NaN where due)
+    ref_vals, ref_vecs = torch.linalg.eigh(g)
+    torch.testing.assert_close(vals, ref_vals.flip(-1)[..., :10], equal_nan=True)
+
+
+def test_iso_cts_on_a_cpu_takes_mrrr_for_its_tall_grams_and_gives_the_subspace_routes_merge(monkeypatch):
+    import analysis.svd as svd
+    from analysis.merging import merge
+    from analysis.spectra import SpectralCache
+    from analysis.taskvectors import TaskVectorSet
+    g = torch.Generator().manual_seed(9)
+    m, n = 600, 300                                  # r = 300, c = 0.8: 20 per task, 12·20 ≤ 300
+    decay = 1.0 / (1.0 + torch.arange(n) / 16.0)
+    tasks = {f"t{i}": {"tall.weight": (torch.randn(m, n, generator=g) * decay) @ torch.randn(n, n, generator=g) / n}
+             for i in range(3)}
+    tvs = TaskVectorSet.from_state_dicts({"tall.weight": torch.zeros(m, n)}, tasks)
+    cache = SpectralCache(tvs, device="cpu", persist=False, keep="full").compute()
+    calls = []
+    real = svd._top_eigh_mrrr
+    monkeypatch.setattr(svd, "_top_eigh_mrrr", lambda a, k: calls.append(a.shape) or real(a, k))
+    auto = merge(tvs, "iso_cts", common_fraction=0.8, cache=cache, device="cpu")
+    assert [tuple(s) for s in calls] == [(1, 3, n, n)]    # one parameter, three tasks
+    sub = merge(tvs, "iso_cts", common_fraction=0.8, cache=cache, device="cpu", topk="subspace")
+    a, b = auto["tall.weight"].double(), sub["tall.weight"].double()
+    assert float((a - b).norm()) <= 1e-5 * float(b.norm())

@@ -28,11 +28,11 @@
   "auto" (Newton–Schulz on CUDA, float64 Gram eigh elsewhere), "exact" (SVD),
   "gram", "newton_schulz"; all agree within 1e-5 relative (tests).
 - `topk` picks how Iso-CTS takes the top singular triplets of each projected
-  residual after a change of c: "exact" (a full eigh / SVD), "subspace"
-  (matmul-only subspace iteration, `analysis.svd.top_k_eigh`, exact fallback)
-  or "auto" ("subspace" on every device: faster on CUDA and on the 2-core CPU,
-  `analysis.merging.iso`'s Speed section); they agree within 1e-4
-  relative, and "subspace" is the closer to a float64 reference (tests).
+  residual after a change of c: "exact" (LAPACK: a full eigh / SVD, or on a
+  CPU only the top k by MRRR where that pays), "subspace" (matmul-only
+  subspace iteration, `analysis.svd.top_k_eigh`, exact fallback) or "auto"
+  ("subspace" on CUDA, "exact" elsewhere: `analysis.merging.iso`'s Speed
+  section); they agree within 1e-4 relative (tests).
 
 Adding a method: its own module with a `MergeMethod(...)`, plus one line in
 `_REGISTRY` below.
