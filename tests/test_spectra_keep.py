@@ -162,7 +162,7 @@ def test_k_is_part_of_the_key_and_a_file_with_other_k_is_refused(tmp_path):
 def test_projected_residual_from_the_deltas_is_its_top_svd(shape, solver):
     """The deltas route of Iso-CTS's projected residuals (a truncated cache) against a float64 SVD of
     (I − U_cU_cᵀ)τ_t itself: the same singular values and subspaces, with G_out kept or formed per call."""
-    from analysis.merging.iso import outside_gram, projected_top_of_deltas
+    from analysis.merging.iso import outside_parts, projected_top_of_deltas
     g = torch.Generator().manual_seed(7)
     m, n = shape
     taus = torch.randn(3, m, n, generator=g) / (1 + torch.arange(n) / 4.0)
@@ -171,9 +171,9 @@ def test_projected_residual_from_the_deltas_is_its_top_svd(shape, solver):
         uc = u_sum.double()[:, :common]
         resid = taus.double() - uc @ (uc.mT @ taus.double())
         ref_u, ref_s, ref_vh = torch.linalg.svd(resid, full_matrices=False)
-        kept = [None] + ([outside_gram(taus, u_sum)] if m > n else [])
-        for g_out in kept:
-            x, sig, y_h = projected_top_of_deltas(taus, u_sum, common, k, solver, g_out)
+        kept = [(None, None)] + ([outside_parts(taus, u_sum)[::-1]] if m > n else [])
+        for g_out, w in kept:
+            x, sig, y_h = projected_top_of_deltas(taus, u_sum, common, k, solver, g_out, w)
             assert x.shape == (3, m, k) and sig.shape == (3, k) and y_h.shape == (3, k, n)
             torch.testing.assert_close(sig.double(), ref_s[:, :k], rtol=1e-5, atol=1e-6)
             for got, ref in ((x.double(), ref_u[..., :k]), (y_h.double().mT, ref_vh[:, :k].mT)):
@@ -183,15 +183,15 @@ def test_projected_residual_from_the_deltas_is_its_top_svd(shape, solver):
             assert float((rebuilt - best).norm() / best.norm()) < 1e-5
 
 
-def test_a_resident_set_keeps_the_outside_gram_of_its_tall_matrices():
+def test_a_resident_set_keeps_the_outside_parts_of_its_tall_matrices():
     tvs = _set(seed=3)
     tvs.keep_resident()
     _, part = _pair(tvs, keep=0.25)
     inputs = MergeInputs(tvs, device="cpu", persist=False, spectral_cache=part)
     merge(inputs, "iso_cts", common_fraction=0.5)
-    kept = {k[1] for k in inputs.memo if isinstance(k, tuple) and k[0] == "iso_cts_outside_gram"}
+    kept = {k[1] for k in inputs.memo if isinstance(k, tuple) and k[0] == "iso_cts_outside"}
     assert kept == {"blocks.0.attn.weight", "blocks.1.attn.weight"}                # the tall ones
-    moved = merge(inputs, "iso_cts", common_fraction=0.3)                            # reads the kept G_out
+    moved = merge(inputs, "iso_cts", common_fraction=0.3)                            # reads the kept W, G_out
     streaming = _set(seed=3)                                                         # not resident: formed per call
     _, part_s = _pair(streaming, keep=0.25)
     plain = merge(MergeInputs(streaming, device="cpu", persist=False, spectral_cache=part_s), "iso_cts",

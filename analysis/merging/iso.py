@@ -54,8 +54,9 @@ top eigenpairs of the r × r Gram matrix B_tᵀB_t are taken in float64 (so
 squaring the condition number costs no accuracy at float32 output). That
 needs every per-task direction: when the SpectralCache keeps only the top K
 (`analysis.spectra`, large matrices by default) the same Grams are formed from
-the deltas instead (`projected_top_of_deltas`: U_⊥ᵀτ_t per move, and for tall
-matrices the Gram outside the sum's column space, kept for resident sets), as
+the deltas instead (`projected_top_of_deltas`: U_⊥ᵀτ_t per move for wide and
+square matrices; for tall ones U_sumᵀτ_t and the Gram outside the sum's column
+space, kept for resident sets, so a move slices rows), as
 fast per c change on two ViT blocks as the factor route, same result up to
 rounding.
 With merge(topk="auto" | "subspace") those top-s triplets come from block
@@ -64,14 +65,19 @@ factors, small Rayleigh–Ritz problems, exact eigh as the fallback) on the
 float64 Gram matrices, B_tᵀB_t for m > n and (U_⊥ᵀB_t)(U_⊥ᵀB_t)ᵀ for m ≤ n,
 every parameter of a shape-group run and every task in one call: cuSOLVER's
 full eigh / SVD of many small matrices is latency-bound, and so is a loop of
-small calls. "auto" takes it on every device: on the 2-core CPU, one
-synthetic ViT block (T = 8, `projected_top` over its four matrices) took
-2.3–2.6 s against 3.0–3.4 s for the full route with the default 2 threads at
-c = 0.5 / 0.8 / 0.95, and tied with 1 thread (5.2 vs 5.1 s at c = 0.8). Each
-task's rank-s projected part is within 1e-10 to 1.1e-5 of the full route there (the tall matrices
+small calls. "auto" takes it on CUDA only. On a CPU it takes topk="exact",
+LAPACK: `top_eigh_exact` computes only the top s eigenpairs by MRRR where
+that pays (n ≥ 256, s ≤ n/12; else a full eigh). On the 2-core CPU the
+tall ViT-block Grams (768 × 768 float64, s = 10 to 38, T = 8) took 19–29 ms
+each by MRRR against 55–65 ms by subspace iteration and 55–62 ms by a full
+eigh, and two ViT blocks' c moves 3.73 / 3.02 / 4.69 → 3.17 / 2.49 / 3.55 s
+(c = 0.7 / 0.9 / 0.6, resident set, keep="auto"). Before MRRR, subspace
+iteration had measured 2.3–2.6 s against 3.0–3.4 s for the full eigh on one
+ViT block (c = 0.5 / 0.8 / 0.95). Each task's rank-s projected part by the
+subspace route is within 1e-10 to 1.1e-5 of the full route (the tall matrices
 within 2e-7: both take float64 Grams; the square / wide ones differ by the
 full route's float32 SVD of U_⊥ᵀB_t, and the subspace route is the closer of
-the two to a float64 reference, tests). topk="exact" keeps the full route.
+the two to a float64 reference, tests).
 """
 from __future__ import annotations
 
@@ -185,48 +191,50 @@ def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int, solver: str = "exa
     return x, sig, y_h @ vh_t                        # right vectors: (V_t Y)ᵀ = Yᵀ V_tᵀ
 
 
-def outside_gram(taus: torch.Tensor, u_sum: torch.Tensor) -> torch.Tensor:
-    """G_out = τ_tᵀ(I − U_sumU_sumᵀ)τ_t (T, n, n) of tall task matrices (m > n), formed in float64 and
-    stored in float32: the Gram of each τ_t outside the sum's column space, the part of the projected
-    residual's Gram that no common size changes (`projected_top_of_deltas`)."""
+def outside_parts(taus: torch.Tensor, u_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, G_out) of tall task matrices (T, m, n), m > n, what no common size changes:
+    W = U_sumᵀτ_t (T, r_sum, n), each τ_t in the sum's column space (a move slices its rows), and
+    G_out = τ_tᵀ(I − U_sumU_sumᵀ)τ_t = τ_tᵀτ_t − WᵀW (T, n, n), the Gram of τ_t outside it; both formed
+    in float64 and stored in float32 (G_out after the subtraction, so its rounding is relative to itself)."""
     x = taus.reshape(taus.shape[0], taus.shape[1], -1).double()
     w = u_sum.double().mT @ x
-    return (x.mT @ x - w.mT @ w).float()
+    return w.float(), (x.mT @ x - w.mT @ w).float()
 
 
 def projected_top_of_deltas(taus: torch.Tensor, u_sum, common: int, k: int, solver: str = "exact",
-                            g_out: torch.Tensor | None = None):
+                            g_out: torch.Tensor | None = None, w: torch.Tensor | None = None):
     """Top-k SVD triplets of (I − U_c U_cᵀ) τ_t for every task, from the task matrices themselves
     (T, m, n): the route when the SpectralCache keeps fewer than all of τ_t's singular directions,
     which `projected_top` needs. The same arithmetic as `projected_top`, on the deltas:
     - m ≤ n (U_sum square): (I − P_c)τ_t = U_⊥W_⊥ with W_⊥ = U_⊥ᵀτ_t ((m − common) × n), so
       only W_⊥ W_⊥ᵀ ((m − common)², float64) is decomposed;
-    - m > n: the Gram of (I − P_c)τ_t is G_out + W_⊥ᵀW_⊥ (n × n, float64) with G_out =
-      `outside_gram` (pass it when kept across common sizes: then a move forms W_⊥ and nothing
-      m·n²-sized); left vectors X = (I − P_c)τ_t E / σ in float32, as on the factor route.
-    solver: "exact" (a full eigh) or "subspace" (`top_k_eigh`). This replaced a full float32
-    SVD of every (I − P_c)τ_t per move: two ViT-B/32-shaped blocks (benchmarks/merge.py's set),
-    T = 8, keep="auto", c 0.8 → 0.7 / 0.9 took 14.9 / 14.0 s before and 3.95 / 2.98 s after, on
-    the 2-core CPU; the factor route with keep="full" took 3.85 / 3.00 s in the same run."""
+    - m > n: the Gram of (I − P_c)τ_t is G_out + W_⊥ᵀW_⊥ (n × n, float64) with G_out and W =
+      `outside_parts` (pass them when kept across common sizes: then a move forms nothing
+      m·n-sized but τ_tE and U_c(W_cE)); left vectors X = (I − P_c)τ_t E / σ in float32, as on
+      the factor route.
+    solver: "exact" (LAPACK, `top_eigh_exact`) or "subspace" (`top_k_eigh`). This replaced a full
+    float32 SVD of every (I − P_c)τ_t per move: two ViT-B/32-shaped blocks (benchmarks/merge.py's
+    set), T = 8, keep="auto", c 0.8 → 0.7 / 0.9 took 14.9 / 14.0 s before and 3.95 / 2.98 s after,
+    on the 2-core CPU; the factor route with keep="full" took 3.85 / 3.00 s in the same run."""
     t = taus.shape[0]
     x = taus.reshape(t, taus.shape[1], -1)
     m = x.shape[-2]
     tiny = torch.finfo(torch.float64).tiny
     u_perp = u_sum[:, common:]
-    with _exact_matmul():
-        w_perp = u_perp.mT @ x                            # (T, r_sum − common, n)
     if u_sum.shape[-1] == m:                              # square U: (I − P_c)τ = U_⊥ W_⊥
+        with _exact_matmul():
+            w_perp = u_perp.mT @ x                        # (T, m − common, n)
         xs, sig, y_h = _top_of_rows(w_perp, k, solver)
         return u_perp @ xs, sig, y_h
-    if g_out is None:
-        g_out = outside_gram(taus, u_sum)
-    wd = w_perp.double()
+    if w is None or g_out is None:
+        w, g_out = outside_parts(taus, u_sum)
+    wd = w[:, common:].double()                           # W_⊥ = U_⊥ᵀτ_t
     evals, e = _top_eigh(g_out.double() + wd.mT @ wd, k, solver)
     sig = evals.clamp_min(0).sqrt()
     u_c = u_sum[:, :common]
     with _exact_matmul():
-        xe = x @ e.float()                                # τ_t E  (T, m, k)
-        b_e = xe - u_c @ (u_c.mT @ xe)
+        e32 = e.float()
+        b_e = x @ e32 - u_c @ (w[:, :common] @ e32)       # (I − P_c)τ_t E, with U_cᵀτ_t = W_c
     return (b_e.double() / sig.clamp_min(tiny)[..., None, :]).float(), sig.float(), e.mT.float()
 
 
@@ -256,7 +264,7 @@ def _projected(ctx, names: list[str], common: int, k: int) -> dict:
         if cache is not None and name in cache.names and not cache.keeps_all(name):
             taus, u_sum = ctx.inputs.deltas(name), sum_factors(ctx, name)[0]
             out[name] = projected_top_of_deltas(taus, u_sum, common, k, topk_solver(ctx.topk, ctx.device),
-                                                _outside_gram(ctx, name, taus, u_sum))
+                                                *_outside_parts(ctx, name, taus, u_sum))
         else:
             batch.append(name)
     if batch:
@@ -269,16 +277,17 @@ def _projected(ctx, names: list[str], common: int, k: int) -> dict:
     return out
 
 
-def _outside_gram(ctx, name: str, taus, u_sum):
-    """`outside_gram` of a tall parameter, kept in the memo when the set is resident (T·n² floats,
-    at most n/m of its deltas, which are kept too); None (formed per call) for wide ones and
-    streaming sets."""
+def _outside_parts(ctx, name: str, taus, u_sum) -> tuple:
+    """(G_out, W) of `outside_parts` for a tall parameter, kept in the memo when the set is resident
+    (T·n·(n + r_sum) floats, at most 2n/m of its deltas, which are kept too); (None, None), formed per
+    call, for wide ones and streaming sets."""
     m = taus.shape[1]
     if u_sum.shape[-1] == m or not ctx.inputs.tvs.is_resident:
-        return None
-    key = ("iso_cts_outside_gram", name, id(ctx.cache), str(ctx.device))
+        return None, None
+    key = ("iso_cts_outside", name, id(ctx.cache), str(ctx.device))
     if key not in ctx.memo:
-        ctx.memo[key] = outside_gram(taus, u_sum)
+        w, g_out = outside_parts(taus, u_sum)
+        ctx.memo[key] = (g_out, w)
     return ctx.memo[key]
 
 
