@@ -171,3 +171,26 @@ def test_newton_schulz_is_scale_invariant_and_bounded():
         assert rel(w, exact) <= 1e-5
     with pytest.raises(ValueError, match="precision"):
         polar_newton_schulz(x, precision="bfloat16")
+
+
+def test_inverse_sqrt_is_applied_in_float32_only_where_the_gram_is_well_conditioned():
+    """Y = Q diag(d) Rᵀ (held in float32) has polar factor ≈ Q Rᵀ; with κ(YᵀY) = 1e2 the float32 product
+    is within 1e-6 of the float64 polar factor, and with κ = 1e10 (past FLOAT32_APPLY_MAX_KAPPA) the
+    float64 product still is (a float32 one would be off by ~√κ·1e-8 there)."""
+    from analysis.merging.polar import FLOAT32_APPLY_MAX_KAPPA, times_inverse_sqrt
+    g = torch.Generator().manual_seed(11)
+    m, p = 120, 40
+    q = torch.linalg.qr(torch.randn(2, m, p, generator=g, dtype=torch.float64))[0]
+    r = torch.linalg.qr(torch.randn(2, p, p, generator=g, dtype=torch.float64))[0]
+    d = torch.stack([torch.logspace(0, -1, p, dtype=torch.float64), torch.logspace(0, -5, p, dtype=torch.float64)])
+    y = ((q * d[:, None, :]) @ r.mT).float().double()     # the float32 input the merges hold
+    evals, evecs = torch.linalg.eigh(y.mT @ y)
+    kappa = evals[:, -1] / evals[:, 0]
+    assert kappa[0] < FLOAT32_APPLY_MAX_KAPPA < kappa[1]
+    w = times_inverse_sqrt(y.float(), evals, evecs)
+    assert w.dtype == torch.float32 and w.shape == (2, m, p)
+    pu, _, pvh = torch.linalg.svd(y, full_matrices=False)
+    truth = pu @ pvh                                        # float64 polar factor of that input
+    torch.testing.assert_close(truth[0], q[0] @ r[0].mT, rtol=0, atol=1e-6)
+    for i in range(2):
+        assert float((w[i].double() - truth[i]).norm() / truth[i].norm()) < 1e-6, i
