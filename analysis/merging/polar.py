@@ -118,9 +118,11 @@ def times_inverse_sqrt(y: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor
     low = evals[:, -1] <= FLOAT32_APPLY_MAX_KAPPA * evals[:, 0].clamp_min(tiny)
     if bool(low.all()):
         return y.float() @ inv_sqrt.float()
-    out = (y.double() @ inv_sqrt).float()
-    if bool(low.any()):
-        out[low] = y[low].float() @ inv_sqrt[low].float()
+    if not bool(low.any()):
+        return (y.double() @ inv_sqrt).float()
+    out = torch.empty(*y.shape[:-1], inv_sqrt.shape[-1], dtype=torch.float32, device=y.device)
+    out[low] = y[low].float() @ inv_sqrt[low].float()
+    out[~low] = (y[~low].double() @ inv_sqrt[~low]).float()
     return out
 
 
