@@ -360,8 +360,7 @@ def _top_eigh_mrrr(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     flat = g.detach().reshape(-1, n, n).contiguous().numpy()
     vals = torch.empty(flat.shape[0], k, dtype=g.dtype)
     vecs = torch.empty(flat.shape[0], n, k, dtype=g.dtype)
-    for i, a in enumerate(flat):
-        # a is C-ordered; LAPACK reads it as aᵀ = a (symmetric), so no copy is needed
+    for i, a in enumerate(flat):   # C order is fine: LAPACK reads aᵀ, which is a
         w, v = scipy.linalg.eigh(a, subset_by_index=(n - k, n - 1), driver="evr", overwrite_a=False)
         vals[i] = torch.from_numpy(w[::-1].copy())
         vecs[i] = torch.from_numpy(v[:, ::-1].copy())

@@ -171,13 +171,13 @@ def test_projected_residual_from_the_deltas_is_its_top_svd(shape, solver):
         uc = u_sum.double()[:, :common]
         resid = taus.double() - uc @ (uc.mT @ taus.double())
         ref_u, ref_s, ref_vh = torch.linalg.svd(resid, full_matrices=False)
-        kept = [(None, None)] + ([outside_parts(taus, u_sum)[::-1]] if m > n else [])
-        for g_out, w in kept:
-            x, sig, y_h = projected_top_of_deltas(taus, u_sum, common, k, solver, g_out, w)
+        kept = [None] + ([outside_parts(taus, u_sum)] if m > n else [])
+        for outside in kept:
+            x, sig, y_h = projected_top_of_deltas(taus, u_sum, common, k, solver, outside)
             assert x.shape == (3, m, k) and sig.shape == (3, k) and y_h.shape == (3, k, n)
             torch.testing.assert_close(sig.double(), ref_s[:, :k], rtol=1e-5, atol=1e-6)
             for got, ref in ((x.double(), ref_u[..., :k]), (y_h.double().mT, ref_vh[:, :k].mT)):
-                assert float((got @ got.mT - ref @ ref.mT).norm()) < 1e-4, (common, k, g_out is None)
+                assert float((got @ got.mT - ref @ ref.mT).norm()) < 1e-4, (common, k, outside is None)
             rebuilt = (x.double() * sig.double()[:, None, :]) @ y_h.double()
             best = (ref_u[..., :k] * ref_s[:, None, :k]) @ ref_vh[:, :k]
             assert float((rebuilt - best).norm() / best.norm()) < 1e-5

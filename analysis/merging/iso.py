@@ -199,16 +199,16 @@ def outside_parts(taus: torch.Tensor, u_sum: torch.Tensor) -> tuple[torch.Tensor
 
 
 def projected_top_of_deltas(taus: torch.Tensor, u_sum, common: int, k: int, solver: str = "exact",
-                            g_out: torch.Tensor | None = None, w: torch.Tensor | None = None):
+                            outside: tuple[torch.Tensor, torch.Tensor] | None = None):
     """Top-k SVD triplets of (I − U_c U_cᵀ) τ_t for every task, from the task matrices themselves
     (T, m, n): the route when the SpectralCache keeps fewer than all of τ_t's singular directions,
     which `projected_top` needs. The same arithmetic as `projected_top`, on the deltas:
     - m ≤ n (U_sum square): (I − P_c)τ_t = U_⊥W_⊥ with W_⊥ = U_⊥ᵀτ_t ((m − common) × n), so
       only W_⊥ W_⊥ᵀ ((m − common)², float64) is decomposed;
-    - m > n: the Gram of (I − P_c)τ_t is G_out + W_⊥ᵀW_⊥ (n × n, float64) with G_out and W =
-      `outside_parts` (pass them when kept across common sizes: then a move forms nothing
-      m·n-sized but τ_tE and U_c(W_cE)); left vectors X = (I − P_c)τ_t E / σ in float32, as on
-      the factor route.
+    - m > n: the Gram of (I − P_c)τ_t is G_out + W_⊥ᵀW_⊥ (n × n, float64) with `outside` =
+      (W, G_out) = `outside_parts` (pass it when kept across common sizes: then a move forms
+      nothing m·n-sized but τ_tE and U_c(W_cE)); left vectors X = (I − P_c)τ_t E / σ in float32,
+      as on the factor route.
     solver: "exact" (LAPACK, `top_eigh_exact`) or "subspace" (`top_k_eigh`). This replaced a full
     float32 SVD of every (I − P_c)τ_t per move: two ViT-B/32-shaped blocks (benchmarks/merge.py's
     set), T = 8, keep="auto", c 0.8 → 0.7 / 0.9 took 14.9 / 14.0 s before and 3.95 / 2.98 s after,
@@ -223,8 +223,7 @@ def projected_top_of_deltas(taus: torch.Tensor, u_sum, common: int, k: int, solv
             w_perp = u_perp.mT @ x                        # (T, m − common, n)
         xs, sig, y_h = _top_of_rows(w_perp, k, solver)
         return u_perp @ xs, sig, y_h
-    if w is None or g_out is None:
-        w, g_out = outside_parts(taus, u_sum)
+    w, g_out = outside if outside is not None else outside_parts(taus, u_sum)
     wd = w[:, common:].double()                           # W_⊥ = U_⊥ᵀτ_t
     evals, e = _top_eigh(g_out.double() + wd.mT @ wd, k, solver)
     sig = evals.clamp_min(0).sqrt()
@@ -261,7 +260,7 @@ def _projected(ctx, names: list[str], common: int, k: int) -> dict:
         if cache is not None and name in cache.names and not cache.keeps_all(name):
             taus, u_sum = ctx.inputs.deltas(name), sum_factors(ctx, name)[0]
             out[name] = projected_top_of_deltas(taus, u_sum, common, k, topk_solver(ctx.topk, ctx.device),
-                                                *_outside_parts(ctx, name, taus, u_sum))
+                                                _outside_parts(ctx, name, taus, u_sum))
         else:
             batch.append(name)
     if batch:
@@ -274,17 +273,16 @@ def _projected(ctx, names: list[str], common: int, k: int) -> dict:
     return out
 
 
-def _outside_parts(ctx, name: str, taus, u_sum) -> tuple:
-    """(G_out, W) of `outside_parts` for a tall parameter, kept in the memo when the set is resident
-    (T·n·(n + r_sum) floats, at most 2n/m of its deltas, which are kept too); (None, None), formed per
-    call, for wide ones and streaming sets."""
+def _outside_parts(ctx, name: str, taus, u_sum):
+    """`outside_parts` (W, G_out) of a tall parameter, kept in the memo when the set is resident
+    (T·n·(n + r_sum) floats, at most 2n/m of its deltas, which are kept too); None (formed per call)
+    for wide ones and streaming sets."""
     m = taus.shape[1]
     if u_sum.shape[-1] == m or not ctx.inputs.tvs.is_resident:
-        return None, None
+        return None
     key = ("iso_cts_outside", name, id(ctx.cache), str(ctx.device))
     if key not in ctx.memo:
-        w, g_out = outside_parts(taus, u_sum)
-        ctx.memo[key] = (g_out, w)
+        ctx.memo[key] = outside_parts(taus, u_sum)
     return ctx.memo[key]
 
 
