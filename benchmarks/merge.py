@@ -215,8 +215,8 @@ def main(argv=None) -> int:
               f"{rel_err({k: fast[k] for k in names}, {k: exact[k] for k in names}):.2e}")
     # ---- iso_cts: warm (sum SVDs memoised), then change the common fraction
     merge(tvs, "iso_cts", common_fraction=0.8, cache=cache, polar="exact")
-    # (polar solver, top-k solver): the exact baseline, the CPU default (gram, subspace iteration), the CUDA
-    # default (Newton-Schulz, subspace iteration), and each change alone
+    # (polar solver, top-k solver): the exact baseline, the CPU default (gram, exact: MRRR where it pays), the
+    # CUDA default (Newton-Schulz, subspace iteration), and each change alone
     routes = [tuple(r.split("/")) for r in args.iso_routes.split(",")]
     routes = [("exact", "exact")] + [r for r in routes if r != ("exact", "exact")]
     for solver, topk in routes:

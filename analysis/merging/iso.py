@@ -59,7 +59,7 @@ square matrices; for tall ones U_sumᵀτ_t and the Gram outside the sum's colum
 space, kept for resident sets, so a move slices rows), as
 fast per c change on two ViT blocks as the factor route, same result up to
 rounding.
-With merge(topk="auto" | "subspace") those top-s triplets come from block
+With merge(topk="subspace"), and "auto" on CUDA, those top-s triplets come from block
 subspace iteration (`analysis.svd.top_k_eigh`: batched matmuls and Cholesky
 factors, small Rayleigh–Ritz problems, exact eigh as the fallback) on the
 float64 Gram matrices, B_tᵀB_t for m > n and (U_⊥ᵀB_t)(U_⊥ᵀB_t)ᵀ for m ≤ n,
