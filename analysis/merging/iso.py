@@ -43,7 +43,10 @@ of c forms no m-sized product: on the quick demo a c move took 1.88 s against
 2.64 s before, median of 4 (2-core CPU, benchmarks/remerge_moves.py). Keeping the
 tall matrices' Gram outside the sum's column space (so a move adds r_sum − common
 rows, not subtracts common) and a full eigh for the small Grams on a CPU
-(`top_k_eigh`) took it from 1.75 to 1.55 s, median of 6, same run.
+(`top_k_eigh`) took it from 1.75 to 1.55 s, median of 6, same run. Matrices the
+cached factors do not serve (a truncated cache) read their deltas instead; a
+resident set keeps, for its tall ones, `outside_parts` (W = U_sumᵀτ_t and G_out:
+T·n·(n + r_sum) floats, at most 2n/m of the deltas it also keeps).
 
 Speed: the sum's SVD is memoised per SpectralCache; a change of c only needs
 the top-s triplets of the projected task matrices, computed from the cached
