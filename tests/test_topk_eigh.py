@@ -237,3 +237,14 @@ def test_iso_cts_on_a_cpu_takes_mrrr_for_its_tall_grams_and_gives_the_subspace_r
     sub = merge(tvs, "iso_cts", common_fraction=0.8, cache=cache, device="cpu", topk="subspace")
     a, b = auto["tall.weight"].double(), sub["tall.weight"].double()
     assert float((a - b).norm()) <= 1e-5 * float(b.norm())
+
+
+def test_times_each_task_is_the_broadcast_product():
+    from analysis.merging.iso import times_each_task
+    g = torch.Generator().manual_seed(12)
+    for left_shape, right_shape in (((30, 7), (4, 7, 3)), ((2, 30, 7), (2, 4, 7, 3)), ((30, 7), (1, 7, 1))):
+        left, right = torch.randn(left_shape, generator=g), torch.randn(right_shape, generator=g)
+        expected = left.unsqueeze(-3) @ right
+        got = times_each_task(left, right)
+        assert got.shape == expected.shape
+        torch.testing.assert_close(got, expected)
