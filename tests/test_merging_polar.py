@@ -173,13 +173,14 @@ def test_newton_schulz_is_scale_invariant_and_bounded():
         polar_newton_schulz(x, precision="bfloat16")
 
 
-def test_inverse_sqrt_is_applied_in_float32_only_where_the_gram_is_well_conditioned():
+@pytest.mark.parametrize("m", [120, 60])   # Y (Q Λ^(-1/2) Qᵀ), and ((Y Q) Λ^(-1/2)) Qᵀ for m < 2p
+def test_inverse_sqrt_is_applied_in_float32_only_where_the_gram_is_well_conditioned(m):
     """Y = Q diag(d) Rᵀ (held in float32) has polar factor ≈ Q Rᵀ; with κ(YᵀY) = 1e2 the float32 product
     is within 1e-6 of the float64 polar factor, and with κ = 1e10 (past FLOAT32_APPLY_MAX_KAPPA) the
     float64 product still is (a float32 one would be off by ~√κ·1e-8 there)."""
     from analysis.merging.polar import FLOAT32_APPLY_MAX_KAPPA, times_inverse_sqrt
     g = torch.Generator().manual_seed(11)
-    m, p = 120, 40
+    p = 40
     q = torch.linalg.qr(torch.randn(2, m, p, generator=g, dtype=torch.float64))[0]
     r = torch.linalg.qr(torch.randn(2, p, p, generator=g, dtype=torch.float64))[0]
     d = torch.stack([torch.logspace(0, -1, p, dtype=torch.float64), torch.logspace(0, -5, p, dtype=torch.float64)])

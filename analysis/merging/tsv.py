@@ -147,8 +147,8 @@ def _merged_from_grams(ctx, group, q: int, rcond: float = 1e-10):
     polar(U) = U (UᵀU)^(-1/2) and polar(Vᵀ) = (VᵀV)^(-1/2) Vᵀ: the Gram matrices of rank q
     are principal submatrices of the memoised ones (`task_grams`), so a rank change forms
     no Gram; the rest is `polar_gram`'s arithmetic (float64 eigh, (·)^(-1/2) applied by
-    `times_inverse_sqrt`: in float32 up to κ = 1e6, within 6.4e-6 of a float64 product on the
-    quick demo and 1.6e-6 on two ViT blocks, worst matrix; then one float32 product).
+    `times_inverse_sqrt`: in float32 up to κ = 1e6, within 6.7e-6 of a float64 product on the
+    quick demo and 1.7e-6 on two ViT blocks, worst matrix; then one float32 product).
     A matrix whose Gram is (near) singular, λ_min ≤ rcond·λ_max, takes `polar_exact` for
     both factors, as `polar_gram` does."""
     n_tasks = group.n_tasks
