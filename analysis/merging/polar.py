@@ -119,11 +119,12 @@ def times_inverse_sqrt(y: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor
     scale = evals.clamp_min(tiny).rsqrt().unsqueeze(-2)                 # Λ^(-1/2) as a row
     factored = y.shape[-2] < 2 * y.shape[-1]
 
-    def apply(rows: torch.Tensor, dtype) -> torch.Tensor:
-        q, sc = evecs[rows].to(dtype), scale[rows].to(dtype)
+    def apply(rows, dtype) -> torch.Tensor:
         yr = y[rows].to(dtype)
-        out = ((yr @ q) * sc) @ q.mT if factored else yr @ ((evecs[rows] * scale[rows]) @ evecs[rows].mT).to(dtype)
-        return out.float()
+        if factored:
+            q = evecs[rows].to(dtype)
+            return (((yr @ q) * scale[rows].to(dtype)) @ q.mT).float()
+        return (yr @ ((evecs[rows] * scale[rows]) @ evecs[rows].mT).to(dtype)).float()
 
     low = evals[:, -1] <= FLOAT32_APPLY_MAX_KAPPA * evals[:, 0].clamp_min(tiny)
     everything = slice(None)
