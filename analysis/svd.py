@@ -139,6 +139,11 @@ def thin_svd(a: torch.Tensor) -> Factors:
 QR_BELOW = 1e-4   # columns with σ_i < QR_BELOW·σ_1 get their U from a QR (see svd_gram)
 
 
+def _kept_count(k: int, keep: int | None) -> int:
+    """How many of k singular vectors `keep` asks for: all when None, else between 1 and k."""
+    return k if keep is None else max(1, min(int(keep), k))
+
+
 def svd_gram(a: torch.Tensor, keep: int | None = None) -> Factors:
     """Thin SVD of a batch (B,m,n) through float64 Gram + eigh (see module doc).
 
@@ -155,7 +160,7 @@ def svd_gram(a: torch.Tensor, keep: int | None = None) -> Factors:
     the QR guard looks at the kept columns only (σ_K against σ_1)."""
     b, m, n = a.shape
     k = min(m, n)
-    kk = k if keep is None else max(1, min(int(keep), k))
+    kk = _kept_count(k, keep)
     x = (a.mT if m < n else a).double()            # (B, p, k), p >= k
     with _exact_matmul():
         gram = x.mT @ x
@@ -240,7 +245,7 @@ def exact_svd(a: torch.Tensor, method: str = "auto", tol: float = 1e-5, keep: in
     if method == "auto":
         method = "gram" if _gram_is_faster(a.device) else "svd"
     k = min(a.shape[-2:])
-    kk = k if keep is None else max(1, min(int(keep), k))
+    kk = _kept_count(k, keep)
     if method == "svd":
         u, s, vh = thin_svd(a)
         return (u[..., :kk], s, vh[..., :kk, :]), {"method": "svd", "fallbacks": 0}

@@ -162,7 +162,6 @@ def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int, solver: str = "exa
     projected residual's Gram is G_out + W_⊥ᵀW_⊥, formed in float64).
     Returns X (..., T, m, k), σ (..., T, k), Yh (..., T, k, n)."""
     m, r = u_t.shape[-2], u_t.shape[-1]
-    tiny = torch.finfo(torch.float64).tiny
     us = u_t * s_t[..., None, :] if proj is None else None   # U_t S_t  (..., T, m, r)
     u_sum = u_sum.unsqueeze(-3)                      # (..., 1, m, r_sum): the same for every task
     u_c = u_sum[..., :common]
@@ -172,22 +171,14 @@ def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int, solver: str = "exa
         small = proj[0][..., common:, :] if proj is not None else u_perp.mT @ us
         xs, sig, y_h = _top_of_rows(small, k, solver)   # its float64 row Gram, either solver
         x = u_perp @ xs
+    elif proj is not None:                           # tall, τ_t in the coordinates of V_t: τ_tE ≅ U_t(S_tE)
+        x, sig, y_h = _tall_top(proj[0], proj[1], lambda e32: u_t @ (s_t[..., :, None] * e32),
+                                u_c.squeeze(-3), common, k, solver)
     else:                                            # tall: Gram route in float64
-        if proj is not None:                         # bᵀb = G_out + W_⊥ᵀW_⊥, no m-sized product
-            w_perp = proj[0][..., common:, :].double()
-            gram = proj[1].double() + w_perp.mT @ w_perp
-        else:
-            b = us - u_c @ (u_c.mT @ us)             # (..., T, m, r)
-            gram = (b.mT @ b).double()
-        evals, evecs = _top_eigh(gram, k, solver)   # descending
+        b = us - u_c @ (u_c.mT @ us)                 # (..., T, m, r)
+        evals, evecs = _top_eigh((b.mT @ b).double(), k, solver)   # descending
         sig = evals.clamp_min(0).sqrt()
-        if proj is not None:   # b·E = U_t (S_t E) − U_c (W_c E), float32 like b itself on the other route
-            e32 = evecs.float()
-            b_e = (u_t @ (s_t[..., :, None] * e32)
-                   - times_each_task(u_c.squeeze(-3), proj[0][..., :common, :] @ e32)).double()
-        else:
-            b_e = b.double() @ evecs
-        x = b_e / sig.clamp_min(tiny)[..., None, :]
+        x = (b.double() @ evecs) / sig.clamp_min(torch.finfo(torch.float64).tiny)[..., None, :]
         x, sig, y_h = x.float(), sig.float(), evecs.mT.float()
     return x, sig, y_h @ vh_t                        # right vectors: (V_t Y)ᵀ = Yᵀ V_tᵀ
 
@@ -220,7 +211,6 @@ def projected_top_of_deltas(taus: torch.Tensor, u_sum, common: int, k: int, solv
     t = taus.shape[0]
     x = taus.reshape(t, taus.shape[1], -1)
     m = x.shape[-2]
-    tiny = torch.finfo(torch.float64).tiny
     u_perp = u_sum[:, common:]
     if u_sum.shape[-1] == m:                              # square U: (I − P_c)τ = U_⊥ W_⊥
         with _exact_matmul():
@@ -228,14 +218,24 @@ def projected_top_of_deltas(taus: torch.Tensor, u_sum, common: int, k: int, solv
         xs, sig, y_h = _top_of_rows(w_perp, k, solver)
         return u_perp @ xs, sig, y_h
     w, g_out = outside if outside is not None else outside_parts(taus, u_sum)
-    wd = w[:, common:].double()                           # W_⊥ = U_⊥ᵀτ_t
-    evals, e = _top_eigh(g_out.double() + wd.mT @ wd, k, solver)
+    return _tall_top(w, g_out, lambda e32: x @ e32, u_sum[:, :common], common, k, solver)
+
+
+def _tall_top(w, g_out, tau_times, u_c, common: int, k: int, solver: str):
+    """Top-k triplets (X, σ, Eᵀ) of (I − U_cU_cᵀ)τ_t for tall τ_t, from what no common size changes,
+    in whichever right coordinates q τ_t is held (its own columns, or V_t's on the factor route):
+    W = U_sumᵀτ_t (..., T, r_sum, q) and G_out (..., T, q, q). The residual's Gram is G_out + W_⊥ᵀW_⊥
+    (float64, r_sum − common rows added per move), E its top eigenvectors, σ = √λ, and
+    X = (τ_tE − U_c(W_cE)) / σ with τ_tE = tau_times(E) in float32, as the residual itself would be.
+    u_c (..., m, common) is the same for every task."""
+    wd = w[..., common:, :].double()                      # W_⊥ = U_⊥ᵀτ_t
+    evals, e = _top_eigh(g_out.double() + wd.mT @ wd, k, solver)   # descending
     sig = evals.clamp_min(0).sqrt()
-    u_c = u_sum[:, :common]
     with _exact_matmul():
         e32 = e.float()
-        b_e = x @ e32 - times_each_task(u_c, w[:, :common] @ e32)   # (I − P_c)τ_t E, with U_cᵀτ_t = W_c
-    return (b_e.double() / sig.clamp_min(tiny)[..., None, :]).float(), sig.float(), e.mT.float()
+        b_e = tau_times(e32) - times_each_task(u_c, w[..., :common, :] @ e32)   # U_cᵀτ_t = W_c
+    x = b_e.double() / sig.clamp_min(torch.finfo(torch.float64).tiny)[..., None, :]
+    return x.float(), sig.float(), e.mT.float()
 
 
 def times_each_task(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
