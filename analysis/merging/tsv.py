@@ -141,12 +141,61 @@ def task_grams(ctx, name: str, n_tasks: int) -> tuple[torch.Tensor, torch.Tensor
     return ctx.memo[key]
 
 
+# Up to this κ of a TSV-M Gram its eigh may be float32: on the 2-core CPU half the time of a float64 one
+# (MKL, 72 Grams of 368²: 0.38 against 0.78 s), at a cost to the merged matrix of 1–2e-8·κ. Largest relative
+# error of a whole merge against float64 eighs, by the largest κ among its Grams: quick demo 2.9e-6 at
+# κ = 215, 8.4e-6 at 750, 3.4e-5 at 2.1e3, 3.5e-3 at 1.7e5 (the Grams next to the cap ⌊r/T⌋); ViT-12-shaped set
+# 4.4e-6 at 247. Up to 500 it adds about 1e-5, an order below the issue's 1e-4 for rank-change solvers.
+FLOAT32_EIGH_MAX_KAPPA = 500.0
+FLOAT32_EIGH_MIN_SIZE = 256   # smaller Grams are cheap either way (and below it float32 only adds error)
+
+
+def _kappa_record(ctx, side: str, names) -> list[dict[int, float]]:
+    """Per name, {q: κ of its U (side "u") or V ("v") Gram at q triplets per task} seen so far."""
+    return [ctx.memo.setdefault(("tsv_m_kappa", side, name, id(ctx.cache)), {}) for name in names]
+
+
+def nested_gram_eigh(seen: list[dict[int, float]], grams: torch.Tensor, q: int):
+    """eigh (float64 out) of a batch of Grams at q triplets per task, each in float32 where its κ is at most
+    FLOAT32_EIGH_MAX_KAPPA, and float64 elsewhere; `seen[i]` records κ per q for Gram i and is updated.
+
+    The Gram at q is a principal submatrix of the one at any q' > q (`task_grams`), so by Cauchy interlacing
+    its κ is at most κ(q') and at least κ(q'') for q'' < q. A record at or above q within the bound proves
+    float32 safe, one at or below q past it proves float64 needed. Otherwise float32 is tried where the
+    nearest record is within 4× the bound and kept only if its own κ is (float32 eigenvalues are off by
+    ~1e-7·λ_max, so their κ is accurate up to the bound); a Gram never seen takes float64 (a slider starts at
+    1/T, where the demo's Grams reach κ = 1e5–1e7). On a CPU only: elsewhere every eigh is float64 (a GPU's
+    relative speeds were not measured), and for Grams smaller than FLOAT32_EIGH_MIN_SIZE."""
+    bound = FLOAT32_EIGH_MAX_KAPPA
+    if grams.device.type != "cpu" or grams.shape[-1] < FLOAT32_EIGH_MIN_SIZE:
+        return batched_eigh(grams)
+    proven = torch.tensor([any(k <= bound for r, k in s.items() if r >= q) for s in seen], dtype=torch.bool)
+    needed = torch.tensor([any(k > bound for r, k in s.items() if r <= q) for s in seen], dtype=torch.bool)
+    nearest = [s[min(s, key=lambda r: abs(r - q))] if s else math.inf for s in seen]
+    tried = (proven | (~needed & (torch.tensor(nearest, dtype=torch.float64) <= 4 * bound))).nonzero().squeeze(1)
+    evals = torch.empty(grams.shape[:-1], dtype=torch.float64)
+    evecs = torch.empty_like(grams)
+    in32 = torch.zeros(len(seen), dtype=torch.bool)
+    if len(tried):
+        e32, v32 = batched_eigh(grams[tried].float())
+        ok = proven[tried] | (e32[:, -1] <= bound * e32[:, 0].clamp_min(torch.finfo(torch.float32).tiny))
+        in32[tried[ok]] = True
+        evals[tried[ok]], evecs[tried[ok]] = e32[ok].double(), v32[ok].double()
+    if not bool(in32.all()):
+        evals[~in32], evecs[~in32] = batched_eigh(grams[~in32])
+    tiny64 = torch.finfo(torch.float64).tiny
+    for s, ev in zip(seen, evals):
+        s[q] = float(ev[-1] / ev[0].clamp_min(tiny64)) if ev[0] > 0 else math.inf
+    return evals, evecs
+
+
 def _merged_from_grams(ctx, group, q: int, rcond: float = 1e-10):
     """TSV-M's merged matrices U⊥ Σ V⊥ᵀ of one shape group (B, m, n).
 
     polar(U) = U (UᵀU)^(-1/2) and polar(Vᵀ) = (VᵀV)^(-1/2) Vᵀ: the Gram matrices of rank q
     are principal submatrices of the memoised ones (`task_grams`), so a rank change forms
-    no Gram; the rest is `polar_gram`'s arithmetic (float64 eigh, (·)^(-1/2) applied by
+    no Gram; the rest is `polar_gram`'s arithmetic (eigh in float64, or in float32 where κ ≤
+    FLOAT32_EIGH_MAX_KAPPA (`nested_gram_eigh`), (·)^(-1/2) applied by
     `times_inverse_sqrt`: in float32 up to κ = 1e6, within 6.7e-6 of a float64 product on the
     quick demo and 1.7e-6 on two ViT blocks, worst matrix; then one float32 product).
     A matrix whose Gram is (near) singular, λ_min ≤ rcond·λ_max, takes `polar_exact` for
@@ -159,8 +208,8 @@ def _merged_from_grams(ctx, group, q: int, rcond: float = 1e-10):
                + torch.arange(q, device=g_u.device)).reshape(-1)
         gu.append(g_u[idx][:, idx])
         gv.append(g_v[idx][:, idx])
-    evals_u, evecs_u = batched_eigh(torch.stack(gu))
-    evals_v, evecs_v = batched_eigh(torch.stack(gv))
+    evals_u, evecs_u = nested_gram_eigh(_kappa_record(ctx, "u", group.names), torch.stack(gu), q)
+    evals_v, evecs_v = nested_gram_eigh(_kappa_record(ctx, "v", group.names), torch.stack(gv), q)
     tiny = torch.finfo(torch.float64).tiny
     bad = torch.zeros(len(group.names), dtype=torch.bool, device=evals_u.device)
     for ev in (evals_u, evals_v):
