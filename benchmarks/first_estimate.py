@@ -9,6 +9,9 @@ before. Per move, from the key press (the page's own clock):
           the chart is sent); on the other pages, and where no estimate is made, the end of the run;
 - final:  the end of the run the press started (Merge and Loss Landscape wait there for the refinement
           on the full live subsample, so this is when the refined numbers are on screen).
+Per move it also reads how many CPU seconds the server process and the browser's processes spent from the
+key press to the first view (`CpuClock`): on 2 cores a headless Chromium (software compositing, no GPU)
+animating the page's spinners takes a share of the CPU the server's merge would use.
 Baseline, in the same run: a second server with `MERGESCOPE_FIRST_ESTIMATE=0` (each move scores the full
 live subsample before drawing), the same pages and moves, interleaved page by page with the first.
 `--code-rev REV` serves an earlier commit's app (a temporary git worktree) for a before/after.
@@ -27,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -64,7 +68,58 @@ async def thumb_value(s: Session) -> str:
     return (await box.locator('[data-testid="stSliderThumbValue"]').first.inner_text()).strip()
 
 
-async def one_move(s: Session, key: str) -> dict:
+class CpuClock:
+    """CPU seconds (user + system) of the server process and of the browser's processes, sampled every 0.1 s
+    on a thread with the wall clock, so a move's share of each can be read between two instants. Only the
+    known processes are read each tick (the process list is rescanned once a second): the sampler itself
+    costs little of the CPU it measures."""
+    TICK_S, RESCAN_S = 0.1, 1.0
+    _ticks = os.sysconf("SC_CLK_TCK")
+
+    def __init__(self, server_pid: int):
+        self.server_pid, self.samples, self._stop = server_pid, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _stat(pid) -> tuple[str, float] | None:
+        try:
+            text = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return None
+        fields = text[text.rindex(")") + 2:].split()
+        return text[text.index("(") + 1:text.rindex(")")], (int(fields[11]) + int(fields[12])) / CpuClock._ticks
+
+    def _run(self) -> None:
+        browser, scanned, last = [], 0.0, {}     # last: each browser process's CPU when last read (kept once it exits)
+        while not self._stop.is_set():
+            now = time.time()
+            if now - scanned > self.RESCAN_S:
+                browser = [int(p) for p in os.listdir("/proc") if p.isdigit()
+                           and "chrom" in ((self._stat(p) or ("", 0))[0]).lower()]
+                scanned = now
+            server = self._stat(self.server_pid)
+            for pid in browser:
+                st = self._stat(pid)
+                if st is not None:
+                    last[pid] = st[1]
+            self.samples.append((now, server[1] if server else 0.0, sum(last.values())))
+            self._stop.wait(self.TICK_S)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def between(self, t0: float, t1: float) -> tuple[float, float]:
+        """(server, browser) CPU seconds between wall instants t0 and t1 (nearest samples: ±0.1 s of CPU)."""
+        if not self.samples:
+            return float("nan"), float("nan")
+        near = lambda t: min(self.samples, key=lambda x: abs(x[0] - t))   # noqa: E731
+        a, b = near(t0), near(t1)
+        return b[1] - a[1], b[2] - a[2]
+
+
+async def one_move(s: Session, key: str, clock: CpuClock | None = None) -> dict:
     slider = s.page.locator('[data-testid="stSlider"]', has_text=s.slider).first.locator(
         '[role="slider"], input[type="range"]')
     await slider.focus()
@@ -74,13 +129,20 @@ async def one_move(s: Session, key: str) -> dict:
     final = await run_end_ms(s.page, start) / 1000
     marks = await s.page.evaluate("t0 => window.__msEstimate.filter(t => t >= t0)", start[0])
     estimate = (min(marks) - start[0]) / 1000 if marks else None
+    first = min(estimate or final, final)
+    row = {"from": before, "first_s": round(first, 3),
+           "estimate_s": None if estimate is None else round(estimate, 3), "final_s": round(final, 3)}
+    if clock is not None:    # the page's clock to the wall clock: performance.timeOrigin is in epoch ms
+        pressed = (await s.page.evaluate("performance.timeOrigin") + start[0]) / 1000
+        server, browser = clock.between(pressed, pressed + first)
+        row.update(server_cpu_s=round(server, 2), browser_cpu_s=round(browser, 2))
     await check(s, f"move to {await thumb_value(s)}")
     await settle(s.page)
-    return {"from": before, "first_s": round(min(estimate or final, final), 3),
-            "estimate_s": None if estimate is None else round(estimate, 3), "final_s": round(final, 3)}
+    return row
 
 
-async def visit(base: str, role: tuple, moves: int, timeout: float) -> tuple[list[dict], list[str]]:
+async def visit(base: str, role: tuple, moves: int, timeout: float,
+                clock: CpuClock | None = None) -> tuple[list[dict], list[str]]:
     from playwright.async_api import async_playwright
     page_name, label, method, key = role
     s = Session(0, page_name, label, method)
@@ -91,7 +153,7 @@ async def visit(base: str, role: tuple, moves: int, timeout: float) -> tuple[lis
         await ctx.add_init_script(ESTIMATE_RECORDER)
         s.page = await ctx.new_page()
         await open_role(s, base)
-        rows = [await one_move(s, key) for _ in range(moves)]
+        rows = [await one_move(s, key, clock) for _ in range(moves)]
         await browser.close()
     return rows, s.problems
 
@@ -121,9 +183,17 @@ def serve(root: Path, cache: Path, log: Path, first_estimate: bool) -> tuple[sub
     return proc, f"http://127.0.0.1:{port}"
 
 
+def cpu_shares(moves: list[dict]) -> str:
+    if not all("server_cpu_s" in m for m in moves):
+        return "–"
+    return (f"{statistics.median(m['server_cpu_s'] for m in moves):.2f} / "
+            f"{statistics.median(m['browser_cpu_s'] for m in moves):.2f}")
+
+
 def table(results: dict) -> str:
     lines = ["| page | slider | first estimate on: first s (median, runs) | refined s (median) | "
-             "estimate off (baseline): s (median, runs) | first / baseline | every move ≤ 1.5 s |", "|---|---|---|---|---|---|---|"]
+             "estimate off (baseline): s (median, runs) | first / baseline | every move ≤ 1.5 s | "
+             "CPU s to the first view, server / browser (median) |", "|---|---|---|---|---|---|---|---|"]
     for (page, label, method, key), by in results.items():
         if "off" not in by:
             continue
@@ -137,7 +207,7 @@ def table(results: dict) -> str:
         lines.append(f"| {page.replace('_', ' ')} | {f'{method} ' if method else ''}{label}{way} | {med:.2f} "
                      f"({', '.join(f'{x:.2f}' for x in first)}) | {statistics.median(final):.2f} | {bmed:.2f} "
                      f"({', '.join(f'{x:.2f}' for x in base)}) | {med / bmed:.2f}× | "
-                     f"{'yes' if max(first) <= TARGET_S else 'no'} |")
+                     f"{'yes' if max(first) <= TARGET_S else 'no'} | {cpu_shares(on)} |")
     return "\n".join(lines)
 
 
@@ -163,7 +233,7 @@ def main() -> int:
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ms-first-estimate-") as tmp_s:
         tmp = Path(tmp_s)
-        servers = {}
+        servers, clocks = {}, {}
         root = ROOT
         if args.code_rev:
             root = tmp / "code"
@@ -174,14 +244,18 @@ def main() -> int:
                 cache = preset_cache(args.cache.expanduser(), args.preset, tmp / f"cache-{variant}")
                 served = sorted(p.name for p in cache.iterdir())
                 servers[variant] = serve(root, cache, tmp / f"server-{variant}.log", variant == "on")
+                clocks[variant] = CpuClock(servers[variant][0].pid)
             for role in roles:              # interleaved page by page: drift on the machine hits both alike
                 for variant in ("on", "off"):
-                    rows, bad = asyncio.run(visit(servers[variant][1], role, args.moves, args.timeout))
+                    rows, bad = asyncio.run(visit(servers[variant][1], role, args.moves, args.timeout,
+                                                  clocks[variant]))
                     results[role][variant] = rows
                     problems += [f"estimate {variant}: {p}" for p in bad]
                     print(f"{role[0]} {role[2] or ''} {role[1]!r}, first estimate {variant}: {json.dumps(rows)}",
                           flush=True)
         finally:
+            for clock in clocks.values():
+                clock.close()
             for proc, _ in servers.values():
                 stop_server(proc)
             if args.code_rev:
