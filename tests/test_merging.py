@@ -451,6 +451,24 @@ def test_the_vector_rule_mean_is_kept_for_a_resident_set_and_never_scaled_in_pla
         torch.testing.assert_close(twice[name], 2 * tvs.deltas(name).mean(0))
 
 
+def test_task_arithmetic_of_a_resident_set_reads_the_kept_sum():
+    """α·Σ τ_t from the kept sum: an α move reads no task vector, the memo is never scaled in place, and
+    every α is α × the sum, bit for bit."""
+    tvs = random_set()
+    tvs.keep_resident("cpu")
+    inputs = MergeInputs(tvs, device="cpu", persist=False)
+    for a in (1.0, 0.3, 2.5):
+        out = merge(inputs, "task_arithmetic", alpha=a)
+        for name in tvs.param_names:
+            torch.testing.assert_close(out[name], a * tvs.deltas(name).sum(0), rtol=0, atol=0)
+    assert all(("task_sum", name, "cpu") in inputs.memo for name in tvs.param_names)
+    reads = []
+    real = inputs.deltas
+    inputs.deltas = lambda name: reads.append(name) or real(name)
+    merge(inputs, "task_arithmetic", alpha=0.7)
+    assert reads == []
+
+
 def test_iso_cts_with_memoised_projections_matches_the_definition():
     """A change of c reads the projected residuals from memoised projections (W_t = U_sumᵀU_tS_t and, for
     tall matrices, G_out = (U_tS_t)ᵀ(U_tS_t) − W_tᵀW_t); every c, wide and tall, still matches the definition."""

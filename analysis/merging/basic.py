@@ -10,7 +10,9 @@ def _weight_averaging(group, params, ctx):
 
 
 def _task_arithmetic(group, params, ctx):
-    return {name: params["alpha"] * group.deltas(name).sum(0) for name in group.names}
+    # the sum is kept for a resident set (MergeInputs.task_sum): an α move reads one model's worth instead of
+    # all T task vectors (quick demo, 2-core CPU: 0.049 → 0.014 s a move)
+    return {name: params["alpha"] * ctx.inputs.task_sum(name) for name in group.names}
 
 
 WEIGHT_AVERAGING = MergeMethod(

@@ -78,11 +78,19 @@ class MergeInputs:
         Kept in the memo when the set is resident (one model's worth in all, beside the T kept), so a knob
         change does not average the embeddings again; a streaming set computes it per call. Do not modify
         the result in place."""
+        return self._kept("task_mean", name, lambda d: d.mean(0))
+
+    def task_sum(self, name: str) -> torch.Tensor:
+        """Sum over tasks of one parameter's deltas, on the device (task arithmetic's α × sum, before α),
+        kept as `task_mean` is: an α move then reads one model's worth instead of all T task vectors."""
+        return self._kept("task_sum", name, lambda d: d.sum(0))
+
+    def _kept(self, kind: str, name: str, reduce) -> torch.Tensor:
         if not self.tvs.is_resident:
-            return self.deltas(name).mean(0)
-        key = ("task_mean", name, str(self.device))
+            return reduce(self.deltas(name))
+        key = (kind, name, str(self.device))
         if key not in self.memo:
-            self.memo[key] = self.deltas(name).mean(0)
+            self.memo[key] = reduce(self.deltas(name))
         return self.memo[key]
 
     # ------------------------------------------------------------ spectra
