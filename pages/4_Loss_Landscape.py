@@ -22,7 +22,7 @@ from analysis.landscape import barrier_table, barriers, best_scale, delta_path, 
 from analysis.plots.landscape import path_figure
 from ui import history, url
 from ui.endpoints import PRETRAINED, delta_of, endpoint_options, spec_key
-from ui.refine import FIRST_ESTIMATE, Refiner, estimate_budget_s, needs_estimate, wait_for_refinement
+from ui.refine import FIRST_ESTIMATE, Refiner, another_fits, estimate_budget_s, needs_estimate, wait_for_refinement
 from ui.state import merge_inputs, require_workspace, start_page
 
 start_page("Loss Landscape", "Loss landscape")
@@ -111,7 +111,8 @@ def run_path(progress, n, budget_s: float | None = None):
     is kept in the workspace, so a grid change only evaluates the new points
     (0 and 1 are shared by every λ grid, all of a 5-point grid by the 9-point one).
     With `budget_s` (a first estimate): the grid's ends, then new points in
-    `spread_order` one at a time for about that long (at least one), and the curves
+    `spread_order` one at a time while the next is expected to end within it (at least one,
+    `ui.refine.another_fits`), and the curves
     hold the points evaluated so far; without, every new point in one call.
     """
     memo = ws.extras.setdefault("landscape_points", {})
@@ -127,7 +128,7 @@ def run_path(progress, n, budget_s: float | None = None):
         ends = {float(grid[0]), float(grid[-1])}   # the barriers and the figure's span need them whatever the budget
         t0 = time.perf_counter()
         for x in spread_order(known, missing):
-            if done and x not in ends and time.perf_counter() - t0 > budget_s:
+            if x not in ends and not another_fits(time.perf_counter() - t0, done, budget_s):
                 break
             remember(coord, path_key, compute([x], progress))
             done += 1

@@ -66,3 +66,12 @@ def test_cancel_unless_stops_a_stale_refinement_and_keeps_the_current_one():
     _wait(job)
     assert seen_stop == [True]
     assert refiner.done("a") is None and not refiner.is_current("a")
+
+
+def test_another_unit_of_an_estimate_starts_only_if_it_should_end_within_the_budget():
+    from ui.refine import another_fits
+    assert another_fits(0.0, 0, 0.5) and another_fits(3.0, 0, 0.5)   # the first always runs
+    assert not another_fits(0.45, 1, 0.5)      # one more at 0.45 s would end near 0.9 s: past the budget
+    assert another_fits(0.2, 1, 0.5)           # ends near 0.4 s
+    assert another_fits(0.3, 2, 0.5) and not another_fits(0.36, 2, 0.5)   # mean 0.15 s: 0.45 vs 0.54
+    assert not another_fits(0.0001, 1, 0.0)    # no budget: the first only
