@@ -29,7 +29,7 @@ def estimate_budget_s() -> float:
     """Seconds a page's first estimate may spend on work it can split (the Loss Landscape's new points:
     at least one is always evaluated, and another only where `another_fits`); $MERGESCOPE_ESTIMATE_BUDGET_S,
     default 0.5. On the 2-core CPU a quick-demo point takes 0.4–0.5 s (8 tasks × 8 examples), so one new
-    point, and the page's own overhead, keep the first view near 1 s, under the issue's 1.5 s
+    point and the page's own overhead put the first view at 1.2–1.4 s, under the issue's 1.5 s
     (docs/results_live.md)."""
     try:
         return max(0.0, float(os.environ.get("MERGESCOPE_ESTIMATE_BUDGET_S", "0.5")))
