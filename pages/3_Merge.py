@@ -36,7 +36,7 @@ from analysis.errors import HyperparameterError, MergescopeError
 from analysis.merging import METHODS, available_methods, merge, unavailable
 from analysis.merging.scoring import comparison_table, merged_accuracy, wide
 from analysis.plots.merge import accuracy_bars
-from ui import history, url
+from ui import history, speculate, url
 from ui.labelfree import label_free_view
 from ui.refine import FIRST_ESTIMATE, Refiner, needs_estimate, wait_for_refinement
 from ui.state import (merge_inputs, references, references_on_examples, require_workspace, start_page,
@@ -122,6 +122,10 @@ except HyperparameterError as exc:
     st.stop()
 knob_key = json.dumps(params, sort_keys=True)
 merge_key = spec.merge_key(params, ws.tvs)   # knobs that give the same merge share its caches
+views = st.session_state.setdefault("merge_views", [])   # the last two distinct (method, knobs) on screen
+if not views or views[-1] != (method_name, params):
+    views[:] = (views + [(method_name, params)])[-2:]
+previous_knobs = views[0][1] if len(views) == 2 and views[0][0] == method_name else None
 if spec.note is not None and (note := spec.note(params, ws.tvs)):
     with left:
         st.caption(note)
@@ -140,10 +144,11 @@ def scores(_ws, _delta, ws_key: str, method: str, merge_key: str, split: str, su
     return merged_accuracy(_ws.evaluator, _delta, split=split, subsample=subsample)
 
 
-def live_scores(n: int | None):
+def live_scores(n: int | None, estimate: dict | None):
     """(per_task, references, examples per task, pending): the final numbers, or on a CPU a first
-    estimate on FIRST_ESTIMATE examples per task, with pending = (key, compute) of the refinement on `n`
-    that the end of the run starts in the background (ui.refine.wait_for_refinement)."""
+    estimate on FIRST_ESTIMATE examples per task (`estimate` when the speculation scored it already), with
+    pending = (key, compute) of the refinement on `n` that the end of the run starts in the background
+    (ui.refine.wait_for_refinement)."""
     refined = st.session_state.setdefault("merge_refined", {})
     key = (ws.key, method_name, merge_key, split, n)
     if key in refined:
@@ -155,12 +160,36 @@ def live_scores(n: int | None):
 
     def compute(stop):
         return merged_accuracy(ev, d, split, n, stop=stop), references_on_examples(ws_, split, n, stop=stop)
-    return (scores(ws, delta, ws.key, method_name, merge_key, split, FIRST_ESTIMATE),
-            references(ws, ws.key, split, FIRST_ESTIMATE), FIRST_ESTIMATE, (key, compute))
+    first = estimate if estimate is not None else scores(ws, delta, ws.key, method_name, merge_key, split,
+                                                         FIRST_ESTIMATE)
+    return first, references(ws, ws.key, split, FIRST_ESTIMATE), FIRST_ESTIMATE, (key, compute)
 
 
+def speculation_jobs(n: int | None) -> list:
+    """(key, compute) of the knob sets one slider step away (ui.speculate.neighbours), each merged and
+    scored on the first estimate's examples; a set whose refined numbers this session holds is skipped
+    (going back to it shows them at once)."""
+    inputs, ev, split_ = merge_inputs(ws, ws.key), ws.evaluator, split
+    refined = st.session_state.get("merge_refined", {})
+    jobs = []
+    for knobs in speculate.neighbours(spec, params, previous_knobs, n_tasks):
+        key_c = spec.merge_key(knobs, ws.tvs)
+        if (ws.key, method_name, key_c, split, n) in refined:
+            continue
+
+        def compute(stop, knobs=knobs):
+            d = merge(inputs, method_name, stop=stop, **knobs)
+            return d, merged_accuracy(ev, d, split_, FIRST_ESTIMATE, stop=stop)
+        jobs.append(((ws.key, method_name, key_c, split_), compute))
+    return jobs
+
+
+speculator = st.session_state.setdefault("merge_speculator", speculate.Speculator())
+view_key = (ws.key, method_name, merge_key, split if has_eval else None)
+# a move onto a speculated neighbour takes its merge and estimate; any other move stops the speculation first
+speculated = speculator.take(view_key)
 try:
-    delta = merged_delta(ws, ws.key, method_name, merge_key, knob_key)
+    delta = speculated[0] if speculated is not None else merged_delta(ws, ws.key, method_name, merge_key, knob_key)
 except MergescopeError as exc:
     st.error(str(exc))
     st.stop()
@@ -179,7 +208,7 @@ with right:
         url.drop("full")
     n = None if evaluate_full else int(subsample)
     try:
-        per_task, reference, n_shown, pending = live_scores(n)
+        per_task, reference, n_shown, pending = live_scores(n, speculated[1] if speculated is not None else None)
     except MergescopeError as exc:
         st.error(str(exc))
         st.stop()
@@ -213,7 +242,12 @@ st.caption("Accuracy in %, on the split and number of examples per task of each 
 history.removal_control("merge_history")
 
 
-if refinement_slot is not None:
+if refinement_slot is None:
+    # the view is final: merge its neighbours while the user looks at it (CPU, resident sets, data-free methods)
+    if has_eval and speculate.enabled() and ws.tvs.is_resident and needs_estimate(ws.evaluator.device, n) \
+            and not (spec.needs.labelled_data or spec.needs.activations or spec.needs.gradients):
+        speculator.request(speculation_jobs(n), keep=view_key)
+else:
     pending_key, compute = pending
     wait_for_refinement(st.session_state["merge_refiner"], pending_key, compute, refinement_slot,
                         lambda result: st.session_state["merge_refined"].__setitem__(pending_key, result),

@@ -30,6 +30,8 @@ from analysis.evaluation import Evaluator, FeatureSplit, Head
 os.environ["MERGESCOPE_CACHE"] = tempfile.mkdtemp(prefix="mergescope-test-cache-")
 # pages score the final subsample in one run (a CPU first estimate is tested on its own: tests/test_refine.py)
 os.environ.setdefault("MERGESCOPE_FIRST_ESTIMATE", "0")
+# no background merges of neighbouring knob values unless a test asks (tests/test_speculate.py)
+os.environ.setdefault("MERGESCOPE_SPECULATE", "0")
 
 TOY_TASKS = ("alpha", "beta", "gamma")
 TOY_IN, TOY_HIDDEN, TOY_CLASSES = 8, 16, 3

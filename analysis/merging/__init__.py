@@ -50,7 +50,7 @@ from analysis.merging.dare import DARE
 from analysis.merging.della import DELLA
 from analysis.merging.emr import EMR
 from analysis.merging.fisher import FISHER
-from analysis.merging.engine import MergeResult, ParamGroup, run
+from analysis.merging.engine import MergeResult, MergeStopped, ParamGroup, run
 from analysis.merging.epimer import EPIMER
 from analysis.merging.inputs import MergeInputs, as_inputs
 from analysis.merging.iso import ISO_C, ISO_CTS
@@ -96,7 +96,7 @@ POLAR_SOLVERS = ("auto", "exact", "gram", "newton_schulz")
 TOPK_SOLVERS = ("auto", "exact", "subspace")
 
 __all__ = ["METHODS", "merge", "get_method", "unavailable", "available_methods", "MergeMethod", "MergeResult",
-           "MergeInputs", "Hyperparameter", "Needs", "POLAR_SOLVERS", "TOPK_SOLVERS", "MergeContext", "ParamGroup"]
+           "MergeInputs", "Hyperparameter", "Needs", "POLAR_SOLVERS", "TOPK_SOLVERS", "MergeContext", "ParamGroup", "MergeStopped"]
 
 
 def get_method(name: str) -> MergeMethod:
@@ -117,7 +117,7 @@ def available_methods(n_tasks: int, has_data: bool) -> list[str]:
 
 
 def merge(source, method: str, *, evaluator=None, cache=None, device=None, polar: str = "auto", topk: str = "auto",
-          sink=None, **hyperparams):
+          sink=None, stop=None, **hyperparams):
     """The merged delta(s) of `source` by `method` with the given knobs (see the module docstring)."""
     spec = get_method(method)
     inputs = as_inputs(source, evaluator=evaluator, cache=cache, device=device)
@@ -126,4 +126,4 @@ def merge(source, method: str, *, evaluator=None, cache=None, device=None, polar
         raise HyperparameterError(f"{method}: polar solver {polar!r} is not one of {list(POLAR_SOLVERS)}")
     if topk not in TOPK_SOLVERS:
         raise HyperparameterError(f"{method}: top-k solver {topk!r} is not one of {list(TOPK_SOLVERS)}")
-    return run(spec, inputs, params, polar=polar, topk=topk, sink=sink)
+    return run(spec, inputs, params, polar=polar, topk=topk, sink=sink, stop=stop)

@@ -1,7 +1,7 @@
 """Pieces the SVD method families share: which names they decompose, SVD
 factors (per task and of the task sum, from the SpectralCache, or the
-inputs' memo for names it does not cover) so a knob change never recomputes an SVD, and a memo slot that keeps
-the last unscaled merge so an α change is a scalar multiply."""
+inputs' memo for names it does not cover) so a knob change never recomputes an SVD, and memo slots that keep
+the last unscaled merges so an α change is a scalar multiply."""
 from __future__ import annotations
 
 import math
@@ -68,10 +68,23 @@ def sum_factors(ctx, name: str):
     return ctx.memo[key]
 
 
+SLOTS_RESIDENT = 3   # unscaled merges kept per method for a resident set: the view's and two neighbours'
+
+
 def unscaled_slot(ctx, tag: str, config: tuple) -> dict:
-    """The memo's {name: unscaled delta} for one method configuration; slots of
-    other configurations of the same method are dropped (one kept per method)."""
+    """The memo's {name: unscaled delta} for one method configuration.
+
+    A resident set keeps the SLOTS_RESIDENT most recently used configurations of each method (one model
+    copy each, beside the T it keeps): the Merge page merges the neighbouring knob values in the
+    background (ui/speculate.py), and evicting the view's own merge for them would make its next α move a
+    whole re-merge. A streaming set keeps one (the last), so its memory stays one model copy."""
     key = (tag, config, str(ctx.device))
-    for k in [k for k in ctx.memo if isinstance(k, tuple) and k and k[0] == tag and k != key]:
+    inputs = getattr(ctx, "inputs", None)
+    tvs = getattr(inputs, "tvs", None)
+    keep = SLOTS_RESIDENT if tvs is not None and tvs.is_resident else 1
+    slot = ctx.memo.pop(key, None)
+    others = [k for k in list(ctx.memo) if isinstance(k, tuple) and k and k[0] == tag]   # oldest first
+    for k in others[:max(0, len(others) - (keep - 1))]:
         del ctx.memo[k]
-    return ctx.memo.setdefault(key, {})
+    ctx.memo[key] = slot if slot is not None else {}   # re-inserted last: the most recently used
+    return ctx.memo[key]

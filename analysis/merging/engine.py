@@ -39,6 +39,11 @@ import torch
 from analysis.errors import ValidationError
 from analysis.merging.base import MergeContext, MergeMethod, mean_rule
 
+class MergeStopped(Exception):
+    """Raised by `run` between parameter groups when its `stop()` returns True (a background merge of a
+    knob value the user has not asked for, overtaken by one they have)."""
+
+
 Sink = Callable[[str, torch.Tensor], None]   # (name, delta) -> None; delta is (T, *shape) for per-task methods
 
 
@@ -136,10 +141,20 @@ def groups(method: MergeMethod, names: list[str], tvs, inputs) -> list[ParamGrou
 
 
 def run(method: MergeMethod, inputs, params: dict, *, polar: str = "auto", topk: str = "auto",
-        sink: Sink | None = None) -> MergeResult | None:
+        sink: Sink | None = None, stop: Callable[[], bool] | None = None) -> MergeResult | None:
     """Merge `inputs.tvs` with `method` at validated knobs `params` (see module doc).
 
-    With a `sink`, tensors go there as they are made and None is returned."""
+    With a `sink`, tensors go there as they are made and None is returned. One merge runs at a time per
+    inputs (`inputs.merge_lock`: methods share its memo). `stop`, polled before each parameter group,
+    ends the merge with `MergeStopped` when it returns True; what finished groups memoised stays valid."""
+    lock = getattr(inputs, "merge_lock", None)
+    if lock is None:
+        return _run(method, inputs, params, polar, topk, sink, stop)
+    with lock:
+        return _run(method, inputs, params, polar, topk, sink, stop)
+
+
+def _run(method, inputs, params, polar, topk, sink, stop):
     tvs = inputs.tvs
     cache = inputs.spectra(bool(params.get("include_embeddings", False))) if method.needs.spectra else None
     ctx = MergeContext(device=inputs.device, inputs=inputs, cache=cache, polar=polar, topk=topk, memo=inputs.memo)
@@ -151,6 +166,8 @@ def run(method: MergeMethod, inputs, params: dict, *, polar: str = "auto", topk:
     out: dict[str, torch.Tensor] = {}
     emit = sink if sink is not None else out.__setitem__
     for group in groups(method, covered, tvs, inputs):
+        if stop is not None and stop():
+            raise MergeStopped(f"{method.name}: stopped before {group.names[0]}")
         merged = method.merge_group(group, params, ctx)
         for name in group.names:
             emit(name, merged[name])

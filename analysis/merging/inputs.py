@@ -17,6 +17,7 @@ knob changes (SVDs of task sums, the last unscaled merge).
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Callable
 
@@ -48,6 +49,9 @@ class MergeInputs:
         self.progress = progress
         self.spectra_keep = spectra_keep    # SpectralCache's `keep` (None: $MERGESCOPE_SPECTRA_KEEP, else "auto")
         self.memo: dict = {}
+        # one merge at a time per inputs: the memo is shared by every session on a workspace and by the
+        # Merge page's background merges of neighbouring knob values (ui/speculate.py)
+        self.merge_lock = threading.RLock()
         self._spectra: dict[bool, object] = {}
         if spectral_cache is not None:
             self._spectra[len(spectral_cache.names) > len(tvs.names_of_kind("matrix", "conv"))] = spectral_cache

@@ -1,0 +1,219 @@
+"""Merging neighbouring knob values in the background (ui/speculate.py) and what it rests on in the engine:
+a merge that stops between parameter groups, one merge at a time per inputs, the last unscaled merges kept."""
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from analysis.merging import METHODS, MergeInputs, MergeStopped, merge
+from analysis.merging.common import SLOTS_RESIDENT
+from analysis.taskvectors import TaskVectorSet
+from ui import speculate
+from ui.speculate import Speculator, neighbours
+
+
+@pytest.fixture(autouse=True)
+def _no_job_outlives_its_test():
+    """A speculation still merging at interpreter exit aborts it (a torch thread torn down mid-call)."""
+    yield
+    from ui.jobs import stop_all
+    stop_all(60.0)
+
+
+def _set(resident: bool, n_tasks: int = 3, seed: int = 0) -> TaskVectorSet:
+    g = torch.Generator().manual_seed(seed)
+    base = {"a.weight": torch.zeros(12, 10), "b.weight": torch.zeros(10, 14), "c.weight": torch.zeros(12, 10),
+            "a.bias": torch.zeros(12)}
+    tasks = {f"t{i}": {k: torch.randn(v.shape, generator=g) for k, v in base.items()} for i in range(n_tasks)}
+    tvs = TaskVectorSet.from_state_dicts(base, tasks)
+    if resident:
+        tvs.keep_resident("cpu")
+    return tvs
+
+
+# ------------------------------------------------------------------ candidates
+
+def test_neighbours_go_on_in_the_direction_the_knob_moved_then_back_then_the_other_knobs():
+    spec = METHODS["iso_cts"]
+    params = spec.validate({"common_fraction": 0.8, "alpha": 1.0}, 8)
+    down = neighbours(spec, params, {**params, "common_fraction": 0.81}, 8)
+    assert [(c["common_fraction"], c["alpha"]) for c in down] == [(0.79, 1.0), (0.81, 1.0), (0.8, 1.05), (0.8, 0.95)]
+    up = neighbours(spec, params, {**params, "common_fraction": 0.79}, 8)
+    assert [c["common_fraction"] for c in up[:2]] == [0.81, 0.79]
+    assert all(c["split"] == "published" for c in down)    # other knobs as they are
+
+
+def test_neighbours_stay_in_range_snap_to_the_step_and_respect_the_limit():
+    spec = METHODS["tsv_m"]
+    params = spec.validate({"rank_fraction": 0.125, "alpha": 0.0}, 8)
+    got = neighbours(spec, params, None, 8)
+    assert {"alpha": -0.05} not in [{"alpha": c["alpha"]} for c in got]          # α ≥ 0
+    hp = spec.knob("rank_fraction")
+    fractions = sorted(c["rank_fraction"] for c in got if c["rank_fraction"] != 0.125)
+    assert fractions == [round(0.125 - hp.step, 10), round(0.125 + hp.step, 10)]
+    assert len(neighbours(spec, params, None, 8, limit=2)) == 2
+    top = spec.validate({"rank_fraction": 1.0, "alpha": 1.0}, 8)
+    assert all(c["rank_fraction"] <= 1.0 for c in neighbours(spec, top, None, 8))
+
+
+def test_a_method_without_sliders_has_no_neighbours():
+    spec = METHODS["weight_averaging"]
+    assert neighbours(spec, spec.validate({}, 3), None, 3) == []
+
+
+# ------------------------------------------------------------------ the speculator
+
+def _wait(pred, timeout=20.0):
+    t0 = time.time()
+    while not pred() and time.time() - t0 < timeout:
+        time.sleep(0.01)
+    assert pred()
+
+
+def test_the_speculator_computes_in_order_and_serves_what_it_computed():
+    order = []
+    sp = Speculator()
+    sp.request([(k, lambda stop, k=k: order.append(k) or f"result {k}") for k in ("a", "b")])
+    _wait(lambda: set(sp.keys()) == {"a", "b"})
+    assert order == ["a", "b"]
+    assert sp.take("a") == "result a" and sp.take("b") == "result b"
+
+
+def test_taking_the_key_in_flight_waits_for_it_and_taking_another_stops_it():
+    started, release, stopped = threading.Event(), threading.Event(), []
+
+    def slow(stop):
+        started.set()
+        release.wait(10)
+        return "slow"
+
+    def polling(stop):
+        while not stop():
+            time.sleep(0.005)
+        stopped.append(True)
+        raise MergeStopped("stopped")
+
+    sp = Speculator()
+    sp.request([("slow", slow), ("later", lambda stop: "later")])
+    started.wait(10)
+    threading.Timer(0.2, release.set).start()
+    assert sp.take("slow") == "slow"                       # waited for the one in flight
+    assert "later" not in sp.keys()                        # nothing more is started after a take
+    sp.request([("poll", polling)])
+    _wait(lambda: sp._current == "poll")
+    assert sp.take("elsewhere") is None                     # a miss stops the job in flight
+    _wait(lambda: stopped == [True])
+    assert "poll" not in sp.keys() and "poll" not in sp.errors   # a stop is not an error
+
+
+def test_a_new_request_keeps_the_results_it_still_wants_and_the_view_on_screen():
+    sp = Speculator()
+    sp.request([("x", lambda stop: 1), ("y", lambda stop: 2), ("z", lambda stop: 3)])
+    _wait(lambda: len(sp.keys()) == 3)
+    calls = []
+    sp.request([("y", lambda stop: calls.append("y") or 20), ("w", lambda stop: 4)], keep="x")
+    _wait(lambda: "w" in sp.keys())
+    assert sorted(sp.keys()) == ["w", "x", "y"] and sp.take("y") == 2 and calls == []
+
+
+def test_a_refused_knob_set_is_recorded_not_served():
+    sp = Speculator()
+    sp.request([("bad", lambda stop: 1 / 0), ("good", lambda stop: "ok")])
+    _wait(lambda: "good" in sp.keys())
+    assert isinstance(sp.errors["bad"], ZeroDivisionError) and sp.take("good") == "ok"
+
+
+# ------------------------------------------------------------------ the engine
+
+def test_a_stopped_merge_raises_and_leaves_the_memo_valid():
+    tvs = _set(resident=True)
+    inputs = MergeInputs(tvs, persist=False)
+    polls = []
+    with pytest.raises(MergeStopped):
+        merge(inputs, "tsv_m", rank_fraction=0.3, stop=lambda: polls.append(1) or len(polls) > 1)
+    assert len(polls) == 2                                     # one group merged, stopped before the next
+    finished = merge(inputs, "tsv_m", rank_fraction=0.3)       # completes from the partly filled slot
+    fresh = merge(MergeInputs(tvs, persist=False), "tsv_m", rank_fraction=0.3)
+    for name in tvs.param_names:
+        torch.testing.assert_close(finished[name], fresh[name], rtol=0, atol=0)
+
+
+def test_one_merge_at_a_time_per_inputs():
+    inputs = MergeInputs(_set(resident=True), persist=False)
+    others_could_take_it = []
+
+    def sink(name, delta):
+        got = []
+        t = threading.Thread(target=lambda: got.append(inputs.merge_lock.acquire(blocking=False)))
+        t.start()
+        t.join()
+        if got[0]:
+            inputs.merge_lock.release()
+        others_could_take_it.append(got[0])
+
+    merge(inputs, "task_arithmetic", sink=sink)
+    assert others_could_take_it and not any(others_could_take_it)
+    assert inputs.merge_lock.acquire(blocking=False)           # and it is free again afterwards
+    inputs.merge_lock.release()
+
+
+@pytest.mark.parametrize("resident, kept", [(True, SLOTS_RESIDENT), (False, 1)])
+def test_a_resident_set_keeps_the_last_unscaled_merges(resident, kept):
+    inputs = MergeInputs(_set(resident=resident), persist=False)
+    for c in (0.5, 0.6, 0.7, 0.8):
+        merge(inputs, "iso_cts", common_fraction=c)
+    slots = [k[1][0] for k in inputs.memo if isinstance(k, tuple) and k[0] == "iso_cts"]
+    assert slots == [0.8, 0.7, 0.6, 0.5][:kept][::-1]
+    if resident:   # an α move at a kept c is a multiply: the slot is read, not recomputed
+        before = {k: dict(v) for k, v in inputs.memo.items() if isinstance(k, tuple) and k[0] == "iso_cts"}
+        again = merge(inputs, "iso_cts", common_fraction=0.6, alpha=2.0)
+        key = next(k for k in before if k[1][0] == 0.6)
+        for name, unscaled in before[key].items():
+            assert inputs.memo[key][name] is unscaled
+            torch.testing.assert_close(again[name], 2.0 * unscaled)
+        assert [k[1][0] for k in inputs.memo if isinstance(k, tuple) and k[0] == "iso_cts"][-1] == 0.6
+
+
+# ------------------------------------------------------------------ the page
+
+def test_a_step_onto_a_speculated_neighbour_takes_its_merge_and_estimate(tiny_workspace, monkeypatch):
+    import analysis.merging as merging
+    from analysis.merging.scoring import merged_accuracy
+    from pagetest import run_page
+    from test_merge_page import _accuracy_table
+    from ui import refine
+    if not str(tiny_workspace.evaluator.device).startswith("cpu"):
+        pytest.skip("speculation runs where a first estimate is drawn: on a CPU")
+    monkeypatch.setenv("MERGESCOPE_FIRST_ESTIMATE", "1")
+    monkeypatch.setenv("MERGESCOPE_SPECULATE", "1")
+    assert speculate.enabled()
+    ws = tiny_workspace
+    ws.tvs.keep_resident("cpu")
+    calls = []
+    real = merging.merge
+    monkeypatch.setattr(merging, "merge", lambda *a, **k: calls.append(
+        (threading.current_thread().name, k.get("common_fraction"))) or real(*a, **k))
+    at = run_page("3_Merge.py", ws, {"method": "iso_cts", "common_fraction": "0.5", "subsample": "20"})
+    assert not at.exception, at.exception
+    sp = at.session_state["merge_speculator"]
+    _wait(lambda: sp._job is not None and not sp._job.running, timeout=60)
+    spec = METHODS["iso_cts"]
+    up = spec.validate({"common_fraction": 0.51}, 3)
+    want_key = (ws.key, "iso_cts", spec.merge_key(up, ws.tvs), "validation")
+    assert want_key in sp.keys(), sp.keys()
+    assert any(name.startswith("mergescope-speculate") and c == 0.51 for name, c in calls)
+    calls.clear()
+    at.slider(key="merge_iso_cts_common_fraction").set_value(0.51).run()
+    assert not at.exception, at.exception
+    assert not any(c == 0.51 and not name.startswith("mergescope-speculate") for name, c in calls)
+    want = merged_accuracy(ws.evaluator, real(ws.tvs, "iso_cts", common_fraction=0.51), subsample=20)
+    assert _accuracy_table(at).loc[list(want), "merged"].tolist() == pytest.approx(list(want.values()))
+    estimate = sp.take(want_key)[1]
+    sp.cancel()                         # the last run asked for 0.51's neighbours: stop them before exit
+    _wait(lambda: not sp._job.running, timeout=60)
+    direct = merged_accuracy(ws.evaluator, real(ws.tvs, "iso_cts", common_fraction=0.51),
+                             subsample=refine.FIRST_ESTIMATE)
+    assert estimate == pytest.approx(direct)

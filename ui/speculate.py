@@ -1,0 +1,169 @@
+"""Merging the knob values next to the one on screen while the user looks at it (CPU).
+
+On the 2-core CPU an exact re-merge is most of a slider move's first view where the merge cannot be read
+from a kept one (a TSV-M rank below 1/T: 72 float64 eighs; an Iso-CTS common fraction: top-k eigenpairs and
+a polar factor per matrix), and it cannot be made an estimate. But a slider moved with the arrow keys, or a
+step at a time, lands next to where it was: so once a page's view is final (its refinement landed), the
+session's `Speculator` merges the knob sets one slider step away, most likely first (`neighbours`), and
+scores each on the first estimate's examples, in one background thread. A move onto one of them takes
+the finished merge and estimate (`Speculator.take`), or waits for the one in flight if that is the one
+asked for; a move anywhere else stops the speculation first, which `analysis.merging.engine.run` honours
+before its next parameter group (`MergeStopped`) and scoring between tasks, so a jump waits at most one
+group's work for it.
+
+Kept: the results of the latest request only (at most MAX_CANDIDATES merged models, plus the one on screen),
+and, in the inputs' memo, the last SLOTS_RESIDENT unscaled merges per method (analysis.merging.common), so
+the view's own α move stays a multiply while its neighbours are merged. Only for resident sets (a
+streaming set's merge re-reads its checkpoints and would hold another model copy per neighbour), only where
+a first estimate is drawn (a CPU), and never when MERGESCOPE_SPECULATE=0.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from typing import Callable, Hashable
+
+from analysis.errors import HyperparameterError
+from ui.jobs import BackgroundJob, JobCancelled
+
+MAX_CANDIDATES = 4   # knob sets merged ahead per view: each is one model copy
+
+
+def enabled() -> bool:
+    return os.environ.get("MERGESCOPE_SPECULATE", "1") != "0"
+
+
+def slider_knobs(spec) -> list:
+    """The method's knobs the Merge page draws as sliders (pages/3_Merge.py: knob_widget)."""
+    return [hp for hp in spec.hyperparameters
+            if hp.type == "float" or (hp.type == "int" and hp.high - hp.low <= 64)]
+
+
+def neighbours(spec, params: dict, previous: dict | None, n_tasks: int, limit: int = MAX_CANDIDATES) -> list[dict]:
+    """Validated knob sets one slider step from `params`, the likeliest next move first: the knob that moved
+    from `previous` (the view before), onwards in the direction it moved, then back; then every other slider
+    knob up and down. Values are snapped to the step's grid as the slider's are; ones past the declared
+    range are left out."""
+    knobs = slider_knobs(spec)
+    moved = [hp for hp in knobs if previous is not None and hp.name in previous
+             and previous[hp.name] != params.get(hp.name)]
+    ordered = moved + [hp for hp in knobs if hp not in moved]
+    out: list[dict] = []
+    for hp in ordered:
+        value = params[hp.name]
+        forward = 1 if hp not in moved or value >= previous[hp.name] else -1
+        for direction in (forward, -forward):
+            candidate = dict(params)
+            candidate[hp.name] = _step(hp, value, direction, n_tasks)
+            if candidate[hp.name] is None or candidate[hp.name] == value:
+                continue
+            try:
+                candidate = spec.validate(candidate, n_tasks)
+            except HyperparameterError:
+                continue
+            if candidate not in out:
+                out.append(candidate)
+            if len(out) >= limit:
+                return out
+    return out
+
+
+def _step(hp, value, direction: int, n_tasks: int):
+    step = hp.step or 1
+    high = hp.high_for(n_tasks) if hp.capped_by_tasks else hp.high
+    new = value + direction * step
+    if hp.type == "int":
+        new = int(round(new))
+    else:
+        decimals = max(0, -int(f"{float(step):e}".split("e")[1])) + 6
+        new = round(new, decimals)
+    if (hp.low is not None and new < hp.low) or (high is not None and new > high):
+        return None
+    return new
+
+
+class Speculator:
+    """One background job per session working through the latest request's candidates in order.
+
+    `request(jobs, keep)`: jobs is [(key, compute)], compute(stop) -> result polling `stop()`; results of
+    earlier requests are dropped unless their key is requested again or is `keep` (the view on screen).
+    `take(key)`: the result for `key` (waiting for the job in flight when it is computing that key), else
+    None after stopping the job in flight, so the caller's own work does not share the CPU with it."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._results: dict[Hashable, object] = {}
+        self._queue: list[tuple[Hashable, Callable]] = []
+        self._current: Hashable | None = None     # the key the job is computing now
+        self._job: BackgroundJob | None = None
+        self._stop = threading.Event()
+        self.errors: dict[Hashable, BaseException] = {}
+
+    def request(self, jobs: list[tuple[Hashable, Callable]], keep: Hashable | None = None) -> None:
+        with self._lock:
+            wanted = {key for key, _ in jobs} | {keep}
+            self._results = {k: v for k, v in self._results.items() if k in wanted}
+            queue = [(k, c) for k, c in jobs if k not in self._results]
+            if self._job is not None and self._job.running and self._current is not None \
+                    and self._current in wanted:
+                # the key in flight is still wanted: let it finish, queue the rest behind it
+                self._queue = [(k, c) for k, c in queue if k != self._current]
+                return
+            self._stop_locked()
+            self._queue = queue
+            if queue:
+                stop = self._stop = threading.Event()
+                self._job = BackgroundJob(lambda report: self._work(stop, report), label="speculate")
+
+    def _work(self, stop: threading.Event, report) -> None:
+        def stopped() -> bool:   # this request overtaken, or the server stopping (ui.jobs.stop_all)
+            if not stop.is_set():
+                try:
+                    report(0.0, "merging neighbouring knob values")
+                except JobCancelled:
+                    stop.set()
+            return stop.is_set()
+
+        while not stop.is_set():
+            with self._lock:
+                if not self._queue or stop is not self._stop:
+                    self._current = None
+                    return
+                key, compute = self._queue.pop(0)
+                self._current = key
+            try:
+                result = compute(stopped)
+            except Exception as exc:   # stopped, or a knob set the method refuses: nothing to serve
+                with self._lock:
+                    if not stop.is_set():
+                        self.errors[key] = exc
+                continue
+            with self._lock:
+                if stop is self._stop:
+                    self._results[key] = result
+
+    def _stop_locked(self) -> None:
+        self._stop.set()
+        self._queue = []
+        self._current = None
+
+    def take(self, key: Hashable):
+        with self._lock:
+            if key in self._results:
+                return self._results[key]
+            job = self._job if (self._job is not None and self._job.running and self._current == key) else None
+            if job is None:
+                self._stop_locked()
+                return None
+            self._queue = []           # finish `key`, then nothing more until the next request
+        job.join()
+        with self._lock:
+            return self._results.get(key)
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._stop_locked()
+
+    def keys(self) -> list:
+        with self._lock:
+            return list(self._results)
