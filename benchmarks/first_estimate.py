@@ -12,6 +12,10 @@ before. Per move, from the key press (the page's own clock):
 Per move it also reads how many CPU seconds the server process and the browser's processes spent from the
 key press to the first view (`CpuClock`): on 2 cores a headless Chromium (software compositing, no GPU)
 animating the page's spinners takes a share of the CPU the server's merge would use.
+`--dwell S`: seconds a user looks at each final view before the next press (default 0: the next press comes
+as soon as the page is idle). The Merge page merges the knob values one step away in the background once a
+view is final (ui/speculate.py), so a step after a dwell finds its merge done; PageDown (a 10-step jump)
+shows what a move that no speculation serves costs.
 Baseline, in the same run: a second server with `MERGESCOPE_FIRST_ESTIMATE=0` (each move scores the full
 live subsample before drawing), the same pages and moves, interleaved page by page with the first.
 `--code-rev REV` serves an earlier commit's app (a temporary git worktree) for a before/after.
@@ -48,10 +52,12 @@ ROLES = [
     ("Merge", "rank fraction", "tsv_m", "ArrowRight"),   # from 1/T up: capped fractions, one merge (tsv.py)
     ("Merge", "rank fraction", "tsv_m", "ArrowLeft"),    # down from 1/T: every move a new rank
     ("Merge", "common fraction", "iso_cts", "ArrowLeft"),
+    ("Merge", "common fraction", "iso_cts", "PageDown"),   # a jump (10 steps): never a speculated neighbour
     ("Loss_Landscape", "λ points", None, "ArrowRight"),
     ("Alignment", "Points on the path", None, "ArrowRight"),
 ]
 TARGET_S = 1.5
+WAYS = {"ArrowRight": "up", "ArrowLeft": "down", "PageDown": "jump down"}
 CAPTION = "First estimate on"
 # when the first-estimate caption is added to the page (its text node or an element holding it)
 ESTIMATE_RECORDER = RECORDER + """
@@ -119,7 +125,7 @@ class CpuClock:
         return b[1] - a[1], b[2] - a[2]
 
 
-async def one_move(s: Session, key: str, clock: CpuClock | None = None) -> dict:
+async def one_move(s: Session, key: str, clock: CpuClock | None = None, dwell: float = 0.0) -> dict:
     slider = s.page.locator('[data-testid="stSlider"]', has_text=s.slider).first.locator(
         '[role="slider"], input[type="range"]')
     await slider.focus()
@@ -138,11 +144,12 @@ async def one_move(s: Session, key: str, clock: CpuClock | None = None) -> dict:
         row.update(server_cpu_s=round(server, 2), browser_cpu_s=round(browser, 2))
     await check(s, f"move to {await thumb_value(s)}")
     await settle(s.page)
+    await asyncio.sleep(dwell)
     return row
 
 
 async def visit(base: str, role: tuple, moves: int, timeout: float,
-                clock: CpuClock | None = None) -> tuple[list[dict], list[str]]:
+                clock: CpuClock | None = None, dwell: float = 0.0) -> tuple[list[dict], list[str]]:
     from playwright.async_api import async_playwright
     page_name, label, method, key = role
     s = Session(0, page_name, label, method)
@@ -153,7 +160,8 @@ async def visit(base: str, role: tuple, moves: int, timeout: float,
         await ctx.add_init_script(ESTIMATE_RECORDER)
         s.page = await ctx.new_page()
         await open_role(s, base)
-        rows = [await one_move(s, key, clock) for _ in range(moves)]
+        await asyncio.sleep(dwell)
+        rows = [await one_move(s, key, clock, dwell) for _ in range(moves)]
         await browser.close()
     return rows, s.problems
 
@@ -202,7 +210,7 @@ def table(results: dict) -> str:
         final = [m["final_s"] for m in on]
         base = [m["final_s"] for m in off]
         med, bmed = statistics.median(first), statistics.median(base)
-        way = f" ({'up' if key == 'ArrowRight' else 'down'})" if sum(r[:3] == (page, label, method)
+        way = f" ({WAYS[key]})" if sum(r[:3] == (page, label, method)
                                                                    for r in results) > 1 else ""
         lines.append(f"| {page.replace('_', ' ')} | {f'{method} ' if method else ''}{label}{way} | {med:.2f} "
                      f"({', '.join(f'{x:.2f}' for x in first)}) | {statistics.median(final):.2f} | {bmed:.2f} "
@@ -221,12 +229,15 @@ def main() -> int:
     ap.add_argument("--code-rev", default=None,
                     help="serve the app of this commit (a temporary git worktree) instead of this checkout")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--dwell", type=float, default=0.0, help="seconds looked at each final view before the next press")
+    ap.add_argument("--keys", default=None, help="comma list of keys to keep among the roles, e.g. ArrowLeft,PageDown")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a killed run still stops its servers
-    roles = [r for r in ROLES if not args.pages or r[0] in args.pages.split(",")]
+    roles = [r for r in ROLES if (not args.pages or r[0] in args.pages.split(","))
+             and (not args.keys or r[3] in args.keys.split(","))]
     rev = subprocess.run(["git", "rev-parse", "--short", args.code_rev or "HEAD"], cwd=ROOT, capture_output=True,
                          text=True).stdout.strip() + ("" if args.code_rev else " + working tree")
-    print(f"commit {rev}; load average {os.getloadavg()}; {os.cpu_count()} CPUs; {args.preset} demo from {args.cache}",
+    print(f"commit {rev}; dwell {args.dwell:g} s; load average {os.getloadavg()}; {os.cpu_count()} CPUs; {args.preset} demo from {args.cache}",
           flush=True)
     results: dict = {r: {} for r in roles}
     problems: list[str] = []
@@ -248,7 +259,7 @@ def main() -> int:
             for role in roles:              # interleaved page by page: drift on the machine hits both alike
                 for variant in ("on", "off"):
                     rows, bad = asyncio.run(visit(servers[variant][1], role, args.moves, args.timeout,
-                                                  clocks[variant]))
+                                                  clocks[variant], args.dwell))
                     results[role][variant] = rows
                     problems += [f"estimate {variant}: {p}" for p in bad]
                     print(f"{role[0]} {role[2] or ''} {role[1]!r}, first estimate {variant}: {json.dumps(rows)}",
