@@ -181,7 +181,7 @@ def speculation_jobs(n: int | None) -> list:
             d = merge(inputs, method_name, stop=stop, **knobs)
             return d, merged_accuracy(ev, d, split_, FIRST_ESTIMATE, stop=stop)
         jobs.append(((ws.key, method_name, key_c, split_), compute))
-    return jobs
+    return jobs[:speculate.MAX_CANDIDATES]
 
 
 speculator = st.session_state.setdefault("merge_speculator", speculate.Speculator())

@@ -217,3 +217,16 @@ def test_a_step_onto_a_speculated_neighbour_takes_its_merge_and_estimate(tiny_wo
     direct = merged_accuracy(ws.evaluator, real(ws.tvs, "iso_cts", common_fraction=0.51),
                              subsample=refine.FIRST_ESTIMATE)
     assert estimate == pytest.approx(direct)
+
+
+def test_a_stoppable_merge_runs_in_smaller_groups_with_the_same_result(monkeypatch):
+    import analysis.merging.engine as engine
+    tvs = _set(resident=True)
+    plain = merge(MergeInputs(tvs, persist=False), "iso_cts", common_fraction=0.5)
+    monkeypatch.setattr(engine, "STOPPABLE_GROUP_BYTES", 4 * 3 * 12 * 10)   # one 12×10 parameter's 3 deltas
+    polls = []
+    stoppable = merge(MergeInputs(tvs, persist=False), "iso_cts", common_fraction=0.5,
+                      stop=lambda: polls.append(1) and False)
+    assert len(polls) == 3          # a.weight, c.weight (same shape) and b.weight: one group each
+    for name in tvs.param_names:
+        torch.testing.assert_close(stoppable[name], plain[name], atol=1e-6, rtol=1e-5)

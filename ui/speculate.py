@@ -11,7 +11,8 @@ asked for; a move anywhere else stops the speculation first, which `analysis.mer
 before its next parameter group (`MergeStopped`) and scoring between tasks, so a jump waits at most one
 group's work for it.
 
-Kept: the results of the latest request only (at most MAX_CANDIDATES merged models, plus the one on screen),
+Kept: the results of the latest request only (at most MAX_CANDIDATES merged models, plus the one on screen;
+the page skips neighbours it has refined numbers for, since going back to one shows them at once),
 and, in the inputs' memo, the last SLOTS_RESIDENT unscaled merges per method (analysis.merging.common), so
 the view's own α move stays a multiply while its neighbours are merged. Only for resident sets (a
 streaming set's merge re-reads its checkpoints and would hold another model copy per neighbour), only where
@@ -26,7 +27,7 @@ from typing import Callable, Hashable
 from analysis.errors import HyperparameterError
 from ui.jobs import BackgroundJob, JobCancelled
 
-MAX_CANDIDATES = 4   # knob sets merged ahead per view: each is one model copy
+MAX_CANDIDATES = 2   # knob sets merged ahead per view: each is one model copy (the quick demo's: 91 MB)
 
 
 def enabled() -> bool:
@@ -39,7 +40,7 @@ def slider_knobs(spec) -> list:
             if hp.type == "float" or (hp.type == "int" and hp.high - hp.low <= 64)]
 
 
-def neighbours(spec, params: dict, previous: dict | None, n_tasks: int, limit: int = MAX_CANDIDATES) -> list[dict]:
+def neighbours(spec, params: dict, previous: dict | None, n_tasks: int, limit: int | None = None) -> list[dict]:
     """Validated knob sets one slider step from `params`, the likeliest next move first: the knob that moved
     from `previous` (the view before), onwards in the direction it moved, then back; then every other slider
     knob up and down. Values are snapped to the step's grid as the slider's are; ones past the declared
@@ -63,7 +64,7 @@ def neighbours(spec, params: dict, previous: dict | None, n_tasks: int, limit: i
                 continue
             if candidate not in out:
                 out.append(candidate)
-            if len(out) >= limit:
+            if limit is not None and len(out) >= limit:
                 return out
     return out
 
