@@ -203,18 +203,21 @@ def table(results: dict) -> str:
              "estimate off (baseline): s (median, runs) | first / baseline | every move ≤ 1.5 s | "
              "CPU s to the first view, server / browser (median) |", "|---|---|---|---|---|---|---|---|"]
     for (page, label, method, key), by in results.items():
-        if "off" not in by:
+        if "on" not in by:
             continue
-        on, off = by["on"], by["off"]
+        on, off = by["on"], by.get("off")    # no "off" with --no-baseline
         first = [m["first_s"] for m in on]
         final = [m["final_s"] for m in on]
-        base = [m["final_s"] for m in off]
-        med, bmed = statistics.median(first), statistics.median(base)
-        way = f" ({WAYS[key]})" if sum(r[:3] == (page, label, method)
-                                                                   for r in results) > 1 else ""
+        med = statistics.median(first)
+        way = f" ({WAYS[key]})" if sum(r[:3] == (page, label, method) for r in results) > 1 else ""
+        if off:
+            base = [m["final_s"] for m in off]
+            bmed = statistics.median(base)
+            baseline = f"{bmed:.2f} ({', '.join(f'{x:.2f}' for x in base)}) | {med / bmed:.2f}×"
+        else:
+            baseline = "– | –"
         lines.append(f"| {page.replace('_', ' ')} | {f'{method} ' if method else ''}{label}{way} | {med:.2f} "
-                     f"({', '.join(f'{x:.2f}' for x in first)}) | {statistics.median(final):.2f} | {bmed:.2f} "
-                     f"({', '.join(f'{x:.2f}' for x in base)}) | {med / bmed:.2f}× | "
+                     f"({', '.join(f'{x:.2f}' for x in first)}) | {statistics.median(final):.2f} | {baseline} | "
                      f"{'yes' if max(first) <= TARGET_S else 'no'} | {cpu_shares(on)} |")
     return "\n".join(lines)
 
@@ -230,6 +233,8 @@ def main() -> int:
                     help="serve the app of this commit (a temporary git worktree) instead of this checkout")
     ap.add_argument("--json", default=None)
     ap.add_argument("--dwell", type=float, default=0.0, help="seconds looked at each final view before the next press")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="skip the estimate-off server (for a before/after of two commits, each run on its own)")
     ap.add_argument("--keys", default=None, help="comma list of keys to keep among the roles, e.g. ArrowLeft,PageDown")
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))   # a killed run still stops its servers
@@ -240,6 +245,7 @@ def main() -> int:
     print(f"commit {rev}; dwell {args.dwell:g} s; load average {os.getloadavg()}; {os.cpu_count()} CPUs; {args.preset} demo from {args.cache}",
           flush=True)
     results: dict = {r: {} for r in roles}
+    variants = ("on",) if args.no_baseline else ("on", "off")
     problems: list[str] = []
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="ms-first-estimate-") as tmp_s:
@@ -251,13 +257,13 @@ def main() -> int:
             subprocess.run(["git", "worktree", "add", "--detach", str(root), args.code_rev], cwd=ROOT, check=True,
                            capture_output=True)
         try:
-            for variant in ("on", "off"):   # each server its own cold caches (SVD factors, statistics)
+            for variant in variants:        # each server its own cold caches (SVD factors, statistics)
                 cache = preset_cache(args.cache.expanduser(), args.preset, tmp / f"cache-{variant}")
                 served = sorted(p.name for p in cache.iterdir())
                 servers[variant] = serve(root, cache, tmp / f"server-{variant}.log", variant == "on")
                 clocks[variant] = CpuClock(servers[variant][0].pid)
             for role in roles:              # interleaved page by page: drift on the machine hits both alike
-                for variant in ("on", "off"):
+                for variant in variants:
                     rows, bad = asyncio.run(visit(servers[variant][1], role, args.moves, args.timeout,
                                                   clocks[variant], args.dwell))
                     results[role][variant] = rows
@@ -271,7 +277,7 @@ def main() -> int:
                 stop_server(proc)
             if args.code_rev:
                 subprocess.run(["git", "worktree", "remove", "--force", str(root)], cwd=ROOT, capture_output=True)
-        for variant in ("on", "off"):
+        for variant in variants:
             text = (tmp / f"server-{variant}.log").read_text(errors="replace")
             if "Traceback" in text:
                 problems.append(f"server (estimate {variant}) logged a traceback: "

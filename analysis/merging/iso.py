@@ -301,11 +301,31 @@ def _outside_parts(ctx, name: str, taus, u_sum):
 
 def _projections(ctx, names: list[str], u_t, s_t, u_sum):
     """`task_projections` of a batch of names, kept in the memo per SpectralCache (a change of c then
-    forms no m-sized product; module doc: Memory)."""
-    key = ("iso_cts_projections", tuple(names), id(ctx.cache), str(ctx.device))
-    if key not in ctx.memo:
-        ctx.memo[key] = task_projections(u_t, s_t, u_sum)
-    return ctx.memo[key]
+    forms no m-sized product; module doc: Memory). Kept per batch and found per name: a batch computed
+    before is read whole (no copy); a batch cut differently (a stoppable background merge runs in smaller
+    groups, `analysis.merging.engine`) gathers its names' rows from the batches that hold them and forms
+    only what none holds, so no projection is computed, or kept, twice."""
+    tag = ("iso_cts_projections", id(ctx.cache), str(ctx.device))
+    where = [ctx.memo.get((*tag, "name", name)) for name in names]   # (batch key, index) per name
+    batch = where[0][0] if where[0] is not None else None
+    if batch is not None and [w for w in where] == [(batch, i) for i in range(len(names))] \
+            and ctx.memo[batch][0].shape[0] == len(names):
+        return ctx.memo[batch]
+    missing = [i for i, w in enumerate(where) if w is None]
+    if missing:
+        idx = torch.tensor(missing, device=u_t.device)
+        key = (*tag, "batch", tuple(names[i] for i in missing))
+        ctx.memo[key] = task_projections(u_t[idx] if len(missing) < len(names) else u_t,
+                                         s_t[idx] if len(missing) < len(names) else s_t,
+                                         u_sum[idx] if len(missing) < len(names) else u_sum)
+        for j, i in enumerate(missing):
+            where[i] = ctx.memo[(*tag, "name", names[i])] = (key, j)
+        if len(missing) == len(names):
+            return ctx.memo[key]
+    parts = [ctx.memo[b] for b, _ in where]
+    w = torch.stack([p[0][j] for p, (_, j) in zip(parts, where)])
+    g = None if parts[0][1] is None else torch.stack([p[1][j] for p, (_, j) in zip(parts, where)])
+    return w, g
 
 
 def topk_solver(choice: str, device) -> str:
