@@ -230,3 +230,47 @@ def test_a_stoppable_merge_runs_in_smaller_groups_with_the_same_result(monkeypat
     assert len(polls) == 3          # a.weight, c.weight (same shape) and b.weight: one group each
     for name in tvs.param_names:
         torch.testing.assert_close(stoppable[name], plain[name], atol=1e-6, rtol=1e-5)
+
+
+def test_a_background_merge_gives_way_to_a_merge_someone_asked_for():
+    inputs = MergeInputs(_set(resident=True), persist=False)
+    polled, outcome = threading.Event(), []
+
+    def asked():               # nobody asks this merge to stop; it holds on until a user's merge waits
+        polled.set()
+        t0 = time.time()
+        while inputs.waiting() == 0 and time.time() - t0 < 10:
+            time.sleep(0.005)
+        return False
+
+    def background():
+        try:
+            merge(inputs, "tsv_m", rank_fraction=0.3, stop=asked)
+            outcome.append("finished")
+        except MergeStopped:
+            outcome.append("stopped")
+
+    th = threading.Thread(target=background)
+    th.start()
+    assert polled.wait(10)
+    wanted = merge(inputs, "tsv_m", rank_fraction=0.2)     # waits for the lock; the background gives way
+    th.join(10)
+    assert outcome == ["stopped"] and inputs.waiting() == 0
+    fresh = merge(MergeInputs(inputs.tvs, persist=False), "tsv_m", rank_fraction=0.2)
+    for name in inputs.tvs.param_names:
+        torch.testing.assert_close(wanted[name], fresh[name], rtol=0, atol=0)
+
+
+def test_the_speculating_thread_runs_at_a_lower_priority():
+    import os
+    if not os.path.exists(f"/proc/self/task/{threading.get_native_id()}/stat"):
+        pytest.skip("per-thread niceness is read from Linux's /proc")
+
+    def nice(stop):
+        stat = open(f"/proc/self/task/{threading.get_native_id()}/stat").read()
+        return int(stat.rsplit(")", 1)[1].split()[16])
+    sp = Speculator()
+    sp.request([("n", nice)])
+    _wait(lambda: "n" in sp.keys())
+    assert sp.take("n") == speculate.SPECULATION_NICE
+    assert nice(None) == 0 or nice(None) < speculate.SPECULATION_NICE   # the caller's own is untouched

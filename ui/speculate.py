@@ -8,8 +8,10 @@ session's `Speculator` merges the knob sets one slider step away, most likely fi
 scores each on the first estimate's examples, in one background thread. A move onto one of them takes
 the finished merge and estimate (`Speculator.take`), or waits for the one in flight if that is the one
 asked for; a move anywhere else stops the speculation first, which `analysis.merging.engine.run` honours
-before its next parameter group (`MergeStopped`) and scoring between tasks, so a jump waits at most one
-group's work for it.
+before its next parameter group (`MergeStopped`; a stoppable merge runs in groups of at most 32 MiB) and
+scoring between tasks, so a jump waits at most one small group's work for it. A background merge also gives
+way to a merge any other session asks for on the same inputs (engine: `MergeInputs.waiting`), and the
+speculating thread runs at a lower priority (SPECULATION_NICE), so what users ask for wins the CPU.
 
 Kept: the results of the latest request only (at most MAX_CANDIDATES merged models, plus the one on screen;
 the page skips neighbours it has refined numbers for, since going back to one shows them at once),
@@ -27,6 +29,7 @@ from typing import Callable, Hashable
 from analysis.errors import HyperparameterError
 from ui.jobs import BackgroundJob, JobCancelled
 
+SPECULATION_NICE = 10   # the speculating thread's niceness (Linux: per thread): a user's own work wins the CPU
 MAX_CANDIDATES = 2   # knob sets merged ahead per view: each is one model copy (the quick demo's: 91 MB)
 
 
@@ -83,6 +86,15 @@ def _step(hp, value, direction: int, n_tasks: int):
     return new
 
 
+def lower_priority() -> None:
+    """Give the calling thread (and the torch worker threads it starts) SPECULATION_NICE, where the OS
+    allows a thread its own (Linux); elsewhere nothing changes."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SPECULATION_NICE)
+    except (AttributeError, OSError):
+        pass
+
+
 class Speculator:
     """One background job per session working through the latest request's candidates in order.
 
@@ -117,6 +129,7 @@ class Speculator:
                 self._job = BackgroundJob(lambda report: self._work(stop, report), label="speculate")
 
     def _work(self, stop: threading.Event, report) -> None:
+        lower_priority()
         def stopped() -> bool:   # this request overtaken, or the server stopping (ui.jobs.stop_all)
             if not stop.is_set():
                 try:

@@ -153,12 +153,19 @@ def run(method: MergeMethod, inputs, params: dict, *, polar: str = "auto", topk:
     With a `sink`, tensors go there as they are made and None is returned. One merge runs at a time per
     inputs (`inputs.merge_lock`: methods share its memo). `stop`, polled before each parameter group
     (shape groups then cut at STOPPABLE_GROUP_BYTES), ends the merge with `MergeStopped` when it returns
-    True; what finished groups memoised stays valid."""
+    True, or when a merge without one (someone's own request, from any session) is waiting for the lock;
+    what finished groups memoised stays valid."""
     lock = getattr(inputs, "merge_lock", None)
     if lock is None:
         return _run(method, inputs, params, polar, topk, sink, stop)
-    with lock:
-        return _run(method, inputs, params, polar, topk, sink, stop)
+    if stop is not None:   # a background merge also gives way to any merge someone waits for
+        asked, waiting = stop, inputs.waiting
+        stop = lambda: asked() or waiting() > 0   # noqa: E731
+        with lock:
+            return _run(method, inputs, params, polar, topk, sink, stop)
+    with inputs.wait_for_merge():
+        with lock:
+            return _run(method, inputs, params, polar, topk, sink, stop)
 
 
 def _run(method, inputs, params, polar, topk, sink, stop):

@@ -18,6 +18,7 @@ knob changes (SVDs of task sums, the last unscaled merge).
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -52,10 +53,26 @@ class MergeInputs:
         # one merge at a time per inputs: the memo is shared by every session on a workspace and by the
         # Merge page's background merges of neighbouring knob values (ui/speculate.py)
         self.merge_lock = threading.RLock()
+        self._waiting, self._waiting_guard = 0, threading.Lock()
         self._spectra: dict[bool, object] = {}
         if spectral_cache is not None:
             self._spectra[len(spectral_cache.names) > len(tvs.names_of_kind("matrix", "conv"))] = spectral_cache
         self._stats = None
+
+    def waiting(self) -> int:
+        """How many merges that cannot be stopped (someone asked for them) are waiting for or holding
+        `merge_lock`: a background merge of a neighbouring knob value stops for them."""
+        return self._waiting
+
+    @contextmanager
+    def wait_for_merge(self):
+        with self._waiting_guard:
+            self._waiting += 1
+        try:
+            yield
+        finally:
+            with self._waiting_guard:
+                self._waiting -= 1
 
     def _report(self, done: int, total: int, what: str) -> None:
         if self.progress is not None:   # looked up per call: a page sets it around one merge
