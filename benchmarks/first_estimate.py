@@ -233,6 +233,7 @@ def main() -> int:
                     help="serve the app of this commit (a temporary git worktree) instead of this checkout")
     ap.add_argument("--json", default=None)
     ap.add_argument("--dwell", type=float, default=0.0, help="seconds looked at each final view before the next press")
+    ap.add_argument("--keep-logs", type=Path, default=None, help="copy the servers' logs into this folder")
     ap.add_argument("--no-baseline", action="store_true",
                     help="skip the estimate-off server (for a before/after of two commits, each run on its own)")
     ap.add_argument("--keys", default=None, help="comma list of keys to keep among the roles, e.g. ArrowLeft,PageDown")
@@ -279,6 +280,9 @@ def main() -> int:
                 subprocess.run(["git", "worktree", "remove", "--force", str(root)], cwd=ROOT, capture_output=True)
         for variant in variants:
             text = (tmp / f"server-{variant}.log").read_text(errors="replace")
+            if args.keep_logs is not None:
+                args.keep_logs.mkdir(parents=True, exist_ok=True)
+                (args.keep_logs / f"server-{variant}.log").write_text(text)
             if "Traceback" in text:
                 problems.append(f"server (estimate {variant}) logged a traceback: "
                                 + text[text.index("Traceback"):][:1500])
