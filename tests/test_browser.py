@@ -79,8 +79,8 @@ def stop_server(proc: subprocess.Popen, timeout: float = 20.0) -> None:
         proc.wait()
 
 
-def start_app(cache: Path, port: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "MERGESCOPE_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+def start_app(cache: Path, port: int, log: Path, **extra_env: str) -> subprocess.Popen:
+    env = {**os.environ, "MERGESCOPE_CACHE": str(cache), "PYTHONUNBUFFERED": "1", **extra_env}
     proc = subprocess.Popen(start_app_cmd(port), cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     wait_healthy(proc, port, log, START_TIMEOUT)
     return proc
@@ -226,6 +226,57 @@ def test_every_page_in_chromium(tiny_demo_dir, tmp_path):
         assert Path(shot).stat().st_size > 10_000  # a rendered page, not a blank one
     assert len(res["slider_to_figure_s"]) == 1
     assert res["html_report"]["plots"] >= 2 and "configurations" in res["html_report"]["config_keys"]
+
+
+@pytest.mark.browser
+@pytest.mark.timeout(600)
+def test_merge_slider_steps_and_jumps_with_the_cpu_estimate_and_speculation(tiny_demo_dir, tmp_path):
+    """As users run it on a CPU: the first estimate and the background merges of the next slider step on
+    (the suite's defaults turn both off). A step, a step back, a jump and a step while a speculation may
+    be running all end without an exception or a server traceback, and the server then stops on SIGTERM."""
+    from playwright.sync_api import sync_playwright
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is absent (Debian: apt-get install chromium)")
+    log = tmp_path / "streamlit.log"
+    port = free_port()
+    proc = start_app(tiny_demo_dir, port, log, MERGESCOPE_FIRST_ESTIMATE="1", MERGESCOPE_SPECULATE="1",
+                     MERGESCOPE_LOG="INFO")   # the engine logs each merge: requested or background
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_context(viewport={"width": 1400, "height": 900}).new_page()
+            page.goto(f"http://127.0.0.1:{port}/Merge?ws=demo-tiny&method=iso_cts&common_fraction=0.5",
+                      wait_until="domcontentloaded")
+            wait_idle(page)
+            check_no_exception(page, "Merge (iso_cts)")
+            slider = page.locator('[data-testid="stSlider"]', has_text="common fraction").locator(
+                '[role="slider"], input[type="range"]').first
+            seen = []
+            for key, pause in (("ArrowLeft", 3.0), ("ArrowLeft", 3.0), ("ArrowRight", 3.0), ("PageDown", 0.0),
+                               ("ArrowLeft", 0.0)):
+                time.sleep(pause)        # a look at the view: the next step is merged meanwhile
+                slider.focus()
+                slider.press(key)
+                wait_idle(page)
+                check_no_exception(page, f"Merge after {key}")
+                seen.append(slider.get_attribute("aria-valuenow") or slider.input_value())
+                assert page.locator(".js-plotly-plot").count() >= 1
+            browser.close()
+        assert [round(float(v), 2) for v in seen] == [0.49, 0.48, 0.49, 0.39, 0.38], seen
+    finally:
+        t0 = time.time()
+        stop_server(proc, 15)
+        stopped_in = time.time() - t0
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text, text[text.find("Traceback"):][:3000]
+    assert stopped_in < 15, f"the server took {stopped_in:.1f} s to stop on SIGTERM"
+
+    def merges(c: float, kind: str) -> int:
+        return len(re.findall(rf'merge: iso_cts {{[^}}]*"common_fraction": {c}[,}}][^\n]* in [\d.]+ s \({kind}\)', text))
+    # the two steps after a look were merged in the background, and never on request
+    assert merges(0.49, "background") >= 1 and merges(0.48, "background") >= 1, text[-3000:]
+    assert merges(0.48, "requested") == 0 and merges(0.5, "requested") == 1, text[-3000:]
+    assert merges(0.39, "requested") == 1           # the jump: merged on request
 
 
 def quick_demo_cache(tmp: Path) -> Path | None:

@@ -274,3 +274,17 @@ def test_the_speculating_thread_runs_at_a_lower_priority():
     _wait(lambda: "n" in sp.keys())
     assert sp.take("n") == speculate.SPECULATION_NICE
     assert nice(None) == 0 or nice(None) < speculate.SPECULATION_NICE   # the caller's own is untouched
+
+
+def test_each_merge_is_logged_as_requested_or_background(caplog):
+    import logging
+    inputs = MergeInputs(_set(resident=True), persist=False)
+    with caplog.at_level(logging.INFO, logger="analysis.merging.engine"):
+        merge(inputs, "iso_cts", common_fraction=0.5)
+        merge(inputs, "iso_cts", common_fraction=0.4, stop=lambda: False)
+        with pytest.raises(MergeStopped):
+            merge(inputs, "iso_cts", common_fraction=0.3, stop=lambda: True)
+    lines = [r.getMessage() for r in caplog.records if r.name == "analysis.merging.engine"]
+    assert '"common_fraction": 0.5' in lines[0] and lines[0].endswith("(requested)")
+    assert '"common_fraction": 0.4' in lines[1] and lines[1].endswith("(background)")
+    assert '"common_fraction": 0.3' in lines[2] and "stopped after" in lines[2] and lines[2].endswith("(background)")

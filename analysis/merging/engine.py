@@ -29,7 +29,10 @@ export go through `for_task`/`models()` and need no per-method branch.
 """
 from __future__ import annotations
 
+import json
+import logging
 import math
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Callable, Iterator
@@ -38,6 +41,9 @@ import torch
 
 from analysis.errors import ValidationError
 from analysis.merging.base import MergeContext, MergeMethod, mean_rule
+
+log = logging.getLogger(__name__)
+
 
 class MergeStopped(Exception):
     """Raised by `run` between parameter groups when its `stop()` returns True (a background merge of a
@@ -158,14 +164,27 @@ def run(method: MergeMethod, inputs, params: dict, *, polar: str = "auto", topk:
     lock = getattr(inputs, "merge_lock", None)
     if lock is None:
         return _run(method, inputs, params, polar, topk, sink, stop)
-    if stop is not None:   # a background merge also gives way to any merge someone waits for
-        asked, waiting = stop, inputs.waiting
-        stop = lambda: asked() or waiting() > 0   # noqa: E731
-        with lock:
-            return _run(method, inputs, params, polar, topk, sink, stop)
-    with inputs.wait_for_merge():
-        with lock:
-            return _run(method, inputs, params, polar, topk, sink, stop)
+    kind = "requested" if stop is None else "background"
+    t0 = time.perf_counter()
+    try:
+        if stop is not None:   # a background merge also gives way to any merge someone waits for
+            asked, waiting = stop, inputs.waiting
+            stop = lambda: asked() or waiting() > 0   # noqa: E731
+            with lock:
+                out = _run(method, inputs, params, polar, topk, sink, stop)
+        else:
+            with inputs.wait_for_merge():
+                with lock:
+                    out = _run(method, inputs, params, polar, topk, sink, stop)
+    except MergeStopped:
+        log.info("merge: %s %s stopped after %.3f s (%s)", method.name, _knobs(params), time.perf_counter() - t0, kind)
+        raise
+    log.info("merge: %s %s in %.3f s (%s)", method.name, _knobs(params), time.perf_counter() - t0, kind)
+    return out
+
+
+def _knobs(params: dict) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
 
 
 def _run(method, inputs, params, polar, topk, sink, stop):
