@@ -26,18 +26,22 @@ class ScoringStopped(Exception):
 
 
 def merged_accuracy(evaluator, result, split: str = "validation", subsample: int | None = None,
-                    stop: Callable[[], bool] | None = None) -> dict[str, float]:
+                    stop: Callable[[], bool] | None = None, tasks_per_poll: int = 1) -> dict[str, float]:
     """{task: accuracy} of base + the delta each task is scored with, for every
     task the evaluator scores (one pass per distinct model: one for a merge,
     one per task for per-task methods such as TSV-C).
 
-    `stop`: polled between tasks; when it returns True, `ScoringStopped` is
-    raised (a background refinement whose slider has moved on)."""
+    `stop`: polled between tasks (every `tasks_per_poll` of them: each poll
+    ends one pooled forward pass, and one task of 8 examples a pass took twice
+    the time of all 8 tasks in one, 0.77 against 0.37 s on the quick demo);
+    when it returns True, `ScoringStopped` is raised (a background refinement
+    whose slider has moved on)."""
     result = as_result(result, evaluator.tasks)
     out = {}
     for tasks, delta in result.models():
         scored = [t for t in tasks if t in evaluator.tasks]
-        for chunk in ([scored] if stop is None else [[t] for t in scored]):
+        step = len(scored) if stop is None else max(1, tasks_per_poll)
+        for chunk in [scored[i:i + step] for i in range(0, len(scored), step)]:
             if not chunk:
                 continue
             if stop is not None and stop():
