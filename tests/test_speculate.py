@@ -301,3 +301,31 @@ def test_scoring_polls_its_stop_every_few_tasks_with_the_same_numbers(tiny_works
     assert chunked == pooled and len(polls) == 2           # 3 tasks: two passes of 2 and 1
     with pytest.raises(ScoringStopped):
         merged_accuracy(ws.evaluator, delta, subsample=8, stop=lambda: True, tasks_per_poll=2)
+
+
+def test_the_speculation_waits_while_any_session_refines():
+    from ui.jobs import BackgroundJob
+    release = threading.Event()
+    refining = BackgroundJob(lambda report: release.wait(10), label="refine")   # another session's refinement
+    sp = Speculator()
+    sp.request([("k", lambda stop: "done")])
+    time.sleep(0.5)
+    assert "k" not in sp.keys() and sp._job.running          # held back while the refinement runs
+    release.set()
+    refining.join(10)
+    _wait(lambda: "k" in sp.keys())
+    assert sp.take("k") == "done"
+
+
+def test_a_held_back_speculation_still_stops_at_once():
+    from ui.jobs import BackgroundJob
+    release = threading.Event()
+    refining = BackgroundJob(lambda report: release.wait(10), label="refine")
+    sp = Speculator()
+    sp.request([("k", lambda stop: "done")])
+    time.sleep(0.2)
+    assert sp.take("elsewhere") is None
+    _wait(lambda: not sp._job.running, timeout=2)
+    release.set()
+    refining.join(10)
+    assert "k" not in sp.keys()

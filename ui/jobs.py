@@ -81,6 +81,11 @@ class BackgroundJob:
 _LIVE: "weakref.WeakSet[BackgroundJob]" = weakref.WeakSet()
 
 
+def any_running(label: str) -> bool:
+    """Whether a job with this label is running in this process (any session)."""
+    return any(job.label == label and job.running for job in list(_LIVE))
+
+
 def stop_all(timeout: float) -> list[tuple[str, bool, str]]:
     """Cancel every running job and wait up to `timeout` seconds in all:
     [(label, stopped, last message)] for each job that was running."""

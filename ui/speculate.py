@@ -10,8 +10,9 @@ the finished merge and estimate (`Speculator.take`), or waits for the one in fli
 asked for; a move anywhere else stops the speculation first, which `analysis.merging.engine.run` honours
 before its next parameter group (`MergeStopped`; a stoppable merge runs in groups of at most 32 MiB) and
 scoring between tasks, so a jump waits at most one small group's work for it. A background merge also gives
-way to a merge any other session asks for on the same inputs (engine: `MergeInputs.waiting`), and the
-speculating thread runs at a lower priority (SPECULATION_NICE), so what users ask for wins the CPU.
+way to a merge any other session asks for on the same inputs (engine: `MergeInputs.waiting`), waits while
+any session's refinement runs (`others_busy`), and runs at a lower priority (SPECULATION_NICE), so what users
+ask for wins the CPU.
 
 Kept: the results of the latest request only (at most MAX_CANDIDATES merged models, plus the one on screen;
 the page skips neighbours it has refined numbers for, since going back to one shows them at once),
@@ -24,10 +25,11 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Callable, Hashable
 
 from analysis.errors import HyperparameterError
-from ui.jobs import BackgroundJob, JobCancelled
+from ui.jobs import BackgroundJob, JobCancelled, any_running
 
 SPECULATION_NICE = 10   # the speculating thread's niceness (Linux: per thread): a user's own work wins the CPU
 # tasks scored per pooled pass between stop polls: the quick demo's 8 × 8 estimate took 0.77 s one task a pass,
@@ -98,6 +100,16 @@ def lower_priority() -> None:
         pass
 
 
+BUSY_POLL_S = 0.1
+
+
+def others_busy() -> bool:
+    """Whether any session's refinement (`ui.refine`, label "refine") is running in this process: the
+    speculation waits for it. 8 sessions on the 2-core CPU moving sliders at once (benchmarks/sessions.py)
+    had p50 / p95 of 2.78 / 4.93 s a move without speculation and 3.07 / 5.69 s with it before this wait."""
+    return any_running("refine")
+
+
 class Speculator:
     """One background job per session working through the latest request's candidates in order.
 
@@ -133,6 +145,7 @@ class Speculator:
 
     def _work(self, stop: threading.Event, report) -> None:
         lower_priority()
+
         def stopped() -> bool:   # this request overtaken, or the server stopping (ui.jobs.stop_all)
             if not stop.is_set():
                 try:
@@ -142,6 +155,8 @@ class Speculator:
             return stop.is_set()
 
         while not stop.is_set():
+            while not stopped() and others_busy():   # another session's refinement first: they wait for it
+                time.sleep(BUSY_POLL_S)
             with self._lock:
                 if not self._queue or stop is not self._stop:
                     self._current = None
