@@ -329,3 +329,20 @@ def test_a_held_back_speculation_still_stops_at_once():
     release.set()
     refining.join(10)
     assert "k" not in sp.keys()
+
+
+def test_other_work_in_the_process_counts_as_busy():
+    from ui.speculate import others_busy
+    assert any(not others_busy(0.2) for _ in range(10))   # an idle test process (other tests' threads may linger)
+    done = threading.Event()
+
+    def spin():
+        while not done.is_set():
+            sum(range(1000))
+    t = threading.Thread(target=spin)
+    t.start()
+    try:
+        assert others_busy(0.2)
+    finally:
+        done.set()
+        t.join()

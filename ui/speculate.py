@@ -11,7 +11,7 @@ asked for; a move anywhere else stops the speculation first, which `analysis.mer
 before its next parameter group (`MergeStopped`; a stoppable merge runs in groups of at most 32 MiB) and
 scoring between tasks, so a jump waits at most one small group's work for it. A background merge also gives
 way to a merge any other session asks for on the same inputs (engine: `MergeInputs.waiting`), waits while
-any session's refinement runs (`others_busy`), and runs at a lower priority (SPECULATION_NICE), so what users
+anything else in the server uses the CPU (`others_busy`: a refinement, or the process's CPU time), and runs at a lower priority (SPECULATION_NICE), so what users
 ask for wins the CPU.
 
 Kept: the results of the latest request only (at most MAX_CANDIDATES merged models, plus the one on screen;
@@ -101,13 +101,20 @@ def lower_priority() -> None:
 
 
 BUSY_POLL_S = 0.1
+BUSY_CPU_FRACTION = 0.25   # the server process's CPU use, as a fraction of one core, above which it is busy
 
 
-def others_busy() -> bool:
-    """Whether any session's refinement (`ui.refine`, label "refine") is running in this process: the
-    speculation waits for it. 8 sessions on the 2-core CPU moving sliders at once (benchmarks/sessions.py)
-    had p50 / p95 of 2.78 / 4.93 s a move without speculation and 3.07 / 5.69 s with it before this wait."""
-    return any_running("refine")
+def others_busy(sample_s: float = BUSY_POLL_S) -> bool:
+    """Whether other work in this server process (any session's script run, refinement or merge) is using
+    the CPU: a running refinement (`ui.refine`, label "refine"), or the process's CPU time over `sample_s`
+    of wall time above BUSY_CPU_FRACTION of one core, measured while this thread sleeps (an idle server is
+    near 0). 8 sessions moving sliders at once on the 2-core CPU (benchmarks/sessions.py) had p50 / p95 of
+    2.67–2.78 / 4.82–4.93 s a move with no speculation, 3.07 / 5.69 s with speculation before this wait."""
+    if any_running("refine"):
+        return True
+    c0, t0 = time.process_time(), time.monotonic()
+    time.sleep(sample_s)
+    return (time.process_time() - c0) / max(1e-9, time.monotonic() - t0) > BUSY_CPU_FRACTION
 
 
 class Speculator:
@@ -155,8 +162,8 @@ class Speculator:
             return stop.is_set()
 
         while not stop.is_set():
-            while not stopped() and others_busy():   # another session's refinement first: they wait for it
-                time.sleep(BUSY_POLL_S)
+            while not stopped() and others_busy():   # what sessions asked for first (it samples for 0.1 s)
+                pass
             with self._lock:
                 if not self._queue or stop is not self._stop:
                     self._current = None
