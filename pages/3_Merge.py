@@ -72,7 +72,7 @@ def knob_widget(method: str, hp, key: str, from_url: bool):
         return url.widget(st.slider, label, min_value=float(hp.low), max_value=float(hp.high), step=float(hp.step),
                           **common)
     if hp.type == "int":
-        fn = st.slider if hp.high - hp.low <= 64 else st.number_input
+        fn = st.slider if speculate.is_slider(hp) else st.number_input
         return url.widget(fn, label, min_value=int(hp.low), max_value=int(hp.high), step=int(hp.step or 1), **common)
     if hp.type == "bool":
         return url.widget(st.checkbox, label, **common)

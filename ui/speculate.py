@@ -11,8 +11,8 @@ asked for; a move anywhere else stops the speculation first, which `analysis.mer
 before its next parameter group (`MergeStopped`; a stoppable merge runs in groups of at most 32 MiB) and
 scoring between tasks, so a jump waits at most one small group's work for it. A background merge also gives
 way to a merge any other session asks for on the same inputs (engine: `MergeInputs.waiting`), waits while
-anything else in the server uses the CPU (`others_busy`: a refinement, or the process's CPU time), and runs at a lower priority (SPECULATION_NICE), so what users
-ask for wins the CPU.
+anything else in the server uses the CPU (`others_busy`: a refinement, or the process's CPU time), and runs
+at a lower priority (SPECULATION_NICE), so what users ask for wins the CPU.
 
 Kept: the results of the latest request only (at most MAX_CANDIDATES merged models, plus the one on screen;
 the page skips neighbours it has refined numbers for, since going back to one shows them at once),
@@ -42,10 +42,15 @@ def enabled() -> bool:
     return os.environ.get("MERGESCOPE_SPECULATE", "1") != "0"
 
 
+def is_slider(hp) -> bool:
+    """Whether the Merge page draws this knob as a slider (pages/3_Merge.py: knob_widget): every float, and
+    ints with at most 64 values; other ints get a number box."""
+    return hp.type == "float" or (hp.type == "int" and hp.high - hp.low <= 64)
+
+
 def slider_knobs(spec) -> list:
-    """The method's knobs the Merge page draws as sliders (pages/3_Merge.py: knob_widget)."""
-    return [hp for hp in spec.hyperparameters
-            if hp.type == "float" or (hp.type == "int" and hp.high - hp.low <= 64)]
+    """The method's knobs the Merge page draws as sliders."""
+    return [hp for hp in spec.hyperparameters if is_slider(hp)]
 
 
 def neighbours(spec, params: dict, previous: dict | None, n_tasks: int, limit: int | None = None) -> list[dict]:
@@ -78,14 +83,11 @@ def neighbours(spec, params: dict, previous: dict | None, n_tasks: int, limit: i
 
 
 def _step(hp, value, direction: int, n_tasks: int):
-    step = hp.step or 1
-    high = hp.high_for(n_tasks) if hp.capped_by_tasks else hp.high
-    new = value + direction * step
-    if hp.type == "int":
-        new = int(round(new))
-    else:
-        decimals = max(0, -int(f"{float(step):e}".split("e")[1])) + 6
-        new = round(new, decimals)
+    """value one step up (+1) or down (−1), on the step's grid (0.8 − 0.01 is 0.79, not 0.7900000000000001,
+    as the slider sends it); None past the declared range."""
+    new = value + direction * (hp.step or 1)
+    new = int(round(new)) if hp.type == "int" else round(new, 10)
+    high = hp.high_for(n_tasks)
     if (hp.low is not None and new < hp.low) or (high is not None and new > high):
         return None
     return new

@@ -34,6 +34,7 @@ import logging
 import math
 import time
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
@@ -166,16 +167,12 @@ def run(method: MergeMethod, inputs, params: dict, *, polar: str = "auto", topk:
         return _run(method, inputs, params, polar, topk, sink, stop)
     kind = "requested" if stop is None else "background"
     t0 = time.perf_counter()
+    if stop is not None:   # a background merge also gives way to any merge someone waits for
+        asked, waiting = stop, inputs.waiting
+        stop = lambda: asked() or waiting() > 0   # noqa: E731
     try:
-        if stop is not None:   # a background merge also gives way to any merge someone waits for
-            asked, waiting = stop, inputs.waiting
-            stop = lambda: asked() or waiting() > 0   # noqa: E731
-            with lock:
-                out = _run(method, inputs, params, polar, topk, sink, stop)
-        else:
-            with inputs.wait_for_merge():
-                with lock:
-                    out = _run(method, inputs, params, polar, topk, sink, stop)
+        with inputs.wait_for_merge() if kind == "requested" else nullcontext(), lock:
+            out = _run(method, inputs, params, polar, topk, sink, stop)
     except MergeStopped:
         log.info("merge: %s %s stopped after %.3f s (%s)", method.name, _knobs(params), time.perf_counter() - t0, kind)
         raise

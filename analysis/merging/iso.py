@@ -308,16 +308,16 @@ def _projections(ctx, names: list[str], u_t, s_t, u_sum):
     tag = ("iso_cts_projections", id(ctx.cache), str(ctx.device))
     where = [ctx.memo.get((*tag, "name", name)) for name in names]   # (batch key, index) per name
     batch = where[0][0] if where[0] is not None else None
-    if batch is not None and [w for w in where] == [(batch, i) for i in range(len(names))] \
+    if batch is not None and where == [(batch, i) for i in range(len(names))] \
             and ctx.memo[batch][0].shape[0] == len(names):
         return ctx.memo[batch]
     missing = [i for i, w in enumerate(where) if w is None]
     if missing:
-        idx = torch.tensor(missing, device=u_t.device)
+        if len(missing) < len(names):
+            idx = torch.tensor(missing, device=u_t.device)
+            u_t, s_t, u_sum = u_t[idx], s_t[idx], u_sum[idx]
         key = (*tag, "batch", tuple(names[i] for i in missing))
-        ctx.memo[key] = task_projections(u_t[idx] if len(missing) < len(names) else u_t,
-                                         s_t[idx] if len(missing) < len(names) else s_t,
-                                         u_sum[idx] if len(missing) < len(names) else u_sum)
+        ctx.memo[key] = task_projections(u_t, s_t, u_sum)
         for j, i in enumerate(missing):
             where[i] = ctx.memo[(*tag, "name", names[i])] = (key, j)
         if len(missing) == len(names):
