@@ -36,7 +36,7 @@ from analysis.errors import HyperparameterError, MergescopeError
 from analysis.merging import METHODS, available_methods, merge, unavailable
 from analysis.merging.scoring import comparison_table, merged_accuracy, wide
 from analysis.plots.merge import accuracy_bars
-from ui import history, speculate, url
+from ui import history, presence, speculate, url
 from ui.labelfree import label_free_view
 from ui.refine import FIRST_ESTIMATE, Refiner, needs_estimate, wait_for_refinement
 from ui.state import (merge_inputs, references, references_on_examples, require_workspace, start_page,
@@ -185,7 +185,8 @@ def speculation_jobs(n: int | None) -> list:
     return jobs[:speculate.MAX_CANDIDATES]
 
 
-speculator = st.session_state.setdefault("merge_speculator", speculate.Speculator())
+speculator = st.session_state.setdefault("merge_speculator",
+                                         speculate.Speculator(presence.session_token(st.session_state)))
 view_key = (ws.key, method_name, merge_key, split if has_eval else None)
 # a move onto a speculated neighbour takes its merge and estimate; any other move stops the speculation first
 speculated = speculator.take(view_key)

@@ -11,13 +11,15 @@ import torch
 from analysis.merging import METHODS, MergeInputs, MergeStopped, merge
 from analysis.merging.common import SLOTS_RESIDENT
 from analysis.taskvectors import TaskVectorSet
-from ui import speculate
+from ui import presence, speculate
 from ui.speculate import Speculator, neighbours
 
 
 @pytest.fixture(autouse=True)
 def _no_job_outlives_its_test():
-    """A speculation still merging at interpreter exit aborts it (a torch thread torn down mid-call)."""
+    """A speculation still merging at interpreter exit aborts it (a torch thread torn down mid-call). Each test
+    starts with no other sessions seen (other tests' page runs would count as users of the server)."""
+    presence.forget_all()
     yield
     from ui.jobs import stop_all
     stop_all(60.0)
@@ -346,3 +348,37 @@ def test_other_work_in_the_process_counts_as_busy():
     finally:
         done.set()
         t.join()
+
+
+# ------------------------------------------------------------------ sessions sharing the server
+
+def test_sessions_count_as_active_while_their_page_ran_recently():
+    presence.seen("a", now=100.0)
+    presence.seen("b", now=120.0)
+    assert presence.active(now=125.0) == {"a", "b"}
+    assert presence.active(now=100.0 + presence.ACTIVE_S + 1) == {"b"}     # a is reading, or gone
+    assert presence.room(2) == 1 and presence.room(1) == 1 and presence.room(16) == 8
+    assert not presence.crowded("a", now=125.0, cpus=4)                   # two sessions, room for two
+    assert presence.crowded("a", now=125.0, cpus=2) and presence.crowded(None, now=125.0, cpus=2)
+    assert not presence.crowded("b", now=100.0 + presence.ACTIVE_S + 1, cpus=2)   # only b itself
+
+
+def test_each_session_gets_its_own_token():
+    one, two = {}, {}
+    assert presence.session_token(one) == presence.session_token(one) != presence.session_token(two)
+
+
+def test_the_speculation_merges_nothing_while_other_sessions_use_a_small_server(monkeypatch):
+    monkeypatch.setattr(presence, "room", lambda cpus=None: 1)
+    presence.seen("mine")
+    presence.seen("someone else")
+    ran = []
+    sp = Speculator(session="mine")
+    sp.request([("k", lambda stop: ran.append("k") or "done")])
+    _wait(lambda: not sp._job.running, timeout=5)
+    assert ran == [] and sp.keys() == [] and sp.take("k") is None
+    presence.forget_all()                                   # the other session left
+    presence.seen("mine")
+    sp.request([("k", lambda stop: ran.append("k") or "done")])
+    _wait(lambda: "k" in sp.keys())
+    assert ran == ["k"] and sp.take("k") == "done"

@@ -230,8 +230,10 @@ def device_label(info: dict | None = None) -> str:
 
 def start_page(name: str, title: str | None = None) -> None:
     """The preamble every page shares: browser-tab title, wide layout, sidebar status, heading."""
+    from ui import presence
     from ui.workspaces import sync_workspace
     st.set_page_config(page_title=f"mergescope · {name}", layout="wide")
+    presence.seen(presence.session_token(st.session_state))   # who uses the server (ui/presence.py)
     sync_workspace()   # a link's workspace is opened here, and the session's is written to the URL
     sidebar_status()
     st.title(title or name)
