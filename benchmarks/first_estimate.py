@@ -51,6 +51,7 @@ ROLES = [
     ("Merge", "alpha", "task_arithmetic", "ArrowRight"),
     ("Merge", "rank fraction", "tsv_m", "ArrowRight"),   # from 1/T up: capped fractions, one merge (tsv.py)
     ("Merge", "rank fraction", "tsv_m", "ArrowLeft"),    # down from 1/T: every move a new rank
+    ("Merge", "rank fraction", "tsv_m", "PageDown"),     # a jump down (0.05): 1/T → 0.075 → 0.025 → 0.005
     ("Merge", "common fraction", "iso_cts", "ArrowLeft"),
     ("Merge", "common fraction", "iso_cts", "PageDown"),   # a jump (10 steps): never a speculated neighbour
     ("Loss_Landscape", "λ points", None, "ArrowRight"),

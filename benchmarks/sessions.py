@@ -15,6 +15,10 @@ page through the sidebar, and, for Merge sessions, picks its own method.
 Latency of a move: from the key press to the end of the script run it
 triggers, read from the page's own clock (Streamlit's `stApp` element
 carries the script state; a MutationObserver records its changes).
+A press that neither moves the slider nor starts a run within 20 s is pressed
+again; a move whose slider moved while no run was seen (under load the
+browser can apply a run's start and end in one render) is not timed. Both
+are counted in the summary.
 Checks, any failure is reported and makes the exit status 1: no exception
 box on any page; each Merge session's chart is titled with its own method
 after every move, and its exported HTML report lists only its own
@@ -62,6 +66,8 @@ ROLES = [
 ]
 DEFAULT_METHOD = "task_arithmetic"   # what the Merge page opens with
 RUN_TIMEOUT_S = float(os.environ.get("SESSIONS_RUN_TIMEOUT_S", 300))
+# a press that neither moved the slider nor started a run within LOST_PRESS_S is pressed again (counted)
+LOST_PRESS_S, LOST_PRESS_RETRIES = 20.0, 2
 RECORDER = """
 window.__msRuns = [];
 new MutationObserver(ms => { for (const m of ms) window.__msRuns.push(
@@ -94,6 +100,8 @@ class Session:
     problems: list[str] = field(default_factory=list)
     direction: int = 1
     steps: int = 0
+    lost_presses: int = 0
+    unobserved: int = 0
 
     @property
     def label(self) -> str:
@@ -156,7 +164,7 @@ async def _stuck(s: Session, what: str, tag: str) -> RuntimeError:
     return RuntimeError(f"{s.label}: {what} ({s.page.url}); the page is in {shot}")
 
 
-async def move(s: Session) -> float:
+async def move(s: Session) -> float | None:
     """One key press on the session's slider (three steps one way, then three back); ms to the run's end."""
     slider = s.page.locator('[data-testid="stSlider"]', has_text=s.slider).first.locator('[role="slider"], input[type="range"]')
     if s.steps and s.steps % 3 == 0:
@@ -166,12 +174,37 @@ async def move(s: Session) -> float:
         await slider.focus()
     except Exception as exc:
         raise await _stuck(s, f"its {s.slider!r} slider was not found", "slider") from exc
-    start = await s.page.evaluate(RUN_START)
-    await slider.press("ArrowRight" if s.direction > 0 else "ArrowLeft")
-    try:
-        ms = await run_end_ms(s.page, start)
-    except Exception as exc:
-        raise await _stuck(s, f"move {s.steps}'s script run did not end", "run") from exc
+    key = "ArrowRight" if s.direction > 0 else "ArrowLeft"
+    before = await slider.get_attribute("aria-valuenow")
+    for attempt in range(1 + LOST_PRESS_RETRIES):
+        start = await s.page.evaluate(RUN_START)
+        await slider.press(key)
+        try:
+            handle = await s.page.wait_for_function(RUN_ENDED, arg=start, timeout=LOST_PRESS_S * 1000, polling=20)
+            break
+        except Exception:
+            state = await s.page.evaluate(RUN_START)
+            moved = await slider.get_attribute("aria-valuenow") != before
+            if attempt < LOST_PRESS_RETRIES and state[1] == "notRunning" and not moved:
+                # the press changed nothing and started no run (the slider was re-drawn under the focus):
+                # counted, and pressed again, as a user would
+                s.lost_presses += 1
+                await slider.focus()
+                continue
+            if state[1] == "notRunning" and moved:
+                # the slider moved and the page is idle, but no run was seen: under load the browser can
+                # apply a run's start and end in one render, so the script state never reads "running".
+                # Counted, and left out of the latencies (it was not timed)
+                s.unobserved += 1
+                await check(s, f"move {s.steps}")
+                return None
+            try:
+                handle = await s.page.wait_for_function(RUN_ENDED, arg=start, polling=20,
+                                                        timeout=(RUN_TIMEOUT_S - LOST_PRESS_S) * 1000)
+                break
+            except Exception as exc:
+                raise await _stuck(s, f"move {s.steps}'s script run did not end", "run") from exc
+    ms = float(await handle.json_value())
     await check(s, f"move {s.steps}")
     return ms
 
@@ -221,12 +254,14 @@ async def drive(base: str, roles, moves: int, seconds: float) -> list[Session]:
         print(f"cold start: {len(sessions)} sessions opened their pages in {time.perf_counter() - t0:.1f} s", flush=True)
         for s in sessions:                                                      # 2. each alone
             for _ in range(moves):
-                s.alone_ms.append(await move(s))
+                if (ms := await move(s)) is not None:
+                    s.alone_ms.append(ms)
         print("alone: " + "; ".join(f"{s.label} {np.median(s.alone_ms):.0f} ms" for s in sessions), flush=True)
 
         async def keep_moving(s: Session, deadline: float) -> None:
             while time.monotonic() < deadline:
-                s.together_ms.append(await move(s))
+                if (ms := await move(s)) is not None:
+                    s.together_ms.append(ms)
         deadline = time.monotonic() + seconds                                   # 3. all together
         await asyncio.gather(*(keep_moving(s, deadline) for s in sessions))
         for s in sessions:
@@ -290,6 +325,10 @@ def summary(result: dict) -> str:
     lines += ["", f"SVD factor sets computed: {dict(result['svd'])} (each must be 1)",
               f"task statistics computed: {len(result['stats'])} distinct, max {max(result['stats'].values(), default=0)} "
               "times each (must be 1)",
+              f"key presses that moved nothing and were pressed again: "
+              f"{sum(s.lost_presses for s in sessions)} ({', '.join(f'#{s.index}: {s.lost_presses}' for s in sessions if s.lost_presses) or 'none'})",
+              f"moves whose run was not seen (the slider moved, the page idle after {LOST_PRESS_S:.0f} s; not timed): "
+              f"{sum(s.unobserved for s in sessions)} ({', '.join(f'#{s.index}: {s.unobserved}' for s in sessions if s.unobserved) or 'none'})",
               f"problems: {result['problems'] or 'none'}"]
     return "\n".join(lines)
 

@@ -38,4 +38,5 @@ def test_three_sessions_at_once_keep_to_themselves(tiny_demo_dir, tmp_path, monk
     print(sessions.summary(result))
     assert not result["problems"]
     assert len(result["svd"]) >= 1 and set(result["svd"].values()) == {1}   # tsv_m and Spectra share one SVD
-    assert all(len(s.alone_ms) == 2 and s.together_ms for s in result["sessions"])
+    # every move timed, but a move whose run the browser never showed as running (counted, not timed)
+    assert all(s.alone_ms and len(s.alone_ms) + s.unobserved >= 2 and s.together_ms for s in result["sessions"])
