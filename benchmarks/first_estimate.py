@@ -14,7 +14,7 @@ key press to the first view (`CpuClock`): on 2 cores a headless Chromium (softwa
 animating the page's spinners takes a share of the CPU the server's merge would use.
 `--dwell S`: seconds a user looks at each final view before the next press (default 0: the next press comes
 as soon as the page is idle). The Merge page merges the knob values one step away in the background once a
-view is final (ui/speculate.py), so a step after a dwell finds its merge done; PageDown (a 10-step jump)
+view is final (ui/speculate.py), so a step after a dwell finds its merge done; PageDown (a jump of a tenth of the slider's range)
 shows what a move that no speculation serves costs.
 Baseline, in the same run: a second server with `MERGESCOPE_FIRST_ESTIMATE=0` (each move scores the full
 live subsample before drawing), the same pages and moves, interleaved page by page with the first.
@@ -51,9 +51,10 @@ ROLES = [
     ("Merge", "alpha", "task_arithmetic", "ArrowRight"),
     ("Merge", "rank fraction", "tsv_m", "ArrowRight"),   # from 1/T up: capped fractions, one merge (tsv.py)
     ("Merge", "rank fraction", "tsv_m", "ArrowLeft"),    # down from 1/T: every move a new rank
-    ("Merge", "rank fraction", "tsv_m", "PageDown"),     # a jump down (0.05): 1/T → 0.075 → 0.025 → 0.005
+    ("Merge", "rank fraction", "tsv_m", "PageDown"),     # a jump: PageDown moves a tenth of the range, so
+                                                         # 1/T → 0.025 → 0.005 (the minimum: run with --moves 2)
     ("Merge", "common fraction", "iso_cts", "ArrowLeft"),
-    ("Merge", "common fraction", "iso_cts", "PageDown"),   # a jump (10 steps): never a speculated neighbour
+    ("Merge", "common fraction", "iso_cts", "PageDown"),   # a jump (0.1, 10 steps): never a speculated neighbour
     ("Loss_Landscape", "λ points", None, "ArrowRight"),
     ("Alignment", "Points on the path", None, "ArrowRight"),
 ]

@@ -175,7 +175,7 @@ async def move(s: Session) -> float | None:
     except Exception as exc:
         raise await _stuck(s, f"its {s.slider!r} slider was not found", "slider") from exc
     key = "ArrowRight" if s.direction > 0 else "ArrowLeft"
-    before = await slider.get_attribute("aria-valuenow")
+    before = await slider.input_value()
     for attempt in range(1 + LOST_PRESS_RETRIES):
         start = await s.page.evaluate(RUN_START)
         await slider.press(key)
@@ -184,7 +184,7 @@ async def move(s: Session) -> float | None:
             break
         except Exception:
             state = await s.page.evaluate(RUN_START)
-            moved = await slider.get_attribute("aria-valuenow") != before
+            moved = await slider.input_value() != before
             if attempt < LOST_PRESS_RETRIES and state[1] == "notRunning" and not moved:
                 # the press changed nothing and started no run (the slider was re-drawn under the focus):
                 # counted, and pressed again, as a user would
