@@ -16,6 +16,7 @@ import streamlit as st
 from analysis.errors import MergescopeError, ValidationError
 from analysis.merging.scoring import reference_accuracy
 from analysis.report import set_summary
+from ui import presence
 from ui.jobs import BackgroundJob
 from ui.owndata import data_paths, data_widgets, load_own_workspace, own_summary, upload_section, wants_own_models
 from ui.state import Workspace, cache_root, device_label, device_summary, get_workspace, set_workspace, sidebar_status
@@ -32,6 +33,7 @@ QUICK_BUILD_NOTE = ("The quick CPU build fine-tunes the 6-layer MiniLM on 8 text
                     "8 on a busy one; the demo opens before they are done).")
 
 st.set_page_config(page_title="mergescope", page_icon=str(ASSETS / "logo.svg"), layout="wide")
+presence.seen(presence.session_token(st.session_state))   # who uses the server (ui/presence.py), as every page
 if (ASSETS / "logo.svg").is_file():
     st.logo(str(ASSETS / "logo.svg"))
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import os
 import re
@@ -263,7 +264,9 @@ async def drive(base: str, roles, moves: int, seconds: float) -> list[Session]:
                 if (ms := await move(s)) is not None:
                     s.together_ms.append(ms)
         deadline = time.monotonic() + seconds                                   # 3. all together
+        TOGETHER[:] = [datetime.datetime.now()]
         await asyncio.gather(*(keep_moving(s, deadline) for s in sessions))
+        TOGETHER.append(datetime.datetime.now())
         for s in sessions:
             await settle(s.page)
             await report_check(s)
@@ -281,6 +284,18 @@ def fresh_cache(cache: Path, into: Path) -> Path:
     for p in builds:
         (into / p.name).symlink_to(p.resolve(), target_is_directory=True)
     return into
+
+
+TOGETHER: list = []   # local wall-clock start and end of the sessions moving together (the server logs local time)
+
+
+def background_merges(log_text: str, window: list) -> tuple[int, int]:
+    """(all, while the sessions moved together) of the merges the Merge page's speculation ran (ui/speculate.py:
+    the engine logs each as 'background'; it merges nothing while the server is crowded, ui/presence.py)."""
+    times = [datetime.datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f")
+             for t in re.findall(r"^(\S+ \S+) INFO analysis\S*: merge: .*\(background\)$", log_text, re.M)]
+    inside = sum(1 for t in times if len(window) == 2 and window[0] <= t <= window[1])
+    return len(times), inside
 
 
 def shared_cache_counts(log_text: str) -> tuple[Counter, Counter]:
@@ -305,7 +320,14 @@ def run(cache: Path, roles, moves: int, seconds: float, log: Path) -> dict:
     problems += [f"statistics {k[0]} computed {n} times" for k, n in stats.items() if n > 1]
     if "Traceback" in text:
         problems.append("a traceback in the server's log: " + text[text.index("Traceback"):][:1500])
-    return {"sessions": sessions, "svd": svd, "stats": stats, "problems": problems}
+    return {"sessions": sessions, "svd": svd, "stats": stats, "problems": problems,
+            "background_merges": background_merges(text, TOGETHER)}
+
+
+def per_session(sessions, count: str) -> str:
+    """'3 (#1: 2, #6: 1)': a Session counter's total and the sessions it is not 0 for."""
+    each = [f"#{s.index}: {getattr(s, count)}" for s in sessions if getattr(s, count)]
+    return f"{sum(getattr(s, count) for s in sessions)} ({', '.join(each) or 'none'})"
 
 
 def summary(result: dict) -> str:
@@ -325,10 +347,11 @@ def summary(result: dict) -> str:
     lines += ["", f"SVD factor sets computed: {dict(result['svd'])} (each must be 1)",
               f"task statistics computed: {len(result['stats'])} distinct, max {max(result['stats'].values(), default=0)} "
               "times each (must be 1)",
-              f"key presses that moved nothing and were pressed again: "
-              f"{sum(s.lost_presses for s in sessions)} ({', '.join(f'#{s.index}: {s.lost_presses}' for s in sessions if s.lost_presses) or 'none'})",
+              "merges speculated in the background (ui/speculate.py): {} in all, {} while the sessions moved "
+              "together".format(*result.get("background_merges", ("?", "?"))),
+              "key presses that moved nothing and were pressed again: " + per_session(sessions, "lost_presses"),
               f"moves whose run was not seen (the slider moved, the page idle after {LOST_PRESS_S:.0f} s; not timed): "
-              f"{sum(s.unobserved for s in sessions)} ({', '.join(f'#{s.index}: {s.unobserved}' for s in sessions if s.unobserved) or 'none'})",
+              + per_session(sessions, "unobserved"),
               f"problems: {result['problems'] or 'none'}"]
     return "\n".join(lines)
 

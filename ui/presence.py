@@ -1,7 +1,7 @@
 """Which browser sessions of this server are in use, without Streamlit's private session API.
 
-Every page's preamble (`ui.state.start_page`) marks its session as seen; a session counts as active while
-its latest page run is under ACTIVE_S old. Background work that only uses idle CPU (ui/speculate.py) asks
+Every page's preamble (`ui.state.start_page`, and Home's) marks its session as seen; a session counts as
+active while its latest page run is under ACTIVE_S old. Background work that only uses idle CPU (ui/speculate.py) asks
 `crowded` first: with more active sessions than the CPU has room for, idle gaps are short and such work
 takes the CPU from what the others ask for.
 """
