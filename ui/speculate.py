@@ -15,7 +15,8 @@ anything else in the server uses the CPU (`others_busy`: a refinement, or the pr
 at a lower priority (SPECULATION_NICE), so what users ask for wins the CPU. It merges nothing while more
 sessions use the server than its CPU has room for (`ui.presence.crowded`: on two cores, any other session
 active in the last 30 s): 8 sessions moving sliders together on the 2-core CPU had a median move about
-10 % slower with speculation than without it before this rule (docs/results_load.md).
+10 % slower with speculation than without it before this rule, and with it the server logged no background
+merge at all under that load (benchmarks/sessions.py, docs/results_load.md).
 
 Kept: the results of the latest request only (at most MAX_CANDIDATES merged models, plus the one on screen;
 the page skips neighbours it has refined numbers for, since going back to one shows them at once),
