@@ -52,7 +52,7 @@ ROLES = [
     ("Merge", "rank fraction", "tsv_m", "ArrowRight"),   # from 1/T up: capped fractions, one merge (tsv.py)
     ("Merge", "rank fraction", "tsv_m", "ArrowLeft"),    # down from 1/T: every move a new rank
     ("Merge", "rank fraction", "tsv_m", "PageDown"),     # a jump: PageDown moves a tenth of the range, so
-                                                         # 1/T → 0.025 → 0.005 (the minimum: run with --moves 2)
+                                                         # 1/T → 0.025 → 0.005, the minimum: two moves at most
     ("Merge", "common fraction", "iso_cts", "ArrowLeft"),
     ("Merge", "common fraction", "iso_cts", "PageDown"),   # a jump (0.1, 10 steps): never a speculated neighbour
     ("Loss_Landscape", "λ points", None, "ArrowRight"),
@@ -127,6 +127,15 @@ class CpuClock:
         return b[1] - a[1], b[2] - a[2]
 
 
+async def at_the_end(s: Session, key: str) -> bool:
+    """Whether the slider already sits where `key` cannot move it (its minimum for ArrowLeft / PageDown)."""
+    slider = s.page.locator('[data-testid="stSlider"]', has_text=s.slider).first.locator('input[type="range"]')
+    if not await slider.count():
+        return False
+    value, low, high = await slider.evaluate("el => [el.value, el.min, el.max]")
+    return float(value) <= float(low) if key in ("ArrowLeft", "PageDown") else float(value) >= float(high)
+
+
 async def one_move(s: Session, key: str, clock: CpuClock | None = None, dwell: float = 0.0) -> dict:
     slider = s.page.locator('[data-testid="stSlider"]', has_text=s.slider).first.locator(
         '[role="slider"], input[type="range"]')
@@ -163,7 +172,13 @@ async def visit(base: str, role: tuple, moves: int, timeout: float,
         s.page = await ctx.new_page()
         await open_role(s, base)
         await asyncio.sleep(dwell)
-        rows = [await one_move(s, key, clock, dwell) for _ in range(moves)]
+        rows = []
+        for _ in range(moves):
+            if await at_the_end(s, key):   # a press there would start no run: the role has no more moves
+                print(f"{page_name} {method or ''} {label!r}: at the end of its range after {len(rows)} of "
+                      f"{moves} moves", flush=True)
+                break
+            rows.append(await one_move(s, key, clock, dwell))
         await browser.close()
     return rows, s.problems
 
