@@ -33,7 +33,7 @@ QUICK_BUILD_NOTE = ("The quick CPU build fine-tunes the 6-layer MiniLM on 8 text
                     "8 on a busy one; the demo opens before they are done).")
 
 st.set_page_config(page_title="mergescope", page_icon=str(ASSETS / "logo.svg"), layout="wide")
-presence.seen(presence.session_token(st.session_state))   # who uses the server (ui/presence.py), as every page
+presence.mark(st.session_state)   # who uses the server (ui/presence.py), as every page does
 if (ASSETS / "logo.svg").is_file():
     st.logo(str(ASSETS / "logo.svg"))
 

@@ -14,8 +14,8 @@ key press to the first view (`CpuClock`): on 2 cores a headless Chromium (softwa
 animating the page's spinners takes a share of the CPU the server's merge would use.
 `--dwell S`: seconds a user looks at each final view before the next press (default 0: the next press comes
 as soon as the page is idle). The Merge page merges the knob values one step away in the background once a
-view is final (ui/speculate.py), so a step after a dwell finds its merge done; PageDown (a jump of a tenth of the slider's range)
-shows what a move that no speculation serves costs.
+view is final (ui/speculate.py), so a step after a dwell finds its merge done; PageDown (a jump of a tenth of
+the slider's range) shows what a move that no speculation serves costs.
 Baseline, in the same run: a second server with `MERGESCOPE_FIRST_ESTIMATE=0` (each move scores the full
 live subsample before drawing), the same pages and moves, interleaved page by page with the first.
 `--code-rev REV` serves an earlier commit's app (a temporary git worktree) for a before/after.
@@ -41,7 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from sessions import RECORDER, RUN_START, Session, check, open_role, run_end_ms, settle  # noqa: E402
+from sessions import (RECORDER, RUN_START, Session, check, open_role, run_end_ms, settle,  # noqa: E402
+                      slider_input)
 from test_browser import CHROMIUM, CHROMIUM_ARGS, free_port, start_app_cmd, stop_server, wait_healthy  # noqa: E402
 
 # (page in the URL, slider label, Merge method or None, key that moves to an unseen value)
@@ -129,7 +130,7 @@ class CpuClock:
 
 async def at_the_end(s: Session, key: str) -> bool:
     """Whether the slider already sits where `key` cannot move it (its minimum for ArrowLeft / PageDown)."""
-    slider = s.page.locator('[data-testid="stSlider"]', has_text=s.slider).first.locator('input[type="range"]')
+    slider = slider_input(s)
     if not await slider.count():
         return False
     value, low, high = await slider.evaluate("el => [el.value, el.min, el.max]")
@@ -137,8 +138,7 @@ async def at_the_end(s: Session, key: str) -> bool:
 
 
 async def one_move(s: Session, key: str, clock: CpuClock | None = None, dwell: float = 0.0) -> dict:
-    slider = s.page.locator('[data-testid="stSlider"]', has_text=s.slider).first.locator(
-        '[role="slider"], input[type="range"]')
+    slider = slider_input(s)
     await slider.focus()
     before = await thumb_value(s)
     start = await s.page.evaluate(RUN_START)

@@ -109,10 +109,16 @@ class Session:
         return f"#{self.index} {self.page_name}" + (f" ({self.method})" if self.method else "")
 
 
-async def run_end_ms(page, start: list) -> float:
+async def run_end_ms(page, start: list, timeout_s: float = RUN_TIMEOUT_S) -> float:
     """ms from `start` (RUN_START, taken just before the input) to the end of the run the input started."""
-    handle = await page.wait_for_function(RUN_ENDED, arg=start, timeout=RUN_TIMEOUT_S * 1000, polling=20)
+    handle = await page.wait_for_function(RUN_ENDED, arg=start, timeout=timeout_s * 1000, polling=20)
     return float(await handle.json_value())
+
+
+def slider_input(s: Session):
+    """The session's slider: the range input Streamlit draws it with (its value is the slider's)."""
+    return s.page.locator('[data-testid="stSlider"]', has_text=s.slider).first.locator(
+        '[role="slider"], input[type="range"]')
 
 
 async def settle(page) -> None:
@@ -167,7 +173,7 @@ async def _stuck(s: Session, what: str, tag: str) -> RuntimeError:
 
 async def move(s: Session) -> float | None:
     """One key press on the session's slider (three steps one way, then three back); ms to the run's end."""
-    slider = s.page.locator('[data-testid="stSlider"]', has_text=s.slider).first.locator('[role="slider"], input[type="range"]')
+    slider = slider_input(s)
     if s.steps and s.steps % 3 == 0:
         s.direction = -s.direction
     s.steps += 1
@@ -181,7 +187,7 @@ async def move(s: Session) -> float | None:
         start = await s.page.evaluate(RUN_START)
         await slider.press(key)
         try:
-            handle = await s.page.wait_for_function(RUN_ENDED, arg=start, timeout=LOST_PRESS_S * 1000, polling=20)
+            ms = await run_end_ms(s.page, start, LOST_PRESS_S)
             break
         except Exception:
             state = await s.page.evaluate(RUN_START)
@@ -200,12 +206,10 @@ async def move(s: Session) -> float | None:
                 await check(s, f"move {s.steps}")
                 return None
             try:
-                handle = await s.page.wait_for_function(RUN_ENDED, arg=start, polling=20,
-                                                        timeout=(RUN_TIMEOUT_S - LOST_PRESS_S) * 1000)
+                ms = await run_end_ms(s.page, start, RUN_TIMEOUT_S - LOST_PRESS_S)
                 break
             except Exception as exc:
                 raise await _stuck(s, f"move {s.steps}'s script run did not end", "run") from exc
-    ms = float(await handle.json_value())
     await check(s, f"move {s.steps}")
     return ms
 
@@ -239,7 +243,9 @@ def pct(values: list[float], q: float) -> float:
     return float(np.percentile(values, q))
 
 
-async def drive(base: str, roles, moves: int, seconds: float) -> list[Session]:
+async def drive(base: str, roles, moves: int, seconds: float) -> tuple[list[Session], tuple]:
+    """The sessions, and the local wall-clock start and end of their moving together (the server's log is in
+    local time)."""
     from playwright.async_api import async_playwright
     sessions = [Session(i, *r) for i, r in enumerate(roles)]
     async with async_playwright() as pw:
@@ -264,14 +270,14 @@ async def drive(base: str, roles, moves: int, seconds: float) -> list[Session]:
                 if (ms := await move(s)) is not None:
                     s.together_ms.append(ms)
         deadline = time.monotonic() + seconds                                   # 3. all together
-        TOGETHER[:] = [datetime.datetime.now()]
+        began = datetime.datetime.now()
         await asyncio.gather(*(keep_moving(s, deadline) for s in sessions))
-        TOGETHER.append(datetime.datetime.now())
+        ended = datetime.datetime.now()
         for s in sessions:
             await settle(s.page)
             await report_check(s)
         await browser.close()
-    return sessions
+    return sessions, (began, ended)
 
 
 def fresh_cache(cache: Path, into: Path) -> Path:
@@ -286,15 +292,12 @@ def fresh_cache(cache: Path, into: Path) -> Path:
     return into
 
 
-TOGETHER: list = []   # local wall-clock start and end of the sessions moving together (the server logs local time)
-
-
-def background_merges(log_text: str, window: list) -> tuple[int, int]:
+def background_merges(log_text: str, window: tuple) -> tuple[int, int]:
     """(all, while the sessions moved together) of the merges the Merge page's speculation ran (ui/speculate.py:
     the engine logs each as 'background'; it merges nothing while the server is crowded, ui/presence.py)."""
     times = [datetime.datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f")
              for t in re.findall(r"^(\S+ \S+) INFO analysis\S*: merge: .*\(background\)$", log_text, re.M)]
-    inside = sum(1 for t in times if len(window) == 2 and window[0] <= t <= window[1])
+    inside = sum(1 for t in times if window[0] <= t <= window[1])
     return len(times), inside
 
 
@@ -310,7 +313,7 @@ def run(cache: Path, roles, moves: int, seconds: float, log: Path) -> dict:
     proc = subprocess.Popen(start_app_cmd(port), cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     try:
         wait_healthy(proc, port, log, timeout=120)
-        sessions = asyncio.run(drive(f"http://127.0.0.1:{port}", roles, moves, seconds))
+        sessions, together = asyncio.run(drive(f"http://127.0.0.1:{port}", roles, moves, seconds))
     finally:
         stop_server(proc, 30)
     text = log.read_text(errors="replace")
@@ -321,7 +324,7 @@ def run(cache: Path, roles, moves: int, seconds: float, log: Path) -> dict:
     if "Traceback" in text:
         problems.append("a traceback in the server's log: " + text[text.index("Traceback"):][:1500])
     return {"sessions": sessions, "svd": svd, "stats": stats, "problems": problems,
-            "background_merges": background_merges(text, TOGETHER)}
+            "background_merges": background_merges(text, together)}
 
 
 def per_session(sessions, count: str) -> str:

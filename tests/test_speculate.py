@@ -366,6 +366,7 @@ def test_sessions_count_as_active_while_their_page_ran_recently():
 def test_each_session_gets_its_own_token():
     one, two = {}, {}
     assert presence.session_token(one) == presence.session_token(one) != presence.session_token(two)
+    assert presence.mark(two) == presence.session_token(two) and presence.active() == {presence.session_token(two)}
 
 
 def test_the_speculation_merges_nothing_while_other_sessions_use_a_small_server(monkeypatch):

@@ -1,9 +1,9 @@
 """Which browser sessions of this server are in use, without Streamlit's private session API.
 
-Every page's preamble (`ui.state.start_page`, and Home's) marks its session as seen; a session counts as
-active while its latest page run is under ACTIVE_S old. Background work that only uses idle CPU (ui/speculate.py) asks
-`crowded` first: with more active sessions than the CPU has room for, idle gaps are short and such work
-takes the CPU from what the others ask for.
+Every page's preamble (`ui.state.start_page`, and Home's) marks its session as seen (`mark`); a session
+counts as active while its latest page run is under ACTIVE_S old. Background work that only uses idle CPU
+(ui/speculate.py) asks `crowded` first: with more active sessions than the CPU has room for, idle gaps are
+short and such work takes the CPU from what the others ask for.
 """
 from __future__ import annotations
 
@@ -22,6 +22,13 @@ _lock = threading.Lock()
 def session_token(state: MutableMapping) -> str:
     """This session's id, kept in its session state (a fresh one per browser tab)."""
     return state.setdefault("mergescope_session_token", uuid.uuid4().hex)
+
+
+def mark(state: MutableMapping) -> str:
+    """Mark the session whose state this is as seen now; its token."""
+    token = session_token(state)
+    seen(token)
+    return token
 
 
 def seen(token: str, now: float | None = None) -> None:

@@ -233,7 +233,7 @@ def start_page(name: str, title: str | None = None) -> None:
     from ui import presence
     from ui.workspaces import sync_workspace
     st.set_page_config(page_title=f"mergescope · {name}", layout="wide")
-    presence.seen(presence.session_token(st.session_state))   # who uses the server (ui/presence.py)
+    presence.mark(st.session_state)   # who uses the server (ui/presence.py)
     sync_workspace()   # a link's workspace is opened here, and the session's is written to the URL
     sidebar_status()
     st.title(title or name)
