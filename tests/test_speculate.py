@@ -61,6 +61,28 @@ def test_neighbours_stay_in_range_snap_to_the_step_and_respect_the_limit():
     assert all(c["rank_fraction"] <= 1.0 for c in neighbours(spec, top, None, 8))
 
 
+def test_after_a_jump_the_same_jump_comes_first_snapped_and_stopped_at_the_range_end():
+    """PageDown moves a tenth of the range: a sweep of them is served by merging the next jump first."""
+    spec = METHODS["iso_cts"]
+    params = spec.validate({"common_fraction": 0.7, "alpha": 1.0}, 8)
+    got = neighbours(spec, params, {**params, "common_fraction": 0.8}, 8)
+    assert [c["common_fraction"] for c in got[:3]] == [0.6, 0.69, 0.71]
+    up = neighbours(spec, spec.validate({"common_fraction": 0.95, "alpha": 1.0}, 8),
+                    {**params, "common_fraction": 0.85}, 8)
+    assert [c["common_fraction"] for c in up[:2]] == [1.0, 0.96]       # the slider stops at its end
+    tsv = METHODS["tsv_m"]
+    low = tsv.knob("rank_fraction").low
+    small = tsv.validate({"rank_fraction": 0.025, "alpha": 1.0}, 8)
+    got = neighbours(tsv, small, {**small, "rank_fraction": 0.125}, 8)
+    assert got[0]["rank_fraction"] == low                               # 0.025 − 0.1 stops at the low end
+    at_low = tsv.validate({"rank_fraction": low, "alpha": 1.0}, 8)
+    got = neighbours(tsv, at_low, {**at_low, "rank_fraction": 0.025}, 8)
+    assert [c["rank_fraction"] for c in got if c["alpha"] == 1.0] == [low + 0.005]   # only back up
+    # a step is not a jump: the candidates are as before
+    step = neighbours(spec, params, {**params, "common_fraction": 0.71}, 8)
+    assert [c["common_fraction"] for c in step[:2]] == [0.69, 0.71]
+
+
 def test_a_method_without_sliders_has_no_neighbours():
     spec = METHODS["weight_averaging"]
     assert neighbours(spec, spec.validate({}, 3), None, 3) == []

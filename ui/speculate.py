@@ -60,9 +60,10 @@ def slider_knobs(spec) -> list:
 
 def neighbours(spec, params: dict, previous: dict | None, n_tasks: int, limit: int | None = None) -> list[dict]:
     """Validated knob sets one slider step from `params`, the likeliest next move first: the knob that moved
-    from `previous` (the view before), onwards in the direction it moved, then back; then every other slider
-    knob up and down. Values are snapped to the step's grid as the slider's are; ones past the declared
-    range are left out."""
+    from `previous` (the view before), the same move again where it jumped (more than a step: PageDown or
+    PageUp, a click on the track), then one step onwards in the direction it moved, then back; then every
+    other slider knob up and down. Values are snapped to the step's grid as the slider's are; a step past the
+    declared range is left out, a repeated jump stops at its end."""
     knobs = slider_knobs(spec)
     moved = [hp for hp in knobs if previous is not None and hp.name in previous
              and previous[hp.name] != params.get(hp.name)]
@@ -71,10 +72,13 @@ def neighbours(spec, params: dict, previous: dict | None, n_tasks: int, limit: i
     for hp in ordered:
         value = params[hp.name]
         forward = 1 if hp not in moved or value >= previous[hp.name] else -1
-        for direction in (forward, -forward):
+        values = [_step(hp, value, forward, n_tasks), _step(hp, value, -forward, n_tasks)]
+        if hp in moved and abs(value - previous[hp.name]) > 1.5 * (hp.step or 1):
+            values.insert(0, _repeat(hp, value, value - previous[hp.name], n_tasks))
+        for new in values:
             candidate = dict(params)
-            candidate[hp.name] = _step(hp, value, direction, n_tasks)
-            if candidate[hp.name] is None or candidate[hp.name] == value:
+            candidate[hp.name] = new
+            if new is None or new == value:
                 continue
             try:
                 candidate = spec.validate(candidate, n_tasks)
@@ -85,6 +89,20 @@ def neighbours(spec, params: dict, previous: dict | None, n_tasks: int, limit: i
             if limit is not None and len(out) >= limit:
                 return out
     return out
+
+
+def _repeat(hp, value, move, n_tasks: int):
+    """value moved by `move` again (a jump, such as PageDown's tenth of the range, is likeliest followed by the
+    same jump: a sweep), snapped to the step grid from the knob's low end and stopped at the range's ends, as
+    the slider stops there."""
+    step = hp.step or 1
+    new = value + move
+    if hp.low is not None:
+        new = hp.low + round((new - hp.low) / step) * step
+    high = hp.high_for(n_tasks)
+    new = max(new, hp.low) if hp.low is not None else new
+    new = min(new, high) if high is not None else new
+    return int(round(new)) if hp.type == "int" else round(new, 10)
 
 
 def _step(hp, value, direction: int, n_tasks: int):
