@@ -188,7 +188,9 @@ def speculation_jobs(n: int | None) -> list:
 speculator = st.session_state.setdefault("merge_speculator",
                                          speculate.Speculator(presence.session_token(st.session_state)))
 view_key = (ws.key, method_name, merge_key, split if has_eval else None)
-# a move onto a speculated neighbour takes its merge and estimate; any other move stops the speculation first
+# a move onto a speculated neighbour takes its merge and estimate; any other move stops the speculation first,
+# and the refinement of the view it left, so the merge has the CPU
+st.session_state.setdefault("merge_refiner", Refiner()).cancel_unless_view((ws.key, method_name, merge_key, split))
 speculated = speculator.take(view_key)
 try:
     delta = speculated[0] if speculated is not None else merged_delta(ws, ws.key, method_name, merge_key, knob_key)

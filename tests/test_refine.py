@@ -68,6 +68,19 @@ def test_cancel_unless_stops_a_stale_refinement_and_keeps_the_current_one():
     assert refiner.done("a") is None and not refiner.is_current("a")
 
 
+def test_cancel_unless_view_keeps_the_view_s_own_refinement_whatever_its_subsample_and_stops_another_s():
+    refiner = Refiner()
+    slow, release, seen_stop = _held("v")
+    job = refiner.request(("set", "tsv_m", "k1", "test", 64), slow)
+    refiner.cancel_unless_view(("set", "tsv_m", "k1", "test"))   # the same view (a rerun): left running
+    assert refiner.is_current(("set", "tsv_m", "k1", "test", 64)) and not seen_stop
+    refiner.cancel_unless_view(("set", "tsv_m", "k2", "test"))   # a move: stopped before the merge
+    release.set()
+    _wait(job)
+    assert seen_stop == [True] and not refiner.is_current(("set", "tsv_m", "k1", "test", 64))
+    refiner.cancel_unless_view(("set", "tsv_m", "k2", "test"))   # nothing in flight: nothing to do
+
+
 def test_another_unit_of_an_estimate_starts_only_if_it_should_end_within_the_budget():
     from ui.refine import another_fits
     assert another_fits(0.0, 0, 0.5) and another_fits(3.0, 0, 0.5)   # the first always runs

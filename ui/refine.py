@@ -11,7 +11,8 @@ scoring (on the quick demo, a task-arithmetic α move's first estimate took
 as long as scoring the whole live subsample; benchmarks/first_estimate.py).
 A run that needs a new estimate first stops an older refinement
 (`Refiner.cancel_unless`, honoured between tasks via `ScoringStopped`), so
-a slider move never waits on, or competes with, a stale refinement.
+a slider move never waits on, or competes with, a stale refinement; the Merge
+page stops it before its merge already (`Refiner.cancel_unless_view`).
 """
 from __future__ import annotations
 
@@ -82,6 +83,15 @@ class Refiner:
         so a stale refinement does not take the CPU from it (its result would never be served anyway)."""
         with self._lock:
             if key != self._key:
+                self._stop.set()
+                self._key, self._job = None, None
+
+    def cancel_unless_view(self, view: tuple) -> None:
+        """Stop the refinement in flight unless its key starts with `view`: called before a page merges, so
+        a move's merge does not share the CPU with the refinement of the view it left (a TSV-M jump after a
+        1 s look waited on that refinement's scoring, docs/results_live.md)."""
+        with self._lock:
+            if not (isinstance(self._key, tuple) and self._key[:len(view)] == view):
                 self._stop.set()
                 self._key, self._job = None, None
 
