@@ -106,6 +106,25 @@ def test_the_speculator_computes_in_order_and_serves_what_it_computed():
     assert sp.take("a") == "result a" and sp.take("b") == "result b"
 
 
+def test_taking_a_finished_key_stops_the_job_in_flight_for_another():
+    """A served jump: its merge was done, the speculator was merging the next candidate (a neighbour of the
+    view the user left). That work is stopped, so the served view's refinement has the CPU."""
+    stopped = []
+
+    def polling(stop):
+        while not stop():
+            time.sleep(0.005)
+        stopped.append(True)
+        raise MergeStopped("stopped")
+
+    sp = Speculator()
+    sp.request([("done", lambda stop: "result"), ("next", polling)])
+    _wait(lambda: sp._current == "next")
+    assert sp.take("done") == "result"
+    _wait(lambda: stopped == [True])
+    assert "next" not in sp.keys()
+
+
 def test_taking_the_key_in_flight_waits_for_it_and_taking_another_stops_it():
     started, release, stopped = threading.Event(), threading.Event(), []
 
@@ -370,6 +389,23 @@ def test_other_work_in_the_process_counts_as_busy():
     finally:
         done.set()
         t.join()
+
+
+def test_a_running_refinement_counts_as_busy_and_waiting_on_it_sleeps_instead_of_spinning():
+    """A speculator waits in `while others_busy(): pass`: each call must sleep its sample, or the wait holds
+    the GIL and starves the refinement it waits for."""
+    from ui.jobs import BackgroundJob
+    from ui.speculate import others_busy
+    release = threading.Event()
+    job = BackgroundJob(lambda report: release.wait(10), label="refine")
+    try:
+        c0, t0 = time.process_time(), time.monotonic()
+        assert all(others_busy(0.05) for _ in range(4))
+        wall, cpu = time.monotonic() - t0, time.process_time() - c0
+        assert wall >= 0.2 and cpu < 0.5 * wall
+    finally:
+        release.set()
+        job.join()
 
 
 # ------------------------------------------------------------------ sessions sharing the server

@@ -134,11 +134,13 @@ def others_busy(sample_s: float = BUSY_POLL_S) -> bool:
     the CPU: a running refinement (`ui.refine`, label "refine"), or the process's CPU time over `sample_s`
     of wall time above BUSY_CPU_FRACTION of one core, measured while this thread sleeps (an idle server is
     near 0). 8 sessions moving sliders at once on the 2-core CPU (benchmarks/sessions.py) had p50 / p95 of
-    2.67–2.78 / 4.82–4.93 s a move with no speculation, 3.07 / 5.69 s with speculation before this wait."""
-    if any_running("refine"):
-        return True
+    2.67–2.78 / 4.82–4.93 s a move with no speculation, 3.07 / 5.69 s with speculation before this wait.
+    It always sleeps `sample_s`: it once returned at once while a refinement ran, so a waiting speculator
+    spun on the GIL and a served jump's refinement took 19–29 s instead of about 4 (docs/results_live.md)."""
     c0, t0 = time.process_time(), time.monotonic()
     time.sleep(sample_s)
+    if any_running("refine"):
+        return True
     return (time.process_time() - c0) / max(1e-9, time.monotonic() - t0) > BUSY_CPU_FRACTION
 
 
@@ -148,7 +150,8 @@ class Speculator:
     `request(jobs, keep)`: jobs is [(key, compute)], compute(stop) -> result polling `stop()`; results of
     earlier requests are dropped unless their key is requested again or is `keep` (the view on screen).
     `take(key)`: the result for `key` (waiting for the job in flight when it is computing that key), else
-    None after stopping the job in flight, so the caller's own work does not share the CPU with it."""
+    None; either way any job in flight for another key is stopped, so the caller's own work (its merge, or
+    the served view's refinement) does not share the CPU with it."""
 
     def __init__(self, session: str | None = None):
         self.session = session                    # its session's ui.presence token
@@ -216,6 +219,10 @@ class Speculator:
     def take(self, key: Hashable):
         with self._lock:
             if key in self._results:
+                # what is still in flight merges a neighbour of the view the user left: stop it, so the served
+                # view's refinement has the CPU (the next request names the new view's neighbours)
+                if self._current is not None and self._current != key:
+                    self._stop_locked()
                 return self._results[key]
             job = self._job if (self._job is not None and self._job.running and self._current == key) else None
             if job is None:
