@@ -15,7 +15,8 @@ animating the page's spinners takes a share of the CPU the server's merge would 
 `--dwell S`: seconds a user looks at each final view before the next press (default 0: the next press comes
 as soon as the page is idle). The Merge page merges the knob values one step away in the background once a
 view is final (ui/speculate.py), so a step after a dwell finds its merge done; PageDown (a jump of a tenth of
-the slider's range) shows what a move that no speculation serves costs.
+the slider's range) shows what a move that no speculation serves costs on its first press, and a sweep of
+jumps after it (the speculation merges the same jump again first).
 Baseline, in the same run: a second server with `MERGESCOPE_FIRST_ESTIMATE=0` (each move scores the full
 live subsample before drawing), the same pages and moves, interleaved page by page with the first.
 `--code-rev REV` serves an earlier commit's app (a temporary git worktree) for a before/after.
@@ -55,7 +56,7 @@ ROLES = [
     ("Merge", "rank fraction", "tsv_m", "PageDown"),     # a jump: PageDown moves a tenth of the range, so
                                                          # 1/T → 0.025 → 0.005, the minimum: two moves at most
     ("Merge", "common fraction", "iso_cts", "ArrowLeft"),
-    ("Merge", "common fraction", "iso_cts", "PageDown"),   # a jump (0.1, 10 steps): never a speculated neighbour
+    ("Merge", "common fraction", "iso_cts", "PageDown"),   # a jump (0.1, 10 steps): the first one unserved
     ("Loss_Landscape", "λ points", None, "ArrowRight"),
     ("Alignment", "Points on the path", None, "ArrowRight"),
 ]

@@ -4,8 +4,9 @@ On the 2-core CPU an exact re-merge is most of a slider move's first view where 
 from a kept one (a TSV-M rank below 1/T: 72 float64 eighs; an Iso-CTS common fraction: top-k eigenpairs and
 a polar factor per matrix), and it cannot be made an estimate. But a slider moved with the arrow keys, or a
 step at a time, lands next to where it was: so once a page's view is final (its refinement landed), the
-session's `Speculator` merges the knob sets one slider step away, most likely first (`neighbours`), and
-scores each on the first estimate's examples, in one background thread. A move onto one of them takes
+session's `Speculator` merges the knob sets one slider step away, most likely first (`neighbours`; after a
+jump, such as PageDown's tenth of the range, the same jump again comes first: a sweep), and scores each on
+the first estimate's examples, in one background thread. A move onto one of them takes
 the finished merge and estimate (`Speculator.take`), or waits for the one in flight if that is the one
 asked for; a move anywhere else stops the speculation first, which `analysis.merging.engine.run` honours
 before its next parameter group (`MergeStopped`; a stoppable merge runs in groups of at most 32 MiB) and
