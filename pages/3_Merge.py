@@ -172,7 +172,8 @@ def speculation_jobs(n: int | None) -> list:
     inputs, ev, split_ = merge_inputs(ws, ws.key), ws.evaluator, split
     refined = st.session_state.get("merge_refined", {})
     jobs = []
-    for knobs in speculate.neighbours(spec, params, previous_knobs, n_tasks):
+    # knob sets that merge as the view does are served from this page's caches: `key` steps past them
+    for knobs in speculate.neighbours(spec, params, previous_knobs, n_tasks, key=lambda k: spec.merge_key(k, ws.tvs)):
         key_c = spec.merge_key(knobs, ws.tvs)
         if (ws.key, method_name, key_c, split, n) in refined:
             continue
@@ -190,7 +191,7 @@ speculator = st.session_state.setdefault("merge_speculator",
 view_key = (ws.key, method_name, merge_key, split if has_eval else None)
 # a move onto a speculated neighbour takes its merge and estimate; any other move stops the speculation first,
 # and the refinement of the view it left, so the merge has the CPU
-st.session_state.setdefault("merge_refiner", Refiner()).cancel_unless_view((ws.key, method_name, merge_key, split))
+st.session_state.setdefault("merge_refiner", Refiner()).cancel_unless_view(view_key)   # its key's first four
 speculated = speculator.take(view_key)
 try:
     delta = speculated[0] if speculated is not None else merged_delta(ws, ws.key, method_name, merge_key, knob_key)

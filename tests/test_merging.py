@@ -424,6 +424,21 @@ def test_tsv_m_gram_slices_match_the_exact_polar_at_every_rank():
                 assert rel <= 1e-5, (len(s.tasks), f, name, rel)
 
 
+def test_iso_cts_common_fractions_with_the_same_rank_splits_are_one_merge_with_one_key():
+    """An Iso-CTS merge depends on c only through (common, per task) per matrix rank: at ranks 12, 10, 6 and
+    T = 3, c = 0.5 and 0.58 split all three alike, 0.6 splits rank 10 as 7 + 3·1 instead of 4 + 3·2. Each
+    merge here is computed from scratch (no shared memo), so this checks the premise, not the cache."""
+    tvs = random_set(n_tasks=3)
+    spec = get_method("iso_cts")
+    key = {c: spec.merge_key(spec.validate({"common_fraction": c}, 3), tvs) for c in (0.5, 0.58, 0.6)}
+    assert key[0.5] == key[0.58] != key[0.6]
+    fresh = {c: merge(tvs, "iso_cts", common_fraction=c, cache=SpectralCache(tvs, persist=False), device="cpu")
+             for c in (0.5, 0.58, 0.6)}
+    for name in tvs.param_names:
+        torch.testing.assert_close(fresh[0.5][name], fresh[0.58][name], rtol=0, atol=0)
+    assert any(not torch.allclose(fresh[0.5][n], fresh[0.6][n]) for n in tvs.param_names)
+
+
 def test_tsv_m_fractions_above_the_cap_are_one_merge_with_one_key():
     tvs = random_set(n_tasks=3)                     # decomposed ranks 12, 10, 6 (conv 6 × 36)
     spec = get_method("tsv_m")

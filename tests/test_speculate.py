@@ -83,6 +83,27 @@ def test_after_a_jump_the_same_jump_comes_first_snapped_and_stopped_at_the_range
     assert [c["common_fraction"] for c in step[:2]] == [0.69, 0.71]
 
 
+def test_a_step_that_merges_as_the_view_does_goes_on_to_the_next_merge():
+    """Iso-CTS at r = 10, T = 3: c from 0.6 to 0.89 all split 7 + 3·1, 0.59 splits 4 + 3·2 and 0.9 10 + 0.
+    From 0.7 the steps with another merge are 0.59 down and 0.9 up (20 steps, MAX_SKIP); the page serves
+    0.6 .. 0.89 from its own caches."""
+    spec = METHODS["iso_cts"]
+    tvs = _set(resident=False)
+
+    def key(k):
+        return spec.merge_key(k, tvs)
+    params = spec.validate({"common_fraction": 0.7, "alpha": 1.0}, 3)
+    got = neighbours(spec, params, {**params, "common_fraction": 0.71}, 3, key=key)
+    fractions = [c["common_fraction"] for c in got if c["alpha"] == 1.0]
+    assert fractions[:2] == [0.59, 0.9]
+    assert all(key(c) != key(params) for c in got)
+    assert key(spec.validate({"common_fraction": 0.6}, 3)) == key(spec.validate({"common_fraction": 0.8}, 3))
+    assert key(spec.validate({"common_fraction": 0.59}, 3)) != key(params)
+    # without `key`, one step each way, as before
+    plain = neighbours(spec, params, {**params, "common_fraction": 0.71}, 3)
+    assert [c["common_fraction"] for c in plain[:2]] == [0.69, 0.71]
+
+
 def test_a_method_without_sliders_has_no_neighbours():
     spec = METHODS["weight_averaging"]
     assert neighbours(spec, spec.validate({}, 3), None, 3) == []
@@ -205,19 +226,29 @@ def test_one_merge_at_a_time_per_inputs():
 
 @pytest.mark.parametrize("resident, kept", [(True, SLOTS_RESIDENT), (False, 1)])
 def test_a_resident_set_keeps_the_last_unscaled_merges(resident, kept):
+    from analysis.merging.iso import split_ranks
     inputs = MergeInputs(_set(resident=resident), persist=False)
-    for c in (0.5, 0.6, 0.7, 0.8):
+    spec = METHODS["iso_cts"]
+
+    def split(c):   # every matrix here has rank 10 (T = 3): c = 0.2, 0.5, 0.6, 1.0 split it 1+3·3, 4+3·2, 7+3·1, 10
+        return split_ranks(spec.validate({"common_fraction": c}, 3), inputs.tvs)
+    for c in (0.2, 0.5, 0.6, 1.0):
         merge(inputs, "iso_cts", common_fraction=c)
     slots = [k[1][0] for k in inputs.memo if isinstance(k, tuple) and k[0] == "iso_cts"]
-    assert slots == [0.8, 0.7, 0.6, 0.5][:kept][::-1]
+    assert slots == [split(c) for c in (1.0, 0.6, 0.5, 0.2)][:kept][::-1]
     if resident:   # an α move at a kept c is a multiply: the slot is read, not recomputed
         before = {k: dict(v) for k, v in inputs.memo.items() if isinstance(k, tuple) and k[0] == "iso_cts"}
         again = merge(inputs, "iso_cts", common_fraction=0.6, alpha=2.0)
-        key = next(k for k in before if k[1][0] == 0.6)
+        key = next(k for k in before if k[1][0] == split(0.6))
         for name, unscaled in before[key].items():
             assert inputs.memo[key][name] is unscaled
             torch.testing.assert_close(again[name], 2.0 * unscaled)
-        assert [k[1][0] for k in inputs.memo if isinstance(k, tuple) and k[0] == "iso_cts"][-1] == 0.6
+        assert [k[1][0] for k in inputs.memo if isinstance(k, tuple) and k[0] == "iso_cts"][-1] == split(0.6)
+        # 0.7 and 0.8 split rank 10 as 0.6 does (7 + 3·1): the same merge, read from the same slot
+        same = merge(inputs, "iso_cts", common_fraction=0.8, alpha=2.0)
+        for name in before[key]:
+            assert torch.equal(same[name], again[name])
+        assert len([k for k in inputs.memo if isinstance(k, tuple) and k[0] == "iso_cts"]) == kept
 
 
 # ------------------------------------------------------------------ the page
@@ -244,20 +275,24 @@ def test_a_step_onto_a_speculated_neighbour_takes_its_merge_and_estimate(tiny_wo
     sp = at.session_state["merge_speculator"]
     _wait(lambda: sp._job is not None and not sp._job.running, timeout=60)
     spec = METHODS["iso_cts"]
-    up = spec.validate({"common_fraction": 0.51}, 3)
+    # the first step up with another merge: 0.51 .. 0.56 split ranks 8 and 16 (T = 3) as 0.5 does
+    up = neighbours(spec, spec.validate({"common_fraction": 0.5}, 3), None, 3,
+                    key=lambda k: spec.merge_key(k, ws.tvs))[0]
+    c_up = up["common_fraction"]
+    assert c_up == 0.57
     want_key = (ws.key, "iso_cts", spec.merge_key(up, ws.tvs), "validation")
     assert want_key in sp.keys(), sp.keys()
-    assert any(name.startswith("mergescope-speculate") and c == 0.51 for name, c in calls)
+    assert any(name.startswith("mergescope-speculate") and c == c_up for name, c in calls)
     calls.clear()
-    at.slider(key="merge_iso_cts_common_fraction").set_value(0.51).run()
+    at.slider(key="merge_iso_cts_common_fraction").set_value(c_up).run()
     assert not at.exception, at.exception
-    assert not any(c == 0.51 and not name.startswith("mergescope-speculate") for name, c in calls)
-    want = merged_accuracy(ws.evaluator, real(ws.tvs, "iso_cts", common_fraction=0.51), subsample=20)
+    assert not any(c == c_up and not name.startswith("mergescope-speculate") for name, c in calls)
+    want = merged_accuracy(ws.evaluator, real(ws.tvs, "iso_cts", common_fraction=c_up), subsample=20)
     assert _accuracy_table(at).loc[list(want), "merged"].tolist() == pytest.approx(list(want.values()))
     estimate = sp.take(want_key)[1]
-    sp.cancel()                         # the last run asked for 0.51's neighbours: stop them before exit
+    sp.cancel()                         # the last run asked for c_up's neighbours: stop them before exit
     _wait(lambda: not sp._job.running, timeout=60)
-    direct = merged_accuracy(ws.evaluator, real(ws.tvs, "iso_cts", common_fraction=0.51),
+    direct = merged_accuracy(ws.evaluator, real(ws.tvs, "iso_cts", common_fraction=c_up),
                              subsample=refine.FIRST_ESTIMATE)
     assert estimate == pytest.approx(direct)
 

@@ -59,37 +59,60 @@ def slider_knobs(spec) -> list:
     return [hp for hp in spec.hyperparameters if is_slider(hp)]
 
 
-def neighbours(spec, params: dict, previous: dict | None, n_tasks: int, limit: int | None = None) -> list[dict]:
+def neighbours(spec, params: dict, previous: dict | None, n_tasks: int, limit: int | None = None,
+               key: Callable[[dict], Hashable] | None = None) -> list[dict]:
     """Validated knob sets one slider step from `params`, the likeliest next move first: the knob that moved
     from `previous` (the view before), the same move again where it jumped (more than a step: PageDown or
     PageUp, a click on the track), then one step onwards in the direction it moved, then back; then every
     other slider knob up and down. Values are snapped to the step's grid as the slider's are; a step past the
-    declared range is left out, a repeated jump stops at its end."""
+    declared range is left out, a repeated jump stops at its end.
+    `key(knobs)`: what the merge depends on (the method's `merge_key`). A step whose merge is the one on
+    screen (an Iso-CTS common fraction that leaves every rank split as it was) needs no speculation, since
+    the page serves it from its own caches; the step goes on, up to MAX_SKIP steps, to the first value
+    with another merge."""
     knobs = slider_knobs(spec)
     moved = [hp for hp in knobs if previous is not None and hp.name in previous
              and previous[hp.name] != params.get(hp.name)]
     ordered = moved + [hp for hp in knobs if hp not in moved]
+    here = key(params) if key is not None else None
     out: list[dict] = []
     for hp in ordered:
         value = params[hp.name]
         forward = 1 if hp not in moved or value >= previous[hp.name] else -1
-        values = [_step(hp, value, forward, n_tasks), _step(hp, value, -forward, n_tasks)]
+        found = [_stepped(spec, params, hp, d, n_tasks, key, here) for d in (forward, -forward)]
         if hp in moved and abs(value - previous[hp.name]) > 1.5 * (hp.step or 1):
-            values.insert(0, _repeat(hp, value, value - previous[hp.name], n_tasks))
-        for new in values:
-            candidate = dict(params)
-            candidate[hp.name] = new
-            if new is None or new == value:
-                continue
-            try:
-                candidate = spec.validate(candidate, n_tasks)
-            except HyperparameterError:
+            found.insert(0, _valid(spec, {**params, hp.name: _repeat(hp, value, value - previous[hp.name], n_tasks)},
+                                   n_tasks))
+        for candidate in found:
+            if candidate is None or candidate[hp.name] == value or (key is not None and key(candidate) == here):
                 continue
             if candidate not in out:
                 out.append(candidate)
             if limit is not None and len(out) >= limit:
                 return out
     return out
+
+
+MAX_SKIP = 20   # steps a neighbour goes on past values whose merge is the view's own
+
+
+def _stepped(spec, params: dict, hp, direction: int, n_tasks: int, key, here) -> dict | None:
+    """`params` with `hp` one step up (+1) or down (−1), validated; where `key` says that merge is the view's
+    own, on to the first value with another (at most MAX_SKIP steps). None past the range, or refused."""
+    value = params[hp.name]
+    for _ in range(MAX_SKIP if key is not None else 1):
+        value = _step(hp, value, direction, n_tasks)
+        candidate = _valid(spec, {**params, hp.name: value}, n_tasks) if value is not None else None
+        if candidate is None or key is None or key(candidate) != here:
+            return candidate
+    return None
+
+
+def _valid(spec, knobs: dict, n_tasks: int) -> dict | None:
+    try:
+        return spec.validate(knobs, n_tasks)
+    except HyperparameterError:
+        return None
 
 
 def _repeat(hp, value, move, n_tasks: int):

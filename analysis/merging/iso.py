@@ -90,7 +90,7 @@ import math
 import torch
 
 from analysis.merging.base import Hyperparameter, MergeMethod, Needs, alpha, include_embeddings
-from analysis.merging.common import decomposed, sum_factors, task_factors, unscaled_slot
+from analysis.merging.common import decomposed, matrix_rank_of, sum_factors, task_factors, unscaled_slot
 from analysis.merging.polar import polar
 from analysis.svd import _exact_matmul, top_eigh_exact, top_k_eigh
 
@@ -130,6 +130,20 @@ def split_rank(rank: int, n_tasks: int, common_fraction: float, rule: str = "pub
     else:
         raise ValueError(f"split_rank: rule {rule!r} is not one of {list(SPLIT_RULES)}")
     return rank - n_tasks * per_task, per_task
+
+
+def split_ranks(params, tvs) -> tuple[tuple[int, int, int], ...]:
+    """((r, common, per_task), …) for every matrix rank r of the decomposed parameters: what an Iso-CTS
+    merge depends on, not c itself. Neighbouring c often give the same split: on the quick demo every matrix
+    has r = 384 and T = 8, and a 0.01 step moves round((r − ⌊c·r⌋)/T) about every second step (0.79 and 0.8
+    both give common 304, 10 per task), so such steps share one merge and its caches (`same_merge`)."""
+    n_tasks = len(tvs.tasks)
+    ranks = sorted({matrix_rank_of(tvs.shape(name)) for name in decomposed(tvs, params)})
+    return tuple((r, *split_rank(r, n_tasks, params["common_fraction"], params["split"])) for r in ranks)
+
+
+def _same_iso_cts(params, tvs) -> dict:
+    return {**{k: v for k, v in params.items() if k != "common_fraction"}, "splits": split_ranks(params, tvs)}
 
 
 def task_projections(u_t, s_t, u_sum) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -339,7 +353,9 @@ def topk_solver(choice: str, device) -> str:
 
 def _iso_cts(group, params, ctx):
     c, a = params["common_fraction"], params["alpha"]
-    slot = unscaled_slot(ctx, "iso_cts", (c, params["split"], params["include_embeddings"], ctx.polar, ctx.topk))
+    # keyed by the rank splits, not c: neighbouring c with the same split share one merge
+    slot = unscaled_slot(ctx, "iso_cts", (split_ranks(params, ctx.inputs.tvs), params["include_embeddings"],
+                                          ctx.polar, ctx.topk))
     if not all(name in slot for name in group.names):
         n_tasks = group.n_tasks
         shape = group.shape(group.names[0])
@@ -392,7 +408,7 @@ ISO_CTS = MergeMethod(
      Hyperparameter("split", "choice", "published", choices=SPLIT_RULES,
                     help="rank split: 'published' (the authors' code: T·round((r − ⌊c·r⌋)/T) task "
                          "directions) or 'exact_fill' (⌊(r − ⌊c·r⌋)/T⌋ per task, common never below ⌊c·r⌋)")),
-    needs=Needs(spectra=True), covers=decomposed, group_by="shape",
+    needs=Needs(spectra=True), covers=decomposed, group_by="shape", same_merge=_same_iso_cts,
     peak_memory="one shape-group run's deltas and factors, plus the sum's full SVD, the unscaled merged delta "
                 "and the task projections of every matrix (module doc: Memory)",
     reference="Marczak et al., No task left behind: isotropic model merging, ICML 2025")
