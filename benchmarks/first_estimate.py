@@ -56,6 +56,7 @@ ROLES = [
     ("Merge", "rank fraction", "tsv_m", "PageDown"),     # a jump: PageDown moves a tenth of the range, so
                                                          # 1/T → 0.025 → 0.005, the minimum: two moves at most
     ("Merge", "common fraction", "iso_cts", "ArrowLeft"),
+    ("Merge", "common fraction", "iso_cts", "ArrowRight"),   # up from 0.8: the first step is a new split
     ("Merge", "common fraction", "iso_cts", "PageDown"),   # a jump (0.1, 10 steps): the first one unserved
     ("Loss_Landscape", "λ points", None, "ArrowRight"),
     ("Alignment", "Points on the path", None, "ArrowRight"),
