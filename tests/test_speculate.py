@@ -118,6 +118,16 @@ def _wait(pred, timeout=20.0):
     assert pred()
 
 
+def _polling(stopped: list):
+    """A job that polls its stop until told, then records it in `stopped` and raises MergeStopped."""
+    def job(stop):
+        while not stop():
+            time.sleep(0.005)
+        stopped.append(True)
+        raise MergeStopped("stopped")
+    return job
+
+
 def test_the_speculator_computes_in_order_and_serves_what_it_computed():
     order = []
     sp = Speculator()
@@ -131,15 +141,8 @@ def test_taking_a_finished_key_stops_the_job_in_flight_for_another():
     """A served jump: its merge was done, the speculator was merging the next candidate (a neighbour of the
     view the user left). That work is stopped, so the served view's refinement has the CPU."""
     stopped = []
-
-    def polling(stop):
-        while not stop():
-            time.sleep(0.005)
-        stopped.append(True)
-        raise MergeStopped("stopped")
-
     sp = Speculator()
-    sp.request([("done", lambda stop: "result"), ("next", polling)])
+    sp.request([("done", lambda stop: "result"), ("next", _polling(stopped))])
     _wait(lambda: sp._current == "next")
     assert sp.take("done") == "result"
     _wait(lambda: stopped == [True])
@@ -154,19 +157,13 @@ def test_taking_the_key_in_flight_waits_for_it_and_taking_another_stops_it():
         release.wait(10)
         return "slow"
 
-    def polling(stop):
-        while not stop():
-            time.sleep(0.005)
-        stopped.append(True)
-        raise MergeStopped("stopped")
-
     sp = Speculator()
     sp.request([("slow", slow), ("later", lambda stop: "later")])
     started.wait(10)
     threading.Timer(0.2, release.set).start()
     assert sp.take("slow") == "slow"                       # waited for the one in flight
     assert "later" not in sp.keys()                        # nothing more is started after a take
-    sp.request([("poll", polling)])
+    sp.request([("poll", _polling(stopped))])
     _wait(lambda: sp._current == "poll")
     assert sp.take("elsewhere") is None                     # a miss stops the job in flight
     _wait(lambda: stopped == [True])

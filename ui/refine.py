@@ -81,17 +81,17 @@ class Refiner:
     def cancel_unless(self, key: Hashable) -> None:
         """Stop the refinement in flight unless it is for `key`: called before a first estimate is scored,
         so a stale refinement does not take the CPU from it (its result would never be served anyway)."""
-        with self._lock:
-            if key != self._key:
-                self._stop.set()
-                self._key, self._job = None, None
+        self._cancel_unless(lambda current: current == key)
 
     def cancel_unless_view(self, view: tuple) -> None:
         """Stop the refinement in flight unless its key starts with `view`: called before a page merges, so
         a move's merge does not share the CPU with the refinement of the view it left (a TSV-M jump after a
         1 s look waited on that refinement's scoring, docs/results_live.md)."""
+        self._cancel_unless(lambda current: isinstance(current, tuple) and current[:len(view)] == view)
+
+    def _cancel_unless(self, keep: Callable[[Hashable | None], bool]) -> None:
         with self._lock:
-            if not (isinstance(self._key, tuple) and self._key[:len(view)] == view):
+            if not keep(self._key):
                 self._stop.set()
                 self._key, self._job = None, None
 

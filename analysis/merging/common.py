@@ -52,6 +52,12 @@ def matrix_rank_of(shape) -> int:
     return min(int(shape[0]), int(math.prod(shape[1:])))
 
 
+def decomposed_ranks(tvs: TaskVectorSet, params) -> list[int]:
+    """The distinct matrix ranks min(m, n) of the parameters the SVD methods decompose, ascending: what a
+    rank rule (TSV's kept triplets, Iso-CTS's split) is applied to when keying a merge."""
+    return sorted({matrix_rank_of(tvs.shape(name)) for name in decomposed(tvs, params)})
+
+
 def sum_factors(ctx, name: str):
     """Thin SVD (U, S, Vh) of Σ_t τ_t for one parameter, computed once.
 

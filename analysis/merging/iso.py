@@ -90,7 +90,7 @@ import math
 import torch
 
 from analysis.merging.base import Hyperparameter, MergeMethod, Needs, alpha, include_embeddings
-from analysis.merging.common import decomposed, matrix_rank_of, sum_factors, task_factors, unscaled_slot
+from analysis.merging.common import decomposed, decomposed_ranks, sum_factors, task_factors, unscaled_slot
 from analysis.merging.polar import polar
 from analysis.svd import _exact_matmul, top_eigh_exact, top_k_eigh
 
@@ -138,8 +138,7 @@ def split_ranks(params, tvs) -> tuple[tuple[int, int, int], ...]:
     has r = 384 and T = 8, and a 0.01 step moves round((r − ⌊c·r⌋)/T) about every second step (0.79 and 0.8
     both give common 304, 10 per task), so such steps share one merge and its caches (`same_merge`)."""
     n_tasks = len(tvs.tasks)
-    ranks = sorted({matrix_rank_of(tvs.shape(name)) for name in decomposed(tvs, params)})
-    return tuple((r, *split_rank(r, n_tasks, params["common_fraction"], params["split"])) for r in ranks)
+    return tuple((r, *split_rank(r, n_tasks, params["common_fraction"], params["split"])) for r in decomposed_ranks(tvs, params))
 
 
 def _same_iso_cts(params, tvs) -> dict:

@@ -41,7 +41,7 @@ import torch
 
 from analysis.merging.base import (Hyperparameter, MergeMethod, Needs, alpha, include_embeddings, own_delta_rule,
                                    rank_fraction)
-from analysis.merging.common import decomposed, kept_rank, matrix_rank_of, task_factors, unscaled_slot
+from analysis.merging.common import decomposed, decomposed_ranks, kept_rank, matrix_rank_of, task_factors, unscaled_slot
 from analysis.merging.polar import polar, polar_exact, polar_route, times_inverse_sqrt
 from analysis.svd import batched_eigh
 
@@ -57,7 +57,7 @@ def kept_ranks(params, tvs, cap: bool = True) -> tuple[tuple[int, int], ...]:
     """((r, q), …): the triplets kept per task, q, for every matrix rank r of the decomposed
     parameters (TSV-M's q when `cap`, with its overflow rule; TSV-C's ⌊f·r⌋ otherwise)."""
     n_tasks = len(tvs.tasks)
-    ranks = sorted({matrix_rank_of(tvs.shape(name)) for name in decomposed(tvs, params)})
+    ranks = decomposed_ranks(tvs, params)
     f = params["rank_fraction"]
     if not cap:
         return tuple((r, kept_rank(f, r)) for r in ranks)
