@@ -73,6 +73,17 @@ _log = logging.getLogger(__name__)
 SCORE_BATCH_CPU = 16
 
 
+class ScoringStopped(Exception):
+    """Raised by scoring when its `stop()` says a newer request replaced this one (a background refinement
+    or speculation whose slider has moved on). Polled before every forward batch, so the pass gives the CPU
+    back within one batch (SCORE_BATCH_CPU examples) rather than at the end of a pass over every task."""
+
+
+def _check_stop(stop: Callable[[], bool] | None) -> None:
+    if stop is not None and stop():
+        raise ScoringStopped("a newer request replaced this scoring")
+
+
 def canonical_split(split: str) -> str:
     s = _SPLIT_ALIASES.get(split, split)
     if s not in SPLITS:
@@ -256,26 +267,29 @@ class Evaluator:
 
     # ------------------------------------------------------------ scoring
     def evaluate(self, params: Mapping[str, torch.Tensor] | nn.Module | None = None, split: str = "validation",
-                 subsample: int | None = None, tasks: Sequence[str] | None = None) -> pd.DataFrame:
+                 subsample: int | None = None, tasks: Sequence[str] | None = None,
+                 stop: Callable[[], bool] | None = None) -> pd.DataFrame:
         """Tidy table (task, metric in {accuracy, loss}, value, split, n).
 
         `params` is a full or partial backbone state dict (missing tensors come
         from the base), a module with such a state dict, or None for the base.
         `subsample=n` scores a fixed, seeded subset of n examples per task.
+        `stop`: polled before every forward batch; `ScoringStopped` when it returns True.
         """
         split = canonical_split(split)
         prepared = self._prepare(params)
         rows = []
         tasks = self._tasks(tasks)
-        together = self._logits_of_tasks(tasks, split, prepared, subsample)
+        together = self._logits_of_tasks(tasks, split, prepared, subsample, stop)
         for task in tasks:
-            acc, loss, n = self._score(task, split, prepared, subsample, together.get(task))
+            acc, loss, n = self._score(task, split, prepared, subsample, together.get(task), stop)
             rows.append({"task": task, "metric": "accuracy", "value": acc, "split": split, "n": n})
             rows.append({"task": task, "metric": "loss", "value": loss, "split": split, "n": n})
         return pd.DataFrame(rows, columns=COLUMNS)
 
     def evaluate_delta(self, delta: Mapping[str, torch.Tensor], alpha: float = 1.0, split: str = "validation",
-                       subsample: int | None = None, tasks: Sequence[str] | None = None) -> pd.DataFrame:
+                       subsample: int | None = None, tasks: Sequence[str] | None = None,
+                       stop: Callable[[], bool] | None = None) -> pd.DataFrame:
         """Score base + alpha * delta (delta: parameter name -> tensor)."""
         base = self._base
         params = {}
@@ -285,7 +299,7 @@ class Evaluator:
             if tuple(d.shape) != tuple(base[name].shape):
                 raise ValidationError(f"delta for {name!r} has shape {tuple(d.shape)}, the backbone has {tuple(base[name].shape)}")
             params[name] = base[name] + float(alpha) * d.to(self.device, base[name].dtype)
-        return self.evaluate(params, split=split, subsample=subsample, tasks=tasks)
+        return self.evaluate(params, split=split, subsample=subsample, tasks=tasks, stop=stop)
 
     def predictions(self, params=None, task: str | None = None, split: str = "validation") -> np.ndarray:
         """Predicted class index of every example of one task split (data order)."""
@@ -467,7 +481,7 @@ class Evaluator:
         return min(self.batch_size, SCORE_BATCH_CPU) if self.device.type == "cpu" else self.batch_size
 
     @torch.no_grad()
-    def _logits_of_tasks(self, tasks, split, params, subsample) -> dict:
+    def _logits_of_tasks(self, tasks, split, params, subsample, stop=None) -> dict:
         """{task: (logits, labels)} of several token-data tasks scored with the same parameters, their
         examples pooled and length-sorted across tasks, so short examples of one task share batches with
         short ones of another (less padding than task by task). Empty when there is one task or any split
@@ -485,6 +499,7 @@ class Evaluator:
         where = torch.cat([torch.arange(len(i)) for i in idx])      # position in its task's subset
         size = self._score_batch_size()
         for start in range(0, len(order), size):
+            _check_stop(stop)
             b = order[start:start + size]
             width = int(lengths[b].max())
             ids = torch.zeros(len(b), width, dtype=splits[0].input_ids.dtype)
@@ -504,13 +519,14 @@ class Evaluator:
         return out
 
     @torch.no_grad()
-    def _logits(self, task, split, params, subsample):
+    def _logits(self, task, split, params, subsample, stop=None):
         data = self._split(task, split)
         idx = self._indices(len(data), subsample)
         head = self.heads[task]
         logits = torch.empty(len(idx), head.weight.shape[0])
         order = []
         for b, inputs, _, _ in self._batches(task, split, idx, self._score_batch_size()):
+            _check_stop(stop)
             feats = features(self.backbone, inputs, params)
             logits[len(order):len(order) + len(b)] = (feats @ head.weight.T + head.bias).float().cpu()
             order += b.tolist()
@@ -745,8 +761,9 @@ class Evaluator:
             features(self.backbone, inputs, given)
         return {m: plain[m] for m in plain if seen.count(m) == 1}
 
-    def _score(self, task, split, params, subsample, logits_labels=None):
-        logits, labels = logits_labels if logits_labels is not None else self._logits(task, split, params, subsample)
+    def _score(self, task, split, params, subsample, logits_labels=None, stop=None):
+        logits, labels = (logits_labels if logits_labels is not None
+                          else self._logits(task, split, params, subsample, stop))
         if len(labels) == 0:
             return float("nan"), float("nan"), 0
         acc = float((logits.argmax(1) == labels).float().mean())

@@ -180,8 +180,7 @@ def speculation_jobs(n: int | None) -> list:
 
         def compute(stop, knobs=knobs):
             d = merge(inputs, method_name, stop=stop, **knobs)
-            return d, merged_accuracy(ev, d, split_, FIRST_ESTIMATE, stop=stop,
-                                      tasks_per_poll=speculate.SCORE_TASKS_PER_POLL)
+            return d, merged_accuracy(ev, d, split_, FIRST_ESTIMATE, stop=stop)
         jobs.append(((ws.key, method_name, key_c, split_), compute))
     return jobs[:speculate.MAX_CANDIDATES]
 

@@ -84,6 +84,21 @@ def test_delta_path_equals_full_model_path(tiny_workspace):
     assert np.allclose(full["value"], fast["value"], atol=1e-5)
 
 
+def test_a_path_stops_within_one_forward_batch(tiny_workspace):
+    from analysis.evaluation import ScoringStopped
+    ws, tvs = tiny_workspace, tiny_workspace.tvs
+    forwards, polls = [], []
+    ws.evaluator.backbone.register_forward_hook(lambda *a: forwards.append(1))
+
+    def stop_after_two():
+        polls.append(1)
+        return len(polls) > 2
+    ev = functools.partial(ws.evaluator.evaluate, subsample=40, stop=stop_after_two)
+    with pytest.raises(ScoringStopped):
+        delta_path(ev, tvs.apply({}), tvs.task_vector("alpha"), tvs.task_vector("beta"), 5)
+    assert len(forwards) == 2      # two batches of the first point's first task, of 3 tasks × 3 batches
+
+
 def test_scaling_path_hits_known_parameters():
     seen = []
     ev = lambda p: (seen.append(p["w"].clone()), pd.DataFrame([{"task": "t", "metric": "loss", "value": 0.0}]))[1]

@@ -26,17 +26,27 @@ def test_references_on_a_subsample_score_the_same_examples_as_the_merge(tiny_wor
         assert float(row["value"].iloc[0]) == pytest.approx(acc[task])
 
 
-def test_task_by_task_scoring_equals_one_pass_and_stops_when_told(tiny_workspace):
+def forward_counter(ws) -> list:
+    """A list that grows by one per forward batch of the workspace's backbone."""
+    calls = []
+    ws.evaluator.backbone.register_forward_hook(lambda *a: calls.append(1))
+    return calls
+
+
+def test_scoring_polls_its_stop_before_every_forward_batch_with_the_same_numbers(tiny_workspace):
     ws = tiny_workspace
     delta = merge(ws.tvs, "task_arithmetic", alpha=0.5)
-    whole = merged_accuracy(ws.evaluator, delta, subsample=7)
-    assert merged_accuracy(ws.evaluator, delta, subsample=7, stop=lambda: False) == whole
-    calls = []
+    whole = merged_accuracy(ws.evaluator, delta, subsample=40)
+    forwards, polls = forward_counter(ws), []
+    assert merged_accuracy(ws.evaluator, delta, subsample=40, stop=lambda: polls.append(1) and False) == whole
+    assert len(polls) == len(forwards) >= 6             # 3 tasks × 40 examples in batches of at most 16
 
     def stop_after_one():
-        calls.append(1)
-        return len(calls) > 1
+        polls.append(1)
+        return len(polls) > 1
+    polls.clear(), forwards.clear()
     with pytest.raises(ScoringStopped):
-        merged_accuracy(ws.evaluator, delta, subsample=7, stop=stop_after_one)
+        merged_accuracy(ws.evaluator, delta, subsample=40, stop=stop_after_one)
+    assert len(forwards) == 1                           # it stopped one batch in, not at the end of a task
     with pytest.raises(ScoringStopped):
         reference_on_examples(ws.evaluator, ws.tvs, subsample=7, stop=lambda: True)

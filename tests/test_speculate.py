@@ -365,19 +365,6 @@ def test_each_merge_is_logged_as_requested_or_background(caplog):
     assert '"common_fraction": 0.3' in lines[2] and "stopped after" in lines[2] and lines[2].endswith("(background)")
 
 
-def test_scoring_polls_its_stop_every_few_tasks_with_the_same_numbers(tiny_workspace):
-    from analysis.merging.scoring import ScoringStopped, merged_accuracy
-    ws = tiny_workspace
-    delta = merge(ws.tvs, "task_arithmetic", alpha=0.5)
-    pooled = merged_accuracy(ws.evaluator, delta, subsample=8)
-    polls = []
-    chunked = merged_accuracy(ws.evaluator, delta, subsample=8, stop=lambda: polls.append(1) and False,
-                              tasks_per_poll=2)
-    assert chunked == pooled and len(polls) == 2           # 3 tasks: two passes of 2 and 1
-    with pytest.raises(ScoringStopped):
-        merged_accuracy(ws.evaluator, delta, subsample=8, stop=lambda: True, tasks_per_poll=2)
-
-
 def test_the_speculation_waits_while_any_session_refines():
     from ui.jobs import BackgroundJob
     release = threading.Event()

@@ -38,9 +38,6 @@ from ui import presence
 from ui.jobs import BackgroundJob, JobCancelled, any_running
 
 SPECULATION_NICE = 10   # the speculating thread's niceness (Linux: per thread): a user's own work wins the CPU
-# tasks scored per pooled pass between stop polls: the quick demo's 8 × 8 estimate took 0.77 s one task a pass,
-# 0.50 s four (a stop then waits at most ~0.25 s) and 0.38 s all eight (benchmark in docs/results_live.md)
-SCORE_TASKS_PER_POLL = 4
 MAX_CANDIDATES = 2   # knob sets merged ahead per view: each is one model copy (the quick demo's: 91 MB)
 
 

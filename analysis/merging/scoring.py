@@ -8,6 +8,7 @@ from typing import Callable, Mapping
 import pandas as pd
 import torch
 
+from analysis.evaluation import ScoringStopped  # noqa: F401  (re-exported: the pages and tests import it here)
 from analysis.merging.engine import MergeResult
 from analysis.taskvectors import TaskVectorSet
 
@@ -21,32 +22,24 @@ def as_result(delta, tasks) -> MergeResult:
     return MergeResult("delta", {}, list(tasks), shared=dict(delta))
 
 
-class ScoringStopped(Exception):
-    """Raised by the scorers when their `stop()` says a newer request replaced this one."""
-
-
 def merged_accuracy(evaluator, result, split: str = "validation", subsample: int | None = None,
-                    stop: Callable[[], bool] | None = None, tasks_per_poll: int = 1) -> dict[str, float]:
+                    stop: Callable[[], bool] | None = None) -> dict[str, float]:
     """{task: accuracy} of base + the delta each task is scored with, for every
-    task the evaluator scores (one pass per distinct model: one for a merge,
+    task the evaluator scores (one pooled pass per distinct model: one for a merge,
     one per task for per-task methods such as TSV-C).
 
-    `stop`: polled between tasks (every `tasks_per_poll` of them: each poll
-    ends one pooled forward pass, and one task of 8 examples a pass took twice
-    the time of all 8 tasks in one, 0.77 against 0.37 s on the quick demo);
-    when it returns True, `ScoringStopped` is raised (a background refinement
-    whose slider has moved on)."""
+    `stop`: polled before every forward batch (`Evaluator.evaluate`); when it
+    returns True, `ScoringStopped` is raised (a background refinement whose
+    slider has moved on). It was polled between tasks, so a pass scored one
+    task (or four) to stop sooner: one task of 8 examples a pass took twice the
+    time of all 8 tasks in one, 0.77 against 0.37 s on the quick demo."""
     result = as_result(result, evaluator.tasks)
     out = {}
     for tasks, delta in result.models():
         scored = [t for t in tasks if t in evaluator.tasks]
-        step = len(scored) if stop is None else max(1, tasks_per_poll)
-        for chunk in [scored[i:i + step] for i in range(0, len(scored), step)]:
-            if not chunk:
-                continue
-            if stop is not None and stop():
-                raise ScoringStopped()
-            out.update(accuracy_by_task(evaluator.evaluate_delta(delta, split=split, subsample=subsample, tasks=chunk)))
+        if scored:
+            out.update(accuracy_by_task(evaluator.evaluate_delta(delta, split=split, subsample=subsample,
+                                                                 tasks=scored, stop=stop)))
     return {t: out[t] for t in result.tasks if t in out}
 
 
@@ -62,10 +55,9 @@ def reference_on_examples(evaluator, tvs: TaskVectorSet, split: str = "validatio
     frames = []
     for task in [t for t in tvs.tasks if t in evaluator.tasks]:
         for model, params in (("zero_shot", None), ("fine_tuned", {n: tvs.delta(task, n) for n in tvs.param_names})):
-            if stop is not None and stop():
-                raise ScoringStopped()
-            df = (evaluator.evaluate(None, split=split, subsample=subsample, tasks=[task]) if params is None
-                  else evaluator.evaluate_delta(params, split=split, subsample=subsample, tasks=[task]))
+            df = (evaluator.evaluate(None, split=split, subsample=subsample, tasks=[task], stop=stop)
+                  if params is None else
+                  evaluator.evaluate_delta(params, split=split, subsample=subsample, tasks=[task], stop=stop))
             frames.append(df.assign(model=model))
     if not frames:
         return pd.DataFrame(columns=["task", "model", "split", "metric", "value", "n"])
