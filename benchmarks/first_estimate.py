@@ -17,12 +17,15 @@ as soon as the page is idle). The Merge page merges the knob values one step awa
 view is final (ui/speculate.py), so a step after a dwell finds its merge done; PageDown (a jump of a tenth of
 the slider's range) shows what a move that no speculation serves costs on its first press, and a sweep of
 jumps after it (the speculation merges the same jump again first).
+`--press-after-first S`: the next press comes S seconds after each first view, while that view's refinement
+(and on the Merge page no speculation yet) still runs, as a user who moves on before the refined numbers land.
 Baseline, in the same run: a second server with `MERGESCOPE_FIRST_ESTIMATE=0` (each move scores the full
 live subsample before drawing), the same pages and moves, interleaved page by page with the first.
 `--code-rev REV` serves an earlier commit's app (a temporary git worktree) for a before/after.
 
     python benchmarks/first_estimate.py [--moves 3] [--preset quick] [--pages Merge,Spectra] [--json out.json]
     python benchmarks/first_estimate.py --pages Merge --code-rev HEAD~1      # the same, on an earlier commit
+    python benchmarks/first_estimate.py --pages Loss_Landscape --press-after-first 1 --no-baseline
 """
 from __future__ import annotations
 
@@ -42,8 +45,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests"), str(ROOT / "benchmarks")]
 
-from sessions import (RECORDER, RUN_START, Session, check, open_role, run_end_ms, settle,  # noqa: E402
-                      slider_input)
+from sessions import (RECORDER, RUN_ENDED, RUN_START, RUN_TIMEOUT_S, Session, check, open_role,  # noqa: E402
+                      run_end_ms, settle, slider_input)
 from test_browser import CHROMIUM, CHROMIUM_ARGS, free_port, start_app_cmd, stop_server, wait_healthy  # noqa: E402
 
 # (page in the URL, slider label, Merge method or None, key that moves to an unseen value)
@@ -71,7 +74,15 @@ new MutationObserver(ms => { for (const m of ms) {
     const nodes = m.type === 'characterData' ? [m.target] : Array.from(m.addedNodes);
     if (nodes.some(n => (n.textContent || '').includes('%s'))) { window.__msEstimate.push(performance.now()); return; }
   } }).observe(document, {childList: true, characterData: true, subtree: true});
-""" % CAPTION
+// a caption already on screen (a press before the refinement landed) is not added again: the new run re-sends
+// it, which turns its element container's data-stale back to false
+new MutationObserver(ms => { for (const m of ms) {
+    if (m.target.getAttribute('data-stale') === 'false' && (m.target.textContent || '').includes('%s')) {
+      window.__msEstimate.push(performance.now()); return; }
+  } }).observe(document, {attributes: true, subtree: true, attributeFilter: ['data-stale']});
+""" % (CAPTION, CAPTION)
+FIRST_VIEW = """([t0, state0]) => { const m = window.__msEstimate.filter(t => t >= t0);
+  if (m.length) return Math.min(...m) - t0; return (%s)([t0, state0]); }""" % RUN_ENDED
 
 
 async def thumb_value(s: Session) -> str:
@@ -139,12 +150,26 @@ async def at_the_end(s: Session, key: str) -> bool:
     return float(value) <= float(low) if key in ("ArrowLeft", "PageDown") else float(value) >= float(high)
 
 
-async def one_move(s: Session, key: str, clock: CpuClock | None = None, dwell: float = 0.0) -> dict:
+async def one_move(s: Session, key: str, clock: CpuClock | None = None, dwell: float = 0.0,
+                   early: float | None = None) -> dict:
+    """One press and its times. `early`: the next press comes that many seconds after this one's first view,
+    not after its final one (the refinement still running); final_s is then not measured (None)."""
     slider = slider_input(s)
     await slider.focus()
     before = await thumb_value(s)
     start = await s.page.evaluate(RUN_START)
     await slider.press(key)
+    if early is not None:
+        handle = await s.page.wait_for_function(FIRST_VIEW, arg=start, timeout=RUN_TIMEOUT_S * 1000, polling=20)
+        first = float(await handle.json_value()) / 1000
+        row = {"from": before, "first_s": round(first, 3), "estimate_s": None, "final_s": None}
+        if clock is not None:
+            pressed = (await s.page.evaluate("performance.timeOrigin") + start[0]) / 1000
+            server, browser = clock.between(pressed, pressed + first)
+            row.update(server_cpu_s=round(server, 2), browser_cpu_s=round(browser, 2))
+        await check(s, f"move to {await thumb_value(s)}")
+        await asyncio.sleep(early)
+        return row
     final = await run_end_ms(s.page, start) / 1000
     marks = await s.page.evaluate("t0 => window.__msEstimate.filter(t => t >= t0)", start[0])
     estimate = (min(marks) - start[0]) / 1000 if marks else None
@@ -162,7 +187,7 @@ async def one_move(s: Session, key: str, clock: CpuClock | None = None, dwell: f
 
 
 async def visit(base: str, role: tuple, moves: int, timeout: float,
-                clock: CpuClock | None = None, dwell: float = 0.0) -> tuple[list[dict], list[str]]:
+                clock: CpuClock | None = None, dwell: float = 0.0, early: float | None = None) -> tuple[list[dict], list[str]]:
     from playwright.async_api import async_playwright
     page_name, label, method, key = role
     s = Session(0, page_name, label, method)
@@ -180,7 +205,7 @@ async def visit(base: str, role: tuple, moves: int, timeout: float,
                 print(f"{page_name} {method or ''} {label!r}: at the end of its range after {len(rows)} of "
                       f"{moves} moves", flush=True)
                 break
-            rows.append(await one_move(s, key, clock, dwell))
+            rows.append(await one_move(s, key, clock, dwell, early))
         await browser.close()
     return rows, s.problems
 
@@ -226,7 +251,7 @@ def table(results: dict) -> str:
             continue
         on, off = by["on"], by.get("off")    # no "off" with --no-baseline
         first = [m["first_s"] for m in on]
-        final = [m["final_s"] for m in on]
+        final = [m["final_s"] for m in on if m["final_s"] is not None]
         med = statistics.median(first)
         way = f" ({WAYS[key]})" if sum(r[:3] == (page, label, method) for r in results) > 1 else ""
         if off:
@@ -236,7 +261,7 @@ def table(results: dict) -> str:
         else:
             baseline = "– | –"
         lines.append(f"| {page.replace('_', ' ')} | {f'{method} ' if method else ''}{label}{way} | {med:.2f} "
-                     f"({', '.join(f'{x:.2f}' for x in first)}) | {statistics.median(final):.2f} | {baseline} | "
+                     f"({', '.join(f'{x:.2f}' for x in first)}) | {f'{statistics.median(final):.2f}' if final else '–'} | {baseline} | "
                      f"{'yes' if max(first) <= TARGET_S else 'no'} | {cpu_shares(on)} |")
     return "\n".join(lines)
 
@@ -252,6 +277,9 @@ def main() -> int:
                     help="serve the app of this commit (a temporary git worktree) instead of this checkout")
     ap.add_argument("--json", default=None)
     ap.add_argument("--dwell", type=float, default=0.0, help="seconds looked at each final view before the next press")
+    ap.add_argument("--press-after-first", type=float, default=None, metavar="S",
+                    help="press again S seconds after each first view, while its refinement still runs (no final "
+                         "times); --dwell then only applies after the page opens")
     ap.add_argument("--keep-logs", type=Path, default=None, help="copy the servers' logs into this folder")
     ap.add_argument("--no-baseline", action="store_true",
                     help="skip the estimate-off server (for a before/after of two commits, each run on its own)")
@@ -262,7 +290,7 @@ def main() -> int:
              and (not args.keys or r[3] in args.keys.split(","))]
     rev = subprocess.run(["git", "rev-parse", "--short", args.code_rev or "HEAD"], cwd=ROOT, capture_output=True,
                          text=True).stdout.strip() + ("" if args.code_rev else " + working tree")
-    print(f"commit {rev}; dwell {args.dwell:g} s; load average {os.getloadavg()}; {os.cpu_count()} CPUs; {args.preset} demo from {args.cache}",
+    print(f"commit {rev}; dwell {args.dwell:g} s; press after first {args.press_after_first}; load average {os.getloadavg()}; {os.cpu_count()} CPUs; {args.preset} demo from {args.cache}",
           flush=True)
     results: dict = {r: {} for r in roles}
     variants = ("on",) if args.no_baseline else ("on", "off")
@@ -285,7 +313,7 @@ def main() -> int:
             for role in roles:              # interleaved page by page: drift on the machine hits both alike
                 for variant in variants:
                     rows, bad = asyncio.run(visit(servers[variant][1], role, args.moves, args.timeout,
-                                                  clocks[variant], args.dwell))
+                                                  clocks[variant], args.dwell, args.press_after_first))
                     results[role][variant] = rows
                     problems += [f"estimate {variant}: {p}" for p in bad]
                     print(f"{role[0]} {role[2] or ''} {role[1]!r}, first estimate {variant}: {json.dumps(rows)}",
