@@ -75,7 +75,9 @@ def scale_delta(base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tens
     out = dict(base)
     for name, d in delta.items():
         t = base[name]
-        out[name] = (t.float() + alpha * d.to(t.device, torch.float32)).to(t.dtype)
+        d = d.to(t.device, torch.float32)
+        # one pass and one new tensor (t + α·d as one kernel) where θ0 is float32
+        out[name] = torch.add(t, d, alpha=alpha) if t.dtype == torch.float32 else (t.float() + alpha * d).to(t.dtype)
     return out
 
 
@@ -111,11 +113,29 @@ def delta_path(evaluate: Evaluate, base: Mapping[str, torch.Tensor], delta_a: Ma
     the deltas touch are interpolated (cheaper on a large backbone).
     """
     names = sorted(set(delta_a) | set(delta_b))
-    zero = {n: torch.zeros_like(base[n], dtype=torch.float32) for n in names}
-    da = {n: delta_a.get(n, zero[n]).float() for n in names}
-    db = {n: delta_b.get(n, zero[n]).float() for n in names}
+    unknown = [n for n in names if n not in base]
+    if unknown:
+        raise ValidationError(f"the delta holds {unknown[0]!r}, which the base parameters lack")
     lambdas = lambda_grid(lambdas) if isinstance(lambdas, int) else np.asarray(lambdas, dtype=float)
-    return _collect(evaluate, lambdas, lambda lam: scale_delta(base, interpolate(da, db, lam), 1.0), "lam", progress)
+    return _collect(evaluate, lambdas, lambda lam: _on_line(base, delta_a, delta_b, names, lam), "lam", progress)
+
+
+def _on_line(base, delta_a, delta_b, names, lam: float) -> dict[str, torch.Tensor]:
+    """θ0 + ((1−λ)δa + λδb) for `names` (a delta that lacks a tensor counts as zero there), the rest of θ0
+    as is. One new tensor per name (`torch.lerp`, exact at both ends, then θ0 added in place): the zeros,
+    products and sums of the arithmetic written out took 0.3 s a point on the quick demo (22.7 M floats),
+    on the critical path of the Loss Landscape's first estimate."""
+    out = dict(base)
+    for name in names:
+        t, a, b = base[name], delta_a.get(name), delta_b.get(name)
+        a = None if a is None else a.to(t.device, torch.float32)
+        b = None if b is None else b.to(t.device, torch.float32)
+        if a is not None and b is not None:
+            d = torch.lerp(a, b, lam)
+        else:
+            d = (1.0 - lam) * a if b is None else lam * b
+        out[name] = d.add_(t) if t.dtype == torch.float32 else (t.float() + d).to(t.dtype)
+    return out
 
 
 def scaling_path(evaluate: Evaluate, base: Mapping[str, torch.Tensor], delta: Mapping[str, torch.Tensor],

@@ -84,19 +84,32 @@ def test_delta_path_equals_full_model_path(tiny_workspace):
     assert np.allclose(full["value"], fast["value"], atol=1e-5)
 
 
-def test_a_path_stops_within_one_forward_batch(tiny_workspace):
+def test_delta_path_points_are_the_models_on_the_line_exactly_at_its_ends():
+    seen = []
+    ev = lambda p: (seen.append(p), pd.DataFrame([{"task": "t", "metric": "loss", "value": 0.0}]))[1]
+    g = torch.Generator().manual_seed(0)
+    base = {"w": torch.randn(5, 3, generator=g), "v": torch.randn(4, generator=g), "ids": torch.arange(3)}
+    da = {"w": torch.randn(5, 3, generator=g), "v": torch.randn(4, generator=g)}
+    db = {"w": torch.randn(5, 3, generator=g)}                  # no "v": zero there
+    delta_path(ev, base, da, db, [0.0, 0.25, 1.0])
+    assert torch.equal(seen[0]["w"], base["w"] + da["w"]) and torch.equal(seen[2]["w"], base["w"] + db["w"])
+    assert torch.equal(seen[0]["v"], base["v"] + da["v"]) and torch.equal(seen[2]["v"], base["v"])
+    torch.testing.assert_close(seen[1]["w"], base["w"] + 0.75 * da["w"] + 0.25 * db["w"])
+    torch.testing.assert_close(seen[1]["v"], base["v"] + 0.75 * da["v"])
+    assert seen[1]["ids"] is base["ids"]                        # tensors no delta touches: the base's own
+    with pytest.raises(ValidationError, match="'u'"):
+        delta_path(ev, base, {"u": torch.zeros(2)}, {}, 3)
+
+
+def test_a_path_stops_as_soon_as_it_is_told(tiny_workspace):
     from analysis.evaluation import ScoringStopped
     ws, tvs = tiny_workspace, tiny_workspace.tvs
-    forwards, polls = [], []
+    forwards = []
     ws.evaluator.backbone.register_forward_hook(lambda *a: forwards.append(1))
-
-    def stop_after_two():
-        polls.append(1)
-        return len(polls) > 2
-    ev = functools.partial(ws.evaluator.evaluate, subsample=40, stop=stop_after_two)
+    ev = functools.partial(ws.evaluator.evaluate, subsample=40, stop=lambda: len(forwards) >= 1)
     with pytest.raises(ScoringStopped):
         delta_path(ev, tvs.apply({}), tvs.task_vector("alpha"), tvs.task_vector("beta"), 5)
-    assert len(forwards) == 2      # two batches of the first point's first task, of 3 tasks × 3 batches
+    assert len(forwards) == 1      # of the first point's 3 tasks × 3 batches
 
 
 def test_scaling_path_hits_known_parameters():

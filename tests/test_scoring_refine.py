@@ -33,20 +33,24 @@ def forward_counter(ws) -> list:
     return calls
 
 
-def test_scoring_polls_its_stop_before_every_forward_batch_with_the_same_numbers(tiny_workspace):
+def test_scoring_polls_its_stop_inside_every_forward_with_the_same_numbers(tiny_workspace):
     ws = tiny_workspace
+    backbone = ws.evaluator.backbone
     delta = merge(ws.tvs, "task_arithmetic", alpha=0.5)
     whole = merged_accuracy(ws.evaluator, delta, subsample=40)
-    forwards, polls = forward_counter(ws), []
+    forwards, polls = forward_counter(ws), []            # forwards: completed ones
     assert merged_accuracy(ws.evaluator, delta, subsample=40, stop=lambda: polls.append(1) and False) == whole
-    assert len(polls) == len(forwards) >= 6             # 3 tasks × 40 examples in batches of at most 16
+    assert len(forwards) >= 6                            # 3 tasks × 40 examples in batches of at most 16
+    assert len(polls) >= 3 * len(forwards)               # before each batch and each module the forward calls
 
-    def stop_after_one():
+    def stop_on_the_third_poll():                        # before the batch, the backbone, its first module
         polls.append(1)
-        return len(polls) > 1
+        return len(polls) >= 3
     polls.clear(), forwards.clear()
     with pytest.raises(ScoringStopped):
-        merged_accuracy(ws.evaluator, delta, subsample=40, stop=stop_after_one)
-    assert len(forwards) == 1                           # it stopped one batch in, not at the end of a task
+        merged_accuracy(ws.evaluator, delta, subsample=40, stop=stop_on_the_third_poll)
+    assert len(forwards) == 0 and len(polls) == 3        # it stopped inside the first forward
+    assert not any(m._forward_pre_hooks for m in backbone.modules())   # its polling hooks are gone
+    assert merged_accuracy(ws.evaluator, delta, subsample=40) == whole  # and the module's own tensors are back
     with pytest.raises(ScoringStopped):
         reference_on_examples(ws.evaluator, ws.tvs, subsample=7, stop=lambda: True)
