@@ -37,6 +37,18 @@ def test_a_new_request_stops_the_old_one_and_only_the_latest_result_is_served():
     assert refiner.done("b") == "new"
 
 
+def test_the_refinement_runs_below_the_page_and_above_the_speculation():
+    import pytest
+    from threadnice import thread_nice
+    from ui.refine import REFINE_NICE
+    from ui.speculate import SPECULATION_NICE
+    if thread_nice() is None or thread_nice() >= REFINE_NICE:
+        pytest.skip("per-thread niceness is read from Linux's /proc, and this process may not be niced already")
+    job = Refiner().request("k", lambda stop: thread_nice())
+    _wait(job)
+    assert job.result == REFINE_NICE < SPECULATION_NICE and thread_nice() < REFINE_NICE   # the caller's untouched
+
+
 def test_the_same_request_reuses_its_job():
     refiner = Refiner()
     calls = []

@@ -337,18 +337,14 @@ def test_a_background_merge_gives_way_to_a_merge_someone_asked_for():
 
 
 def test_the_speculating_thread_runs_at_a_lower_priority():
-    import os
-    if not os.path.exists(f"/proc/self/task/{threading.get_native_id()}/stat"):
+    from threadnice import thread_nice
+    if thread_nice() is None:
         pytest.skip("per-thread niceness is read from Linux's /proc")
-
-    def nice(stop):
-        stat = open(f"/proc/self/task/{threading.get_native_id()}/stat").read()
-        return int(stat.rsplit(")", 1)[1].split()[16])
     sp = Speculator()
-    sp.request([("n", nice)])
+    sp.request([("n", lambda stop: thread_nice())])
     _wait(lambda: "n" in sp.keys())
     assert sp.take("n") == speculate.SPECULATION_NICE
-    assert nice(None) == 0 or nice(None) < speculate.SPECULATION_NICE   # the caller's own is untouched
+    assert thread_nice() == 0 or thread_nice() < speculate.SPECULATION_NICE   # the caller's own is untouched
 
 
 def test_each_merge_is_logged_as_requested_or_background(caplog):

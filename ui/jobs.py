@@ -13,11 +13,21 @@ calls it on SIGTERM (ui/shutdown.py).
 """
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
 import weakref
 from typing import Callable
+
+
+def lower_priority(nice: int) -> None:
+    """Give the calling thread (and the torch worker threads it starts) niceness `nice`, where the OS
+    allows a thread its own (Linux); elsewhere nothing changes."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError):
+        pass
 
 
 class JobCancelled(Exception):

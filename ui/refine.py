@@ -10,9 +10,12 @@ screen: started before it, it shared the 2 cores with the estimate's own
 scoring (on the quick demo, a task-arithmetic α move's first estimate took
 as long as scoring the whole live subsample; benchmarks/first_estimate.py).
 A run that needs a new estimate first stops an older refinement
-(`Refiner.cancel_unless`, honoured between tasks via `ScoringStopped`), so
-a slider move never waits on, or competes with, a stale refinement; the Merge
-page stops it before its merge already (`Refiner.cancel_unless_view`).
+(`Refiner.cancel_unless`, honoured before every module of a forward via
+`ScoringStopped`: within milliseconds), so a slider move never waits on, or
+competes with, a stale refinement; the Merge page stops it before its merge
+already (`Refiner.cancel_unless_view`). The refinement's thread runs at
+REFINE_NICE: it starts as the browser draws the estimate, and on a laptop
+that serves itself the drawing should win those cores.
 """
 from __future__ import annotations
 
@@ -20,9 +23,10 @@ import os
 import threading
 from typing import Callable, Hashable
 
-from ui.jobs import BackgroundJob
+from ui.jobs import BackgroundJob, lower_priority
 
 FIRST_ESTIMATE = 8   # examples per task scored before the page first draws (CPU only)
+REFINE_NICE = 5   # below a page's own runs and the browser, above the speculation (ui.speculate, 10)
 REFINE_WAIT_S = 90.0   # the longest a page run waits for its refinement (then it keeps the estimate and says so)
 
 
@@ -75,7 +79,7 @@ class Refiner:
             self._stop.set()
             stop = self._stop = threading.Event()
             self._key = key
-            self._job = BackgroundJob(lambda report: compute(stop.is_set), label="refine")
+            self._job = BackgroundJob(lambda report: _at_refine_priority(compute, stop.is_set), label="refine")
             return self._job
 
     def cancel_unless(self, key: Hashable) -> None:
@@ -113,6 +117,11 @@ class Refiner:
         if job is None or job.running or job.error is not None:
             return None
         return job.result
+
+
+def _at_refine_priority(compute, stop):
+    lower_priority(REFINE_NICE)
+    return compute(stop)
 
 
 def wait_for_refinement(refiner: Refiner, key: Hashable, compute: Callable[[Callable[[], bool]], object], slot,

@@ -35,7 +35,7 @@ from typing import Callable, Hashable
 
 from analysis.errors import HyperparameterError
 from ui import presence
-from ui.jobs import BackgroundJob, JobCancelled, any_running
+from ui.jobs import BackgroundJob, JobCancelled, any_running, lower_priority
 
 SPECULATION_NICE = 10   # the speculating thread's niceness (Linux: per thread): a user's own work wins the CPU
 MAX_CANDIDATES = 2   # knob sets merged ahead per view: each is one model copy (the quick demo's: 91 MB)
@@ -137,15 +137,6 @@ def _step(hp, value, direction: int, n_tasks: int):
     return new
 
 
-def lower_priority() -> None:
-    """Give the calling thread (and the torch worker threads it starts) SPECULATION_NICE, where the OS
-    allows a thread its own (Linux); elsewhere nothing changes."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SPECULATION_NICE)
-    except (AttributeError, OSError):
-        pass
-
-
 BUSY_POLL_S = 0.1
 BUSY_CPU_FRACTION = 0.25   # the server process's CPU use, as a fraction of one core, above which it is busy
 
@@ -201,7 +192,7 @@ class Speculator:
                 self._job = BackgroundJob(lambda report: self._work(stop, report), label="speculate")
 
     def _work(self, stop: threading.Event, report) -> None:
-        lower_priority()
+        lower_priority(SPECULATION_NICE)
 
         def stopped() -> bool:   # this request overtaken, or the server stopping (ui.jobs.stop_all)
             if not stop.is_set():
