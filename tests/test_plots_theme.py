@@ -59,6 +59,28 @@ def test_apply_theme_resets_a_builders_legend_and_keeps_title_and_subtitle():
     assert fig.layout.title.text == "A title" and fig.layout.title.subtitle.text == "a subtitle"
 
 
+def test_a_subtitle_stays_clear_of_the_panel_titles():
+    """Panel titles (make_subplots) sit above the plot, in the margin the title's automargin reserves for
+    itself: drawn, the subtitle's line must end above them (they overlapped on the Loss Landscape)."""
+    import re
+
+    from analysis.plots.landscape import path_figure
+    from analysis.report import figure_bytes
+    ok, why = export_status()
+    if not ok:
+        pytest.skip(f"drawing the figure needs kaleido and a browser: {why}")
+    rows = [{"lam": lam, "task": "a", "metric": metric, "value": 0.5}
+            for lam in (0.0, 0.5, 1.0) for metric in ("loss", "accuracy")]
+    svg = figure_bytes(path_figure(pd.DataFrame(rows), ["a"], "lam", title="A → B", subtitle="a subtitle"),
+                       "svg", width=1000).decode()
+    sub = re.search(r'<text class="gtitle-subtitle"[^>]* y="([0-9.]+)"[^>]*font-size: ([0-9.]+)px', svg)
+    panels = [float(y) for y in re.findall(
+        r'<g class="annotation-text-g"[^>]*><g class="cursor-pointer" transform="translate\([0-9.]+,([0-9.]+)\)', svg)]
+    assert sub is not None and len(panels) == 2
+    subtitle_bottom = float(sub.group(1)) + 1.3 * float(sub.group(2))   # its baseline is one em below y
+    assert subtitle_bottom <= min(panels)
+
+
 def test_data_range_fits_the_data_not_zero_to_hundred():
     assert data_range([81.3, 81.2, 84.0, 79.5], step=5) == [70.0, 90.0]
     assert data_range([99.0, 97.0], ceiling=100.0, step=5) == [90.0, 100.0]

@@ -83,6 +83,13 @@ def unvalidated_figure(data: list[dict], layout: dict) -> go.Figure:
     return fig
 
 
+PANEL_TITLE_ROOM_PX = 30
+
+
+def _above_the_panels(note) -> bool:
+    return note.yref == "paper" and note.y is not None and note.y >= 1.0 and note.yanchor == "bottom"
+
+
 def apply_theme(fig: go.Figure, height: int = 520, title: str | None = None, subtitle: str | None = None) -> go.Figure:
     """The mergescope look: template, height, and (optionally) a title with a
     subtitle beneath it; any legend-position overrides a figure had are reset
@@ -91,6 +98,10 @@ def apply_theme(fig: go.Figure, height: int = 520, title: str | None = None, sub
     fig.update_layout(height=height)
     if title is not None:
         fig.update_layout(title_text=title)
+        if any(_above_the_panels(note) for note in fig.layout.annotations):
+            # panel titles (make_subplots) sit in the margin just above the plot, where the title's automargin
+            # does not count them: room below the title keeps its subtitle off them
+            fig.update_layout(title_pad_b=PANEL_TITLE_ROOM_PX)
     if subtitle:
         fig.update_layout(title_subtitle_text=subtitle, title_subtitle_font=dict(size=FONT_SIZE - 1, color="#555555"))
     fig.layout.legend = None      # the template's legend, whatever a builder set before
