@@ -59,9 +59,11 @@ def test_apply_theme_resets_a_builders_legend_and_keeps_title_and_subtitle():
     assert fig.layout.title.text == "A title" and fig.layout.title.subtitle.text == "a subtitle"
 
 
-def test_a_subtitle_stays_clear_of_the_panel_titles():
+@pytest.mark.parametrize("subtitle", [None, "a subtitle"])
+def test_title_and_subtitle_stay_clear_of_the_panel_titles(subtitle):
     """Panel titles (make_subplots) sit above the plot, in the margin the title's automargin reserves for
-    itself: drawn, the subtitle's line must end above them (they overlapped on the Loss Landscape)."""
+    itself: drawn, the title's (and subtitle's) last line must end above them (they overlapped on the Loss
+    Landscape and the Alignment page)."""
     import re
 
     from analysis.plots.landscape import path_figure
@@ -71,14 +73,15 @@ def test_a_subtitle_stays_clear_of_the_panel_titles():
         pytest.skip(f"drawing the figure needs kaleido and a browser: {why}")
     rows = [{"lam": lam, "task": "a", "metric": metric, "value": 0.5}
             for lam in (0.0, 0.5, 1.0) for metric in ("loss", "accuracy")]
-    svg = figure_bytes(path_figure(pd.DataFrame(rows), ["a"], "lam", title="A → B", subtitle="a subtitle"),
+    svg = figure_bytes(path_figure(pd.DataFrame(rows), ["a"], "lam", title="A → B", subtitle=subtitle),
                        "svg", width=1000).decode()
-    sub = re.search(r'<text class="gtitle-subtitle"[^>]* y="([0-9.]+)"[^>]*font-size: ([0-9.]+)px', svg)
+    last = re.search(r'<text class="%s"[^>]* y="([0-9.]+)"[^>]*font-size: ([0-9.]+)px'
+                     % ("gtitle-subtitle" if subtitle else "gtitle"), svg)
     panels = [float(y) for y in re.findall(
         r'<g class="annotation-text-g"[^>]*><g class="cursor-pointer" transform="translate\([0-9.]+,([0-9.]+)\)', svg)]
-    assert sub is not None and len(panels) == 2
-    subtitle_bottom = float(sub.group(1)) + 1.3 * float(sub.group(2))   # its baseline is one em below y
-    assert subtitle_bottom <= min(panels)
+    assert last is not None and len(panels) == 2
+    bottom = float(last.group(1)) + 1.3 * float(last.group(2))   # its baseline is one em below y
+    assert bottom <= min(panels)
 
 
 def test_data_range_fits_the_data_not_zero_to_hundred():

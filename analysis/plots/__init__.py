@@ -84,6 +84,8 @@ def unvalidated_figure(data: list[dict], layout: dict) -> go.Figure:
 
 
 PANEL_TITLE_ROOM_PX = 30
+_TITLE_BLOCK_PX = 14 + 2 * (FONT_SIZE + 3)   # the template's title pad.t and one line of its font
+_SUBTITLE_PX = 2 * FONT_SIZE
 
 
 def _above_the_panels(note) -> bool:
@@ -98,14 +100,16 @@ def apply_theme(fig: go.Figure, height: int = 520, title: str | None = None, sub
     fig.update_layout(height=height)
     if title is not None:
         fig.update_layout(title_text=title)
-        if any(_above_the_panels(note) for note in fig.layout.annotations):
-            # panel titles (make_subplots) sit in the margin just above the plot, where the title's automargin
-            # does not count them: room below the title keeps its subtitle off them
-            fig.update_layout(title_pad_b=PANEL_TITLE_ROOM_PX)
     if subtitle:
         fig.update_layout(title_subtitle_text=subtitle, title_subtitle_font=dict(size=FONT_SIZE - 1, color="#555555"))
     fig.layout.legend = None      # the template's legend, whatever a builder set before
     fig.layout.margin = None
+    if title is not None and any(_above_the_panels(note) for note in fig.layout.annotations):
+        # panel titles (make_subplots) sit in the margin just above the plot, where the title's automargin
+        # does not count them, so a subtitle ran into them. A fixed top margin holds title, subtitle and
+        # panel titles (the title's own pad.b, with automargin, left the traces drawn on stale axes)
+        fig.update_layout(title_automargin=False,
+                          margin_t=_TITLE_BLOCK_PX + (_SUBTITLE_PX if subtitle else 0) + PANEL_TITLE_ROOM_PX)
     return fig
 
 
