@@ -286,7 +286,8 @@ class Evaluator:
         `params` is a full or partial backbone state dict (missing tensors come
         from the base), a module with such a state dict, or None for the base.
         `subsample=n` scores a fixed, seeded subset of n examples per task.
-        `stop`: polled before every forward batch; `ScoringStopped` when it returns True.
+        `stop`: polled before every forward batch and every module of its forward (`features`);
+        `ScoringStopped` when it returns True.
         """
         split = canonical_split(split)
         prepared = self._prepare(params)

@@ -28,8 +28,8 @@ def merged_accuracy(evaluator, result, split: str = "validation", subsample: int
     task the evaluator scores (one pooled pass per distinct model: one for a merge,
     one per task for per-task methods such as TSV-C).
 
-    `stop`: polled before every forward batch (`Evaluator.evaluate`); when it
-    returns True, `ScoringStopped` is raised (a background refinement whose
+    `stop`: polled before every forward batch and every module of its forward
+    (`Evaluator.evaluate`); when it returns True, `ScoringStopped` is raised (a background refinement whose
     slider has moved on). It was polled between tasks, so a pass scored one
     task (or four) to stop sooner: one task of 8 examples a pass took twice the
     time of all 8 tasks in one, 0.77 against 0.37 s on the quick demo."""
