@@ -77,7 +77,7 @@ class ScoringStopped(Exception):
     """Raised by scoring when its `stop()` says a newer request replaced this one (a background refinement
     or speculation whose slider has moved on). Polled before every forward batch and before every module
     of its forward, so the scoring gives the backbone and the CPU back within one module's work. Between
-    batches only, a refinement on 128 examples per task (its longest batches first) went on for 0.4–0.8 s
+    batches only, a refinement on 128 examples per task (its longest batches first) went on for 0.36–0.78 s
     after a Loss Landscape move, and the move's own first estimate waited that long for the backbone."""
 
 
