@@ -125,7 +125,10 @@ merge_key = spec.merge_key(params, ws.tvs)   # knobs that give the same merge sh
 views = st.session_state.setdefault("merge_views", [])   # the last two distinct (method, knobs) on screen
 if not views or views[-1] != (method_name, params):
     views[:] = (views + [(method_name, params)])[-2:]
+    # a move made before the view it left was final (its refined numbers not on screen yet): a sweep
+    st.session_state["merge_sweeping"] = len(views) == 2 and st.session_state.get("merge_final_view") != views[0]
 previous_knobs = views[0][1] if len(views) == 2 and views[0][0] == method_name else None
+sweeping = previous_knobs is not None and st.session_state.get("merge_sweeping", False)
 if spec.note is not None and (note := spec.note(params, ws.tvs)):
     with left:
         st.caption(note)
@@ -246,15 +249,23 @@ st.caption("Accuracy in %, on the split and number of examples per task of each 
 history.removal_control("merge_history")
 
 
+# merging neighbours in the background: CPU, resident sets, data-free methods
+speculating = has_eval and speculate.enabled() and ws.tvs.is_resident and needs_estimate(ws.evaluator.device, n) \
+    and not (spec.needs.labelled_data or spec.needs.activations or spec.needs.gradients)
 if refinement_slot is None:
-    # the view is final: merge its neighbours while the user looks at it (CPU, resident sets, data-free methods)
-    if has_eval and speculate.enabled() and ws.tvs.is_resident and needs_estimate(ws.evaluator.device, n) \
-            and not (spec.needs.labelled_data or spec.needs.activations or spec.needs.gradients):
+    # the view is final: merge its neighbours while the user looks at it
+    st.session_state["merge_final_view"] = (method_name, params)
+    if speculating:
         speculator.request(speculation_jobs(n), keep=view_key)
 else:
     pending_key, compute = pending
+    # in a sweep the next move likely comes before this view's refined numbers: merge it (the same move
+    # again) first, then refine; a user who stops gets the refined numbers one merge later
+    ahead = sweeping and speculating
+    if ahead:
+        speculator.request(speculation_jobs(n)[:1], keep=view_key)
     wait_for_refinement(st.session_state["merge_refiner"], pending_key, compute, refinement_slot,
                         lambda result: st.session_state["merge_refined"].__setitem__(pending_key, result),
                         f"First estimate on {FIRST_ESTIMATE} examples per task (CPU); scoring "
                         f"{'the full split' if pending_key[-1] is None else f'{pending_key[-1]} per task'} in the "
-                        "background…")
+                        "background…", after=speculator.idle if ahead else None)

@@ -294,6 +294,58 @@ def test_a_step_onto_a_speculated_neighbour_takes_its_merge_and_estimate(tiny_wo
     assert estimate == pytest.approx(direct)
 
 
+@pytest.mark.parametrize("left_before_final", [True, False])
+def test_in_a_sweep_the_next_move_is_merged_before_the_view_is_refined(tiny_workspace, monkeypatch,
+                                                                        left_before_final):
+    """A move made before the view it left had its refined numbers (a sweep) merges the same move again in the
+    background first and refines after it; a move from a final view refines first and merges its neighbours
+    after."""
+    import analysis.merging as merging
+    import analysis.merging.scoring as scoring
+    from pagetest import run_page
+    if not str(tiny_workspace.evaluator.device).startswith("cpu"):
+        pytest.skip("speculation runs where a first estimate is drawn: on a CPU")
+    monkeypatch.setenv("MERGESCOPE_FIRST_ESTIMATE", "1")
+    monkeypatch.setenv("MERGESCOPE_SPECULATE", "1")
+    ws = tiny_workspace
+    ws.tvs.keep_resident("cpu")
+    at = run_page("3_Merge.py", ws, {"method": "iso_cts", "common_fraction": "0.5", "subsample": "20"})
+    assert not at.exception, at.exception
+    sp = at.session_state["merge_speculator"]
+    _wait(sp.idle, timeout=60)
+    assert at.session_state["merge_final_view"][1]["common_fraction"] == 0.5
+    events = []
+    real_merge, real_accuracy = merging.merge, scoring.merged_accuracy
+
+    def recorded_merge(*a, **k):
+        out = real_merge(*a, **k)
+        events.append(("merged", threading.current_thread().name, k.get("common_fraction")))
+        return out
+
+    def recorded_accuracy(*a, **k):
+        events.append(("scoring", threading.current_thread().name, a[3] if len(a) > 3 else k.get("subsample")))
+        return real_accuracy(*a, **k)
+    monkeypatch.setattr(merging, "merge", recorded_merge)
+    monkeypatch.setattr(scoring, "merged_accuracy", recorded_accuracy)
+    if left_before_final:   # as if the refined numbers of 0.5 had not landed when the slider moved on
+        at.session_state["merge_final_view"] = None
+    at.slider(key="merge_iso_cts_common_fraction").set_value(0.4).run()
+    assert not at.exception, at.exception
+    assert at.session_state["merge_sweeping"] is left_before_final
+    _wait(sp.idle, timeout=60)
+    spec = METHODS["iso_cts"]
+    ahead = neighbours(spec, spec.validate({"common_fraction": 0.4}, 3), spec.validate({"common_fraction": 0.5}, 3),
+                       3, key=lambda k: spec.merge_key(k, ws.tvs))[0]["common_fraction"]
+    assert ahead == 0.3                 # the same jump again
+    merged_ahead = events.index(("merged", "mergescope-speculate", ahead))
+    refined = events.index(("scoring", "mergescope-refine", 20))
+    assert (merged_ahead < refined) is left_before_final, events
+    assert ("merged", "mergescope-speculate", 0.4) not in events and len(
+        [e for e in events if e[:2] == ("merged", "mergescope-speculate") and e[2] == ahead]) == 1, events
+    sp.cancel()
+    _wait(sp.idle, timeout=60)
+
+
 def test_a_stoppable_merge_runs_in_smaller_groups_with_the_same_result(monkeypatch):
     import analysis.merging.engine as engine
     tvs = _set(resident=True)

@@ -125,10 +125,13 @@ def _at_refine_priority(compute, stop):
 
 
 def wait_for_refinement(refiner: Refiner, key: Hashable, compute: Callable[[Callable[[], bool]], object], slot,
-                        on_result: Callable[[object], None], text: str) -> None:
+                        on_result: Callable[[object], None], text: str,
+                        after: Callable[[], bool] | None = None) -> None:
     """At the end of a page run (the first estimate is on screen), start the session's refinement of
     `key` (`Refiner.request(key, compute)`; one already running for `key` is kept) and poll it; when it
     lands, hand it to `on_result` (which keeps it where the next run finds it) and rerun to show it.
+    `after()`: the refinement starts only once it returns True (the Merge page in a sweep first merges the
+    next step ahead: ui.speculate), polled as the refinement is, within the same REFINE_WAIT_S.
 
     A slider move interrupts the wait at the slot's next update (Streamlit stops a
     run at its next element call when a newer run is asked for); the wait gives up
@@ -140,8 +143,11 @@ def wait_for_refinement(refiner: Refiner, key: Hashable, compute: Callable[[Call
     import time
 
     import streamlit as st
-    refiner.request(key, compute)
     deadline = time.monotonic() + REFINE_WAIT_S
+    while after is not None and not after() and time.monotonic() <= deadline:
+        slot.caption(text)      # also where Streamlit stops this run when a newer one is asked for
+        time.sleep(0.1)
+    refiner.request(key, compute)
     while True:
         result = refiner.done(key)
         if result is not None:
