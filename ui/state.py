@@ -230,11 +230,12 @@ def device_label(info: dict | None = None) -> str:
 
 def start_page(name: str, title: str | None = None) -> None:
     """The preamble every page shares: browser-tab title, wide layout, sidebar status, heading."""
-    from ui import presence
+    from ui import collector, presence
     from ui.workspaces import sync_workspace
     st.set_page_config(page_title=f"mergescope · {name}", layout="wide")
     presence.mark(st.session_state)   # who uses the server (ui/presence.py)
     sync_workspace()   # a link's workspace is opened here, and the session's is written to the URL
+    collector.freeze_long_lived()   # Streamlit's collection after each run then skips modules and workspaces
     sidebar_status()
     st.title(title or name)
 
