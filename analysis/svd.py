@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -54,7 +55,7 @@ def tf32_matmuls(allowed: bool):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-_EIGH_POOL = None   # worker threads of `batched_eigh`, one intra-op thread each (made on first use)
+_EIGH_POOLS: dict = {}   # (workers, niceness) -> worker threads of `batched_eigh`, one intra-op thread each
 _EIGH_POOL_LOCK = threading.Lock()
 
 
@@ -64,16 +65,29 @@ def _one_thread_worker(ready: threading.Barrier) -> None:
     ready.wait(timeout=30)
 
 
+def _niceness() -> int:
+    """The calling thread's niceness (Linux keeps one per thread); 0 where the OS does not say."""
+    try:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    except (AttributeError, OSError):
+        return 0
+
+
 def _eigh_pool(workers: int):
-    """`workers` threads that each run torch with one intra-op thread. torch.set_num_threads also sets
-    the default every *new* thread starts with, so the caller's count is put back once every worker
-    has started (a thread born in that instant would start with 1: slower, never wrong)."""
-    global _EIGH_POOL
+    """`workers` threads that each run torch with one intra-op thread, at the caller's niceness: one pool
+    per niceness, its threads started by the first caller with it (a new thread inherits its creator's
+    niceness, and an unprivileged thread cannot lower its own again). With one pool for all, the threads kept
+    the niceness of whoever came first: a page's merge after the server's first background merge (ui/speculate:
+    nice 10) ran its eighs at nice 10 beside the browser. torch.set_num_threads also sets the default every
+    *new* thread starts with, so the caller's count is put back once every worker has started (a thread born
+    in that instant would start with 1: slower, never wrong)."""
+    key = (workers, _niceness())
     with _EIGH_POOL_LOCK:
-        if _EIGH_POOL is None or _EIGH_POOL._max_workers != workers:
+        pool = _EIGH_POOLS.get(key)
+        if pool is None:
             threads = torch.get_num_threads()
             ready = threading.Barrier(workers + 1)
-            pool = ThreadPoolExecutor(workers, thread_name_prefix="mergescope-eigh")
+            pool = ThreadPoolExecutor(workers, thread_name_prefix=f"mergescope-eigh-nice{key[1]}")
             started = [pool.submit(_one_thread_worker, ready) for _ in range(workers)]
             try:
                 ready.wait(timeout=30)
@@ -81,8 +95,8 @@ def _eigh_pool(workers: int):
                 torch.set_num_threads(threads)
             for f in started:
                 f.result()
-            _EIGH_POOL = pool
-        return _EIGH_POOL
+            _EIGH_POOLS[key] = pool
+        return pool
 
 
 def batched_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

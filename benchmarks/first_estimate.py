@@ -18,7 +18,8 @@ view is final (ui/speculate.py), so a step after a dwell finds its merge done; P
 the slider's range) shows what a move that no speculation serves costs on its first press, and a sweep of
 jumps after it (the speculation merges the same jump again first).
 `--press-after-first S`: the next press comes S seconds after each first view, while that view's refinement
-(and on the Merge page no speculation yet) still runs, as a user who moves on before the refined numbers land.
+(or on the Merge page the merge of the next step ahead) still runs, as a user who moves on before the refined
+numbers land; the role's last move waits for its refined numbers (final), where such a sweep stops.
 Baseline, in the same run: a second server with `MERGESCOPE_FIRST_ESTIMATE=0` (each move scores the full
 live subsample before drawing), the same pages and moves, interleaved page by page with the first.
 `--code-rev REV` serves an earlier commit's app (a temporary git worktree) for a before/after.
@@ -200,12 +201,13 @@ async def visit(base: str, role: tuple, moves: int, timeout: float,
         await open_role(s, base)
         await asyncio.sleep(dwell)
         rows = []
-        for _ in range(moves):
+        for i in range(moves):
             if await at_the_end(s, key):   # a press there would start no run: the role has no more moves
                 print(f"{page_name} {method or ''} {label!r}: at the end of its range after {len(rows)} of "
                       f"{moves} moves", flush=True)
                 break
-            rows.append(await one_move(s, key, clock, dwell, early))
+            # the last move of a sweep waits for its refined numbers: the cost of merging ahead in a sweep
+            rows.append(await one_move(s, key, clock, dwell, early if i < moves - 1 else None))
         await browser.close()
     return rows, s.problems
 

@@ -195,8 +195,12 @@ view_key = (ws.key, method_name, merge_key, split if has_eval else None)
 # and the refinement of the view it left, so the merge has the CPU
 st.session_state.setdefault("merge_refiner", Refiner()).cancel_unless_view(view_key)   # its key's first four
 speculated = speculator.take(view_key)
+merge_seconds = st.session_state.setdefault("merge_seconds", {})   # method -> its last merge computed here
 try:
+    t0 = time.perf_counter()
     delta = speculated[0] if speculated is not None else merged_delta(ws, ws.key, method_name, merge_key, knob_key)
+    if speculated is None and time.perf_counter() - t0 > speculate.COMPUTED_S:   # not a cached merge
+        merge_seconds[method_name] = time.perf_counter() - t0
 except MergescopeError as exc:
     st.error(str(exc))
     st.stop()
@@ -255,13 +259,15 @@ speculating = has_eval and speculate.enabled() and ws.tvs.is_resident and needs_
 if refinement_slot is None:
     # the view is final: merge its neighbours while the user looks at it
     st.session_state["merge_final_view"] = (method_name, params)
+    st.session_state["merge_sweeping"] = False   # a sweep ends with a final view (a subsample change is not one)
     if speculating:
         speculator.request(speculation_jobs(n), keep=view_key)
 else:
     pending_key, compute = pending
     # in a sweep the next move likely comes before this view's refined numbers: merge it (the same move
-    # again) first, then refine; a user who stops gets the refined numbers one merge later
-    ahead = sweeping and speculating
+    # again) first, then refine, where this method's merges are quick (ui/speculate.py: AHEAD_MAX_S); a user
+    # who stops gets the refined numbers one merge later
+    ahead = sweeping and speculating and merge_seconds.get(method_name, float("inf")) <= speculate.AHEAD_MAX_S
     if ahead:
         speculator.request(speculation_jobs(n)[:1], keep=view_key)
     wait_for_refinement(st.session_state["merge_refiner"], pending_key, compute, refinement_slot,

@@ -294,12 +294,13 @@ def test_a_step_onto_a_speculated_neighbour_takes_its_merge_and_estimate(tiny_wo
     assert estimate == pytest.approx(direct)
 
 
-@pytest.mark.parametrize("left_before_final", [True, False])
+@pytest.mark.parametrize("left_before_final, quick, ahead", [(True, True, True), (False, True, False),
+                                                             (True, False, False)])
 def test_in_a_sweep_the_next_move_is_merged_before_the_view_is_refined(tiny_workspace, monkeypatch,
-                                                                        left_before_final):
+                                                                        left_before_final, quick, ahead):
     """A move made before the view it left had its refined numbers (a sweep) merges the same move again in the
-    background first and refines after it; a move from a final view refines first and merges its neighbours
-    after."""
+    background first and refines after it, where the method's merges are quick; a move from a final view, or
+    a method whose merges are slow, refines first and merges the neighbours after."""
     import analysis.merging as merging
     import analysis.merging.scoring as scoring
     from pagetest import run_page
@@ -329,19 +330,22 @@ def test_in_a_sweep_the_next_move_is_merged_before_the_view_is_refined(tiny_work
     monkeypatch.setattr(scoring, "merged_accuracy", recorded_accuracy)
     if left_before_final:   # as if the refined numbers of 0.5 had not landed when the slider moved on
         at.session_state["merge_final_view"] = None
+    # the method's last merge: quick (0.1 s against any limit) or slow (5 s against none)
+    at.session_state["merge_seconds"] = {"iso_cts": 0.1 if quick else 5.0}
+    monkeypatch.setattr(speculate, "AHEAD_MAX_S", 1e9 if quick else 0.0)
     at.slider(key="merge_iso_cts_common_fraction").set_value(0.4).run()
     assert not at.exception, at.exception
-    assert at.session_state["merge_sweeping"] is left_before_final
+    assert at.session_state["merge_sweeping"] is False     # the refined numbers landed: the sweep ended
     _wait(sp.idle, timeout=60)
     spec = METHODS["iso_cts"]
-    ahead = neighbours(spec, spec.validate({"common_fraction": 0.4}, 3), spec.validate({"common_fraction": 0.5}, 3),
-                       3, key=lambda k: spec.merge_key(k, ws.tvs))[0]["common_fraction"]
-    assert ahead == 0.3                 # the same jump again
-    merged_ahead = events.index(("merged", "mergescope-speculate", ahead))
+    next_c = neighbours(spec, spec.validate({"common_fraction": 0.4}, 3), spec.validate({"common_fraction": 0.5}, 3),
+                        3, key=lambda k: spec.merge_key(k, ws.tvs))[0]["common_fraction"]
+    assert next_c == 0.3                # the same jump again
+    merged_ahead = events.index(("merged", "mergescope-speculate", next_c))
     refined = events.index(("scoring", "mergescope-refine", 20))
-    assert (merged_ahead < refined) is left_before_final, events
+    assert (merged_ahead < refined) is ahead, events
     assert ("merged", "mergescope-speculate", 0.4) not in events and len(
-        [e for e in events if e[:2] == ("merged", "mergescope-speculate") and e[2] == ahead]) == 1, events
+        [e for e in events if e[:2] == ("merged", "mergescope-speculate") and e[2] == next_c]) == 1, events
     sp.cancel()
     _wait(sp.idle, timeout=60)
 

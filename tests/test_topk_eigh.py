@@ -188,6 +188,34 @@ def test_the_eigh_workers_leave_new_threads_their_usual_thread_count():
     assert seen == [threads] and torch.get_num_threads() == threads
 
 
+def test_the_eigh_workers_run_at_their_callers_niceness():
+    """A background merge (nice 10) that is the first to need the workers must not leave them at nice 10 for
+    every later page merge, nor a page's workers run a background merge's eighs at the page's priority."""
+    import threading
+
+    from analysis.svd import _eigh_pool
+    from threadnice import thread_nice
+    from ui.jobs import lower_priority
+    mine = thread_nice()
+    if mine is None or mine > 16:
+        pytest.skip("needs Linux's per-thread niceness, with room to lower it")
+    lower = mine + 3
+
+    def workers_nice():
+        pool = _eigh_pool(2)
+        return sorted({f.result() for f in [pool.submit(thread_nice) for _ in range(8)]})
+    seen = {}
+
+    def background():
+        lower_priority(lower)
+        seen["background"] = workers_nice()
+    t = threading.Thread(target=background)
+    t.start()
+    t.join()
+    assert seen["background"] == [lower]
+    assert workers_nice() == [mine]
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_top_eigh_exact_takes_only_the_top_k_by_mrrr_on_a_cpu_with_the_full_eighs_answer(dtype):
     from analysis.svd import _mrrr_pays, batched_eigh, top_eigh_exact

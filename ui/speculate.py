@@ -8,8 +8,8 @@ session's `Speculator` merges the knob sets one slider step away, most likely fi
 jump, such as PageDown's tenth of the range, the same jump again comes first: a sweep), and scores each on
 the first estimate's examples, in one background thread. A move made before the view it left was final is
 a sweep too: the user moves on without waiting for refined numbers, so that view merges the same move again
-first and starts its own refinement only after it (`Speculator.idle`, pages/3_Merge.py); a user who stops
-there gets the refined numbers one background merge later. A move onto one of them takes
+first and starts its own refinement only after it (`Speculator.idle`, pages/3_Merge.py), where the method's
+merges take at most AHEAD_MAX_S; a user who stops there gets the refined numbers one background merge later. A move onto one of them takes
 the finished merge and estimate (`Speculator.take`), or waits for the one in flight if that is the one
 asked for; a move anywhere else stops the speculation first, which `analysis.merging.engine.run` honours
 before its next parameter group (`MergeStopped`; a stoppable merge runs in groups of at most 32 MiB) and
@@ -42,6 +42,13 @@ from ui.jobs import BackgroundJob, JobCancelled, any_running, lower_priority
 
 SPECULATION_NICE = 10   # the speculating thread's niceness (Linux: per thread): a user's own work wins the CPU
 MAX_CANDIDATES = 2   # knob sets merged ahead per view: each is one model copy (the quick demo's: 91 MB)
+# A sweep merges the next move before refining the view only where the method's last merge computed on the page
+# took at most this long. Quick demo, next press 1 s after each first view, 2-core CPU (docs/results_live.md):
+# task arithmetic α (a multiply) first views 1.05 → 0.17 s and TSV-M steps below 1/T (about 1 s a merge)
+# 1.70 → 1.46 s, with the last view's refined numbers no later; Iso-CTS jumps (2.5–3.7 s a merge in the
+# server) only 4.38 → 3.85 s, and the last view's refined numbers came 8.0 → 12.8 s after its press.
+AHEAD_MAX_S = 1.5
+COMPUTED_S = 0.02   # a page's merge that took longer was computed, not read from Streamlit's cache
 
 
 def enabled() -> bool:
