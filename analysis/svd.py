@@ -55,7 +55,7 @@ def tf32_matmuls(allowed: bool):
         torch.backends.cuda.matmul.allow_tf32 = old
 
 
-_EIGH_POOLS: dict = {}   # (workers, niceness) -> worker threads of `batched_eigh`, one intra-op thread each
+_EIGH_POOL = None   # worker threads of `batched_eigh`, one intra-op thread each (made on first use)
 _EIGH_POOL_LOCK = threading.Lock()
 
 
@@ -65,29 +65,34 @@ def _one_thread_worker(ready: threading.Barrier) -> None:
     ready.wait(timeout=30)
 
 
-def _niceness() -> int:
-    """The calling thread's niceness (Linux keeps one per thread); 0 where the OS does not say."""
+def _lowered() -> bool:
+    """Whether the calling thread runs at a higher niceness than the main thread (whose thread id is the pid):
+    a background job (ui/jobs.lower_priority). False where the OS does not say (Linux keeps one per thread)."""
     try:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) > os.getpriority(os.PRIO_PROCESS, os.getpid())
     except (AttributeError, OSError):
-        return 0
+        return False
 
 
 def _eigh_pool(workers: int):
-    """`workers` threads that each run torch with one intra-op thread, at the caller's niceness: one pool
-    per niceness, its threads started by the first caller with it (a new thread inherits its creator's
-    niceness, and an unprivileged thread cannot lower its own again). With one pool for all, the threads kept
-    the niceness of whoever came first: a page's merge after the server's first background merge (ui/speculate:
-    nice 10) ran its eighs at nice 10 beside the browser. torch.set_num_threads also sets the default every
-    *new* thread starts with, so the caller's count is put back once every worker has started (a thread born
-    in that instant would start with 1: slower, never wrong)."""
-    key = (workers, _niceness())
+    """`workers` threads that each run torch with one intra-op thread, or None where none exist yet and the
+    caller runs lowered. A new thread inherits its creator's niceness, and an unprivileged thread cannot
+    lower its own again, so the pool is only ever started by a thread at the process's own niceness (a page's
+    run): started by the server's first background merge (ui/speculate: nice 10), it would run every later
+    page merge's eighs at nice 10 beside the browser (in-process, beside a process using half a core: 2.21 /
+    2.31 s a quick-demo Iso-CTS move against 2.02 / 2.02 s). One pool per niceness was tried instead: then a
+    page that waits on a speculated merge in flight (ui/speculate: `take`) waits on eighs at nice 10 too.
+    torch.set_num_threads also sets the default every *new* thread starts with, so the caller's count is put
+    back once every worker has started (a thread born in that instant would start with 1: slower, never
+    wrong)."""
+    global _EIGH_POOL
     with _EIGH_POOL_LOCK:
-        pool = _EIGH_POOLS.get(key)
-        if pool is None:
+        if _EIGH_POOL is None or _EIGH_POOL._max_workers != workers:
+            if _lowered():
+                return None
             threads = torch.get_num_threads()
             ready = threading.Barrier(workers + 1)
-            pool = ThreadPoolExecutor(workers, thread_name_prefix=f"mergescope-eigh-nice{key[1]}")
+            pool = ThreadPoolExecutor(workers, thread_name_prefix="mergescope-eigh")
             started = [pool.submit(_one_thread_worker, ready) for _ in range(workers)]
             try:
                 ready.wait(timeout=30)
@@ -95,8 +100,8 @@ def _eigh_pool(workers: int):
                 torch.set_num_threads(threads)
             for f in started:
                 f.result()
-            _EIGH_POOLS[key] = pool
-        return pool
+            _EIGH_POOL = pool
+        return _EIGH_POOL
 
 
 def batched_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,8 +122,11 @@ def batched_eigh(a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = a.reshape(-1, *a.shape[-2:])
     if a.device.type != "cpu" or workers < 2 or flat.shape[0] < 2:
         return torch.linalg.eigh(a)
+    pool = _eigh_pool(workers)
+    if pool is None:   # a background job before any page started the workers: its own threads
+        return torch.linalg.eigh(a)
     chunks = [c for c in torch.tensor_split(flat, min(workers, flat.shape[0])) if c.shape[0]]
-    parts = list(_eigh_pool(workers).map(torch.linalg.eigh, chunks))
+    parts = list(pool.map(torch.linalg.eigh, chunks))
     vals = torch.cat([p[0] for p in parts]).reshape(*lead, a.shape[-1])
     vecs = torch.cat([p[1] for p in parts]).reshape(*lead, *a.shape[-2:])
     return vals, vecs

@@ -188,32 +188,43 @@ def test_the_eigh_workers_leave_new_threads_their_usual_thread_count():
     assert seen == [threads] and torch.get_num_threads() == threads
 
 
-def test_the_eigh_workers_run_at_their_callers_niceness():
-    """A background merge (nice 10) that is the first to need the workers must not leave them at nice 10 for
-    every later page merge, nor a page's workers run a background merge's eighs at the page's priority."""
+def test_the_eigh_workers_are_only_started_at_the_processs_own_niceness(monkeypatch):
+    """A background merge (nice 10) that is the first to need the workers solves its eighs itself, so the
+    workers a page's merge uses later are not left at nice 10; once started, the workers serve it too."""
     import threading
 
-    from analysis.svd import _eigh_pool
+    import analysis.svd as svd
     from threadnice import thread_nice
     from ui.jobs import lower_priority
     mine = thread_nice()
     if mine is None or mine > 16:
         pytest.skip("needs Linux's per-thread niceness, with room to lower it")
-    lower = mine + 3
-
-    def workers_nice():
-        pool = _eigh_pool(2)
-        return sorted({f.result() for f in [pool.submit(thread_nice) for _ in range(8)]})
+    monkeypatch.setattr(svd, "_EIGH_POOL", None)
+    a = torch.randn(4, 12, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    a = a @ a.mT
     seen = {}
 
     def background():
-        lower_priority(lower)
-        seen["background"] = workers_nice()
+        lower_priority(mine + 3)
+        seen["pool"] = svd._eigh_pool(2)
+        seen["vals"] = svd.batched_eigh(a)[0]
+        seen["still none"] = svd._EIGH_POOL is None
     t = threading.Thread(target=background)
     t.start()
     t.join()
-    assert seen["background"] == [lower]
-    assert workers_nice() == [mine]
+    assert seen["pool"] is None and seen["still none"]
+    torch.testing.assert_close(seen["vals"], torch.linalg.eigh(a)[0], rtol=1e-10, atol=1e-10)
+    pool = svd._eigh_pool(2)
+    assert sorted({f.result() for f in [pool.submit(thread_nice) for _ in range(8)]}) == [mine]
+
+    def background_after():
+        lower_priority(mine + 3)
+        seen["pool after"] = svd._eigh_pool(2)
+    t = threading.Thread(target=background_after)
+    t.start()
+    t.join()
+    assert seen["pool after"] is pool
+    pool.shutdown()
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
