@@ -272,6 +272,7 @@ else:
         speculator.request(speculation_jobs(n)[:1], keep=view_key)
     wait_for_refinement(st.session_state["merge_refiner"], pending_key, compute, refinement_slot,
                         lambda result: st.session_state["merge_refined"].__setitem__(pending_key, result),
-                        f"First estimate on {FIRST_ESTIMATE} examples per task (CPU); scoring "
+                        f"First estimate on {FIRST_ESTIMATE} examples per task (CPU); "
+                        f"{'merging the next step, then ' if ahead else ''}scoring "
                         f"{'the full split' if pending_key[-1] is None else f'{pending_key[-1]} per task'} in the "
                         "background…", after=speculator.idle if ahead else None)
