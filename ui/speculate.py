@@ -6,14 +6,15 @@ a polar factor per matrix), and it cannot be made an estimate. But a slider move
 step at a time, lands next to where it was: so once a page's view is final (its refinement landed), the
 session's `Speculator` merges the knob sets one slider step away, most likely first (`neighbours`; after a
 jump, such as PageDown's tenth of the range, the same jump again comes first: a sweep), and scores each on
-the first estimate's examples, in one background thread. A move made before the view it left was final is
-a sweep too: the user moves on without waiting for refined numbers, so that view merges the same move again
-first and starts its own refinement only after it (`Speculator.idle`, pages/3_Merge.py), where the method's
-merges take at most AHEAD_MAX_S; a user who stops there gets the refined numbers one background merge later. A move onto one of them takes
+the first estimate's examples, in one background thread. A move onto one of them takes
 the finished merge and estimate (`Speculator.take`), or waits for the one in flight if that is the one
 asked for; a move anywhere else stops the speculation first, which `analysis.merging.engine.run` honours
 before its next parameter group (`MergeStopped`; a stoppable merge runs in groups of at most 32 MiB) and
-scoring between tasks, so a jump waits at most one small group's work for it. A background merge also gives
+scoring before every module of a forward, so a jump waits at most one small group's work for it.
+A move made before the view it left was final is a sweep too: the user moves on without waiting for refined
+numbers, so that view merges the same move again first and starts its own refinement only after it
+(`Speculator.idle`, pages/3_Merge.py), where the method's merges take at most AHEAD_MAX_S; a user who stops
+there gets the refined numbers one background merge later. A background merge also gives
 way to a merge any other session asks for on the same inputs (engine: `MergeInputs.waiting`), waits while
 anything else in the server uses the CPU (`others_busy`: a refinement, or the process's CPU time), and runs
 at a lower priority (SPECULATION_NICE), so what users ask for wins the CPU. It merges nothing while more
