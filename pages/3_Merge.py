@@ -199,8 +199,9 @@ merge_seconds = st.session_state.setdefault("merge_seconds", {})   # method -> i
 try:
     t0 = time.perf_counter()
     delta = speculated[0] if speculated is not None else merged_delta(ws, ws.key, method_name, merge_key, knob_key)
-    if speculated is None and time.perf_counter() - t0 > speculate.COMPUTED_S:   # not a cached merge
-        merge_seconds[method_name] = time.perf_counter() - t0
+    took = time.perf_counter() - t0
+    if speculated is None and took > speculate.COMPUTED_S:   # not a cached merge
+        merge_seconds[method_name] = took
 except MergescopeError as exc:
     st.error(str(exc))
     st.stop()
