@@ -46,8 +46,9 @@ MAX_CANDIDATES = 2   # knob sets merged ahead per view: each is one model copy (
 # A sweep merges the next move before refining the view only where the method's last merge computed on the page
 # took at most this long. Quick demo, next press 1 s after each first view, 2-core CPU (docs/results_live.md):
 # task arithmetic α (a multiply) first views 1.05 → 0.17 s and TSV-M steps below 1/T (about 1 s a merge)
-# 1.70 → 1.46 s, with the last view's refined numbers no later; Iso-CTS jumps (2.5–3.7 s a merge in the
-# server) only 4.38 → 3.85 s, and the last view's refined numbers came 8.0 → 12.8 s after its press.
+# 1.70 → 1.46 s (medians, one run each; the last view's refined numbers 5.3 → 4.7 s there, 7.1 s in a later
+# run); Iso-CTS jumps (2.5–3.7 s a merge in the server) only 4.38 → 3.85 s, and the last view's refined
+# numbers came 8.0 → 12.8 s after its press.
 AHEAD_MAX_S = 1.5
 COMPUTED_S = 0.02   # a page's merge that took longer was computed, not read from Streamlit's cache
 
