@@ -142,14 +142,19 @@ def test_a_repeated_kth_eigenvalue_goes_to_the_fallback_and_a_zero_matrix_does_n
 
 def test_batched_projected_top_is_each_parameters_own():
     # Iso-CTS decomposes every parameter of a shape-group run in one call (leading dims)
-    from analysis.merging.iso import projected_top
+    from analysis.merging.iso import projected_top, task_projections
     g = torch.Generator().manual_seed(6)
     for m, n in ((200, 120), (120, 200)):
         taus = torch.randn(2, 3, m, n, generator=g).to(DEVICE)      # 2 parameters, 3 tasks
         u_t, s_t, vh_t = torch.linalg.svd(taus, full_matrices=False)
         u_sum = torch.linalg.svd(taus.sum(1), full_matrices=False)[0]
+        proj = task_projections(u_t, s_t, u_sum)
         for solver in ("exact", "subspace"):
             both = projected_top(u_t, s_t, vh_t, u_sum, 60, 20, solver)
+            # the merge's own call: projections kept, factors passed as one tensor per parameter (no stack)
+            listed = projected_top(list(u_t), s_t, list(vh_t), u_sum, 60, 20, solver, proj)
+            for a, b in zip(both, listed):
+                torch.testing.assert_close(a.abs(), b.abs(), rtol=1e-4, atol=1e-5)   # up to signs
             for i in range(2):
                 one = projected_top(u_t[i], s_t[i], vh_t[i], u_sum[i], 60, 20, solver)
                 torch.testing.assert_close(both[1][i], one[1], rtol=1e-5, atol=1e-6)      # σ

@@ -172,10 +172,12 @@ def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int, solver: str = "exa
     module doc: Speed).
     proj: `task_projections(u_t, s_t, u_sum)`, kept by the caller across common sizes: the
     m-sized products then become slices (square U_sum: U_⊥ᵀU_tS_t is rows of W_t; tall: the
-    projected residual's Gram is G_out + W_⊥ᵀW_⊥, formed in float64).
+    projected residual's Gram is G_out + W_⊥ᵀW_⊥, formed in float64). With proj, u_t and vh_t
+    may also be lists of one leading index's factors each (`_projected` passes the cache's own
+    tensors: stacking them copied 486 MiB per quick-demo move).
     Returns X (..., T, m, k), σ (..., T, k), Yh (..., T, k, n)."""
-    m, r = u_t.shape[-2], u_t.shape[-1]
-    us = u_t * s_t[..., None, :] if proj is None else None   # U_t S_t  (..., T, m, r)
+    m = u_sum.shape[-2]
+    us = _stacked(u_t) * s_t[..., None, :] if proj is None else None   # U_t S_t  (..., T, m, r)
     u_sum = u_sum.unsqueeze(-3)                      # (..., 1, m, r_sum): the same for every task
     u_c = u_sum[..., :common]
     if u_sum.shape[-1] == m:                         # square U: I − P_c = U_⊥ U_⊥ᵀ
@@ -185,7 +187,7 @@ def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int, solver: str = "exa
         xs, sig, y_h = _top_of_rows(small, k, solver)   # its float64 row Gram, either solver
         x = u_perp @ xs
     elif proj is not None:                           # tall, τ_t in the coordinates of V_t: τ_tE ≅ U_t(S_tE)
-        x, sig, y_h = _tall_top(proj[0], proj[1], lambda e32: u_t @ (s_t[..., :, None] * e32),
+        x, sig, y_h = _tall_top(proj[0], proj[1], lambda e32: each_times(u_t, s_t[..., :, None] * e32),
                                 u_c.squeeze(-3), common, k, solver)
     else:                                            # tall: Gram route in float64
         b = us - u_c @ (u_c.mT @ us)                 # (..., T, m, r)
@@ -193,7 +195,19 @@ def projected_top(u_t, s_t, vh_t, u_sum, common: int, k: int, solver: str = "exa
         sig = evals.clamp_min(0).sqrt()
         x = (b.double() @ evecs) / sig.clamp_min(torch.finfo(torch.float64).tiny)[..., None, :]
         x, sig, y_h = x.float(), sig.float(), evecs.mT.float()
-    return x, sig, y_h @ vh_t                        # right vectors: (V_t Y)ᵀ = Yᵀ V_tᵀ
+    return x, sig, each_times(y_h, vh_t)            # right vectors: (V_t Y)ᵀ = Yᵀ V_tᵀ
+
+
+def _stacked(t) -> torch.Tensor:
+    return t if isinstance(t, torch.Tensor) else torch.stack(list(t))
+
+
+def each_times(left, right) -> torch.Tensor:
+    """left @ right, where one of them may be a list with one tensor per leading index (the other's
+    first dim): the products are taken item by item and only the (smaller) results stacked."""
+    if isinstance(left, torch.Tensor) and isinstance(right, torch.Tensor):
+        return left @ right
+    return torch.stack([a @ b for a, b in zip(left, right, strict=True)])
 
 
 def outside_parts(taus: torch.Tensor, u_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -291,7 +305,8 @@ def _projected(ctx, names: list[str], common: int, k: int) -> dict:
             batch.append(name)
     if batch:
         factors = [task_factors(ctx, name) for name in batch]
-        u_t, s_t, vh_t = (torch.stack([f[i] for f in factors]) for i in range(3))
+        u_t, vh_t = [f[0] for f in factors], [f[2] for f in factors]   # unstacked: no copy per move
+        s_t = torch.stack([f[1] for f in factors])
         u_sum = torch.stack([sum_factors(ctx, name)[0] for name in batch])
         proj = _projections(ctx, batch, u_t, s_t, u_sum)
         x, sig, y_h = projected_top(u_t, s_t, vh_t, u_sum, common, k, topk_solver(ctx.topk, ctx.device), proj)
@@ -312,7 +327,7 @@ def _outside_parts(ctx, name: str, taus, u_sum):
     return ctx.memo[key]
 
 
-def _projections(ctx, names: list[str], u_t, s_t, u_sum):
+def _projections(ctx, names: list[str], u_t: list[torch.Tensor], s_t, u_sum):
     """`task_projections` of a batch of names, kept in the memo per SpectralCache (a change of c then
     forms no m-sized product; module doc: Memory). Kept per batch and found per name: a batch computed
     before is read whole (no copy); a batch cut differently (a stoppable background merge runs in smaller
@@ -326,9 +341,10 @@ def _projections(ctx, names: list[str], u_t, s_t, u_sum):
         return ctx.memo[batch]
     missing = [i for i, w in enumerate(where) if w is None]
     if missing:
+        u_t = torch.stack([u_t[i] for i in missing])    # u_t: one tensor per name
         if len(missing) < len(names):
-            idx = torch.tensor(missing, device=u_t.device)
-            u_t, s_t, u_sum = u_t[idx], s_t[idx], u_sum[idx]
+            idx = torch.tensor(missing, device=s_t.device)
+            s_t, u_sum = s_t[idx], u_sum[idx]
         key = (*tag, "batch", tuple(names[i] for i in missing))
         ctx.memo[key] = task_projections(u_t, s_t, u_sum)
         for j, i in enumerate(missing):
