@@ -377,35 +377,48 @@ def _iso_cts(group, params, ctx):
         m, n = shape[0], int(math.prod(shape[1:]))
         r = min(m, n)
         common, per_task = split_rank(r, n_tasks, c, params["split"])
-        parts: dict[int, list] = {}          # by common width kc (the sum's numerical rank may cut it)
         projected = _projected(ctx, group.names, common, per_task) if per_task > 0 else {}
-        for name in group.names:
-            u_sum, s_sum, vh_sum = sum_factors(ctx, name)
-            kc = min(common, numerical_rank(s_sum, m, n))
-            u_parts, vh_parts, s_parts = [u_sum[:, :kc]], [vh_sum[:kc]], [s_sum[:kc]]
-            if per_task > 0:
-                x, sig, y_h = projected[name]
-                u_parts += list(x.unbind(0))
-                vh_parts += list(y_h.unbind(0))
-                s_parts += list(sig.unbind(0))
-            parts.setdefault(kc, []).append((name, torch.cat(u_parts, dim=1), torch.cat(vh_parts, dim=0),
-                                             torch.cat(s_parts).mean()))
-        for kc, items in parts.items():
-            u = torch.stack([it[1] for it in items])
-            vh = torch.stack([it[2] for it in items])
-            means = torch.stack([it[3] for it in items])[:, None, None]
+        # by common width kc (the sum's numerical rank may cut it below `common`)
+        widths = {name: min(common, numerical_rank(sum_factors(ctx, name)[1], m, n)) for name in group.names}
+        for kc in dict.fromkeys(widths.values()):
+            names = [name for name in group.names if widths[name] == kc]
+            u, vh, means = _directions(ctx, names, kc, projected)
             if per_task > 0:   # with c = 1 the sum's own U, V are already orthonormal
                 # U* = [U_c, X]: X ⟂ U_c by construction, so polar(U*) = [U_c, polar(X)]
-                u = torch.cat([u[:, :, :kc], polar(u[:, :, kc:], ctx.polar)], dim=2)
+                u[:, :, kc:] = polar(u[:, :, kc:], ctx.polar)
                 # V* = [V_c, Y] gets the full polar factor: its Gram is I + a low-rank part, but
                 # for square matrices V* is nearly singular (λ_min(V*ᵀV*) 1e-11 to 1e-5 on the
                 # demo), so a shortcut that takes V_c as exactly orthonormal was off by up to 4e-2
-                merged = means * (u @ polar(vh, ctx.polar))
-            else:
-                merged = means * (u @ vh)
-            for i, (name, *_rest) in enumerate(items):
+                vh = polar(vh, ctx.polar)
+            merged = (u @ vh).mul_(means[:, None, None])
+            for i, name in enumerate(names):
                 slot[name] = merged[i].reshape(group.shape(name))
     return {name: a * slot[name] for name in group.names}
+
+
+def _directions(ctx, names: list[str], kc: int, projected: dict):
+    """U* = [U_c, X_1 … X_T] (N, m, kc + T·k), V*ᵀ = [V_c, Y_1 … Y_T]ᵀ (N, kc + T·k, n) and the mean of
+    [S_c, σ_1 … σ_T] (N,) of parameters of one shape and common width kc, each written into one
+    buffer (per-name concatenations and then a stack copied them twice per move)."""
+    u_sum, s_sum, vh_sum = sum_factors(ctx, names[0])
+    (m, n), t_k = (u_sum.shape[0], vh_sum.shape[1]), 0
+    if projected:
+        x = projected[names[0]][0]                  # (T, m, k)
+        t_k = x.shape[0] * x.shape[2]
+    u = u_sum.new_empty(len(names), m, kc + t_k)
+    vh = vh_sum.new_empty(len(names), kc + t_k, n)
+    means = s_sum.new_empty(len(names))
+    for i, name in enumerate(names):
+        u_sum, s_sum, vh_sum = sum_factors(ctx, name)
+        u[i, :, :kc], vh[i, :kc] = u_sum[:, :kc], vh_sum[:kc]
+        total = s_sum[:kc].sum()
+        if projected:
+            x, sig, y_h = projected[name]
+            u[i, :, kc:] = x.movedim(0, 1).reshape(m, t_k)   # the tasks' k columns side by side
+            vh[i, kc:] = y_h.reshape(t_k, n)
+            total = total + sig.sum()
+        means[i] = total / (kc + t_k)
+    return u, vh, means
 
 
 ISO_C = MergeMethod(
