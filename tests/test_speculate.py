@@ -363,6 +363,27 @@ def test_a_stoppable_merge_runs_in_smaller_groups_with_the_same_result(monkeypat
         torch.testing.assert_close(stoppable[name], plain[name], atol=1e-6, rtol=1e-5)
 
 
+def test_iso_cts_projections_kept_by_a_merge_in_small_groups_serve_one_in_whole_groups(monkeypatch):
+    # the projections memo is kept per batch and found per name: whole shape groups after small ones
+    # gather their rows, and small groups after whole ones read them; each as a fresh merge of the same
+    # grouping would (small and whole groups differ by float32 rounding, up to 3e-5 on this tiny set at c = 0.7)
+    import analysis.merging.engine as engine
+    tvs = _set(resident=True)
+    monkeypatch.setattr(engine, "STOPPABLE_GROUP_BYTES", 4 * 3 * 12 * 10)   # one 12×10 parameter's 3 deltas
+
+    def iso(inputs, c, small):
+        return merge(inputs, "iso_cts", common_fraction=c, **({"stop": lambda: False} if small else {}))
+    fresh = {(c, small): iso(MergeInputs(tvs, persist=False), c, small) for c in (0.5, 0.7) for small in (0, 1)}
+    for first, then in ((1, 0), (0, 1)):
+        inputs = MergeInputs(tvs, persist=False)
+        for c, small in ((0.5, first), (0.7, then)):
+            got = iso(inputs, c, small)
+            for name in tvs.param_names:
+                torch.testing.assert_close(got[name], fresh[c, small][name], atol=1e-6, rtol=1e-5)
+        assert sum(isinstance(k, tuple) and k[0] == "iso_cts_projections" and k[3] == "batch"
+                   for k in inputs.memo) == (3 if first else 2)   # per name after small groups, else per shape
+
+
 def test_a_background_merge_gives_way_to_a_merge_someone_asked_for():
     inputs = MergeInputs(_set(resident=True), persist=False)
     polled, outcome = threading.Event(), []

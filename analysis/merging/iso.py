@@ -341,12 +341,8 @@ def _projections(ctx, names: list[str], u_t: list[torch.Tensor], s_t, u_sum):
         return ctx.memo[batch]
     missing = [i for i, w in enumerate(where) if w is None]
     if missing:
-        u_t = torch.stack([u_t[i] for i in missing])    # u_t: one tensor per name
-        if len(missing) < len(names):
-            idx = torch.tensor(missing, device=s_t.device)
-            s_t, u_sum = s_t[idx], u_sum[idx]
         key = (*tag, "batch", tuple(names[i] for i in missing))
-        ctx.memo[key] = task_projections(u_t, s_t, u_sum)
+        ctx.memo[key] = _each_projections([(u_t[i], s_t[i], u_sum[i]) for i in missing])
         for j, i in enumerate(missing):
             where[i] = ctx.memo[(*tag, "name", names[i])] = (key, j)
         if len(missing) == len(names):
@@ -354,6 +350,23 @@ def _projections(ctx, names: list[str], u_t: list[torch.Tensor], s_t, u_sum):
     parts = [ctx.memo[b] for b, _ in where]
     w = torch.stack([p[0][j] for p, (_, j) in zip(parts, where)])
     g = None if parts[0][1] is None else torch.stack([p[1][j] for p, (_, j) in zip(parts, where)])
+    return w, g
+
+
+def _each_projections(factors: list[tuple]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`task_projections` stacked over names, from each name's (U_t (T, m, r), S_t, U_sum), formed one
+    name at a time into one output each. On the quick demo's first Iso-CTS merge the batched form's
+    m-sized float32 and float64 temporaries, with the stack of U_t it needed, came to 1.3 GB of fresh
+    memory (page faults); one name's are at most 38 MB."""
+    w = g = None
+    for i, (u_t, s_t, u_sum) in enumerate(factors):
+        w_i, g_i = task_projections(u_t, s_t, u_sum)
+        if w is None:
+            w = w_i.new_empty(len(factors), *w_i.shape)
+            g = None if g_i is None else g_i.new_empty(len(factors), *g_i.shape)
+        w[i] = w_i
+        if g is not None:
+            g[i] = g_i
     return w, g
 
 
@@ -401,7 +414,8 @@ def _directions(ctx, names: list[str], kc: int, projected: dict):
     [S_c, σ_1 … σ_T] (N,) of parameters of one shape and common width kc, each written into one
     buffer (per-name concatenations and then a stack copied them twice per move)."""
     u_sum, s_sum, vh_sum = sum_factors(ctx, names[0])
-    (m, n), t_k = (u_sum.shape[0], vh_sum.shape[1]), 0
+    m, n = u_sum.shape[0], vh_sum.shape[1]
+    t_k = 0                                         # T·k task directions after the common ones
     if projected:
         x = projected[names[0]][0]                  # (T, m, k)
         t_k = x.shape[0] * x.shape[2]
