@@ -22,10 +22,14 @@ from typing import Callable
 
 
 def lower_priority(nice: int) -> None:
-    """Give the calling thread (and the torch worker threads it starts) niceness `nice`, where the OS
-    allows a thread its own (Linux); elsewhere nothing changes."""
+    """Give the calling thread (and the torch worker threads it starts) `nice` more niceness than the
+    process's own (its main thread's, whose thread id is the pid; at most 19), where the OS allows a thread
+    its own (Linux); elsewhere nothing changes. Relative, so a server started under `nice` keeps its
+    background work below its pages (absolute values put the speculation level with them, and made the
+    refinement ask for a higher priority than the pages)."""
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        base = os.getpriority(os.PRIO_PROCESS, os.getpid())
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), min(19, base + nice))
     except (AttributeError, OSError):
         pass
 

@@ -26,7 +26,7 @@ from typing import Callable, Hashable
 from ui.jobs import BackgroundJob, lower_priority
 
 FIRST_ESTIMATE = 8   # examples per task scored before the page first draws (CPU only)
-REFINE_NICE = 5   # below a page's own runs and the browser, above the speculation (ui.speculate, 10)
+REFINE_NICE = 5   # niceness above the process's: below a page's own runs and the browser, above the speculation (10)
 REFINE_WAIT_S = 90.0   # the longest a page run waits for its refinement (then it keeps the estimate and says so)
 
 

@@ -41,7 +41,7 @@ from analysis.errors import HyperparameterError
 from ui import presence
 from ui.jobs import BackgroundJob, JobCancelled, any_running, lower_priority
 
-SPECULATION_NICE = 10   # the speculating thread's niceness (Linux: per thread): a user's own work wins the CPU
+SPECULATION_NICE = 10   # niceness above the process's (Linux: per thread), so a user's own work wins the CPU
 MAX_CANDIDATES = 2   # knob sets merged ahead per view: each is one model copy (the quick demo's: 91 MB)
 # A sweep merges the next move before refining the view only where the method's last merge computed on the page
 # took at most this long. Quick demo, next press 1 s after each first view, 2-core CPU (docs/results_live.md):
