@@ -2,7 +2,9 @@
 
 What the Merge page's `merged_delta` does on a slider move, without the page: one `merge(inputs, method, knob=v)`
 on a resident demo set with its SpectralCache warm (factors from disk, or computed once before the clock), for
-a sequence of knob values; each value is new, so each move re-merges. `--code-rev REV` runs the same moves on
+a sequence of knob values; each value is new, so each move re-merges. The moves run in a thread of their own,
+as a page's script does, and each also reports the process's minor page faults (fresh memory touched) and
+system CPU time. `--code-rev REV` runs the same moves on
 REV's engine (a temporary git worktree, in a child process) before this checkout's, interleaved per method.
 
     python benchmarks/remerge_moves.py --code-rev b2bb2cc
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -55,17 +58,26 @@ def child(root: str, moves: list[str], quick: bool, beside_scoring: bool = False
         scorer = threading.Thread(target=score, daemon=True)
         scorer.start()
         time.sleep(3)
-    for spec in moves:
-        method, knob, values = spec.split(":")
-        vals = [float(v) for v in values.split(",")]
-        inputs = MergeInputs(tvs)            # a fresh page session: memos empty, factors from the disk cache
-        merge(inputs, method, **{knob: vals[0]})   # the page's first render (not timed)
-        times = []
-        for v in vals[1:]:
-            t0 = time.perf_counter()
-            merge(inputs, method, **{knob: v})
-            times.append(round(time.perf_counter() - t0, 3))
-        out["moves"][spec] = times
+    out["faults"], out["system_s"] = {}, {}
+
+    def run_moves():
+        for spec in moves:
+            method, knob, values = spec.split(":")
+            vals = [float(v) for v in values.split(",")]
+            inputs = MergeInputs(tvs)            # a fresh page session: memos empty, factors from the disk cache
+            merge(inputs, method, **{knob: vals[0]})   # the page's first render (not timed)
+            times, faults, system = [], [], []
+            for v in vals[1:]:
+                r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+                merge(inputs, method, **{knob: v})
+                r1 = resource.getrusage(resource.RUSAGE_SELF)
+                times.append(round(time.perf_counter() - t0, 3))
+                faults.append(r1.ru_minflt - r0.ru_minflt)     # fresh memory touched (4 KiB pages)
+                system.append(round(r1.ru_stime - r0.ru_stime, 3))
+            out["moves"][spec], out["faults"][spec], out["system_s"][spec] = times, faults, system
+    mover = threading.Thread(target=run_moves)   # in a thread of its own, as Streamlit runs a page's script
+    mover.start()
+    mover.join()
     stop.set()
     if beside_scoring:
         scorer.join()   # a thread still inside torch at exit aborts the process
@@ -104,16 +116,20 @@ def main() -> int:
                 subprocess.run(["git", "worktree", "remove", "--force", str(wt)], cwd=ROOT, capture_output=True)
         results["now"] = run_child(ROOT, moves, not args.full, args.beside_scoring)
     print(f"demo build {results['now']['build']}; load average after {os.getloadavg()}\n")
-    print("| method: knob moves | now s (median; runs) | " + ("before s (median; runs) | now / before |"
-                                                            if "before" in results else ""))
-    print("|---|---|" + ("---|---|" if "before" in results else ""))
+    print("| method: knob moves | now s (median; runs) | now: minor faults, system CPU s (medians) | "
+          + ("before s (median; runs) | before: minor faults, system CPU s (medians) | now / before |"
+             if "before" in results else ""))
+    print("|---|---|---|" + ("---|---|---|" if "before" in results else ""))
+
+    def cells(r: dict, spec: str) -> str:
+        t = r["moves"][spec]
+        return (f" {statistics.median(t):.3f} ({', '.join(f'{x:.3f}' for x in t)}) | "
+                f"{statistics.median(r['faults'][spec]):.0f}, {statistics.median(r['system_s'][spec]):.2f} |")
     for spec in moves:
-        now = results["now"]["moves"][spec]
-        row = f"| {spec} | {statistics.median(now):.3f} ({', '.join(f'{t:.3f}' for t in now)}) |"
+        row = f"| {spec} |" + cells(results["now"], spec)
         if "before" in results:
-            b = results["before"]["moves"][spec]
-            row += (f" {statistics.median(b):.3f} ({', '.join(f'{t:.3f}' for t in b)}) | "
-                    f"{statistics.median(now) / statistics.median(b):.2f}× |")
+            ratio = statistics.median(results["now"]["moves"][spec]) / statistics.median(results["before"]["moves"][spec])
+            row += cells(results["before"], spec) + f" {ratio:.2f}× |"
         print(row)
     return 0
 
