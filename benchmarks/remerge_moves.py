@@ -128,8 +128,8 @@ def main() -> int:
     for spec in moves:
         row = f"| {spec} |" + cells(results["now"], spec)
         if "before" in results:
-            ratio = statistics.median(results["now"]["moves"][spec]) / statistics.median(results["before"]["moves"][spec])
-            row += cells(results["before"], spec) + f" {ratio:.2f}× |"
+            now, before = (statistics.median(results[k]["moves"][spec]) for k in ("now", "before"))
+            row += cells(results["before"], spec) + f" {now / before:.2f}× |"
         print(row)
     return 0
 

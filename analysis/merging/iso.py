@@ -391,11 +391,12 @@ def _iso_cts(group, params, ctx):
         r = min(m, n)
         common, per_task = split_rank(r, n_tasks, c, params["split"])
         projected = _projected(ctx, group.names, common, per_task) if per_task > 0 else {}
+        sums = {name: sum_factors(ctx, name) for name in group.names}
         # by common width kc (the sum's numerical rank may cut it below `common`)
-        widths = {name: min(common, numerical_rank(sum_factors(ctx, name)[1], m, n)) for name in group.names}
+        widths = {name: min(common, numerical_rank(sums[name][1], m, n)) for name in group.names}
         for kc in dict.fromkeys(widths.values()):
             names = [name for name in group.names if widths[name] == kc]
-            u, vh, means = _directions(ctx, names, kc, projected)
+            u, vh, means = _directions([sums[name] for name in names], [projected.get(name) for name in names], kc)
             if per_task > 0:   # with c = 1 the sum's own U, V are already orthonormal
                 # U* = [U_c, X]: X ⟂ U_c by construction, so polar(U*) = [U_c, polar(X)]
                 u[:, :, kc:] = polar(u[:, :, kc:], ctx.polar)
@@ -409,25 +410,22 @@ def _iso_cts(group, params, ctx):
     return {name: a * slot[name] for name in group.names}
 
 
-def _directions(ctx, names: list[str], kc: int, projected: dict):
+def _directions(sums: list[tuple], projected: list[tuple | None], kc: int):
     """U* = [U_c, X_1 … X_T] (N, m, kc + T·k), V*ᵀ = [V_c, Y_1 … Y_T]ᵀ (N, kc + T·k, n) and the mean of
-    [S_c, σ_1 … σ_T] (N,) of parameters of one shape and common width kc, each written into one
-    buffer (per-name concatenations and then a stack copied them twice per move)."""
-    u_sum, s_sum, vh_sum = sum_factors(ctx, names[0])
+    [S_c, σ_1 … σ_T] (N,) of parameters of one shape and common width kc, from each one's sum factors
+    (U, S, Vh) and projected triplets (X, σ, Yh), or None with no task directions (c = 1), each written into
+    one buffer (per-name concatenations and then a stack copied them twice per move)."""
+    (u_sum, s_sum, vh_sum), first = sums[0], projected[0]
     m, n = u_sum.shape[0], vh_sum.shape[1]
-    t_k = 0                                         # T·k task directions after the common ones
-    if projected:
-        x = projected[names[0]][0]                  # (T, m, k)
-        t_k = x.shape[0] * x.shape[2]
-    u = u_sum.new_empty(len(names), m, kc + t_k)
-    vh = vh_sum.new_empty(len(names), kc + t_k, n)
-    means = s_sum.new_empty(len(names))
-    for i, name in enumerate(names):
-        u_sum, s_sum, vh_sum = sum_factors(ctx, name)
+    t_k = 0 if first is None else first[0].shape[0] * first[0].shape[2]   # T·k task directions, X: (T, m, k)
+    u = u_sum.new_empty(len(sums), m, kc + t_k)
+    vh = vh_sum.new_empty(len(sums), kc + t_k, n)
+    means = s_sum.new_empty(len(sums))
+    for i, ((u_sum, s_sum, vh_sum), triplets) in enumerate(zip(sums, projected, strict=True)):
         u[i, :, :kc], vh[i, :kc] = u_sum[:, :kc], vh_sum[:kc]
         total = s_sum[:kc].sum()
-        if projected:
-            x, sig, y_h = projected[name]
+        if triplets is not None:
+            x, sig, y_h = triplets
             u[i, :, kc:] = x.movedim(0, 1).reshape(m, t_k)   # the tasks' k columns side by side
             vh[i, kc:] = y_h.reshape(t_k, n)
             total = total + sig.sum()
