@@ -36,9 +36,11 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import torch
 
 from analysis.errors import ValidationError
+from analysis.lapack import one_blas_thread, syevr_available, syevr_top
 
 Factors = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 METHODS = ("auto", "svd", "gram")
@@ -362,36 +364,70 @@ def top_eigh_exact(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
 
 
 def _mrrr_pays(g: torch.Tensor, k: int) -> bool:
-    """Where `_top_eigh_mrrr` beats a full `batched_eigh` on the 2-core CPU (float64, ms per matrix,
-    batched_eigh with its two workers against MRRR for the top k; its cost ≈ a·n³ + b·n²·k):
-    n = 768: full 52.2; k = 23: 25.9, k = 77: 43.1, k = 192: 77.7.  n = 384: full 7.7; k = 11: 4.7,
-    k = 38: 8.4.  n = 256: full 3.6; k = 7: 2.2, k = 25: 3.7.  n = 128: full 0.65; k = 3: 0.61.
-    The crossover is near k = n/11 for n = 256 to 768."""
+    """Where `_top_eigh_mrrr` beats a full `batched_eigh` on the 2-core CPU (float64, ms per matrix, 16 per
+    batch, benchmarks/mrrr_threads.py, 2026-12-07). Over the worker threads (two or more intra-op threads
+    and matrices): n = 768: full 64–89; k = 23: 17.9, k = 192: 45.0, k = 384: 72.6. n = 384: full 10.3–10.7;
+    k = 38: 5.4, k = 64: 7.4, k = 96: 10.0. n = 256: full 4.7–5.0; k = 43: 4.2, k = 64: 4.7. n = 128: full
+    1.3; k = 11: 1.1, k = 21: 1.5. So k ≤ n/5 from n = 256, k ≤ n/12 at n = 128. One at a time (one thread,
+    or one matrix: scipy.linalg.eigh's figures of before) the crossover is near k = n/11 (n = 768: full
+    52.2; k = 23: 25.9, k = 77: 43.1, k = 192: 77.7), so k ≤ n/12 from n = 256."""
     n = g.shape[-1]
-    return (g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64) and n >= 256
-            and 0 < 12 * k <= n and not g.requires_grad)
+    if not (g.device.type == "cpu" and g.dtype in (torch.float32, torch.float64) and n >= 128 and k > 0
+            and not g.requires_grad):
+        return False
+    pooled = torch.get_num_threads() >= 2 and g.numel() > n * n
+    if pooled and n >= 256:
+        return 5 * k <= n
+    return 12 * k <= n and (pooled or n >= 256)
 
 
 def _top_eigh_mrrr(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The k largest eigenpairs of each symmetric g (..., n, n) (CPU), descending, by LAPACK's
-    ?syevr (MRRR, `scipy.linalg.eigh(subset_by_index=…)`): the same tridiagonal reduction as a
-    full eigh, then only the k wanted eigenvectors and their back-transformation, which is where a
-    full eigh spends most of its time at n = 768. One call per matrix (scipy holds the GIL; its
-    OpenBLAS threads the reduction). Eigenvalues ascending from LAPACK, flipped here.
-    Raises ValueError on non-finite input (scipy's check), numpy's LinAlgError (a ValueError) when
-    LAPACK does not converge."""
-    import scipy.linalg
-
+    ?syevr (MRRR): the same tridiagonal reduction as a full eigh, then only the k wanted eigenvectors
+    and their back-transformation, which is where a full eigh spends most of its time at n = 768.
+    Through `analysis.lapack.syevr_top`, which releases the GIL, so a batch is split over
+    `batched_eigh`'s worker threads with scipy's BLAS at one thread each: on the 2-core CPU 19–20.5
+    against 26–30 ms per 768 × 768 float64 matrix (top 30) one at a time (scipy.linalg.eigh holds the
+    GIL: two threads gained nothing; benchmarks/mrrr_threads.py). Where the pool is not
+    running (a background job before any page started it) or the binding is unavailable, one call per
+    matrix on the calling thread (scipy.linalg.eigh there). Eigenvalues ascending from LAPACK, flipped
+    here. Raises ValueError on non-finite input, numpy's LinAlgError (a ValueError) when LAPACK does not
+    converge."""
     n = g.shape[-1]
     lead = g.shape[:-2]
     flat = g.detach().reshape(-1, n, n).contiguous().numpy()
     vals = torch.empty(flat.shape[0], k, dtype=g.dtype)
     vecs = torch.empty(flat.shape[0], n, k, dtype=g.dtype)
-    for i, a in enumerate(flat):   # C order is fine: LAPACK reads aᵀ, which is a
-        w, v = scipy.linalg.eigh(a, subset_by_index=(n - k, n - 1), driver="evr", overwrite_a=False)
-        vals[i] = torch.from_numpy(w[::-1].copy())
-        vecs[i] = torch.from_numpy(v[:, ::-1].copy())
+
+    def solve(indices) -> None:
+        for i in indices:   # C order is fine: LAPACK reads aᵀ, which is a
+            w, v = _syevr_one(flat[i], k)
+            vals[i] = torch.from_numpy(w[::-1].copy())
+            vecs[i] = torch.from_numpy(v[:, ::-1].copy())
+
+    workers = min(torch.get_num_threads(), 8)   # batched_eigh's pool: the same count, so the same pool
+    pool = _eigh_pool(workers) if workers >= 2 and flat.shape[0] >= 2 and syevr_available(flat.dtype) else None
+    if pool is None:
+        solve(range(flat.shape[0]))
+        return vals.reshape(*lead, k), vecs.reshape(*lead, n, k)
+    with one_blas_thread() as alone:
+        if not alone:   # another merge's MRRR holds the workers' BLAS setting: solve here
+            solve(range(flat.shape[0]))
+        else:
+            parts = np.array_split(np.arange(flat.shape[0]), min(workers, flat.shape[0]))
+            for f in [pool.submit(solve, part) for part in parts]:
+                f.result()
     return vals.reshape(*lead, k), vecs.reshape(*lead, n, k)
+
+
+def _syevr_one(a: np.ndarray, k: int):
+    """(values ascending, vectors (n, k)) of a's top k by ?syevr: the GIL-free binding, else scipy's."""
+    found = syevr_top(a, k)
+    if found is not None:
+        return found
+    import scipy.linalg
+    n = a.shape[0]
+    return scipy.linalg.eigh(a, subset_by_index=(n - k, n - 1), driver="evr", overwrite_a=False)
 
 
 def top_k_eigh(g: torch.Tensor, k: int, *, oversample: int | None = None, squarings: int | None = None,

@@ -70,11 +70,15 @@ every parameter of a shape-group run and every task in one call: cuSOLVER's
 full eigh / SVD of many small matrices is latency-bound, and so is a loop of
 small calls. "auto" takes it on CUDA only. On a CPU it takes topk="exact",
 LAPACK: `top_eigh_exact` computes only the top s eigenpairs by MRRR where
-that pays (n ≥ 256, s ≤ n/12; else a full eigh). On the 2-core CPU the
-tall ViT-block Grams (768 × 768 float64, s = 10 to 38, T = 8) took 19–29 ms
-each by MRRR against 55–65 ms by subspace iteration and 55–62 ms by a full
-eigh, and two ViT blocks' c moves 3.73 / 3.02 / 4.69 → 3.17 / 2.49 / 3.55 s
-(c = 0.7 / 0.9 / 0.6, resident set, keep="auto"). Before MRRR, subspace
+that pays (`analysis.svd._mrrr_pays`: s ≤ n/5 over the worker threads; else a
+full eigh). On the 2-core CPU the tall ViT-block Grams (768 × 768 float64,
+s = 10 to 38, T = 8) took 19–29 ms each by MRRR one at a time against 55–65 ms
+by subspace iteration and 55–62 ms by a full eigh, and two ViT blocks' c moves
+3.73 / 3.02 / 4.69 → 3.17 / 2.49 / 3.55 s (c = 0.7 / 0.9 / 0.6, resident set,
+keep="auto"). Since the MRRR runs over the two workers (the GIL-free binding of
+`analysis.lapack`), 18 ms per matrix at s = 23, and two ViT blocks' moves
+2.89 / 2.32 / 3.56 and 2.85 / 2.11 / 3.49 s → 2.34 / 1.82 / 2.56 and 2.57 /
+1.84 / 2.46 s (benchmarks/iso_cts_floor.py, back to back, 2026-12-07). Before MRRR, subspace
 iteration had measured 2.3–2.6 s against 3.0–3.4 s for the full eigh on one
 ViT block (c = 0.5 / 0.8 / 0.95). Each task's rank-s projected part by the
 subspace route was within 1e-10 to 1.1e-5 of the full route there (tests).
@@ -373,7 +377,8 @@ def _each_projections(factors: list[tuple]) -> tuple[torch.Tensor, torch.Tensor 
 def topk_solver(choice: str, device) -> str:
     """"auto": subspace iteration on CUDA, where eigh is latency-bound (docs/results_gpu.md);
     "exact" elsewhere: on a CPU `top_eigh_exact` takes only the top k by LAPACK's MRRR where
-    that pays (k ≤ n/12), 2.3× faster than the iteration on ViT-12's tall Grams (module doc: Speed)."""
+    that pays (`analysis.svd._mrrr_pays`), 2.3× faster than the iteration on ViT-12's tall Grams one at a
+    time, more over two worker threads (module doc: Speed)."""
     if choice == "auto":
         return "subspace" if torch.device(device).type == "cuda" else "exact"
     return choice
