@@ -177,7 +177,8 @@ def test_newton_schulz_is_scale_invariant_and_bounded():
 def test_inverse_sqrt_is_applied_in_float32_only_where_the_gram_is_well_conditioned(m):
     """Y = Q diag(d) Rᵀ (held in float32) has polar factor ≈ Q Rᵀ; with κ(YᵀY) = 1e2 the float32 product
     is within 1e-6 of the float64 polar factor, and with κ = 1e10 (past FLOAT32_APPLY_MAX_KAPPA) the
-    float64 product still is (a float32 one would be off by ~√κ·1e-8 there)."""
+    directions past the cap are taken in float64 and the whole is within 1e-5 (a whole float32 product
+    would be off by ~√κ·6e-8 there, 6e-3)."""
     from analysis.merging.polar import FLOAT32_APPLY_MAX_KAPPA, times_inverse_sqrt
     g = torch.Generator().manual_seed(11)
     p = 40
@@ -193,5 +194,5 @@ def test_inverse_sqrt_is_applied_in_float32_only_where_the_gram_is_well_conditio
     pu, _, pvh = torch.linalg.svd(y, full_matrices=False)
     truth = pu @ pvh                                        # float64 polar factor of that input
     torch.testing.assert_close(truth[0], q[0] @ r[0].mT, rtol=0, atol=1e-6)
-    for i in range(2):
-        assert float((w[i].double() - truth[i]).norm() / truth[i].norm()) < 1e-6, i
+    for i, bound in enumerate((1e-6, 1e-5)):
+        assert float((w[i].double() - truth[i]).norm() / truth[i].norm()) < bound, i

@@ -103,38 +103,43 @@ def polar_gram(x: torch.Tensor, rcond: float = 1e-10, return_info: bool = False)
     return w
 
 
-# Up to this condition number of the Gram matrix, Y·(YᵀY)^(-1/2) is applied in float32: its error grows
-# like √κ (measured against the float64 product, TSV-M on the quick demo: 4.9e-7 at κ = 89, 2.0e-6 at
-# 8.5e3, 6.4e-6 at 1.7e5), and the float32 product is 2–2.7× faster on the 2-core CPU.
+# Directions q_i of the Gram with λ_max/λ_i up to this are applied in float32 by `times_inverse_sqrt`, the
+# rest in float64. A whole float32 product's error grows like √κ (against the float64 product, TSV-M on the
+# quick demo: 4.9e-7 at κ = 89, 2.0e-6 at 8.5e3, 6.4e-6 at 1.7e5), and it is 2–2.7× faster on the 2-core
+# CPU. Up to 2026-12-07 the rule was per matrix (float32 where κ ≤ 1e6, else all float64); per direction
+# with the same cap no direction is applied less accurately than a whole matrix was allowed to be. On an
+# Iso-CTS move of the quick demo (c 0.8 → 0.7 / 0.5, each batch against its float64 product) a cap of
+# 1e6 / 1e4 / 1e3 gave at most 6.1e-6 / 1.6e-6 / 7.4e-7 with 3 / 23 / 63 float64 directions of 384, in the
+# same time; all-float64, as the V* Grams (κ 1e6–1e10) were before, took 17–88 ms per batch against
+# 11–55 ms. A cap of 1e4 made TSV-M moves 6 % slower (κ 1e4–1e6 Grams got float64 directions), so 1e6.
 FLOAT32_APPLY_MAX_KAPPA = 1e6
 
 
 def times_inverse_sqrt(y: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor) -> torch.Tensor:
-    """Y·G^(-1/2) as float32 for y (B, m, p) and G = Q Λ Qᵀ (evals (B, p), evecs (B, p, p), float64):
-    in float32 where κ(G) ≤ FLOAT32_APPLY_MAX_KAPPA, in float64 elsewhere (near-singular Grams: there a
-    float32 product would cost up to √κ·1e-8). For m < 2p it is ((Y Q) Λ^(-1/2)) Qᵀ, two m·p² products,
-    else Y (Q Λ^(-1/2) Qᵀ) with the p × p factor formed in float64: on the 2-core CPU, 24 of 384 × 368
-    took 32 against 54 ms the second way, 6 of 1536 × 368 28 against 22 ms."""
+    """Y·G^(-1/2) as float32 for y (B, m, p) and G = Q Λ Qᵀ (evals (B, p) ascending, evecs (B, p, p),
+    float64), direction by direction: Y q_i is taken in float64 where λ_i < λ_max / FLOAT32_APPLY_MAX_KAPPA
+    (the first J columns of Q, J the most of any matrix in the batch), in float32 elsewhere. A float32
+    product costs eps32·√(λ_max/λ_i) in direction i, relative to that direction's own size, and every
+    column of Y Q Λ^(-1/2) has norm 1, so each direction's error stays within what the whole-matrix rule
+    allowed (float32 where κ(G) ≤ FLOAT32_APPLY_MAX_KAPPA); the final products with Qᵀ are in float32
+    (unit columns times orthonormal rows). Iso-CTS's V* Grams on the quick demo have κ 1e6–1e10 from only
+    1–3 such directions, so the whole 384³ products no longer run in float64.
+    For m < 2p it is ((Y Q) Λ^(-1/2)) Qᵀ, two m·p² products, else Y (Q_g Λ_g^(-1/2) Q_gᵀ) for the float32
+    directions g with the p × p factor formed in float64, plus the float64 directions' (Y Q_b Λ_b^(-1/2)) Q_bᵀ:
+    on the 2-core CPU, 24 of 384 × 368 took 32 against 54 ms the second way, 6 of 1536 × 368 28 against
+    22 ms."""
     tiny = torch.finfo(torch.float64).tiny
     scale = evals.clamp_min(tiny).rsqrt().unsqueeze(-2)                 # Λ^(-1/2) as a row
-    factored = y.shape[-2] < 2 * y.shape[-1]
-
-    def apply(rows, dtype) -> torch.Tensor:
-        yr = y[rows].to(dtype)
-        if factored:
-            q = evecs[rows].to(dtype)
-            return (((yr @ q) * scale[rows].to(dtype)) @ q.mT).float()
-        return (yr @ ((evecs[rows] * scale[rows]) @ evecs[rows].mT).to(dtype)).float()
-
-    low = evals[:, -1] <= FLOAT32_APPLY_MAX_KAPPA * evals[:, 0].clamp_min(tiny)
-    everything = slice(None)
-    if bool(low.all()):
-        return apply(everything, torch.float32)
-    if not bool(low.any()):
-        return apply(everything, torch.float64)
-    out = torch.empty(*y.shape[:-1], evecs.shape[-1], dtype=torch.float32, device=y.device)
-    out[low] = apply(low, torch.float32)
-    out[~low] = apply(~low, torch.float64)
+    worst = int((evals < evals[:, -1:] / FLOAT32_APPLY_MAX_KAPPA).sum(-1).max()) if evals.numel() else 0
+    q32 = evecs.float()
+    exact = (y.double() @ evecs[..., :worst]) * scale[..., :worst]      # unit columns, float64 accurate
+    if y.shape[-2] < 2 * y.shape[-1]:
+        z = torch.cat([exact.float(), (y @ q32[..., worst:]) * scale[..., worst:].float()], -1)
+        return z @ q32.mT
+    good = ((evecs[..., worst:] * scale[..., worst:]) @ evecs[..., worst:].mT).float()
+    out = y @ good
+    if worst:
+        out = out.baddbmm_(exact.float(), q32[..., :worst].mT) if out.ndim == 3 else out + exact.float() @ q32[..., :worst].mT
     return out
 
 
