@@ -484,6 +484,30 @@ def test_task_arithmetic_of_a_resident_set_reads_the_kept_sum():
     assert reads == []
 
 
+def test_iso_cts_on_a_resident_set_forms_v_stars_gram_from_the_sums_kept_gram_and_matches_the_definition():
+    """On a resident set the Gram route takes V*'s common block V_cᵀV_c from the sum's kept Gram (one per
+    matrix, for every c); square, wide and tall matrices still match the definition. In "blocks.9.proj.weight" every
+    task has the same right singular vectors, so V* = [V_c, Y] is nearly singular: there taking V_cᵀV_c as I
+    (the float32 V_c is orthonormal only to ~1e-7) moves the merge by 9e-4 at c = 0.3."""
+    g = torch.Generator().manual_seed(3)
+    v = torch.linalg.qr(torch.randn(16, 16, generator=g))[0]
+    shared = {f"t{t}": (torch.linalg.qr(torch.randn(16, 16, generator=g))[0] * torch.logspace(0, -1, 16)) @ v.T
+              for t in range(3)}
+    other = random_set(n_tasks=3, shapes={"sq.weight": (16, 16), "wide.weight": (12, 20), "tall.weight": (30, 10)})
+    tvs = exact_set({t: {"blocks.9.proj.weight": shared[t], **{k: other.delta(t, k) for k in other.param_names}}
+                     for t in shared})
+    tvs.keep_resident("cpu")
+    inputs = MergeInputs(tvs, device="cpu", persist=False)
+    for c in (0.3, 0.8, 0.5):
+        out = merge(inputs, "iso_cts", common_fraction=c, alpha=0.9, polar="gram")
+        for name in tvs.param_names:
+            ref = naive_iso_cts(tvs.deltas(name), c, 0.9)
+            rel = float((out[name].double() - ref).norm() / ref.norm())
+            assert rel <= 1e-5, (c, name, rel)
+    kept = [k for k in inputs.memo if isinstance(k, tuple) and k[0] == "iso_cts_sum_gram"]
+    assert sorted(k[1] for k in kept) == sorted(tvs.param_names)
+
+
 def test_iso_cts_with_memoised_projections_matches_the_definition():
     """A change of c reads the projected residuals from memoised projections (W_t = U_sumᵀU_tS_t and, for
     tall matrices, G_out = (U_tS_t)ᵀ(U_tS_t) − W_tᵀW_t); every c, wide and tall, still matches the definition."""

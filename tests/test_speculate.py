@@ -359,8 +359,9 @@ def test_a_stoppable_merge_runs_in_smaller_groups_with_the_same_result(monkeypat
     stoppable = merge(MergeInputs(tvs, persist=False), "iso_cts", common_fraction=0.5,
                       stop=lambda: polls.append(1) and False)
     assert len(polls) == 3          # a.weight, c.weight (same shape) and b.weight: one group each
-    for name in tvs.param_names:
-        torch.testing.assert_close(stoppable[name], plain[name], atol=1e-6, rtol=1e-5)
+    for name in tvs.param_names:    # float32 products of a batch of one and of two round differently
+        err = float((stoppable[name] - plain[name]).norm() / plain[name].norm())
+        assert err <= 1e-6, (name, err)
 
 
 def test_iso_cts_projections_kept_by_a_merge_in_small_groups_serve_one_in_whole_groups(monkeypatch):

@@ -46,7 +46,10 @@ rows, not subtracts common) and a full eigh for the small Grams on a CPU
 (`top_k_eigh`) took it from 1.75 to 1.55 s, median of 6, same run. Matrices the
 cached factors do not serve (a truncated cache) read their deltas instead; a
 resident set keeps, for its tall ones, `outside_parts` (W = U_sumᵀτ_t and G_out:
-T·n·(n + r_sum) floats, at most 2n/m of the deltas it also keeps).
+T·n·(n + r_sum) floats, at most 2n/m of the deltas it also keeps). On the CPU's
+polar route ("gram") a resident set also keeps every matrix's sum's right Gram
+V_sumᵀV_sum (r² float64: 226 MB on ViT-12, 42 MB on the quick demo), the common
+block of every V*'s Gram (`_v_polar`).
 
 Speed: the sum's SVD is memoised per SpectralCache; a change of c only needs
 the top-s triplets of the projected task matrices, computed from the cached
@@ -95,7 +98,7 @@ import torch
 
 from analysis.merging.base import Hyperparameter, MergeMethod, Needs, alpha, include_embeddings
 from analysis.merging.common import decomposed, decomposed_ranks, sum_factors, task_factors, unscaled_slot
-from analysis.merging.polar import polar
+from analysis.merging.polar import polar, polar_gram, polar_route
 from analysis.svd import _exact_matmul, top_eigh_exact, top_k_eigh
 
 
@@ -408,11 +411,41 @@ def _iso_cts(group, params, ctx):
                 # V* = [V_c, Y] gets the full polar factor: its Gram is I + a low-rank part, but
                 # for square matrices V* is nearly singular (λ_min(V*ᵀV*) 1e-11 to 1e-5 on the
                 # demo), so a shortcut that takes V_c as exactly orthonormal was off by up to 4e-2
-                vh = polar(vh, ctx.polar)
+                vh = _v_polar(ctx, names, vh, kc)
             merged = (u @ vh).mul_(means[:, None, None])
             for i, name in enumerate(names):
                 slot[name] = merged[i].reshape(group.shape(name))
     return {name: a * slot[name] for name in group.names}
+
+
+def _v_polar(ctx, names: list[str], vh: torch.Tensor, kc: int) -> torch.Tensor:
+    """polar(V*)ᵀ for V*ᵀ = vh (N, kc + T·k, n) = [V_cᵀ; Yᵀ], on the Gram route: its Gram vh·vhᵀ from blocks,
+    with the common block V_cᵀV_c a slice of the sum's own Gram (`_sum_gram`, kept per name), so a move forms
+    only V_cᵀY and YᵀY: n·T·k·(kc + T·k) multiply-adds instead of n·(kc + T·k)². All in float64 from the same
+    float32 rows, so the same Gram to rounding: V* is nearly singular on square matrices and its polar factor
+    follows its Gram's smallest eigenvalues, so V_cᵀV_c is formed, not taken as I (module doc of `_iso_cts`).
+    Other polar routes, and streaming sets (whose memory stays one model copy), take vh whole."""
+    if polar_route(ctx.polar, vh.device) != "gram" or kc == 0 or not ctx.inputs.tvs.is_resident:
+        return polar(vh, ctx.polar)
+    vd = vh.double()
+    head, tail = vd[:, :kc], vd[:, kc:]
+    gram = torch.empty(vh.shape[0], vh.shape[1], vh.shape[1], dtype=torch.float64, device=vh.device)
+    for i, name in enumerate(names):   # one name at a time: a batched product's rounding can depend on the
+        gram[i, :kc, :kc] = _sum_gram(ctx, name)[:kc, :kc]   # batch, and this polar factor follows it
+        torch.matmul(head[i], tail[i].mT, out=gram[i, :kc, kc:])
+        gram[i, kc:, :kc] = gram[i, :kc, kc:].mT
+        torch.matmul(tail[i], tail[i].mT, out=gram[i, kc:, kc:])
+    return polar_gram(vh.mT.contiguous(), gram=gram).mT   # V* (n × r): the tall orientation, whose Gram this is
+
+
+def _sum_gram(ctx, name: str) -> torch.Tensor:
+    """V_sumᵀV_sum = vh·vhᵀ of the sum's right factors (r × r, float64), kept in the memo per SpectralCache:
+    every common block V_cᵀV_c is its leading kc × kc slice."""
+    key = ("iso_cts_sum_gram", name, id(ctx.cache), str(ctx.device))
+    if key not in ctx.memo:
+        vd = sum_factors(ctx, name)[2].double()
+        ctx.memo[key] = vd @ vd.mT
+    return ctx.memo[key]
 
 
 def _directions(sums: list[tuple], projected: list[tuple | None], kc: int):

@@ -82,18 +82,22 @@ def polar_exact(x: torch.Tensor) -> torch.Tensor:
     return p @ qh
 
 
-def polar_gram(x: torch.Tensor, rcond: float = 1e-10, return_info: bool = False):
+def polar_gram(x: torch.Tensor, rcond: float = 1e-10, return_info: bool = False, gram: torch.Tensor | None = None):
     """W = Y (YᵀY)^(-1/2) on the tall orientation, eigh in float64; SVD where
-    λ_min(YᵀY) ≤ rcond·λ_max (rank-deficient: the polar factor is not unique)."""
+    λ_min(YᵀY) ≤ rcond·λ_max (rank-deficient: the polar factor is not unique).
+    gram: YᵀY in float64 where the caller has it from parts it keeps (Iso-CTS's V*), else formed here."""
     wide = x.shape[-2] < x.shape[-1]
     y = (x.mT if wide else x).float()
     squeeze = y.ndim == 2
     if squeeze:
         y = y.unsqueeze(0)
-    yd = y.double()
-    evals, evecs = batched_eigh(yd.mT @ yd)
+    yd = None
+    if gram is None:
+        yd = y.double()
+        gram = yd.mT @ yd
+    evals, evecs = batched_eigh(gram.reshape(y.shape[0], y.shape[-1], y.shape[-1]))
     bad = evals[:, 0] <= rcond * evals[:, -1].clamp_min(torch.finfo(torch.float64).tiny)
-    w = times_inverse_sqrt(y, evals, evecs)
+    w = times_inverse_sqrt(y, evals, evecs, yd)
     if bool(bad.any()):
         w[bad] = polar_exact(y[bad])
     w = w[0] if squeeze else w
@@ -115,10 +119,11 @@ def polar_gram(x: torch.Tensor, rcond: float = 1e-10, return_info: bool = False)
 FLOAT32_APPLY_MAX_KAPPA = 1e6
 
 
-def times_inverse_sqrt(y: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor) -> torch.Tensor:
+def times_inverse_sqrt(y: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor,
+                       y64: torch.Tensor | None = None) -> torch.Tensor:
     """Y·G^(-1/2) as float32 for y (B, m, p) and G = Q Λ Qᵀ (evals (B, p) ascending, evecs (B, p, p),
     float64), direction by direction: Y q_i is taken in float64 where λ_i < λ_max / FLOAT32_APPLY_MAX_KAPPA
-    (the first J columns of Q, J the most of any matrix in the batch), in float32 elsewhere. A float32
+    (each matrix's first J_i columns of Q), in float32 elsewhere. A float32
     product costs eps32·√(λ_max/λ_i) in direction i, relative to that direction's own size, and every
     column of Y Q Λ^(-1/2) has norm 1, so each direction's error stays within what the whole-matrix rule
     allowed (float32 where κ(G) ≤ FLOAT32_APPLY_MAX_KAPPA); the final products with Qᵀ are in float32
@@ -127,19 +132,26 @@ def times_inverse_sqrt(y: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor
     For m < 2p it is ((Y Q) Λ^(-1/2)) Qᵀ, two m·p² products, else Y (Q_g Λ_g^(-1/2) Q_gᵀ) for the float32
     directions g with the p × p factor formed in float64, plus the float64 directions' (Y Q_b Λ_b^(-1/2)) Q_bᵀ:
     on the 2-core CPU, 24 of 384 × 368 took 32 against 54 ms the second way, 6 of 1536 × 368 28 against
-    22 ms."""
+    22 ms. y64: y in float64 where the caller has it (else converted here, only if some direction needs it)."""
     tiny = torch.finfo(torch.float64).tiny
     scale = evals.clamp_min(tiny).rsqrt().unsqueeze(-2)                 # Λ^(-1/2) as a row
-    worst = int((evals < evals[:, -1:] / FLOAT32_APPLY_MAX_KAPPA).sum(-1).max()) if evals.numel() else 0
+    # each matrix's own float64 directions (ascending λ: its first J_i), so a result never depends on which
+    # other matrices share the batch (a background merge batches differently from a page's)
+    in64 = evals < evals[:, -1:] / FLOAT32_APPLY_MAX_KAPPA                # (B, p)
+    worst = int(in64.sum(-1).max()) if evals.numel() else 0
     q32 = evecs.float()
-    exact = (y.double() @ evecs[..., :worst]) * scale[..., :worst]      # unit columns, float64 accurate
+    if worst and y64 is None:
+        y64 = y.double()
+    exact = ((y64 @ evecs[..., :worst]) * scale[..., :worst]).float() if worst else None   # unit columns
     if y.shape[-2] < 2 * y.shape[-1]:
-        z = torch.cat([exact.float(), (y @ q32[..., worst:]) * scale[..., worst:].float()], -1)
+        z = (y @ q32) * scale.float()
+        if worst:
+            z[..., :worst] = torch.where(in64[:, None, :worst], exact, z[..., :worst])
         return z @ q32.mT
-    good = ((evecs[..., worst:] * scale[..., worst:]) @ evecs[..., worst:].mT).float()
+    good = ((evecs * scale.masked_fill(in64.unsqueeze(-2), 0)) @ evecs.mT).float()
     out = y @ good
     if worst:
-        out = out.baddbmm_(exact.float(), q32[..., :worst].mT) if out.ndim == 3 else out + exact.float() @ q32[..., :worst].mT
+        out = out + (exact * in64[:, None, :worst]) @ q32[..., :worst].mT
     return out
 
 
