@@ -263,7 +263,7 @@ def _tall_top(w, g_out, tau_times, u_c, common: int, k: int, solver: str):
     X = (τ_tE − U_c(W_cE)) / σ with τ_tE = tau_times(E) in float32, as the residual itself would be.
     u_c (..., m, common) is the same for every task."""
     wd = w[..., common:, :].double()                      # W_⊥ = U_⊥ᵀτ_t
-    evals, e = _top_eigh(g_out.double() + wd.mT @ wd, k, solver)   # descending
+    evals, e = _top_eigh((wd.mT @ wd).add_(g_out), k, solver)   # descending; G_out added in place, no float64 copy
     sig = evals.clamp_min(0).sqrt()
     with _exact_matmul():
         e32 = e.float()
