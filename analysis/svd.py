@@ -409,14 +409,14 @@ def _top_eigh_mrrr(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     pool = _eigh_pool(workers) if workers >= 2 and flat.shape[0] >= 2 and syevr_available(flat.dtype) else None
     if pool is None:
         solve(range(flat.shape[0]))
-        return vals.reshape(*lead, k), vecs.reshape(*lead, n, k)
-    with one_blas_thread() as alone:
-        if not alone:   # another merge's MRRR holds the workers' BLAS setting: solve here
-            solve(range(flat.shape[0]))
-        else:
-            parts = np.array_split(np.arange(flat.shape[0]), min(workers, flat.shape[0]))
-            for f in [pool.submit(solve, part) for part in parts]:
-                f.result()
+    else:
+        with one_blas_thread() as alone:
+            if not alone:   # another merge's MRRR holds the workers' BLAS setting: solve here
+                solve(range(flat.shape[0]))
+            else:
+                parts = np.array_split(np.arange(flat.shape[0]), min(workers, flat.shape[0]))
+                for f in [pool.submit(solve, part) for part in parts]:
+                    f.result()
     return vals.reshape(*lead, k), vecs.reshape(*lead, n, k)
 
 

@@ -430,12 +430,13 @@ def _v_polar(ctx, names: list[str], vh: torch.Tensor, kc: int) -> torch.Tensor:
     vd = vh.double()
     head, tail = vd[:, :kc], vd[:, kc:]
     gram = torch.empty(vh.shape[0], vh.shape[1], vh.shape[1], dtype=torch.float64, device=vh.device)
-    for i, name in enumerate(names):   # one name at a time: a batched product's rounding can depend on the
-        gram[i, :kc, :kc] = _sum_gram(ctx, name)[:kc, :kc]   # batch, and this polar factor follows it
-        torch.matmul(head[i], tail[i].mT, out=gram[i, :kc, kc:])
-        gram[i, kc:, :kc] = gram[i, :kc, kc:].mT
-        torch.matmul(tail[i], tail[i].mT, out=gram[i, kc:, kc:])
-    return polar_gram(vh.mT.contiguous(), gram=gram).mT   # V* (n × r): the tall orientation, whose Gram this is
+    for i, name in enumerate(names):
+        gram[i, :kc, :kc] = _sum_gram(ctx, name)[:kc, :kc]
+    cross = head @ tail.mT
+    gram[:, :kc, kc:] = cross
+    gram[:, kc:, :kc] = cross.mT
+    gram[:, kc:, kc:] = tail @ tail.mT
+    return polar_gram(vh.mT, gram=gram).mT   # V* (n × r): the tall orientation, whose Gram this is
 
 
 def _sum_gram(ctx, name: str) -> torch.Tensor:
