@@ -135,8 +135,9 @@ def times_inverse_sqrt(y: torch.Tensor, evals: torch.Tensor, evecs: torch.Tensor
     22 ms. y64: y in float64 where the caller has it (else converted here, only if some direction needs it)."""
     tiny = torch.finfo(torch.float64).tiny
     scale = evals.clamp_min(tiny).rsqrt().unsqueeze(-2)                 # Λ^(-1/2) as a row
-    # each matrix's own float64 directions (ascending λ: its first J_i), so a result never depends on which
-    # other matrices share the batch (a background merge batches differently from a page's)
+    # each matrix's own float64 directions (ascending λ: its first J_i), so which directions take float64 never
+    # depends on the other matrices in the batch (a background merge batches differently from a page's; the
+    # float32 products of a batch of one and of two may still round differently)
     in64 = evals < evals[:, -1:] / FLOAT32_APPLY_MAX_KAPPA                # (B, p)
     worst = int(in64.sum(-1).max()) if evals.numel() else 0
     q32 = evecs.float()
