@@ -2,6 +2,7 @@
 and no merging method writes into the kept tensors."""
 from __future__ import annotations
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -54,3 +55,32 @@ def test_no_method_writes_into_the_resident_deltas(files, method):
     merge(tvs, method, device="cpu")
     for n in tvs.param_names:
         assert torch.equal(tvs.deltas(n), kept[n]), f"{method} modified the resident deltas of {n}"
+
+
+@pytest.mark.parametrize("method", ["tsv_m", "iso_cts"])
+def test_alpha_one_shares_the_kept_merge_and_no_consumer_writes_into_it(files, method):
+    """At α = 1 the result is the memo's own unscaled merge (no model-sized copy per move), so every
+    consumer of a MergeResult must leave it as it is: scoring, export, landscape paths."""
+    from analysis.landscape import delta_path, scale_delta
+    from analysis.merging import MergeInputs
+    from analysis.report import merged_model
+
+    tvs = TaskVectorSet.from_checkpoints(*files)
+    tvs.keep_resident("cpu")
+    inputs = MergeInputs(tvs, device="cpu", persist=False)
+    one = merge(inputs, method, alpha=1.0)
+    half = merge(inputs, method, alpha=0.5)
+    matrix = "encoder.layer.0.dense.weight"
+    assert merge(inputs, method, alpha=1.0)[matrix].data_ptr() == one[matrix].data_ptr()   # shared, not copied
+    kept = {n: one[n].clone() for n in tvs.param_names}
+    for n in tvs.param_names:
+        torch.testing.assert_close(half[n], 0.5 * kept[n], rtol=0, atol=0)
+    base = {n: tvs.base_tensor(n) for n in tvs.param_names}
+    tvs.apply(one)
+    scale_delta(base, one, 2.0)
+    tidy = lambda params: pd.DataFrame({"task": ["a"], "metric": ["loss"], "value": [0.0]})   # noqa: E731
+    delta_path(tidy, base, one, half, lambdas=[0.0, 1.0])
+    delta_path(tidy, base, one, {}, lambdas=[0.5, 1.0])
+    merged_model(tvs, one)(lambda name, tensor: None)   # the export's stream
+    for n in tvs.param_names:
+        assert torch.equal(one[n], kept[n]), f"a consumer wrote into {method}'s kept merge of {n}"

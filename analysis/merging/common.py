@@ -1,7 +1,7 @@
 """Pieces the SVD method families share: which names they decompose, SVD
 factors (per task and of the task sum, from the SpectralCache, or the
 inputs' memo for names it does not cover) so a knob change never recomputes an SVD, and memo slots that keep
-the last unscaled merges so an α change is a scalar multiply."""
+the last unscaled merges so an α change is a scalar multiply (none at α = 1: `scaled`)."""
 from __future__ import annotations
 
 import math
@@ -94,3 +94,13 @@ def unscaled_slot(ctx, tag: str, config: tuple) -> dict:
         del ctx.memo[k]
     ctx.memo[key] = slot if slot is not None else {}   # re-inserted last: the most recently used
     return ctx.memo[key]
+
+
+def scaled(a: float, delta: torch.Tensor) -> torch.Tensor:
+    """α · a memoised unscaled delta: the memo's own tensor at α = 1, shared, not copied.
+
+    At α = 1 (TSV-M's and Iso-CTS's default) the copy was one new model-sized tensor per move: 340 MB on
+    ViT-12, whose first touch cost up to 3.5 s of system time on the 2-core build machine (first-touch
+    faults, docs/results_live.md). So a MergeResult's tensors may be the memo's: consumers never modify
+    them in place (`MergeResult`)."""
+    return delta if a == 1.0 else a * delta

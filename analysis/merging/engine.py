@@ -42,6 +42,7 @@ import torch
 
 from analysis.errors import ValidationError
 from analysis.merging.base import MergeContext, MergeMethod, mean_rule
+from analysis.merging.common import scaled
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,10 @@ class MergeResult(Mapping):
     As a Mapping it is the shared merged delta, {param: tensor}, in the set's
     parameter order. `for_task(task)` is the delta task `task` is scored with
     (the shared one, or the task's own for per-task methods such as TSV-C);
-    `models()` lists the distinct models with the tasks each serves."""
+    `models()` lists the distinct models with the tasks each serves.
+
+    Its tensors may be the inputs' own memoised ones (an unscaled merge at α = 1, `common.scaled`; the
+    kept task mean), so a consumer never modifies them in place."""
 
     def __init__(self, method: str, params: dict, tasks: list[str], shared: dict | None = None,
                  own: dict[str, dict] | None = None):
@@ -206,7 +210,7 @@ def _run(method, inputs, params, polar, topk, sink, stop):
     for name in tvs.param_names:
         if name not in covered_set:
             if method.rest is mean_rule:   # the mean does not depend on the knobs: kept (resident sets)
-                emit(name, params.get("alpha", 1.0) * inputs.task_mean(name))
+                emit(name, scaled(params.get("alpha", 1.0), inputs.task_mean(name)))
             else:
                 emit(name, method.rest(inputs.deltas(name), params))
     if sink is not None:

@@ -85,7 +85,7 @@ import torch
 
 from analysis.errors import ValidationError
 from analysis.merging.base import Hyperparameter, MergeMethod, Needs, alpha
-from analysis.merging.common import unscaled_slot
+from analysis.merging.common import scaled, unscaled_slot
 from analysis.spectra import thin_svd
 
 METRICS = ("fisher", "kfac_input", "identity")
@@ -392,7 +392,7 @@ def _epimer(group, params, ctx):
             flat, basis, h, _ = _layer(inputs, stats, name, params["metric"], params["rank"])
             point = vector_rule(flat, h) if basis is None else basis @ solve_layer(flat, basis, h).c_star
             slot[name] = (flat.shape[0] * point).reshape(inputs.tvs.shape(name)).to(torch.float32)
-        out[name] = params["alpha"] * slot[name]
+        out[name] = scaled(params["alpha"], slot[name])
     return out
 
 

@@ -97,7 +97,7 @@ import math
 import torch
 
 from analysis.merging.base import Hyperparameter, MergeMethod, Needs, alpha, include_embeddings
-from analysis.merging.common import decomposed, decomposed_ranks, sum_factors, task_factors, unscaled_slot
+from analysis.merging.common import decomposed, decomposed_ranks, sum_factors, task_factors, scaled, unscaled_slot
 from analysis.merging.polar import polar, polar_gram, polar_route
 from analysis.svd import _exact_matmul, top_eigh_exact, top_k_eigh
 
@@ -415,7 +415,7 @@ def _iso_cts(group, params, ctx):
             merged = (u @ vh).mul_(means[:, None, None])
             for i, name in enumerate(names):
                 slot[name] = merged[i].reshape(group.shape(name))
-    return {name: a * slot[name] for name in group.names}
+    return {name: scaled(a, slot[name]) for name in group.names}
 
 
 def _v_polar(ctx, names: list[str], vh: torch.Tensor, kc: int) -> torch.Tensor:

@@ -41,7 +41,7 @@ import torch
 
 from analysis.merging.base import (Hyperparameter, MergeMethod, Needs, alpha, include_embeddings, own_delta_rule,
                                    rank_fraction)
-from analysis.merging.common import decomposed, decomposed_ranks, kept_rank, matrix_rank_of, task_factors, unscaled_slot
+from analysis.merging.common import decomposed, decomposed_ranks, kept_rank, matrix_rank_of, task_factors, scaled, unscaled_slot
 from analysis.merging.polar import polar, polar_exact, polar_route, times_inverse_sqrt
 from analysis.svd import batched_eigh
 
@@ -99,7 +99,7 @@ def _tsv_m(group, params, ctx):
             merged = _merged_from_grams(ctx, group, q)
             for i, name in enumerate(group.names):
                 slot[name] = merged[i].reshape(group.shape(name))
-            return {name: a * slot[name] for name in group.names}
+            return {name: scaled(a, slot[name]) for name in group.names}
         factors = [task_factors(ctx, name, q) for name in group.names]   # only the q triplets used
         # (B, m, T·q): task-major column blocks [U_1 … U_T]
         u = torch.stack([fu[:, :, :q].permute(1, 0, 2).reshape(m, n_tasks * q) for fu, _, _ in factors])
@@ -110,7 +110,7 @@ def _tsv_m(group, params, ctx):
         merged = (u_perp * s[:, None, :]) @ vh_perp
         for i, name in enumerate(group.names):
             slot[name] = merged[i].reshape(group.shape(name))
-    return {name: a * slot[name] for name in group.names}
+    return {name: scaled(a, slot[name]) for name in group.names}
 
 
 def _grams_serve(ctx, group, q: int) -> bool:

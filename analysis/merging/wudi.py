@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 
 from analysis.merging.base import Hyperparameter, MergeMethod, alpha, include_embeddings
-from analysis.merging.common import unscaled_slot
+from analysis.merging.common import scaled, unscaled_slot
 
 EPS32 = torch.finfo(torch.float32).eps
 
@@ -109,7 +109,7 @@ def _wudi(group, params, ctx):
             taus = group.deltas(name)
             slot[name] = (wudi_closed_form(taus) if solver == "closed_form"
                           else wudi_adam(taus, params["steps"], params["lr"]))
-        out[name] = params["alpha"] * slot[name]
+        out[name] = scaled(params["alpha"], slot[name])
     return out
 
 
