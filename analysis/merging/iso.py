@@ -97,7 +97,8 @@ import math
 import torch
 
 from analysis.merging.base import Hyperparameter, MergeMethod, Needs, alpha, include_embeddings
-from analysis.merging.common import decomposed, decomposed_ranks, sum_factors, task_factors, scaled, unscaled_slot
+from analysis.merging.common import (decomposed, decomposed_ranks, scaled, sum_factors, task_factors,
+                                     unscaled_slot)
 from analysis.merging.polar import polar, polar_gram, polar_route
 from analysis.svd import _exact_matmul, top_eigh_exact, top_k_eigh
 

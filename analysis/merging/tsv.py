@@ -41,7 +41,8 @@ import torch
 
 from analysis.merging.base import (Hyperparameter, MergeMethod, Needs, alpha, include_embeddings, own_delta_rule,
                                    rank_fraction)
-from analysis.merging.common import decomposed, decomposed_ranks, kept_rank, matrix_rank_of, task_factors, scaled, unscaled_slot
+from analysis.merging.common import (decomposed, decomposed_ranks, kept_rank, matrix_rank_of, scaled, task_factors,
+                                     unscaled_slot)
 from analysis.merging.polar import polar, polar_exact, polar_route, times_inverse_sqrt
 from analysis.svd import batched_eigh
 
