@@ -389,8 +389,9 @@ def _top_eigh_mrrr(g: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     `batched_eigh`'s worker threads with scipy's BLAS at one thread each: on the 2-core CPU 19–20.5
     against 26–30 ms per 768 × 768 float64 matrix (top 30) one at a time (scipy.linalg.eigh holds the
     GIL: two threads gained nothing; benchmarks/mrrr_threads.py). Where the pool is not
-    running (a background job before any page started it) or the binding is unavailable, one call per
-    matrix on the calling thread (scipy.linalg.eigh there). Eigenvalues ascending from LAPACK, flipped
+    running (a background job before any page started it), or another merge holds the one-thread BLAS
+    setting, one call per matrix on the calling thread (through the binding; scipy.linalg.eigh where the
+    binding is unavailable). Eigenvalues ascending from LAPACK, flipped
     here. Raises ValueError on non-finite input, numpy's LinAlgError (a ValueError) when LAPACK does not
     converge."""
     n = g.shape[-1]
