@@ -57,7 +57,7 @@ def test_no_method_writes_into_the_resident_deltas(files, method):
         assert torch.equal(tvs.deltas(n), kept[n]), f"{method} modified the resident deltas of {n}"
 
 
-@pytest.mark.parametrize("method", ["tsv_m", "iso_cts"])
+@pytest.mark.parametrize("method", ["task_arithmetic", "tsv_m", "iso_cts"])
 def test_alpha_one_shares_the_kept_merge_and_no_consumer_writes_into_it(files, method):
     """At α = 1 the result is the memo's own unscaled merge (no model-sized copy per move), so every
     consumer of a MergeResult must leave it as it is: scoring, export, landscape paths."""

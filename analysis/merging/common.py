@@ -99,8 +99,8 @@ def unscaled_slot(ctx, tag: str, config: tuple) -> dict:
 def scaled(a: float, delta: torch.Tensor) -> torch.Tensor:
     """α · a memoised unscaled delta: the memo's own tensor at α = 1, shared, not copied.
 
-    At α = 1 (TSV-M's and Iso-CTS's default) the copy was one new model-sized tensor per move: 340 MB on
-    ViT-12, whose first touch cost up to 3.5 s of system time on the 2-core build machine (first-touch
-    faults, docs/results_live.md). So a MergeResult's tensors may be the memo's: consumers never modify
+    At α = 1 (TSV-M's and Iso-CTS's default; also task arithmetic's kept sum) the copy was one new
+    model-sized tensor per move: 340 MB on ViT-12, whose first touch cost up to 3.5 s of system time on the
+    2-core build machine (first-touch faults, docs/results_live.md). So a MergeResult's tensors may be the memo's: consumers never modify
     them in place (`MergeResult`)."""
     return delta if a == 1.0 else a * delta

@@ -87,7 +87,7 @@ class MergeResult(Mapping):
     `models()` lists the distinct models with the tasks each serves.
 
     Its tensors may be the inputs' own memoised ones (an unscaled merge at α = 1, `common.scaled`; the
-    kept task mean), so a consumer never modifies them in place."""
+    kept task mean or task sum), so a consumer never modifies them in place."""
 
     def __init__(self, method: str, params: dict, tasks: list[str], shared: dict | None = None,
                  own: dict[str, dict] | None = None):
