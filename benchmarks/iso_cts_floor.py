@@ -7,7 +7,11 @@ m × n (r = min(m, n); common, s = split_rank(r, T, c')):
 - square and wide: the top s of each task's (r − common)² row Gram;
 - the polar factor of V* (n × r): one r × r Gram eigh; and of X (m × T·s): one (T·s)² eigh.
 This times exactly those, with the routines the merge uses (`top_eigh_exact`: MRRR where it pays;
-`batched_eigh`: two one-thread workers on a 2-core CPU), on random SPD matrices of the set's sizes. Then it
+`batched_eigh`: two one-thread workers on a 2-core CPU), on random SPD matrices of the set's sizes. It also
+times three products no route of the present arithmetic avoids, at their cheapest: the final dense U⊥V⊥ᵀ
+(m × r by r × n, float32), one float32 application of V*'s (·)^(−1/2) (min(m, n) × r by r × r) and, for
+tall matrices, each task's float64 Gram of its r − common residual rows (r × r); eighs plus these are the
+"floor" column. Then it
 times the real re-merge (`merge(inputs, "iso_cts", common_fraction=c')` after an untimed one at 0.8) on the
 same set. The ratio says how much of a move is decompositions no exact route avoids; matrix products, the first
 estimate's scoring and the page come on top.
@@ -84,6 +88,22 @@ def eigh_floor(shapes: Counter, n_tasks: int, c: float, repeat: int, gen) -> dic
     return dict(parts)
 
 
+def product_floor(shapes: Counter, n_tasks: int, c: float, repeat: int, gen) -> dict:
+    """Seconds of the products every move needs at least (module doc), for one move to `c`."""
+    parts = Counter()
+    for (m, n), count in shapes.items():
+        r = min(m, n)
+        common, s = split_rank(r, n_tasks, c)
+        u, vh = torch.randn(m, r, generator=gen), torch.randn(r, n, generator=gen)
+        side, root = torch.randn(r, r, generator=gen), torch.randn(min(m, n), r, generator=gen)
+        parts["final product"] += count * timed(lambda: u @ vh, repeat)
+        parts["V* apply"] += count * timed(lambda: root @ side, repeat)
+        if m > n and s > 0:
+            rows = torch.randn(n_tasks, r - common, n, dtype=torch.float64, generator=gen)
+            parts["tall Grams"] += count * timed(lambda: rows.mT @ rows, repeat)
+    return dict(parts)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--set", choices=["quick", "vit"], default="quick")
@@ -101,6 +121,7 @@ def main() -> int:
     rows = []
     for c in (float(v) for v in args.c.split(",")):
         floor = eigh_floor(shapes, n_tasks, c, args.repeat, gen)
+        products = product_floor(shapes, n_tasks, c, args.repeat, gen)
         times = []
         for _ in range(args.repeat):
             inputs = MergeInputs(tvs)                       # a fresh memo: every move re-merges
@@ -108,18 +129,20 @@ def main() -> int:
             t0 = time.perf_counter()
             merge(inputs, "iso_cts", common_fraction=c)
             times.append(time.perf_counter() - t0)
-        rows.append((c, floor, statistics.median(times), times))
+        rows.append((c, floor, products, statistics.median(times), times))
         print(f"c={c}: eighs {sum(floor.values()):.3f} s {({k: round(v, 3) for k, v in floor.items()})}; "
+              f"products {sum(products.values()):.3f} s {({k: round(v, 3) for k, v in products.items()})}; "
               f"re-merge {statistics.median(times):.3f} s", flush=True)
     print(f"\nload average after {os.getloadavg()}\n")
-    print("| c | tall top-s s | rows top-s s | V* polar s | X polar s | eighs s | re-merge s (median; runs) | "
-          "eighs / re-merge |")
-    print("|---|---|---|---|---|---|---|---|")
-    for c, floor, med, times in rows:
-        total = sum(floor.values())
+    print("| c | tall top-s s | rows top-s s | V* polar s | X polar s | eighs s | products s | floor s | "
+          "re-merge s (median; runs) | eighs / re-merge | floor / re-merge |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for c, floor, products, med, times in rows:
+        total, least = sum(floor.values()), sum(floor.values()) + sum(products.values())
         print(f"| {c} | " + " | ".join(f"{floor.get(k, 0.0):.3f}" for k in ("tall top-s", "rows top-s", "V* polar",
                                                                               "X polar"))
-              + f" | {total:.3f} | {med:.3f} ({', '.join(f'{t:.3f}' for t in times)}) | {total / med:.2f} |")
+              + f" | {total:.3f} | {sum(products.values()):.3f} | {least:.3f} | {med:.3f} "
+                f"({', '.join(f'{t:.3f}' for t in times)}) | {total / med:.2f} | {least / med:.2f} |")
     return 0
 
 
