@@ -13,8 +13,8 @@ times three products no route of the present arithmetic avoids, at their cheapes
 tall matrices, each task's float64 Gram of its r − common residual rows (r × r); eighs plus these are the
 "floor" column. Then it
 times the real re-merge (`merge(inputs, "iso_cts", common_fraction=c')` after an untimed one at 0.8) on the
-same set. The ratio says how much of a move is decompositions no exact route avoids; matrix products, the first
-estimate's scoring and the page come on top.
+same set. The ratios say how much of a move is decompositions, and eighs plus those products, that no exact
+route avoids; the other products, the first estimate's scoring and the page come on top.
 
     python benchmarks/iso_cts_floor.py                          # the quick demo (built), c = 0.7, 0.5, 0.3
     python benchmarks/iso_cts_floor.py --set vit --blocks 2 --c 0.7,0.9,0.6   # ViT-B/32-shaped blocks, T = 8
